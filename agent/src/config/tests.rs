@@ -1,0 +1,190 @@
+//! Config tests: the committed example parses to what the code expects, and every kind
+//! of mistake is reported, all at once, with its line and key.
+
+use super::*;
+
+fn parse(text: &str) -> Result<Config, ConfigErrors> {
+    Config::parse(Path::new("test.toml"), text.as_bytes())
+}
+
+/// (line, key, fragment of the reason) for every error.
+fn check_errors(text: &str, expected: &[(usize, &str, &str)]) {
+    let errors = match parse(text) {
+        Ok(_) => panic!("expected errors, config was accepted"),
+        Err(e) => e.0,
+    };
+    let got: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
+    assert_eq!(errors.len(), expected.len(), "errors: {got:#?}");
+    for (line, key, reason) in expected {
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.line == *line && e.key == *key && e.reason.contains(reason)),
+            "missing error line {line} key {key} reason ~{reason}; got {got:#?}"
+        );
+    }
+}
+
+#[test]
+fn example_config_parses_and_matches_the_code() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/agent.example.toml");
+    let config = Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(config.agent.profile, "core");
+    assert_eq!(config.hash.len(), 64);
+    let names: Vec<_> = config
+        .active_components()
+        .map(|c| c.name.to_string())
+        .collect();
+    assert_eq!(names, ["redis", "model-server", "gateway", "batch-reindex"]);
+    let model = config.component("model-server").unwrap();
+    assert_eq!(model.depends_on[0].as_str(), "redis");
+    assert_eq!(model.vram_policy, VramPolicy::Restart);
+    assert_eq!(model.restart_policy, RestartPolicy::OnFailure);
+    assert_eq!(model.give_up.max_failures.get(), 3);
+    assert!(model.recovery_action.is_some() && model.give_up_hook.is_some());
+    assert!(matches!(
+        model.readiness.as_ref().unwrap().check,
+        ProbeCheck::Http { .. }
+    ));
+    assert_eq!(model.logs.max_files.get(), 10);
+    let gateway = config.component("gateway").unwrap();
+    assert_eq!(gateway.logs.dir, PathBuf::from("/var/log/razar"));
+    assert!(!config.component("batch-reindex").unwrap().autostart);
+    assert_eq!(config.watches.len(), 2);
+    assert!(matches!(config.gpu, GpuSettings::Nvml { .. }));
+    assert!(config.collector.is_some());
+}
+
+#[test]
+fn minimal_config_gets_defaults() {
+    let config = parse("[[component]]\nname = \"a\"\ncommand = \"sleep\"\n").unwrap();
+    let a = &config.components[0];
+    assert_eq!(a.stop_signal, Signal::SIGTERM);
+    assert_eq!(a.backoff.initial(), Duration::from_millis(100));
+    assert!(a.autostart);
+    assert_eq!(config.agent.listen.to_string(), "127.0.0.1:9464");
+    assert_eq!(config.gpu, GpuSettings::None);
+}
+
+#[test]
+fn initial_backoff_zero_is_allowed() {
+    let config = parse(
+        "[[component]]\nname = \"a\"\ncommand = \"sleep\"\n[component.restart]\ninitial_backoff = \"0s\"\nmax_backoff = \"0s\"\njitter = 0.0\n",
+    )
+    .unwrap();
+    assert_eq!(config.components[0].backoff.delay(5, 0.5), Duration::ZERO);
+}
+
+#[test]
+fn every_error_is_reported_at_once_with_its_line() {
+    let text = r#"[agent]
+profile = "core"
+colour = "blue"
+listen = "0.0.0.0:80"
+
+[[component]]
+name = "a"
+command = "sleep"
+depends_on = ["ghost"]
+priority = "high"
+stop_signal = "SIGNOPE"
+
+[component.restart]
+initial_backoff = "10s"
+max_backoff = "1s"
+
+[[component]]
+name = "a"
+command = "sleep"
+restrat = {}
+
+[[component]]
+name = "b"
+command = "x"
+depends_on = ["c"]
+[component.readiness]
+kind = "smoke"
+interval = "5 fortnights"
+
+[[component]]
+name = "c"
+command = "x"
+depends_on = ["b"]
+"#;
+    check_errors(
+        text,
+        &[
+            (3, "agent.colour", "unknown field"),
+            (4, "agent.listen", "loopback"),
+            (9, "component[a].depends_on", "unknown dependency `ghost`"),
+            (10, "component[a].priority", "invalid type"),
+            (11, "component[a].stop_signal", "unknown signal"),
+            (
+                15,
+                "component[a].restart.max_backoff",
+                "below initial_backoff",
+            ),
+            (
+                18,
+                "component[a].name",
+                "duplicate component name (first defined on line 7)",
+            ),
+            (20, "component[a].restrat", "unknown field"),
+            (
+                23,
+                "component[b].depends_on",
+                "dependency cycle: b -> c -> b",
+            ),
+            (27, "component[b].readiness.kind", "unknown probe kind"),
+            (
+                28,
+                "component[b].readiness.interval",
+                "unknown duration unit",
+            ),
+        ],
+    );
+}
+
+#[test]
+fn missing_and_misplaced_values() {
+    check_errors(
+        "[[component]]\nname = \"bad name!\"\n\n[[component]]\ncommand = \"x\"\n[component.liveness]\nkind = \"http\"\n\n[collector]\naddress = \"c:1\"\n",
+        &[
+            (1, "component[bad name!].command", "is required"),
+            (2, "component[bad name!].name", "not a valid component name"),
+            (4, "component[#2].name", "is required"),
+            (6, "component[#2].liveness.url", "is required"),
+            (9, "collector.server_name", "is required"),
+            (9, "collector.ca", "is required"),
+            (9, "collector.cert", "is required"),
+            (9, "collector.key", "is required"),
+        ],
+    );
+}
+
+#[test]
+fn syntax_errors_name_the_line() {
+    check_errors("[agent]\nprofile = \"core\n", &[(2, "", "TOML syntax")]);
+}
+
+#[test]
+fn dependency_outside_the_profile_is_an_error() {
+    check_errors(
+        "[agent]\nprofile = \"core\"\n[[component]]\nname = \"v\"\ncommand = \"x\"\nprofiles = [\"vision\"]\n[[component]]\nname = \"a\"\ncommand = \"x\"\ndepends_on = [\"v\"]\n",
+        &[(8, "component[a].depends_on", "not in profile `core`")],
+    );
+}
+
+#[test]
+fn garbage_never_panics() {
+    for text in [
+        "\u{0}",
+        "[[component]]\n[[component]]",
+        "component = 5",
+        "[agent]\nagent = [1,2]",
+        "a.b.c = 1",
+    ] {
+        assert!(parse(text).is_err(), "{text:?}");
+    }
+    assert!(Config::parse(Path::new("x"), &[0xff, 0xfe]).is_err());
+}

@@ -1,0 +1,901 @@
+//! From raw to typed: parse the document (keeping going past unknown keys and wrong
+//! types so every one is reported), then check values, names, dependencies and cycles.
+
+use super::error::Collector;
+use super::raw::{RawComponent, RawConfig, RawLogs, RawProbe, S};
+use super::units::{parse_bytes, parse_duration};
+use super::*;
+use serde::Deserialize;
+use std::collections::{BTreeMap, BTreeSet};
+use std::ops::Range;
+use toml::de::{DeTable, DeValue};
+use toml::Spanned;
+
+const DEFAULT_LISTEN: &str = "127.0.0.1:9464";
+const DEFAULT_DATA_DIR: &str = "/var/lib/razar-agent";
+/// How many type/unknown-key errors are collected before giving up on a document.
+const MAX_SHAPE_ERRORS: usize = 100;
+
+pub(super) fn validate(path: &Path, text: &str, hash: String) -> Result<Config, ConfigErrors> {
+    let mut c = Collector::new(path, text);
+    let raw = parse_raw(text, &mut c);
+    let config = raw.and_then(|raw| build(raw, text, hash, path, &mut c));
+    match config {
+        Some(config) if c.errors.is_empty() => Ok(config),
+        _ => {
+            let mut errors = c.errors;
+            errors.sort_by_key(|e| (e.line, e.column));
+            Err(ConfigErrors(errors))
+        }
+    }
+}
+
+/// Deserializes the raw structs; each unknown key or wrongly typed value is recorded,
+/// removed from the tree, and the document tried again, so all of them are reported.
+fn parse_raw(text: &str, c: &mut Collector<'_>) -> Option<RawConfig> {
+    let (mut doc, syntax) = DeTable::parse_recoverable(text);
+    if !syntax.is_empty() {
+        for e in syntax {
+            c.push(e.span(), "", format!("TOML syntax: {}", e.message()));
+        }
+        return None;
+    }
+    for _ in 0..MAX_SHAPE_ERRORS {
+        let de = toml::de::Deserializer::from(doc.clone());
+        match RawConfig::deserialize(de) {
+            Ok(raw) => return Some(raw),
+            Err(e) => {
+                let key = e.span().and_then(|span| remove_at(doc.get_mut(), &span));
+                let reason = e.message().to_owned();
+                match key {
+                    Some(key) => c.push(e.span(), key, reason),
+                    None => {
+                        c.push(e.span(), "", reason);
+                        return None;
+                    }
+                }
+            }
+        }
+    }
+    c.push(None, "", "too many errors; fix these first");
+    None
+}
+
+fn contains(outer: &Range<usize>, inner: &Range<usize>) -> bool {
+    outer.start <= inner.start && inner.end <= outer.end
+}
+
+/// Removes the table entry whose key or value is at `span` (searching the whole tree:
+/// a `[table]` header's span does not cover its body); returns its key path.
+fn remove_at(table: &mut DeTable<'_>, span: &Range<usize>) -> Option<String> {
+    let hit = table
+        .iter()
+        .find(|(key, value)| {
+            key.span() == *span
+                || value.span() == *span
+                || (contains(&value.span(), span)
+                    && !matches!(value.get_ref(), DeValue::Table(_) | DeValue::Array(_)))
+        })
+        .map(|(key, _)| key.clone());
+    if let Some(key) = hit {
+        let name = key.get_ref().to_string();
+        table.remove(&key);
+        return Some(name);
+    }
+    for (key, value) in table.iter_mut() {
+        match value.get_mut() {
+            DeValue::Table(inner) => {
+                if let Some(path) = remove_at(inner, span) {
+                    return Some(format!("{}.{path}", key.get_ref()));
+                }
+            }
+            DeValue::Array(items) => {
+                // An element of an array of scalars: remove the whole array.
+                if items.iter().any(|item| {
+                    item.span() == *span
+                        || contains(&item.span(), span)
+                            && !matches!(item.get_ref(), DeValue::Table(_))
+                }) {
+                    let k = key.clone();
+                    let name = k.get_ref().to_string();
+                    table.remove(&k);
+                    return Some(name);
+                }
+                for (i, item) in items.iter_mut().enumerate() {
+                    let label = match item
+                        .get_ref()
+                        .get("name")
+                        .and_then(|n| n.get_ref().as_str())
+                    {
+                        Some(name) => name.to_owned(),
+                        None => format!("#{}", i + 1),
+                    };
+                    if let DeValue::Table(inner) = item.get_mut() {
+                        if let Some(path) = remove_at(inner, span) {
+                            return Some(format!("{}[{label}].{path}", key.get_ref()));
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
+/// Key paths are `component[NAME].field`.
+fn at(prefix: &str, field: &str) -> String {
+    if prefix.is_empty() {
+        field.to_owned()
+    } else {
+        format!("{prefix}.{field}")
+    }
+}
+
+struct Ctx<'c, 'a> {
+    c: &'c mut Collector<'a>,
+}
+
+impl Ctx<'_, '_> {
+    fn err(&mut self, span: Range<usize>, key: String, reason: impl Into<String>) {
+        self.c.push(Some(span), key, reason);
+    }
+
+    fn duration(&mut self, v: &S<String>, key: String, default: Duration) -> Duration {
+        match v {
+            None => default,
+            Some(v) => match parse_duration(v.get_ref()) {
+                Ok(d) => d,
+                Err(reason) => {
+                    self.err(v.span(), key, reason);
+                    default
+                }
+            },
+        }
+    }
+
+    fn bytes(&mut self, v: &S<String>, key: String) -> Option<NonZeroU64> {
+        let v = v.as_ref()?;
+        match parse_bytes(v.get_ref()).map(NonZeroU64::new) {
+            Ok(Some(n)) => Some(n),
+            Ok(None) => {
+                self.err(v.span(), key, "must be greater than zero");
+                None
+            }
+            Err(reason) => {
+                self.err(v.span(), key, reason);
+                None
+            }
+        }
+    }
+
+    fn count(&mut self, v: &S<i64>, key: String, default: u32) -> NonZeroU32 {
+        let fallback = NonZeroU32::new(default).unwrap_or(NonZeroU32::MIN);
+        let Some(v) = v else { return fallback };
+        match u32::try_from(*v.get_ref()).ok().and_then(NonZeroU32::new) {
+            Some(n) => n,
+            None => {
+                self.err(
+                    v.span(),
+                    key,
+                    format!("must be a whole number from 1 to {}", u32::MAX),
+                );
+                fallback
+            }
+        }
+    }
+
+    fn argv(&mut self, v: &Option<Spanned<Vec<String>>>, key: String) -> Option<Argv> {
+        let v = v.as_ref()?;
+        match v.get_ref().split_first() {
+            Some((program, args)) if !program.is_empty() => Some(Argv {
+                program: program.clone(),
+                args: args.to_vec(),
+            }),
+            _ => {
+                self.err(
+                    v.span(),
+                    key,
+                    "must be a non-empty list: [program, args...]",
+                );
+                None
+            }
+        }
+    }
+}
+
+fn build(
+    raw: RawConfig,
+    text: &str,
+    hash: String,
+    path: &Path,
+    c: &mut Collector<'_>,
+) -> Option<Config> {
+    let mut x = Ctx { c };
+    let whole = 0..0;
+
+    let agent_raw = raw.agent.map(|a| a.into_inner()).unwrap_or_default();
+    let profile = match &agent_raw.profile {
+        Some(p) if p.get_ref().trim().is_empty() => {
+            x.err(p.span(), "agent.profile".into(), "must not be empty");
+            "default".to_owned()
+        }
+        Some(p) => p.get_ref().clone(),
+        None => "default".to_owned(),
+    };
+    let listen = match &agent_raw.listen {
+        None => DEFAULT_LISTEN.parse().ok(),
+        Some(v) => match v.get_ref().parse::<SocketAddr>() {
+            Ok(addr) if addr.ip().is_loopback() => Some(addr),
+            Ok(_) => {
+                x.err(
+                    v.span(),
+                    "agent.listen".into(),
+                    "must be a loopback address (local endpoints only)",
+                );
+                None
+            }
+            Err(e) => {
+                x.err(
+                    v.span(),
+                    "agent.listen".into(),
+                    format!("not an ip:port address: {e}"),
+                );
+                None
+            }
+        },
+    };
+    let data_dir = PathBuf::from(
+        agent_raw
+            .data_dir
+            .as_ref()
+            .map_or(DEFAULT_DATA_DIR, |d| d.get_ref().as_str()),
+    );
+    let sample_interval = x.duration(
+        &agent_raw.sample_interval,
+        "agent.sample_interval".into(),
+        Duration::from_secs(1),
+    );
+    if sample_interval.is_zero() {
+        if let Some(v) = &agent_raw.sample_interval {
+            x.err(
+                v.span(),
+                "agent.sample_interval".into(),
+                "must be greater than zero",
+            );
+        }
+    }
+    let log_defaults = RawLogs {
+        dir: agent_raw.log_dir.clone(),
+        max_size: agent_raw.log_max_size.clone(),
+        max_files: agent_raw.log_max_files.clone(),
+    };
+    let default_log_dir = match &log_defaults.dir {
+        Some(d) => PathBuf::from(d.get_ref()),
+        None => data_dir.join("logs"),
+    };
+    let default_log_size = x.bytes(&log_defaults.max_size, "agent.log_max_size".into());
+    let default_log_files = x.count(&log_defaults.max_files, "agent.log_max_files".into(), 5);
+
+    let collector = raw.collector.map(|col| {
+        let span = col.span();
+        let col = col.into_inner();
+        let mut need = |v: &S<String>, key: &str| -> String {
+            match v {
+                Some(v) if !v.get_ref().is_empty() => v.get_ref().clone(),
+                Some(v) => {
+                    x.c.push(
+                        Some(v.span()),
+                        format!("collector.{key}"),
+                        "must not be empty",
+                    );
+                    String::new()
+                }
+                None => {
+                    x.c.push(
+                        Some(span.clone()),
+                        format!("collector.{key}"),
+                        "is required",
+                    );
+                    String::new()
+                }
+            }
+        };
+        CollectorSettings {
+            address: need(&col.address, "address"),
+            server_name: need(&col.server_name, "server_name"),
+            ca: PathBuf::from(need(&col.ca, "ca")),
+            cert: PathBuf::from(need(&col.cert, "cert")),
+            key: PathBuf::from(need(&col.key, "key")),
+        }
+    });
+
+    let gpu = match raw.gpu {
+        None => GpuSettings::None,
+        Some(g) => {
+            let span = g.span();
+            let g = g.into_inner();
+            let source = g.source.as_ref().map(|s| (s.get_ref().as_str(), s.span()));
+            match source {
+                None | Some(("none", _)) => GpuSettings::None,
+                Some(("nvml", _)) => GpuSettings::Nvml {
+                    library: g.nvml_library.map(|p| PathBuf::from(p.into_inner())),
+                },
+                Some(("scenario", s)) => match g.scenario {
+                    Some(p) => GpuSettings::Scenario {
+                        path: PathBuf::from(p.into_inner()),
+                    },
+                    None => {
+                        x.err(
+                            s,
+                            "gpu.scenario".into(),
+                            "is required when source = \"scenario\"",
+                        );
+                        GpuSettings::None
+                    }
+                },
+                Some((other, s)) => {
+                    let _ = &span;
+                    x.err(
+                        s,
+                        "gpu.source".into(),
+                        format!("unknown source `{other}` (use nvml, scenario or none)"),
+                    );
+                    GpuSettings::None
+                }
+            }
+        }
+    };
+
+    // Components.
+    let mut components = Vec::new();
+    let mut spans: BTreeMap<String, Range<usize>> = BTreeMap::new();
+    let mut dep_spans: Vec<(String, Spanned<String>)> = Vec::new();
+    for (i, comp) in raw.component.into_iter().enumerate() {
+        let span = comp.span();
+        let revision_default = String::new();
+        let comp = comp.into_inner();
+        let label = match &comp.name {
+            Some(n) => format!("component[{}]", n.get_ref()),
+            None => format!("component[#{}]", i + 1),
+        };
+        let name = match &comp.name {
+            None => {
+                x.err(span.clone(), at(&label, "name"), "is required");
+                None
+            }
+            Some(n) => match ComponentName::parse(n.get_ref()) {
+                Ok(name) => {
+                    if let Some(first) = spans.get(name.as_str()) {
+                        let (line, _) = super::error::line_column(text, first.start);
+                        x.err(
+                            n.span(),
+                            at(&label, "name"),
+                            format!("duplicate component name (first defined on line {line})"),
+                        );
+                        None
+                    } else {
+                        spans.insert(name.as_str().to_owned(), n.span());
+                        Some(name)
+                    }
+                }
+                Err(reason) => {
+                    x.err(n.span(), at(&label, "name"), reason);
+                    None
+                }
+            },
+        };
+        for dep in comp.depends_on.iter().flatten() {
+            dep_spans.push((label.clone(), dep.clone()));
+        }
+        let spec = component(
+            &mut x,
+            comp,
+            &label,
+            span,
+            revision_default,
+            &default_log_dir,
+            default_log_size,
+            default_log_files,
+        );
+        if let (Some(name), Some(mut spec)) = (name, spec) {
+            if spec.logs.dir.as_os_str().is_empty() {
+                spec.logs.dir = default_log_dir.clone();
+            }
+            spec.name = name;
+            if spec.revision.is_empty() {
+                // Default revision: a digest of the spec itself, so any change shows.
+                let digest = hex::encode(Sha256::digest(format!("{spec:?}").as_bytes()));
+                spec.revision = digest.get(..12).unwrap_or("").to_owned();
+            }
+            components.push(spec);
+        }
+    }
+
+    // Dependencies: known, not self, same profile, no cycles.
+    for (label, dep) in &dep_spans {
+        let key = at(label, "depends_on");
+        match ComponentName::parse(dep.get_ref()) {
+            Err(reason) => x.err(dep.span(), key, reason),
+            Ok(d) if !spans.contains_key(d.as_str()) => {
+                x.err(dep.span(), key, format!("unknown dependency `{d}`"));
+            }
+            Ok(_) => {}
+        }
+    }
+    for spec in &components {
+        let label = format!("component[{}]", spec.name);
+        let span = spans
+            .get(spec.name.as_str())
+            .cloned()
+            .unwrap_or(whole.clone());
+        for dep in &spec.depends_on {
+            if dep == &spec.name {
+                x.err(
+                    span.clone(),
+                    at(&label, "depends_on"),
+                    "a component cannot depend on itself",
+                );
+            } else if spec.runs_in(&profile) {
+                if let Some(target) = components.iter().find(|c| &c.name == dep) {
+                    if !target.runs_in(&profile) {
+                        x.err(
+                            span.clone(),
+                            at(&label, "depends_on"),
+                            format!("depends on `{dep}`, which is not in profile `{profile}`"),
+                        );
+                    }
+                }
+            }
+        }
+    }
+    if let Some(cycle) = find_cycle(&components) {
+        let first = cycle.first().cloned().unwrap_or_default();
+        let span = spans.get(&first).cloned().unwrap_or(whole.clone());
+        x.err(
+            span,
+            format!("component[{first}].depends_on"),
+            format!("dependency cycle: {}", cycle.join(" -> ")),
+        );
+    }
+
+    // Watched processes.
+    let mut watches = Vec::new();
+    let mut watch_names = BTreeSet::new();
+    for (i, w) in raw.watch.into_iter().enumerate() {
+        let span = w.span();
+        let w = w.into_inner();
+        let label = format!("watch[#{}]", i + 1);
+        let name = match &w.name {
+            Some(n) if !n.get_ref().is_empty() => {
+                if !watch_names.insert(n.get_ref().clone()) {
+                    x.err(n.span(), at(&label, "name"), "duplicate watch name");
+                }
+                Some(n.get_ref().clone())
+            }
+            _ => {
+                x.err(span.clone(), at(&label, "name"), "is required");
+                None
+            }
+        };
+        let matcher = match (&w.match_name, &w.match_cmdline) {
+            (Some(n), None) if !n.get_ref().is_empty() => {
+                Some(WatchMatch::Name(n.get_ref().clone()))
+            }
+            (None, Some(m)) if !m.get_ref().is_empty() => {
+                Some(WatchMatch::Cmdline(m.get_ref().clone()))
+            }
+            _ => {
+                x.err(
+                    span,
+                    label.clone(),
+                    "needs exactly one non-empty `match_name` or `match_cmdline`",
+                );
+                None
+            }
+        };
+        if let (Some(name), Some(matcher)) = (name, matcher) {
+            watches.push(WatchSpec { name, matcher });
+        }
+    }
+
+    let listen = listen?;
+    Some(Config {
+        path: path.to_path_buf(),
+        hash,
+        agent: AgentSettings {
+            host_id: agent_raw.host_id.map(|h| h.into_inner()),
+            profile,
+            data_dir,
+            listen,
+            sample_interval,
+        },
+        collector,
+        gpu,
+        components,
+        watches,
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn component(
+    x: &mut Ctx<'_, '_>,
+    comp: RawComponent,
+    label: &str,
+    span: Range<usize>,
+    revision_default: String,
+    default_log_dir: &Path,
+    default_log_size: Option<NonZeroU64>,
+    default_log_files: NonZeroU32,
+) -> Option<ComponentSpec> {
+    let _ = default_log_dir;
+    let command = match &comp.command {
+        Some(cmd) if !cmd.get_ref().is_empty() => Some(cmd.get_ref().clone()),
+        Some(cmd) => {
+            x.err(cmd.span(), at(label, "command"), "must not be empty");
+            None
+        }
+        None => {
+            x.err(span.clone(), at(label, "command"), "is required");
+            None
+        }
+    };
+    let priority = match &comp.priority {
+        None => 0,
+        Some(p) => match i32::try_from(*p.get_ref()) {
+            Ok(p) => p,
+            Err(_) => {
+                x.err(
+                    p.span(),
+                    at(label, "priority"),
+                    "out of range for a 32-bit integer",
+                );
+                0
+            }
+        },
+    };
+    let stop_signal = match &comp.stop_signal {
+        None => Signal::SIGTERM,
+        Some(s) => {
+            let text = s.get_ref();
+            let full = if text.starts_with("SIG") {
+                text.clone()
+            } else {
+                format!("SIG{text}")
+            };
+            match full.parse::<Signal>() {
+                Ok(sig) => sig,
+                Err(_) => {
+                    x.err(
+                        s.span(),
+                        at(label, "stop_signal"),
+                        format!("unknown signal `{text}`"),
+                    );
+                    Signal::SIGTERM
+                }
+            }
+        }
+    };
+    let stop_grace = x.duration(
+        &comp.stop_grace,
+        at(label, "stop_grace"),
+        Duration::from_secs(10),
+    );
+    let memory_budget_bytes = x.bytes(&comp.memory_budget, at(label, "memory_budget"));
+    let vram_budget_bytes = x.bytes(&comp.vram_budget, at(label, "vram_budget"));
+    let vram_policy = match comp
+        .vram_policy
+        .as_ref()
+        .map(|p| (p.get_ref().as_str(), p.span()))
+    {
+        None | Some(("event", _)) => VramPolicy::Event,
+        Some(("restart", _)) => VramPolicy::Restart,
+        Some((other, s)) => {
+            x.err(
+                s,
+                at(label, "vram_policy"),
+                format!("unknown policy `{other}` (use event or restart)"),
+            );
+            VramPolicy::Event
+        }
+    };
+    if let (Some(p), None) = (&comp.vram_policy, &comp.vram_budget) {
+        x.err(p.span(), at(label, "vram_policy"), "needs a `vram_budget`");
+    }
+    let recovery_action = x.argv(&comp.recovery_action, at(label, "recovery_action"));
+    let give_up_hook = x.argv(&comp.give_up_hook, at(label, "give_up_hook"));
+    let readiness = comp
+        .readiness
+        .as_ref()
+        .and_then(|p| probe(x, p, &at(label, "readiness")));
+    let liveness = comp
+        .liveness
+        .as_ref()
+        .and_then(|p| probe(x, p, &at(label, "liveness")));
+
+    let restart = comp.restart.map(|r| r.into_inner()).unwrap_or_default();
+    let rl = at(label, "restart");
+    let restart_policy = match restart
+        .policy
+        .as_ref()
+        .map(|p| (p.get_ref().as_str(), p.span()))
+    {
+        None | Some(("always", _)) => RestartPolicy::Always,
+        Some(("on-failure", _)) => RestartPolicy::OnFailure,
+        Some(("never", _)) => RestartPolicy::Never,
+        Some((other, s)) => {
+            x.err(
+                s,
+                at(&rl, "policy"),
+                format!("unknown policy `{other}` (use always, on-failure or never)"),
+            );
+            RestartPolicy::Always
+        }
+    };
+    let initial = x.duration(
+        &restart.initial_backoff,
+        at(&rl, "initial_backoff"),
+        Duration::from_millis(100),
+    );
+    let max = x.duration(
+        &restart.max_backoff,
+        at(&rl, "max_backoff"),
+        Duration::from_secs(30).max(initial),
+    );
+    let multiplier = restart.multiplier.as_ref().map_or(2.0, |m| *m.get_ref());
+    let jitter = restart.jitter.as_ref().map_or(0.1, |j| *j.get_ref());
+    let reset_after = x.duration(
+        &restart.reset_after,
+        at(&rl, "reset_after"),
+        Duration::from_secs(60),
+    );
+    let backoff = match ExponentialBackoff::try_new(initial, max, multiplier, jitter, reset_after) {
+        Ok(b) => Some(b),
+        Err(e) => {
+            use crate::supervisor::backoff::BackoffError as E;
+            let (v, field) = match e {
+                E::MaxBelowInitial { .. } => (
+                    restart.max_backoff.as_ref().map(|v| v.span()),
+                    "max_backoff",
+                ),
+                E::Multiplier(_) => (restart.multiplier.as_ref().map(|v| v.span()), "multiplier"),
+                E::Jitter(_) => (restart.jitter.as_ref().map(|v| v.span()), "jitter"),
+            };
+            x.err(v.unwrap_or(span.clone()), at(&rl, field), e.to_string());
+            None
+        }
+    };
+
+    let give_up_raw = comp.give_up.map(|g| g.into_inner()).unwrap_or_default();
+    let give_up = GiveUpRule {
+        max_failures: x.count(
+            &give_up_raw.max_failures,
+            at(label, "give_up.max_failures"),
+            5,
+        ),
+        window: x.duration(
+            &give_up_raw.window,
+            at(label, "give_up.window"),
+            Duration::from_secs(300),
+        ),
+    };
+
+    let logs_raw = comp.logs.map(|l| l.into_inner()).unwrap_or_default();
+    let logs = LogSettings {
+        // Empty: filled in by the caller with the agent-wide log dir.
+        dir: logs_raw
+            .dir
+            .map(|d| PathBuf::from(d.into_inner()))
+            .unwrap_or_default(),
+        max_size_bytes: x
+            .bytes(&logs_raw.max_size, at(label, "logs.max_size"))
+            .or(default_log_size)
+            .unwrap_or(NonZeroU64::new(10 << 20).unwrap_or(NonZeroU64::MIN)),
+        max_files: match &logs_raw.max_files {
+            Some(_) => x.count(&logs_raw.max_files, at(label, "logs.max_files"), 5),
+            None => default_log_files,
+        },
+    };
+
+    let mut profiles = Vec::new();
+    for p in comp.profiles.iter().flatten() {
+        if p.get_ref().trim().is_empty() {
+            x.err(
+                p.span(),
+                at(label, "profiles"),
+                "a profile name must not be empty",
+            );
+        } else {
+            profiles.push(p.get_ref().clone());
+        }
+    }
+    let depends_on = comp
+        .depends_on
+        .iter()
+        .flatten()
+        .filter_map(|d| ComponentName::parse(d.get_ref()).ok())
+        .collect();
+
+    Some(ComponentSpec {
+        name: ComponentName(String::new()),
+        command: command?,
+        args: comp.args.unwrap_or_default(),
+        env: comp.env.unwrap_or_default(),
+        working_dir: comp.working_dir.map(|d| PathBuf::from(d.into_inner())),
+        user: comp.user.map(|u| u.into_inner()),
+        depends_on,
+        priority,
+        profiles,
+        autostart: comp.autostart.unwrap_or(true),
+        critical: comp.critical.unwrap_or(false),
+        revision: comp
+            .revision
+            .map(|r| r.into_inner())
+            .unwrap_or(revision_default),
+        stop_signal,
+        stop_grace,
+        memory_budget_bytes,
+        vram_budget_bytes,
+        vram_policy,
+        recovery_action,
+        give_up_hook,
+        readiness,
+        liveness,
+        restart_policy,
+        backoff: backoff?,
+        give_up,
+        logs,
+    })
+}
+
+fn probe(x: &mut Ctx<'_, '_>, p: &Spanned<RawProbe>, label: &str) -> Option<ProbeSpec> {
+    let span = p.span();
+    let p = p.get_ref();
+    let check = match p.kind.as_ref().map(|k| (k.get_ref().as_str(), k.span())) {
+        None => {
+            x.err(
+                span.clone(),
+                at(label, "kind"),
+                "is required (http, tcp or exec)",
+            );
+            None
+        }
+        Some(("http", _)) => match &p.url {
+            Some(u) if u.get_ref().starts_with("http://") => Some(ProbeCheck::Http {
+                url: u.get_ref().clone(),
+            }),
+            Some(u) => {
+                x.err(u.span(), at(label, "url"), "must start with http://");
+                None
+            }
+            None => {
+                x.err(
+                    span.clone(),
+                    at(label, "url"),
+                    "is required for an http probe",
+                );
+                None
+            }
+        },
+        Some(("tcp", _)) => match &p.address {
+            Some(a)
+                if a.get_ref()
+                    .rsplit_once(':')
+                    .is_some_and(|(_, port)| port.parse::<u16>().is_ok()) =>
+            {
+                Some(ProbeCheck::Tcp {
+                    address: a.get_ref().clone(),
+                })
+            }
+            Some(a) => {
+                x.err(a.span(), at(label, "address"), "must be host:port");
+                None
+            }
+            None => {
+                x.err(
+                    span.clone(),
+                    at(label, "address"),
+                    "is required for a tcp probe",
+                );
+                None
+            }
+        },
+        Some(("exec", _)) => match &p.command {
+            Some(_) => x
+                .argv(&p.command, at(label, "command"))
+                .map(|argv| ProbeCheck::Exec { argv }),
+            None => {
+                x.err(
+                    span.clone(),
+                    at(label, "command"),
+                    "is required for an exec probe",
+                );
+                None
+            }
+        },
+        Some((other, s)) => {
+            x.err(
+                s,
+                at(label, "kind"),
+                format!("unknown probe kind `{other}` (use http, tcp or exec)"),
+            );
+            None
+        }
+    };
+    let interval = x.duration(&p.interval, at(label, "interval"), Duration::from_secs(1));
+    if interval.is_zero() {
+        if let Some(v) = &p.interval {
+            x.err(v.span(), at(label, "interval"), "must be greater than zero");
+        }
+    }
+    let timeout = x.duration(&p.timeout, at(label, "timeout"), Duration::from_secs(1));
+    if timeout.is_zero() {
+        if let Some(v) = &p.timeout {
+            x.err(v.span(), at(label, "timeout"), "must be greater than zero");
+        }
+    }
+    Some(ProbeSpec {
+        check: check?,
+        interval,
+        timeout,
+        failure_threshold: x.count(&p.failure_threshold, at(label, "failure_threshold"), 3),
+        success_threshold: x.count(&p.success_threshold, at(label, "success_threshold"), 1),
+        start_period: x.duration(&p.start_period, at(label, "start_period"), Duration::ZERO),
+    })
+}
+
+/// A dependency cycle among `components`, as names ending where it started.
+fn find_cycle(components: &[ComponentSpec]) -> Option<Vec<String>> {
+    let deps: BTreeMap<&str, Vec<&str>> = components
+        .iter()
+        .map(|c| {
+            (
+                c.name.as_str(),
+                c.depends_on.iter().map(|d| d.as_str()).collect(),
+            )
+        })
+        .collect();
+    // 0 = unvisited, 1 = on stack, 2 = done.
+    let mut mark: BTreeMap<&str, u8> = BTreeMap::new();
+    fn visit<'a>(
+        n: &'a str,
+        deps: &BTreeMap<&'a str, Vec<&'a str>>,
+        mark: &mut BTreeMap<&'a str, u8>,
+        stack: &mut Vec<&'a str>,
+    ) -> Option<Vec<String>> {
+        match mark.get(n) {
+            Some(2) => return None,
+            Some(1) => {
+                let start = stack.iter().position(|s| *s == n).unwrap_or(0);
+                let mut cycle: Vec<String> = stack
+                    .get(start..)
+                    .unwrap_or(&[])
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect();
+                cycle.push(n.to_owned());
+                return Some(cycle);
+            }
+            _ => {}
+        }
+        mark.insert(n, 1);
+        stack.push(n);
+        for d in deps.get(n).into_iter().flatten() {
+            if *d != n && deps.contains_key(d) {
+                if let Some(c) = visit(d, deps, mark, stack) {
+                    return Some(c);
+                }
+            }
+        }
+        stack.pop();
+        mark.insert(n, 2);
+        None
+    }
+    for n in deps.keys() {
+        let mut stack = Vec::new();
+        if let Some(c) = visit(n, &deps, &mut mark, &mut stack) {
+            return Some(c);
+        }
+    }
+    None
+}

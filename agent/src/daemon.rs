@@ -1,0 +1,253 @@
+//! The whole agent as one unit: supervisor, durable store, spool, uplink to the
+//! collector, telemetry loop and command executor. `razar-agent run` and the
+//! collector's dev mode both start it.
+
+use crate::config::Config;
+use crate::spool::Spool;
+use crate::store::Store;
+use crate::supervisor::runtime::{Agent, AgentError, AgentOptions};
+use crate::telemetry::{open_gpu_source, run_commands, run_telemetry};
+use crate::uplink::{LinkStatus, Uplink, UplinkConfig};
+use razar_gpu::exposition::TelemetryCollector;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+/// Default spool budget on disk.
+pub const DEFAULT_SPOOL_BUDGET_BYTES: u64 = 512 << 20;
+
+/// Why the agent could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DaemonError {
+    /// The durable state store could not be opened.
+    #[error("state store {path}: {reason}")]
+    Store { path: String, reason: String },
+    /// The spool could not be opened.
+    #[error("spool {path}: {reason}")]
+    Spool { path: String, reason: String },
+    /// Certificates for the collector link could not be loaded.
+    #[error("collector TLS: {0}")]
+    Tls(#[from] razar_shared::tls::TlsError),
+    /// The host id configured differs from the one in the agent certificate.
+    #[error("agent.host_id {configured:?} differs from the certificate's host id {certificate:?}")]
+    HostIdMismatch {
+        configured: String,
+        certificate: String,
+    },
+    /// The uplink could not start.
+    #[error("uplink: {0}")]
+    Uplink(#[from] crate::uplink::UplinkError),
+    /// The supervisor could not start.
+    #[error(transparent)]
+    Agent(#[from] AgentError),
+    /// GPU metrics could not be registered.
+    #[error("GPU metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+}
+
+/// This machine's host name (for metric labels when no certificate names the host).
+fn local_hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+/// How to run the daemon besides its config.
+#[derive(Debug, Default, Clone)]
+pub struct DaemonOptions {
+    /// Override the local endpoint's address (e.g. port 0).
+    pub listen: Option<SocketAddr>,
+    /// Spool budget on disk; default [`DEFAULT_SPOOL_BUDGET_BYTES`].
+    pub spool_budget_bytes: Option<u64>,
+}
+
+/// A running agent with its collector link.
+pub struct Daemon {
+    agent: Agent,
+    uplink: Option<Arc<Uplink>>,
+    host_id: Option<String>,
+    gpu_status: Option<String>,
+    stop: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Daemon {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Daemon")
+            .field("host_id", &self.host_id)
+            .field("gpu_status", &self.gpu_status)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Daemon {
+    /// Starts everything `config` asks for (inside a tokio runtime).
+    pub async fn start(config: Config, options: DaemonOptions) -> Result<Daemon, DaemonError> {
+        razar_shared::tls::install_crypto_provider();
+        let data_dir = config.agent.data_dir.clone();
+        let store = Arc::new(Store::open(&data_dir).map_err(|e| DaemonError::Store {
+            path: data_dir.display().to_string(),
+            reason: e.to_string(),
+        })?);
+        // The link is prepared before the supervisor starts, so a bad certificate is
+        // refused before any component runs (never half-start).
+        let link = match &config.collector {
+            Some(c) => {
+                let files = razar_shared::tls::ClientTlsFiles {
+                    ca: c.ca.clone(),
+                    cert: c.cert.clone(),
+                    key: c.key.clone(),
+                };
+                let tls = razar_shared::tls::client_config_from_files(&files)?;
+                let cert_der = razar_shared::tls::certificates(
+                    &razar_shared::tls::read_file(&c.cert)?,
+                    &c.cert.display().to_string(),
+                )?;
+                let host_id = match cert_der.first() {
+                    Some(der) => razar_shared::tls::host_id_from_certificate(der)?,
+                    None => {
+                        return Err(DaemonError::Tls(razar_shared::tls::TlsError::Missing {
+                            what: c.cert.display().to_string(),
+                            expected: "a certificate",
+                        }))
+                    }
+                };
+                if let Some(configured) = &config.agent.host_id {
+                    if configured != &host_id {
+                        return Err(DaemonError::HostIdMismatch {
+                            configured: configured.clone(),
+                            certificate: host_id,
+                        });
+                    }
+                }
+                let spool_path = data_dir.join("spool.redb");
+                let spool = Spool::open(
+                    &spool_path,
+                    options
+                        .spool_budget_bytes
+                        .unwrap_or(DEFAULT_SPOOL_BUDGET_BYTES),
+                )
+                .map_err(|e| DaemonError::Spool {
+                    path: spool_path.display().to_string(),
+                    reason: e.to_string(),
+                })?;
+                let mut uplink = UplinkConfig::new(
+                    c.address.clone(),
+                    c.server_name.clone(),
+                    Arc::new(tls),
+                    host_id.clone(),
+                );
+                uplink.hello.profile = config.agent.profile.clone();
+                Some((uplink, Arc::new(spool), host_id))
+            }
+            None => None,
+        };
+        let interval = config.agent.sample_interval;
+        let (gpu, gpu_status) = open_gpu_source(&config.gpu);
+        let config_arc = Arc::new(config.clone());
+        let agent = Agent::start(
+            config,
+            AgentOptions {
+                store: Some(store.clone()),
+                serve_http: true,
+                listen: options.listen,
+            },
+        )
+        .await?;
+        let (stop, stop_rx) = watch::channel(false);
+        let mut tasks = Vec::new();
+        let hostname = link
+            .as_ref()
+            .map(|l| l.2.clone())
+            .or_else(|| config_arc.agent.host_id.clone())
+            .unwrap_or_else(local_hostname);
+        let exposition = TelemetryCollector::new(&hostname)?;
+        agent
+            .view()
+            .metrics()
+            .registry()
+            .register(Box::new(exposition.clone()))
+            .map_err(AgentError::Metrics)?;
+        let (uplink, host_id) = match link {
+            Some((uplink_config, spool, host_id)) => {
+                let (uplink, commands) = Uplink::spawn(uplink_config, spool)?;
+                let uplink = Arc::new(uplink);
+                tasks.push(tokio::spawn(run_commands(
+                    agent.clone(),
+                    store,
+                    uplink.clone(),
+                    config_arc,
+                    commands,
+                )));
+                (Some(uplink), Some(host_id))
+            }
+            None => (None, None),
+        };
+        // The telemetry task is the first: shutdown waits for its last tick.
+        tasks.insert(
+            0,
+            tokio::spawn(run_telemetry(
+                agent.clone(),
+                uplink.clone(),
+                gpu,
+                exposition,
+                interval,
+                stop_rx,
+            )),
+        );
+        Ok(Daemon {
+            agent,
+            uplink,
+            host_id,
+            gpu_status,
+            stop,
+            tasks,
+        })
+    }
+
+    pub fn agent(&self) -> &Agent {
+        &self.agent
+    }
+
+    /// The host id from the agent certificate (`None` without a collector link).
+    pub fn host_id(&self) -> Option<&str> {
+        self.host_id.as_deref()
+    }
+
+    /// Why GPU telemetry is off, if it is.
+    pub fn gpu_status(&self) -> Option<&str> {
+        self.gpu_status.as_deref()
+    }
+
+    /// The collector link's status (`None` without a collector link).
+    pub fn link_status(&self) -> Option<LinkStatus> {
+        self.uplink.as_ref().map(|u| u.status())
+    }
+
+    /// Stops components in reverse order, takes a last sample so their final events are
+    /// spooled, then closes the link. Spooled batches not yet acknowledged stay on disk
+    /// and are sent after the next start.
+    pub async fn shutdown(self) {
+        self.agent.shutdown().await;
+        let _ = self.stop.send(true);
+        let mut tasks = self.tasks;
+        // The telemetry task ends after one last tick; the command task ends when the
+        // uplink closes its channel.
+        if let Some(telemetry) = tasks.first_mut() {
+            let _ = telemetry.await;
+        }
+        if let Some(uplink) = self.uplink {
+            match Arc::try_unwrap(uplink) {
+                Ok(uplink) => uplink.shutdown().await,
+                Err(shared) => drop(shared),
+            }
+        }
+        for task in tasks.iter().skip(1) {
+            task.abort();
+        }
+    }
+}

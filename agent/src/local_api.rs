@@ -1,0 +1,214 @@
+//! Local endpoints on 127.0.0.1: `/health` (JSON), `/metrics` (Prometheus text) and the
+//! control API used by the `razar-agent` CLI (`/v1/...`). Loopback only, no auth.
+
+use crate::supervisor::machine::Control;
+use crate::supervisor::runtime::{Agent, AgentError, VERSION};
+use axum::extract::{Path, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+/// Default failure-pulse budget when none is given.
+pub const DEFAULT_PULSE_BUDGET: Duration = Duration::from_secs(30);
+
+/// `/health` body.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Health {
+    /// `ok` when no component is quarantined, else `degraded`.
+    pub status: String,
+    pub version: String,
+    pub uptime_seconds: u64,
+    pub config_hash: String,
+    pub profile: String,
+    /// The collector link as the uplink last reported it (`disconnected` until then).
+    pub collector: String,
+    /// Count of components per state.
+    pub components_by_state: BTreeMap<String, u32>,
+    pub components: Vec<crate::supervisor::component::ComponentStatus>,
+}
+
+/// Body of `POST /v1/components/{name}/resolve`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ResolveBody {
+    pub note: String,
+}
+
+/// Body of `POST /v1/components/{name}/pulse`.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct PulseBody {
+    pub budget_ms: Option<u64>,
+}
+
+/// Error body: a stable code and a message.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ApiError {
+    pub code: String,
+    pub message: String,
+}
+
+pub(crate) fn router(agent: Agent) -> Router {
+    Router::new()
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .route("/v1/components", get(components))
+        .route("/v1/components/{name}/{action}", post(control))
+        .route("/v1/reload", post(reload))
+        .with_state(agent)
+}
+
+/// Builds the `/health` body.
+pub fn health_of(agent: &Agent) -> Health {
+    let view = agent.view();
+    let statuses = view.statuses();
+    let mut by_state: BTreeMap<String, u32> = BTreeMap::new();
+    for s in statuses.values() {
+        *by_state.entry(s.state.as_str().to_owned()).or_default() += 1;
+    }
+    let quarantined = by_state.get("quarantined").copied().unwrap_or(0);
+    let config = view.config();
+    Health {
+        status: if quarantined == 0 { "ok" } else { "degraded" }.to_owned(),
+        version: VERSION.to_owned(),
+        uptime_seconds: view.uptime().as_secs(),
+        config_hash: config.hash.clone(),
+        profile: config.agent.profile.clone(),
+        collector: view.link.borrow().clone(),
+        components_by_state: by_state,
+        components: statuses.into_values().collect(),
+    }
+}
+
+async fn health(State(agent): State<Agent>) -> Json<Health> {
+    Json(health_of(&agent))
+}
+
+async fn metrics(State(agent): State<Agent>) -> Response {
+    let m = agent.view().metrics();
+    m.uptime.set(agent.view().uptime().as_secs_f64());
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        m.render(),
+    )
+        .into_response()
+}
+
+async fn components(
+    State(agent): State<Agent>,
+) -> Json<Vec<crate::supervisor::component::ComponentStatus>> {
+    Json(agent.statuses().into_values().collect())
+}
+
+fn error(status: StatusCode, code: &str, message: String) -> Response {
+    (
+        status,
+        Json(ApiError {
+            code: code.to_owned(),
+            message,
+        }),
+    )
+        .into_response()
+}
+
+fn agent_error(e: AgentError) -> Response {
+    match e {
+        AgentError::UnknownComponent(_) => {
+            error(StatusCode::NOT_FOUND, "unknown_component", e.to_string())
+        }
+        AgentError::Refused(_) => error(StatusCode::CONFLICT, "refused", e.to_string()),
+        AgentError::Config(_) => error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_config",
+            e.to_string(),
+        ),
+        _ => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            e.to_string(),
+        ),
+    }
+}
+
+async fn control(
+    State(agent): State<Agent>,
+    Path((name, action)): Path<(String, String)>,
+    body: axum::body::Bytes,
+) -> Response {
+    let control = match action.as_str() {
+        "start" => Control::Start,
+        "stop" => Control::Stop,
+        "restart" => Control::Restart,
+        "resolve" | "quarantine" => match serde_json::from_slice::<ResolveBody>(&body) {
+            Ok(b) if !b.note.trim().is_empty() => {
+                if action == "resolve" {
+                    Control::Resolve { note: b.note }
+                } else {
+                    Control::Quarantine { note: b.note }
+                }
+            }
+            Ok(_) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "note_required",
+                    "a non-empty note is required".into(),
+                )
+            }
+            Err(e) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "bad_body",
+                    format!("expected {{\"note\": \"...\"}}: {e}"),
+                )
+            }
+        },
+        "pulse" => {
+            let body: PulseBody = if body.is_empty() {
+                PulseBody::default()
+            } else {
+                match serde_json::from_slice(&body) {
+                    Ok(b) => b,
+                    Err(e) => {
+                        return error(
+                            StatusCode::BAD_REQUEST,
+                            "bad_body",
+                            format!("expected {{\"budget_ms\": N}}: {e}"),
+                        )
+                    }
+                }
+            };
+            Control::Pulse {
+                budget: body
+                    .budget_ms
+                    .map_or(DEFAULT_PULSE_BUDGET, Duration::from_millis),
+            }
+        }
+        other => {
+            return error(
+                StatusCode::NOT_FOUND,
+                "unknown_action",
+                format!("unknown action `{other}`"),
+            )
+        }
+    };
+    match agent.command(&name, control).await {
+        Ok(()) => (StatusCode::OK, Json(serde_json::json!({"ok": true}))).into_response(),
+        Err(e) => agent_error(e),
+    }
+}
+
+async fn reload(State(agent): State<Agent>) -> Response {
+    match agent.reload().await {
+        Ok(changed) => (
+            StatusCode::OK,
+            Json(serde_json::json!({"changed": changed})),
+        )
+            .into_response(),
+        Err(e) => agent_error(e),
+    }
+}

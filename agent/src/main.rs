@@ -1,0 +1,173 @@
+//! `razar-agent`: thin binary over the library: parse arguments, run or talk to the agent,
+//! map errors to exit codes (0 ok, 1 failure, 2 invalid config or refused command).
+
+use anyhow::Context as _;
+use clap::Parser;
+mod cli;
+
+use cli::{Cli, Command};
+use razar_agent::config::Config;
+use razar_agent::daemon::{Daemon, DaemonOptions};
+use razar_agent::local_api::Health;
+use tokio::signal::unix::{signal, SignalKind};
+
+fn main() {
+    let cli = Cli::parse();
+    let code = match cli.command {
+        Command::Check { config } => cli::check(&config),
+        other => {
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("razar-agent: cannot start the runtime: {e}");
+                    std::process::exit(1);
+                }
+            };
+            match runtime.block_on(dispatch(other)) {
+                Ok(code) => code,
+                Err(e) => {
+                    eprintln!("razar-agent: {e:#}");
+                    1
+                }
+            }
+        }
+    };
+    std::process::exit(code);
+}
+
+async fn dispatch(command: Command) -> anyhow::Result<i32> {
+    match command {
+        Command::Check { config } => Ok(cli::check(&config)),
+        Command::Run { config } => run(&config).await,
+        Command::Status { target, json } => {
+            let addr = cli::resolve_addr(&target)?;
+            let (status, body) = cli::request(addr, "GET", "/health", None).await?;
+            if json || status != 200 {
+                println!("{body}");
+                return Ok(if status == 200 { 0 } else { 1 });
+            }
+            let health: Health = serde_json::from_str(&body).context("parsing /health")?;
+            println!(
+                "agent {} {}  uptime {}s  profile {}  config {}  collector {}",
+                health.version,
+                health.status,
+                health.uptime_seconds,
+                health.profile,
+                health.config_hash.get(..12).unwrap_or(""),
+                health.collector
+            );
+            println!(
+                "{:<24} {:<12} {:>8} {:>9}  reason",
+                "COMPONENT", "STATE", "PID", "RESTARTS"
+            );
+            for c in health.components {
+                println!(
+                    "{:<24} {:<12} {:>8} {:>9}  {}",
+                    c.name,
+                    c.state.as_str(),
+                    c.pid.map_or("-".to_owned(), |p| p.to_string()),
+                    c.restarts,
+                    c.reason
+                );
+            }
+            Ok(0)
+        }
+        Command::Start { component, target } => control(&target, &component, "start", None).await,
+        Command::Stop { component, target } => control(&target, &component, "stop", None).await,
+        Command::Restart { component, target } => {
+            control(&target, &component, "restart", None).await
+        }
+        Command::Resolve {
+            component,
+            note,
+            target,
+        } => {
+            let body = serde_json::json!({ "note": note }).to_string();
+            control(&target, &component, "resolve", Some(&body)).await
+        }
+        Command::Pulse {
+            component,
+            budget_ms,
+            target,
+        } => {
+            let body = serde_json::json!({ "budget_ms": budget_ms }).to_string();
+            control(&target, &component, "pulse", Some(&body)).await
+        }
+        Command::Reload { target } => {
+            let addr = cli::resolve_addr(&target)?;
+            let (status, body) = cli::request(addr, "POST", "/v1/reload", None).await?;
+            println!("{body}");
+            Ok(if status == 200 { 0 } else { 2 })
+        }
+    }
+}
+
+async fn control(
+    target: &cli::Target,
+    component: &str,
+    action: &str,
+    body: Option<&str>,
+) -> anyhow::Result<i32> {
+    let addr = cli::resolve_addr(target)?;
+    let path = format!("/v1/components/{component}/{action}");
+    let (status, body) = cli::request(addr, "POST", &path, body).await?;
+    if status == 200 {
+        println!("ok: {action} {component}");
+        Ok(0)
+    } else {
+        eprintln!("{body}");
+        Ok(2)
+    }
+}
+
+async fn run(path: &std::path::Path) -> anyhow::Result<i32> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let config = match Config::load(path) {
+        Ok(c) => c,
+        Err(errors) => {
+            eprintln!("{errors}");
+            eprintln!("refusing to start: {} config error(s)", errors.0.len());
+            return Ok(2);
+        }
+    };
+    let data_dir = config.agent.data_dir.clone();
+    let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    let mut hup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
+    let daemon = Daemon::start(config, DaemonOptions::default())
+        .await
+        .context("starting the agent")?;
+    if let Some(why) = daemon.gpu_status() {
+        tracing::warn!(reason = why, "GPU telemetry off");
+    }
+    let agent = daemon.agent().clone();
+    if let Some(addr) = agent.local_addr() {
+        let _ = std::fs::create_dir_all(&data_dir);
+        std::fs::write(data_dir.join(cli::ADDR_FILE), addr.to_string())
+            .context("writing the address file")?;
+        tracing::info!(%addr, "local endpoints listening");
+    }
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = hup.recv() => match agent.reload().await {
+                Ok(changed) => tracing::info!(?changed, "configuration reloaded"),
+                Err(error) => tracing::error!(%error, "reload refused; running configuration kept"),
+            },
+        }
+    }
+    tracing::info!("stopping components in reverse order");
+    daemon.shutdown().await;
+    Ok(0)
+}

@@ -1,0 +1,234 @@
+//! The agent's own Prometheus metrics, served on the local `/metrics` endpoint.
+//! Names follow `razar_<what>_<unit>`, counters end in `_total`, label values are
+//! bounded (component names from the config, state and event kind names from enums).
+
+use crate::supervisor::component::ComponentStatus;
+use prometheus::{
+    Encoder, Gauge, GaugeVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+use razar_shared::domain::ComponentState;
+use razar_shared::protocol::{Event, EventKind};
+
+/// All metrics of one agent.
+pub struct Metrics {
+    registry: Registry,
+    state: IntGaugeVec,
+    restarts: IntCounterVec,
+    events: IntCounterVec,
+    pulse_recovery: GaugeVec,
+    process_cpu: GaugeVec,
+    process_rss: GaugeVec,
+    process_files: GaugeVec,
+    process_threads: GaugeVec,
+    process_count: GaugeVec,
+    pub uptime: Gauge,
+    pub reloads: IntCounterVec,
+    pub components: IntGauge,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+fn kind_name(kind: &EventKind) -> &'static str {
+    match kind {
+        EventKind::StateChanged { .. } => "state_changed",
+        EventKind::ProcessAdopted { .. } => "process_adopted",
+        EventKind::ProcessExited { .. } => "process_exited",
+        EventKind::PulseResult { .. } => "pulse_result",
+        EventKind::ConfigReloaded { .. } => "config_reloaded",
+        EventKind::QuarantineResolved { .. } => "quarantine_resolved",
+        EventKind::Xid { .. } => "xid",
+        EventKind::EccDoubleBit => "ecc_double_bit",
+        EventKind::GpuLost => "gpu_lost",
+        EventKind::VramBudgetExceeded { .. } => "vram_budget_exceeded",
+        EventKind::GhostMemory { .. } => "ghost_memory",
+        EventKind::SpoolGap { .. } => "spool_gap",
+        EventKind::MemoryBudgetExceeded { .. } => "memory_budget_exceeded",
+        EventKind::Other { .. } => "other",
+    }
+}
+
+impl Metrics {
+    /// Builds and registers every metric. Fails only on a programming error (a bad name).
+    pub fn new(version: &str) -> Result<Metrics, prometheus::Error> {
+        let registry = Registry::new();
+        let info = IntGaugeVec::new(
+            Opts::new("razar_agent_build_info", "Agent build metadata (always 1)."),
+            &["version"],
+        )?;
+        registry.register(Box::new(info.clone()))?;
+        info.with_label_values(&[version]).set(1);
+        let state = IntGaugeVec::new(
+            Opts::new(
+                "razar_component_state",
+                "1 for the state each component is in, 0 for the others.",
+            ),
+            &["component", "state"],
+        )?;
+        let restarts = IntCounterVec::new(
+            Opts::new(
+                "razar_component_restarts_total",
+                "Processes started for a component after its first.",
+            ),
+            &["component"],
+        )?;
+        let events = IntCounterVec::new(
+            Opts::new(
+                "razar_events_total",
+                "Events emitted by the agent, by kind.",
+            ),
+            &["kind"],
+        )?;
+        let pulse_recovery = GaugeVec::new(
+            Opts::new(
+                "razar_pulse_recovery_seconds",
+                "Time from the last failure pulse's kill to ready again.",
+            ),
+            &["component"],
+        )?;
+        let uptime = Gauge::new(
+            "razar_agent_uptime_seconds",
+            "Seconds since the agent started.",
+        )?;
+        let reloads = IntCounterVec::new(
+            Opts::new(
+                "razar_config_reloads_total",
+                "Configuration reloads, by result (applied or refused).",
+            ),
+            &["result"],
+        )?;
+        let components = IntGauge::new("razar_components", "Components supervised on this host.")?;
+        let labels = &["target", "kind"];
+        let gauge = |name: &str, help: &str| -> Result<GaugeVec, prometheus::Error> {
+            let g = GaugeVec::new(Opts::new(name, help), labels)?;
+            registry.register(Box::new(g.clone()))?;
+            Ok(g)
+        };
+        let process_cpu = gauge(
+            "razar_process_cpu_usage_ratio",
+            "CPU used by a component's process tree (kind=component) or a watched process (kind=watch), 1 = one core.",
+        )?;
+        let process_rss = gauge(
+            "razar_process_resident_memory_bytes",
+            "Resident memory of the process tree.",
+        )?;
+        let process_files = gauge(
+            "razar_process_open_files",
+            "Open file descriptors of the process tree.",
+        )?;
+        let process_threads = gauge("razar_process_threads", "Threads of the process tree.")?;
+        let process_count = gauge(
+            "razar_process_processes",
+            "Live processes in the tree (0: not running or no match).",
+        )?;
+        registry.register(Box::new(state.clone()))?;
+        registry.register(Box::new(restarts.clone()))?;
+        registry.register(Box::new(events.clone()))?;
+        registry.register(Box::new(pulse_recovery.clone()))?;
+        registry.register(Box::new(uptime.clone()))?;
+        registry.register(Box::new(reloads.clone()))?;
+        registry.register(Box::new(components.clone()))?;
+        Ok(Metrics {
+            registry,
+            state,
+            restarts,
+            events,
+            pulse_recovery,
+            process_cpu,
+            process_rss,
+            process_files,
+            process_threads,
+            process_count,
+            uptime,
+            reloads,
+            components,
+        })
+    }
+
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// Counts an event.
+    pub fn event(&self, event: &Event) {
+        self.events
+            .with_label_values(&[kind_name(&event.kind)])
+            .inc();
+        if let (
+            EventKind::PulseResult {
+                recovered_ms: Some(ms),
+                ..
+            },
+            razar_shared::protocol::Subject::Component(name),
+        ) = (&event.kind, &event.subject)
+        {
+            self.pulse_recovery
+                .with_label_values(&[name.as_str()])
+                .set(*ms as f64 / 1000.0);
+        }
+    }
+
+    /// Mirrors a component's status.
+    pub fn component(&self, status: &ComponentStatus) {
+        for state in ComponentState::ALL {
+            self.state
+                .with_label_values(&[status.name.as_str(), state.as_str()])
+                .set(i64::from(state == status.state));
+        }
+        let counter = self.restarts.with_label_values(&[status.name.as_str()]);
+        let seen = counter.get();
+        if status.restarts > seen {
+            counter.inc_by(status.restarts - seen);
+        }
+    }
+
+    /// Records one resource sample of a component (`kind = "component"`) or watch (`"watch"`).
+    pub fn usage(&self, target: &str, kind: &str, usage: &crate::resources::Usage) {
+        let l = &[target, kind];
+        if let Some(p) = usage.cpu_percent {
+            self.process_cpu.with_label_values(l).set(p / 100.0);
+        }
+        self.process_rss
+            .with_label_values(l)
+            .set(usage.rss_bytes as f64);
+        self.process_files
+            .with_label_values(l)
+            .set(usage.open_files as f64);
+        self.process_threads
+            .with_label_values(l)
+            .set(usage.threads as f64);
+        self.process_count
+            .with_label_values(l)
+            .set(f64::from(usage.processes));
+    }
+
+    /// Drops the resource series of `target`.
+    pub fn forget_usage(&self, target: &str, kind: &str) {
+        let l = &[target, kind];
+        let _ = self.process_cpu.remove_label_values(l);
+        let _ = self.process_rss.remove_label_values(l);
+        let _ = self.process_files.remove_label_values(l);
+        let _ = self.process_threads.remove_label_values(l);
+        let _ = self.process_count.remove_label_values(l);
+    }
+
+    /// Drops a removed component's series.
+    pub fn forget_component(&self, name: &str) {
+        for state in ComponentState::ALL {
+            let _ = self.state.remove_label_values(&[name, state.as_str()]);
+        }
+        let _ = self.restarts.remove_label_values(&[name]);
+        let _ = self.pulse_recovery.remove_label_values(&[name]);
+        self.forget_usage(name, "component");
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}

@@ -1,0 +1,819 @@
+//! The supervisor's driver: owns one task per component, starts them in dependency
+//! order, forwards commands, reloads the config, and stops everything in reverse order.
+//! [`Agent`] is the library entry point (the binary and the collector's dev mode use it).
+
+use super::component::{
+    component_event, publish, ComponentStatus, ComponentTask, Shared, ToComponent,
+};
+use super::machine::{Control, Input};
+use super::plan;
+use super::state_store::StateStore;
+use crate::config::{ComponentName, ComponentSpec, Config, ConfigErrors};
+use crate::logs::Logs;
+use crate::metrics::Metrics;
+use crate::resources::{Sampler, Usage};
+use razar_shared::domain::{ComponentState, Severity};
+use razar_shared::protocol::{Event, EventKind, Subject};
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+
+/// Agent version, shown by `/health` and in metrics.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Why the agent could not start or act.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AgentError {
+    /// The durable store could not be opened.
+    #[error("cannot open the state store: {0}")]
+    Store(String),
+    /// Log capture could not start.
+    #[error("cannot start log capture: {0}")]
+    Logs(#[from] crate::logs::LogError),
+    /// The local endpoint could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Metrics could not be registered.
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+    /// The supervisor task has ended.
+    #[error("the agent is shutting down")]
+    Gone,
+    /// No such component on this host.
+    #[error("no component `{0}` on this host")]
+    UnknownComponent(String),
+    /// The component refused the command.
+    #[error("{0}")]
+    Refused(String),
+    /// The new configuration is invalid; the running one is kept.
+    #[error("new configuration refused:\n{0}")]
+    Config(ConfigErrors),
+}
+
+/// How to run an agent besides its config.
+pub struct AgentOptions {
+    /// Durable state; `None`: the redb store under the config's `data_dir`.
+    pub store: Option<Arc<dyn StateStore>>,
+    /// Serve `/health`, `/metrics` and the control API (on the config's `listen`).
+    pub serve_http: bool,
+    /// Override the listen address (e.g. port 0 in tests).
+    pub listen: Option<SocketAddr>,
+}
+
+impl Default for AgentOptions {
+    fn default() -> Self {
+        AgentOptions {
+            store: None,
+            serve_http: true,
+            listen: None,
+        }
+    }
+}
+
+enum Request {
+    Command {
+        component: String,
+        control: Control,
+        reply: oneshot::Sender<Result<(), AgentError>>,
+    },
+    Reload {
+        config: Option<Box<Config>>,
+        reply: oneshot::Sender<Result<Vec<String>, AgentError>>,
+    },
+    Vram {
+        component: String,
+        used_bytes: u64,
+    },
+    Memory {
+        component: String,
+        used_bytes: u64,
+    },
+    Shutdown {
+        reply: oneshot::Sender<()>,
+    },
+}
+
+/// Read-only view of a running agent, shared with the HTTP endpoints.
+pub struct AgentView {
+    pub(crate) config: RwLock<Arc<Config>>,
+    pub(crate) statuses: watch::Receiver<BTreeMap<String, ComponentStatus>>,
+    pub(crate) events: broadcast::Sender<Event>,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) started: Instant,
+    pub(crate) logs: Logs,
+    pub(crate) usage: watch::Sender<BTreeMap<String, Usage>>,
+    /// The collector link as shown by `/health` (set by the uplink).
+    pub(crate) link: watch::Sender<String>,
+    /// Becomes true once the supervisor has stopped everything.
+    pub(crate) stopped: watch::Sender<bool>,
+}
+
+impl AgentView {
+    /// Resolves once the agent has shut down.
+    pub async fn stopped(&self) {
+        let mut rx = self.stopped.subscribe();
+        let _ = rx.wait_for(|s| *s).await;
+    }
+}
+
+impl AgentView {
+    /// The configuration in force.
+    pub fn config(&self) -> Arc<Config> {
+        match self.config.read() {
+            Ok(c) => Arc::clone(&c),
+            Err(poisoned) => Arc::clone(&poisoned.into_inner()),
+        }
+    }
+
+    /// Every component's status, by name.
+    pub fn statuses(&self) -> BTreeMap<String, ComponentStatus> {
+        self.statuses.borrow().clone()
+    }
+
+    pub fn uptime(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+}
+
+/// A running agent. Cheap to clone; dropping it does not stop the agent: call [`Agent::shutdown`].
+#[derive(Clone)]
+pub struct Agent {
+    requests: mpsc::Sender<Request>,
+    view: Arc<AgentView>,
+    local_addr: Option<SocketAddr>,
+    done: Arc<tokio::sync::Mutex<Option<JoinHandle<()>>>>,
+}
+
+impl std::fmt::Debug for Agent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Agent")
+            .field("local_addr", &self.local_addr)
+            .finish()
+    }
+}
+
+impl Agent {
+    /// Starts supervising `config`'s components (must be called inside a tokio runtime).
+    pub async fn start(config: Config, options: AgentOptions) -> Result<Agent, AgentError> {
+        let store: Arc<dyn StateStore> = match options.store {
+            Some(store) => store,
+            None => Arc::new(
+                crate::store::Store::open(&config.agent.data_dir)
+                    .map_err(|e| AgentError::Store(e.to_string()))?,
+            ),
+        };
+        let logs = Logs::start()?;
+        let metrics = Arc::new(Metrics::new(VERSION)?);
+        let (events, _) = broadcast::channel(4096);
+        let (status_tx, status_rx) = watch::channel(BTreeMap::new());
+        let shared = Arc::new(Shared {
+            logs: logs.clone(),
+            store,
+            events: events.clone(),
+            statuses: status_tx,
+            metrics: Arc::clone(&metrics),
+        });
+        let view = Arc::new(AgentView {
+            config: RwLock::new(Arc::new(config.clone())),
+            statuses: status_rx,
+            events,
+            metrics,
+            started: Instant::now(),
+            logs,
+            usage: watch::channel(BTreeMap::new()).0,
+            stopped: watch::channel(false).0,
+            link: watch::channel("disconnected".to_owned()).0,
+        });
+
+        let local_addr = if options.serve_http {
+            let addr = options.listen.unwrap_or(config.agent.listen);
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| AgentError::Listen { addr, source })?;
+            Some(
+                listener
+                    .local_addr()
+                    .map_err(|source| AgentError::Listen { addr, source })?,
+            )
+            .map(|bound| (bound, listener))
+        } else {
+            None
+        };
+
+        let (requests, rx) = mpsc::channel(64);
+        let agent_requests = requests.clone();
+        let supervisor = Supervisor {
+            shared: Arc::clone(&shared),
+            view: Arc::clone(&view),
+            config: Arc::new(config),
+            tasks: BTreeMap::new(),
+            removing: BTreeSet::new(),
+            vram_over: BTreeSet::new(),
+            memory_over: BTreeSet::new(),
+        };
+        let done = tokio::spawn(supervisor.run(rx));
+        tokio::spawn(sample(Arc::clone(&view), requests.downgrade()));
+        let mut agent = Agent {
+            requests: agent_requests,
+            view,
+            local_addr: None,
+            done: Arc::new(tokio::sync::Mutex::new(Some(done))),
+        };
+        if let Some((bound, listener)) = local_addr {
+            agent.local_addr = Some(bound);
+            let router = crate::local_api::router(agent.clone());
+            let view = Arc::clone(&agent.view);
+            tokio::spawn(async move {
+                let stopped = async move { view.stopped().await };
+                if let Err(error) = axum::serve(listener, router)
+                    .with_graceful_shutdown(stopped)
+                    .await
+                {
+                    tracing::error!(%error, "local endpoint stopped");
+                }
+            });
+        }
+        Ok(agent)
+    }
+
+    /// Where `/health`, `/metrics` and the control API listen.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.local_addr
+    }
+
+    pub fn view(&self) -> &Arc<AgentView> {
+        &self.view
+    }
+
+    /// Every component's status, by name.
+    pub fn statuses(&self) -> BTreeMap<String, ComponentStatus> {
+        self.view.statuses()
+    }
+
+    /// Watch every component's status (for the uplink's heartbeat digest).
+    pub fn watch_statuses(&self) -> watch::Receiver<BTreeMap<String, ComponentStatus>> {
+        self.view.statuses.clone()
+    }
+
+    /// Every event from now on: transitions, exits, pulses, reloads, budgets (for the uplink).
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.view.events.subscribe()
+    }
+
+    /// Publishes an event from outside the supervisor (GPU sampler, uplink).
+    pub fn emit(&self, event: Event) {
+        self.view.metrics.event(&event);
+        let _ = self.view.events.send(event);
+    }
+
+    /// Component pids (tree leaders), for mapping GPU processes and resources to components.
+    pub fn pids(&self) -> BTreeMap<String, u32> {
+        self.statuses()
+            .into_iter()
+            .filter_map(|(name, s)| s.pid.map(|p| (name, p)))
+            .collect()
+    }
+
+    /// The latest resource sample per component (by name) and per watch (`watch:<name>`).
+    pub fn usage(&self) -> BTreeMap<String, Usage> {
+        self.view.usage.borrow().clone()
+    }
+
+    /// Uplink hook: the collector link's state for `/health` (e.g. `connected`,
+    /// `disconnected`, `connecting`); `disconnected` until set.
+    pub fn set_collector_link(&self, status: &str) {
+        self.view.link.send_replace(status.to_owned());
+    }
+
+    /// Log capture, for the uplink's log tails.
+    pub fn logs(&self) -> &Logs {
+        &self.view.logs
+    }
+
+    /// Sends an operator command to `component`.
+    pub async fn command(&self, component: &str, control: Control) -> Result<(), AgentError> {
+        let (reply, rx) = oneshot::channel();
+        self.requests
+            .send(Request::Command {
+                component: component.to_owned(),
+                control,
+                reply,
+            })
+            .await
+            .map_err(|_| AgentError::Gone)?;
+        rx.await.map_err(|_| AgentError::Gone)?
+    }
+
+    /// Re-reads the config file and applies it; returns the components that changed.
+    pub async fn reload(&self) -> Result<Vec<String>, AgentError> {
+        self.reload_with(None).await
+    }
+
+    /// Applies `config` (already validated) instead of re-reading the file.
+    pub async fn reload_with(&self, config: Option<Config>) -> Result<Vec<String>, AgentError> {
+        let (reply, rx) = oneshot::channel();
+        self.requests
+            .send(Request::Reload {
+                config: config.map(Box::new),
+                reply,
+            })
+            .await
+            .map_err(|_| AgentError::Gone)?;
+        rx.await.map_err(|_| AgentError::Gone)?
+    }
+
+    /// GPU sampler hook: `component` uses `used_bytes` of VRAM now. Over its budget this
+    /// emits `VramBudgetExceeded` (once per crossing) and, with `vram_policy = "restart"`,
+    /// restarts it.
+    pub async fn report_vram(&self, component: &str, used_bytes: u64) {
+        let _ = self
+            .requests
+            .send(Request::Vram {
+                component: component.to_owned(),
+                used_bytes,
+            })
+            .await;
+    }
+
+    /// Stops every component in reverse dependency order within their grace periods,
+    /// then ends the supervisor. Idempotent.
+    pub async fn shutdown(&self) {
+        let (reply, rx) = oneshot::channel();
+        if self
+            .requests
+            .send(Request::Shutdown { reply })
+            .await
+            .is_ok()
+        {
+            let _ = rx.await;
+        }
+        if let Some(handle) = self.done.lock().await.take() {
+            let _ = handle.await;
+        }
+    }
+}
+
+struct Supervisor {
+    shared: Arc<Shared>,
+    view: Arc<AgentView>,
+    config: Arc<Config>,
+    tasks: BTreeMap<String, mpsc::Sender<ToComponent>>,
+    removing: BTreeSet<String>,
+    vram_over: BTreeSet<String>,
+    memory_over: BTreeSet<String>,
+}
+
+fn host_event(severity: Severity, kind: EventKind, message: String) -> Event {
+    Event {
+        ts_ms: super::component::unix_ms(),
+        severity,
+        subject: Subject::Host,
+        kind,
+        message,
+    }
+}
+
+impl Supervisor {
+    fn active(&self) -> Vec<&ComponentSpec> {
+        self.config.active_components().collect()
+    }
+
+    fn states(&self) -> BTreeMap<ComponentName, ComponentState> {
+        self.shared
+            .statuses
+            .borrow()
+            .iter()
+            .filter_map(|(n, s)| ComponentName::parse(n).ok().map(|n| (n, s.state)))
+            .collect()
+    }
+
+    fn launch(
+        &mut self,
+        spec: ComponentSpec,
+        quarantines: &BTreeMap<String, String>,
+        previous: &BTreeMap<String, (crate::process::ProcessId, String)>,
+    ) {
+        let name = spec.name.to_string();
+        let (tx, rx) = mpsc::channel(32);
+        let task = ComponentTask::new(spec, rx, Arc::clone(&self.shared));
+        tokio::spawn(task.run(
+            quarantines.get(&name).cloned(),
+            previous.get(&name).cloned(),
+        ));
+        self.tasks.insert(name, tx);
+    }
+
+    async fn run(mut self, mut requests: mpsc::Receiver<Request>) {
+        let store = Arc::clone(&self.shared.store);
+        let quarantines = store.quarantines().unwrap_or_else(|error| {
+            tracing::error!(%error, "cannot read quarantines");
+            BTreeMap::new()
+        });
+        let previous = store.processes().unwrap_or_default();
+        // Processes of components no longer configured here: stop them.
+        let active: BTreeSet<String> = self.active().iter().map(|s| s.name.to_string()).collect();
+        for (name, (id, _)) in &previous {
+            if active.contains(name) {
+                continue;
+            }
+            if let Some(adopted) = crate::process::adopt(*id) {
+                publish(
+                    &self.shared,
+                    component_event(name, Severity::Info, EventKind::ProcessAdopted { pid: id.pid, adopted: false }, format!("pid {} left from a previous run of a component no longer configured: stopped", id.pid)),
+                );
+                let _ = adopted
+                    .stop(nix::sys::signal::Signal::SIGTERM, Duration::from_secs(10))
+                    .await;
+            }
+            let _ = store.clear_process(name);
+        }
+        let specs: Vec<ComponentSpec> = self.active().into_iter().cloned().collect();
+        self.shared.metrics.components.set(specs.len() as i64);
+        for spec in specs {
+            self.launch(spec, &quarantines, &previous);
+        }
+        let mut statuses = self.view.statuses.clone();
+        let mut shutdown: Option<oneshot::Sender<()>> = None;
+        loop {
+            tokio::select! {
+                request = requests.recv() => match request {
+                    None => break,
+                    Some(Request::Shutdown { reply }) => {
+                        shutdown = Some(reply);
+                        break;
+                    }
+                    Some(Request::Command { component, control, reply }) => {
+                        let _ = reply.send(self.command(&component, control).await);
+                    }
+                    Some(Request::Reload { config, reply }) => {
+                        let _ = reply.send(self.reload(config.map(|c| *c)).await);
+                    }
+                    Some(Request::Vram { component, used_bytes }) => self.vram(&component, used_bytes).await,
+                    Some(Request::Memory { component, used_bytes }) => self.memory(&component, used_bytes).await,
+                },
+                changed = statuses.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                }
+            }
+            self.view
+                .metrics
+                .uptime
+                .set(self.view.started.elapsed().as_secs_f64());
+            self.plan().await;
+        }
+        self.stop_all(&mut statuses).await;
+        self.view.stopped.send_replace(true);
+        if let Some(reply) = shutdown {
+            let _ = reply.send(());
+        }
+    }
+
+    /// Starts what may start; ends tasks of removed components once they are down.
+    async fn plan(&mut self) {
+        let states = self.states();
+        let active = self.active();
+        for name in plan::startable(&active, &states) {
+            if let Some(tx) = self.tasks.get(name.as_str()) {
+                let _ = tx.try_send(ToComponent::Input(Input::DependenciesReady));
+            }
+        }
+        let done: Vec<String> = self
+            .removing
+            .iter()
+            .filter(|n| {
+                states
+                    .iter()
+                    .find(|(k, _)| k.as_str() == n.as_str())
+                    .is_none_or(|(_, s)| plan::is_down(*s))
+            })
+            .cloned()
+            .collect();
+        for name in done {
+            self.removing.remove(&name);
+            if let Some(tx) = self.tasks.remove(&name) {
+                let _ = tx.send(ToComponent::Exit).await;
+            }
+        }
+    }
+
+    async fn command(&mut self, component: &str, control: Control) -> Result<(), AgentError> {
+        let tx = self
+            .tasks
+            .get(component)
+            .filter(|_| !self.removing.contains(component))
+            .ok_or_else(|| AgentError::UnknownComponent(component.to_owned()))?;
+        let (reply, rx) = oneshot::channel();
+        tx.send(ToComponent::Command(control, reply))
+            .await
+            .map_err(|_| AgentError::Gone)?;
+        rx.await
+            .map_err(|_| AgentError::Gone)?
+            .map_err(AgentError::Refused)
+    }
+
+    async fn vram(&mut self, component: &str, used_bytes: u64) {
+        let Some(budget) = self
+            .config
+            .component(component)
+            .and_then(|c| c.vram_budget_bytes)
+        else {
+            return;
+        };
+        if used_bytes <= budget.get() {
+            self.vram_over.remove(component);
+            return;
+        }
+        if !self.vram_over.insert(component.to_owned()) {
+            return;
+        }
+        if let Some(tx) = self.tasks.get(component) {
+            let _ = tx
+                .send(ToComponent::Input(Input::VramExceeded {
+                    used_bytes,
+                    budget_bytes: budget.get(),
+                }))
+                .await;
+        }
+    }
+
+    async fn memory(&mut self, component: &str, used_bytes: u64) {
+        let Some(budget) = self
+            .config
+            .component(component)
+            .and_then(|c| c.memory_budget_bytes)
+        else {
+            return;
+        };
+        if used_bytes <= budget.get() {
+            self.memory_over.remove(component);
+            return;
+        }
+        if !self.memory_over.insert(component.to_owned()) {
+            return;
+        }
+        if let Some(tx) = self.tasks.get(component) {
+            let _ = tx
+                .send(ToComponent::Input(Input::MemoryExceeded {
+                    used_bytes,
+                    budget_bytes: budget.get(),
+                }))
+                .await;
+        }
+    }
+
+    async fn reload(&mut self, given: Option<Config>) -> Result<Vec<String>, AgentError> {
+        let new = match given {
+            Some(c) => Ok(c),
+            None => Config::load(&self.config.path),
+        };
+        let new = match new {
+            Ok(c) => c,
+            Err(errors) => {
+                self.view
+                    .metrics
+                    .reloads
+                    .with_label_values(&["refused"])
+                    .inc();
+                publish(
+                    &self.shared,
+                    host_event(
+                        Severity::Warning,
+                        EventKind::Other {
+                            code: "config_reload_refused".into(),
+                        },
+                        format!("new configuration refused, running one kept:\n{errors}"),
+                    ),
+                );
+                return Err(AgentError::Config(errors));
+            }
+        };
+        if new.agent != self.config.agent {
+            tracing::warn!("[agent] settings changed; they take effect at the next agent restart");
+        }
+        let old: BTreeMap<String, ComponentSpec> = self
+            .active()
+            .into_iter()
+            .map(|s| (s.name.to_string(), s.clone()))
+            .collect();
+        let new_active: Vec<ComponentSpec> = new.active_components().cloned().collect();
+        let new_refs: Vec<&ComponentSpec> = new_active.iter().collect();
+        let order = plan::start_order(&new_refs);
+        let mut changed = Vec::new();
+        let quarantines = self.shared.store.quarantines().unwrap_or_default();
+        let nothing = BTreeMap::new();
+        // Removed: stop, then end their tasks once down.
+        for name in old.keys() {
+            if !new_active.iter().any(|s| s.name.as_str() == name) {
+                changed.push(name.clone());
+                if let Some(tx) = self.tasks.get(name) {
+                    let (reply, rx) = oneshot::channel();
+                    if tx
+                        .send(ToComponent::Command(Control::Stop, reply))
+                        .await
+                        .is_ok()
+                    {
+                        let _ = rx.await;
+                    }
+                }
+                self.removing.insert(name.clone());
+            }
+        }
+        *self
+            .view
+            .config
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(new.clone());
+        self.config = Arc::new(new);
+        // Changed: hand over the new spec in dependency order; added: launch.
+        for name in order {
+            let Some(spec) = new_active.iter().find(|s| s.name == name) else {
+                continue;
+            };
+            match old.get(name.as_str()) {
+                Some(previous) if previous == spec => {}
+                Some(_) => {
+                    changed.push(name.to_string());
+                    if let Some(tx) = self.tasks.get(name.as_str()) {
+                        let (reply, rx) = oneshot::channel();
+                        if tx
+                            .send(ToComponent::Reload(Box::new(spec.clone()), reply))
+                            .await
+                            .is_ok()
+                        {
+                            let _ = rx.await;
+                        }
+                    }
+                }
+                None => {
+                    changed.push(name.to_string());
+                    self.launch(spec.clone(), &quarantines, &nothing);
+                }
+            }
+        }
+        self.shared.metrics.components.set(new_active.len() as i64);
+        self.view
+            .metrics
+            .reloads
+            .with_label_values(&["applied"])
+            .inc();
+        publish(
+            &self.shared,
+            host_event(
+                Severity::Info,
+                EventKind::ConfigReloaded {
+                    changed: changed.clone(),
+                },
+                format!(
+                    "configuration reloaded; changed: {}",
+                    if changed.is_empty() {
+                        "none".to_owned()
+                    } else {
+                        changed.join(", ")
+                    }
+                ),
+            ),
+        );
+        Ok(changed)
+    }
+
+    /// Stops everything in reverse dependency order, then ends the component tasks.
+    async fn stop_all(
+        &mut self,
+        statuses: &mut watch::Receiver<BTreeMap<String, ComponentStatus>>,
+    ) {
+        let all: Vec<ComponentSpec> = self.config.components.clone();
+        let refs: Vec<&ComponentSpec> = all
+            .iter()
+            .filter(|s| self.tasks.contains_key(s.name.as_str()))
+            .collect();
+        // Nothing new starts: park what has no process.
+        let now_states = self.shared.statuses.borrow().clone();
+        for (name, status) in now_states {
+            if matches!(
+                status.state,
+                ComponentState::Pending | ComponentState::Backoff
+            ) {
+                if let Some(tx) = self.tasks.get(&name) {
+                    let (reply, _) = oneshot::channel();
+                    let _ = tx.send(ToComponent::Command(Control::Stop, reply)).await;
+                }
+            }
+        }
+        let budget: Duration = refs
+            .iter()
+            .map(|s| s.stop_grace + Duration::from_secs(6))
+            .sum::<Duration>()
+            + Duration::from_secs(5);
+        let deadline = tokio::time::Instant::now() + budget;
+        let mut asked: BTreeSet<String> = BTreeSet::new();
+        loop {
+            let states = self.states();
+            if states.values().all(|s| plan::is_down(*s)) {
+                break;
+            }
+            for name in plan::stoppable(&refs, &states) {
+                if asked.insert(name.to_string()) {
+                    if let Some(tx) = self.tasks.get(name.as_str()) {
+                        let (reply, _) = oneshot::channel();
+                        let _ = tx.send(ToComponent::Command(Control::Stop, reply)).await;
+                    }
+                }
+            }
+            // Re-park anything that came back to pending/backoff meanwhile.
+            for (name, state) in &states {
+                if matches!(state, ComponentState::Pending | ComponentState::Backoff) {
+                    if let Some(tx) = self.tasks.get(name.as_str()) {
+                        let (reply, _) = oneshot::channel();
+                        let _ = tx.try_send(ToComponent::Command(Control::Stop, reply));
+                    }
+                }
+            }
+            if tokio::time::timeout_at(deadline, statuses.changed())
+                .await
+                .is_err()
+            {
+                tracing::error!("shutdown: components still up after the grace periods");
+                break;
+            }
+        }
+        for (_, tx) in std::mem::take(&mut self.tasks) {
+            let _ = tx.send(ToComponent::Exit).await;
+        }
+    }
+}
+
+/// Samples every component's process tree and every watched process each
+/// `sample_interval`, exports them as metrics, and checks memory budgets. Ends with the agent.
+async fn sample(view: Arc<AgentView>, requests: mpsc::WeakSender<Request>) {
+    let mut sampler = Sampler::new();
+    let mut known: BTreeSet<String> = BTreeSet::new();
+    loop {
+        let config = view.config();
+        tokio::select! {
+            _ = tokio::time::sleep(config.agent.sample_interval) => {}
+            _ = view.stopped() => break,
+        }
+        let Some(requests) = requests.upgrade() else {
+            break;
+        };
+        let statuses = view.statuses();
+        let mut usage = BTreeMap::new();
+        for (name, status) in &statuses {
+            let sampled = status.pid.and_then(|pid| sampler.sample_tree(name, pid));
+            match sampled {
+                Some(u) => {
+                    view.metrics.usage(name, "component", &u);
+                    if config
+                        .component(name)
+                        .and_then(|c| c.memory_budget_bytes)
+                        .is_some()
+                    {
+                        let _ = requests.try_send(Request::Memory {
+                            component: name.clone(),
+                            used_bytes: u.rss_bytes,
+                        });
+                    }
+                    usage.insert(name.clone(), u);
+                }
+                None => {
+                    sampler.forget(name);
+                    view.metrics.usage(name, "component", &Usage::default());
+                }
+            }
+        }
+        for watch in &config.watches {
+            let key = format!("watch:{}", watch.name);
+            let u = sampler.sample_watch(&key, &watch.matcher);
+            view.metrics.usage(&watch.name, "watch", &u);
+            usage.insert(key, u);
+        }
+        let now: BTreeSet<String> = usage
+            .keys()
+            .cloned()
+            .chain(statuses.keys().cloned())
+            .collect();
+        for gone in known.difference(&now) {
+            sampler.forget(gone);
+            match gone.strip_prefix("watch:") {
+                Some(w) => view.metrics.forget_usage(w, "watch"),
+                None => view.metrics.forget_usage(gone, "component"),
+            }
+        }
+        known = now;
+        view.usage.send_replace(usage);
+    }
+}

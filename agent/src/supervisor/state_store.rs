@@ -1,0 +1,100 @@
+//! What the supervisor keeps across agent restarts: quarantines and the identity of the
+//! processes it runs. A narrow trait so the runtime does not care where it lives (the
+//! redb store in production, a map in unit tests).
+
+use crate::process::ProcessId;
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+
+/// Durable supervisor state. Errors are strings: the runtime reports them as events and
+/// carries on (supervision must not stop because a write failed).
+pub trait StateStore: Send + Sync + 'static {
+    /// Quarantined components and why.
+    fn quarantines(&self) -> Result<BTreeMap<String, String>, String>;
+    fn set_quarantine(&self, component: &str, reason: &str) -> Result<(), String>;
+    fn clear_quarantine(&self, component: &str) -> Result<(), String>;
+    /// The process last started for each component, with the revision it ran.
+    fn processes(&self) -> Result<BTreeMap<String, (ProcessId, String)>, String>;
+    fn set_process(&self, component: &str, id: ProcessId, revision: &str) -> Result<(), String>;
+    fn clear_process(&self, component: &str) -> Result<(), String>;
+}
+
+/// An in-memory store (nothing survives the process).
+#[derive(Debug, Default)]
+pub struct MemoryStore {
+    quarantines: Mutex<BTreeMap<String, String>>,
+    processes: Mutex<BTreeMap<String, (ProcessId, String)>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl StateStore for MemoryStore {
+    fn quarantines(&self) -> Result<BTreeMap<String, String>, String> {
+        Ok(lock(&self.quarantines).clone())
+    }
+    fn set_quarantine(&self, component: &str, reason: &str) -> Result<(), String> {
+        lock(&self.quarantines).insert(component.into(), reason.into());
+        Ok(())
+    }
+    fn clear_quarantine(&self, component: &str) -> Result<(), String> {
+        lock(&self.quarantines).remove(component);
+        Ok(())
+    }
+    fn processes(&self) -> Result<BTreeMap<String, (ProcessId, String)>, String> {
+        Ok(lock(&self.processes).clone())
+    }
+    fn set_process(&self, component: &str, id: ProcessId, revision: &str) -> Result<(), String> {
+        lock(&self.processes).insert(component.into(), (id, revision.into()));
+        Ok(())
+    }
+    fn clear_process(&self, component: &str) -> Result<(), String> {
+        lock(&self.processes).remove(component);
+        Ok(())
+    }
+}
+
+impl StateStore for crate::store::Store {
+    fn quarantines(&self) -> Result<BTreeMap<String, String>, String> {
+        let list = crate::store::Store::quarantines(self).map_err(|e| e.to_string())?;
+        Ok(list.into_iter().map(|(name, q)| (name, q.reason)).collect())
+    }
+    fn set_quarantine(&self, component: &str, reason: &str) -> Result<(), String> {
+        let record = crate::store::Quarantine {
+            since_ms: super::component::unix_ms(),
+            reason: reason.to_owned(),
+            note: String::new(),
+        };
+        self.quarantine(component, &record)
+            .map_err(|e| e.to_string())
+    }
+    fn clear_quarantine(&self, component: &str) -> Result<(), String> {
+        self.resolve(component).map(drop).map_err(|e| e.to_string())
+    }
+    fn processes(&self) -> Result<BTreeMap<String, (ProcessId, String)>, String> {
+        let list = crate::store::Store::processes(self).map_err(|e| e.to_string())?;
+        let mut out = BTreeMap::new();
+        for (name, known) in list {
+            let revision = self
+                .revision(&name)
+                .map_err(|e| e.to_string())?
+                .unwrap_or_default();
+            out.insert(name, (known.id(), revision));
+        }
+        Ok(out)
+    }
+    fn set_process(&self, component: &str, id: ProcessId, revision: &str) -> Result<(), String> {
+        let known = crate::store::KnownProcess {
+            pid: id.pid,
+            pgid: i32::try_from(id.pid).unwrap_or(i32::MAX),
+            start_time: id.start_time,
+        };
+        crate::store::Store::set_process(self, component, known).map_err(|e| e.to_string())?;
+        self.set_revision(component, revision)
+            .map_err(|e| e.to_string())
+    }
+    fn clear_process(&self, component: &str) -> Result<(), String> {
+        crate::store::Store::clear_process(self, component).map_err(|e| e.to_string())
+    }
+}

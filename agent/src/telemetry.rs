@@ -1,0 +1,453 @@
+//! The agent's telemetry loop and command executor: every tick it samples the GPUs, the
+//! host and each component's process tree, turns readings and supervisor events into one
+//! batch, spools it and hands it to the uplink; commands from the collector are checked
+//! against the durable record of executed ids and carried out on configured components.
+
+use crate::config::{Config, GpuSettings};
+use crate::store::{CommandRecord, Store};
+use crate::supervisor::component::ComponentStatus;
+use crate::supervisor::machine::Control;
+use crate::supervisor::runtime::Agent;
+use crate::uplink::{Outbound, Uplink};
+use razar_gpu::exposition::{gpu_samples, host_samples, Sample, TelemetryCollector};
+use razar_gpu::host::HostSampler;
+use razar_gpu::mapping::{vram_by_component, GhostMemoryDetector};
+use razar_gpu::{GpuSource, NoGpus, NvmlOptions, ScenarioSource};
+use razar_shared::domain::ComponentState;
+use razar_shared::protocol::{
+    Command, CommandAction, CommandOutcome, CommandResult, ComponentInfo, Event, GpuInfo, LogChunk,
+    SeriesPoints, StatusDigest, UnixMillis,
+};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::sync::{broadcast, mpsc, watch};
+
+/// Ghost memory: VRAM not accounted for by any process above this many bytes…
+const GHOST_THRESHOLD_BYTES: u64 = 512 << 20;
+/// …for this many consecutive samples.
+const GHOST_SAMPLES: u32 = 5;
+/// Most log lines one tail command returns.
+const MAX_TAIL_LINES: u32 = 10_000;
+
+/// A series as the samplers name it: metric and labels.
+type SeriesKey = (&'static str, Vec<(String, String)>);
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> UnixMillis {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// Opens the configured GPU source. A source that cannot be opened leaves the agent
+/// running without GPUs; the returned status line says why (shown once, in logs and
+/// `/health`).
+pub fn open_gpu_source(settings: &GpuSettings) -> (Box<dyn GpuSource>, Option<String>) {
+    match settings {
+        GpuSettings::None => (Box::new(NoGpus), Some("GPU sampling disabled".into())),
+        GpuSettings::Nvml { library } => razar_gpu::open_nvml_or_none(&NvmlOptions {
+            library_path: library.clone(),
+            ..NvmlOptions::default()
+        }),
+        GpuSettings::Scenario { path } => match ScenarioSource::load(path) {
+            Ok(source) => (Box::new(source), None),
+            Err(error) => {
+                let status = format!("GPU scenario {}: {error}", path.display());
+                tracing::warn!(error = %status, "GPU telemetry disabled");
+                (Box::new(NoGpus), Some(status))
+            }
+        },
+    }
+}
+
+/// What one sampling tick read off the hardware, produced on a blocking thread.
+struct Tick {
+    samples: Vec<Sample>,
+    events: Vec<Event>,
+    vram: BTreeMap<String, u64>,
+    gpus: Vec<GpuInfo>,
+}
+
+/// State of the hardware samplers, moved to a blocking thread for each tick.
+struct Samplers {
+    gpu: Box<dyn GpuSource>,
+    host: HostSampler,
+    ghost: GhostMemoryDetector,
+    /// The `/metrics` view of the latest readings (dcgm-exporter names and razar's).
+    exposition: TelemetryCollector,
+}
+
+impl Samplers {
+    fn tick(&mut self, trees: &BTreeMap<String, BTreeSet<u32>>) -> Tick {
+        let ts = now_ms();
+        let mut samples = Vec::with_capacity(256);
+        let mut events = Vec::new();
+        let readings = match self.gpu.sample() {
+            Ok(r) => r,
+            Err(error) => {
+                tracing::debug!(%error, "GPU sample failed");
+                Vec::new()
+            }
+        };
+        gpu_samples(&readings, &mut samples);
+        self.exposition.update_gpus(&readings);
+        let processes = self.gpu.processes().unwrap_or_default();
+        let usage = vram_by_component(&processes, trees);
+        let vram = usage
+            .iter()
+            .map(|(name, v)| (name.clone(), v.used_bytes))
+            .collect();
+        for (name, v) in &usage {
+            samples.push(Sample {
+                metric: "razar_component_gpu_memory_used_bytes",
+                labels: vec![("component".into(), name.clone())],
+                value: v.used_bytes as f64,
+            });
+        }
+        for ghost in self.ghost.observe(&readings, &processes) {
+            events.push(ghost.to_event(ts));
+        }
+        events.extend(self.gpu.poll_events().iter().map(|e| e.to_event()));
+        let host = self.host.sample();
+        self.exposition.update_host(&host);
+        host_samples(&host, &mut samples);
+        let gpus = self.gpu.inventory().iter().map(|g| g.to_info()).collect();
+        Tick {
+            samples,
+            events,
+            vram,
+            gpus,
+        }
+    }
+}
+
+/// Runs the telemetry loop until `shutdown` turns true. Without an uplink the readings
+/// still reach `/metrics` through `exposition` and GPU findings still become events.
+pub async fn run_telemetry(
+    agent: Agent,
+    uplink: Option<Arc<Uplink>>,
+    gpu: Box<dyn GpuSource>,
+    exposition: TelemetryCollector,
+    interval: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut events = agent.subscribe();
+    let mut samplers = Some(Samplers {
+        gpu,
+        host: HostSampler::new(false),
+        ghost: GhostMemoryDetector::new(
+            GHOST_THRESHOLD_BYTES,
+            NonZeroU32::new(GHOST_SAMPLES).unwrap_or(NonZeroU32::MIN),
+        ),
+        exposition,
+    });
+    // Series ids are looked up in the spool's persistent dictionary once per series.
+    let mut series_ids: HashMap<SeriesKey, u32> = HashMap::new();
+    let mut last_inventory: Option<(Vec<ComponentInfo>, Vec<GpuInfo>)> = None;
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = shutdown.changed() => {}
+        }
+        let stopping = *shutdown.borrow();
+        let Some(mut s) = samplers.take() else { break };
+        let trees = component_trees(&agent);
+        let joined = tokio::task::spawn_blocking(move || {
+            let tick = s.tick(&trees);
+            (s, tick)
+        })
+        .await;
+        let (s, mut tick) = match joined {
+            Ok(v) => v,
+            Err(error) => {
+                tracing::error!(%error, "sampler thread failed; telemetry stops");
+                break;
+            }
+        };
+        samplers = Some(s);
+        let base = now_ms();
+
+        // Component resources, sampled by the supervisor each tick.
+        for (key, usage) in agent.usage() {
+            let (label, name) = match key.strip_prefix("watch:") {
+                Some(w) => ("watch", w.to_string()),
+                None => ("component", key),
+            };
+            let labels = vec![(label.to_string(), name)];
+            for (metric, value) in [
+                ("razar_component_cpu_seconds_total", usage.cpu_seconds),
+                (
+                    "razar_component_resident_memory_bytes",
+                    usage.rss_bytes as f64,
+                ),
+                ("razar_component_open_files", usage.open_files as f64),
+                ("razar_component_threads", usage.threads as f64),
+                ("razar_component_processes", f64::from(usage.processes)),
+            ] {
+                tick.samples.push(Sample {
+                    metric,
+                    labels: labels.clone(),
+                    value,
+                });
+            }
+        }
+        for (component, used) in &tick.vram {
+            agent.report_vram(component, *used).await;
+        }
+
+        // GPU findings go through the agent's event bus (metrics, local subscribers) and
+        // come back to us there, with the supervisor's events since the last tick.
+        for event in tick.events.drain(..) {
+            agent.emit(event);
+        }
+        let batch_events = drain(&mut events);
+        let Some(uplink) = &uplink else {
+            if stopping {
+                break;
+            }
+            continue;
+        };
+
+        let mut by_series: BTreeMap<u32, Vec<(u32, f64)>> = BTreeMap::new();
+        for sample in tick.samples {
+            if !sample.value.is_finite() {
+                continue;
+            }
+            let key = (sample.metric, sample.labels);
+            let id = match series_ids.get(&key) {
+                Some(id) => *id,
+                None => match uplink.spool().series_id(key.0, &key.1) {
+                    Ok(id) => {
+                        series_ids.insert(key, id);
+                        id
+                    }
+                    Err(error) => {
+                        tracing::error!(%error, "cannot register a series");
+                        continue;
+                    }
+                },
+            };
+            by_series.entry(id).or_default().push((0, sample.value));
+        }
+        let series: Vec<SeriesPoints> = by_series
+            .into_iter()
+            .map(|(series, points)| SeriesPoints { series, points })
+            .collect();
+        if let Err(error) = uplink.publish(base, series, batch_events).await {
+            tracing::error!(%error, "cannot spool a batch");
+        }
+
+        let statuses = agent.statuses();
+        let components: Vec<ComponentInfo> = statuses
+            .values()
+            .map(|s| ComponentInfo {
+                name: s.name.clone(),
+                revision: s.revision.clone(),
+                state: s.state,
+                critical: s.critical,
+            })
+            .collect();
+        uplink.set_digest(StatusDigest {
+            components_total: count(&statuses, |_| true),
+            components_ready: count(&statuses, |s| s == ComponentState::Ready),
+            components_quarantined: count(&statuses, |s| s == ComponentState::Quarantined),
+            gpus: u32::try_from(tick.gpus.len()).unwrap_or(u32::MAX),
+            spool_batches: 0,
+        });
+        let inventory = (components, tick.gpus);
+        if last_inventory.as_ref() != Some(&inventory) {
+            uplink.set_inventory(inventory.0.clone(), inventory.1.clone());
+            last_inventory = Some(inventory);
+        }
+        if stopping {
+            break;
+        }
+    }
+}
+
+fn count(statuses: &BTreeMap<String, ComponentStatus>, f: impl Fn(ComponentState) -> bool) -> u32 {
+    u32::try_from(statuses.values().filter(|s| f(s.state)).count()).unwrap_or(u32::MAX)
+}
+
+fn drain(events: &mut broadcast::Receiver<Event>) -> Vec<Event> {
+    let mut out = Vec::new();
+    loop {
+        match events.try_recv() {
+            Ok(e) => out.push(e),
+            Err(broadcast::error::TryRecvError::Lagged(n)) => {
+                tracing::warn!(lost = n, "event subscription lagged");
+            }
+            Err(_) => return out,
+        }
+    }
+}
+
+/// Each component's process tree (leader plus descendants), for GPU memory mapping.
+fn component_trees(agent: &Agent) -> BTreeMap<String, BTreeSet<u32>> {
+    agent
+        .pids()
+        .into_iter()
+        .map(|(name, pid)| (name, crate::resources::tree_pids(pid).into_iter().collect()))
+        .collect()
+}
+
+/// Executes commands from the collector until the channel closes. Each command id is
+/// recorded durably before it acts, so a redelivered command runs at most once.
+pub async fn run_commands(
+    agent: Agent,
+    store: Arc<Store>,
+    uplink: Arc<Uplink>,
+    config: Arc<Config>,
+    mut commands: mpsc::Receiver<Command>,
+) {
+    while let Some(command) = commands.recv().await {
+        let result = execute(&agent, &store, &uplink, &config, command).await;
+        if !uplink.send(Outbound::CommandResult(result)) {
+            tracing::warn!("command result dropped: uplink queue full");
+        }
+    }
+}
+
+async fn execute(
+    agent: &Agent,
+    store: &Store,
+    uplink: &Arc<Uplink>,
+    config: &Config,
+    command: Command,
+) -> CommandResult {
+    let id = command.id;
+    let done = |outcome, message: String| CommandResult {
+        id,
+        finished_ms: now_ms(),
+        outcome,
+        message,
+    };
+    if now_ms() > command.deadline_ms {
+        return done(
+            CommandOutcome::Expired,
+            "deadline passed before delivery".into(),
+        );
+    }
+    let claim = CommandRecord {
+        outcome: CommandOutcome::Failed,
+        finished_ms: now_ms(),
+        message: "started; the agent stopped before it finished".into(),
+    };
+    match store.record_command(&id, &claim) {
+        Ok(Some(earlier)) => {
+            return done(
+                CommandOutcome::Duplicate,
+                format!("already executed: {}", earlier.message),
+            )
+        }
+        Ok(None) => {}
+        Err(error) => return done(CommandOutcome::Failed, format!("cannot record: {error}")),
+    }
+    let component = match &command.action {
+        CommandAction::Restart { component }
+        | CommandAction::Stop { component }
+        | CommandAction::Start { component }
+        | CommandAction::Quarantine { component, .. }
+        | CommandAction::Resolve { component, .. }
+        | CommandAction::Pulse { component, .. }
+        | CommandAction::Rollback { component, .. }
+        | CommandAction::TailLogs { component, .. } => component.clone(),
+    };
+    if config.component(&component).is_none() {
+        return done(
+            CommandOutcome::Failed,
+            format!("no component {component:?} is configured on this host"),
+        );
+    }
+    let control = match command.action {
+        CommandAction::Restart { .. } => Control::Restart,
+        CommandAction::Stop { .. } => Control::Stop,
+        CommandAction::Start { .. } => Control::Start,
+        CommandAction::Quarantine { note, .. } => Control::Quarantine { note },
+        CommandAction::Resolve { note, .. } => Control::Resolve { note },
+        CommandAction::Pulse { budget_ms, .. } => Control::Pulse {
+            budget: Duration::from_millis(budget_ms),
+        },
+        CommandAction::Rollback { revision, .. } => {
+            return done(
+                CommandOutcome::Failed,
+                format!("rollback to {revision:?} is not supported by this agent version"),
+            )
+        }
+        CommandAction::TailLogs { lines, follow, .. } => {
+            return tail_logs(agent, uplink, id, &component, lines, follow).await;
+        }
+    };
+    match agent.command(&component, control).await {
+        Ok(()) => done(CommandOutcome::Succeeded, "done".into()),
+        Err(error) => done(CommandOutcome::Failed, error.to_string()),
+    }
+}
+
+async fn tail_logs(
+    agent: &Agent,
+    uplink: &Arc<Uplink>,
+    id: razar_shared::protocol::CommandId,
+    component: &str,
+    lines: u32,
+    follow: bool,
+) -> CommandResult {
+    let result = |outcome, message: String| CommandResult {
+        id,
+        finished_ms: now_ms(),
+        outcome,
+        message,
+    };
+    let tail = match agent
+        .logs()
+        .tail(component, lines.min(MAX_TAIL_LINES) as usize)
+        .await
+    {
+        Ok(t) => t,
+        Err(error) => return result(CommandOutcome::Failed, error.to_string()),
+    };
+    let mut by_stream: Vec<LogChunk> = Vec::new();
+    for line in tail {
+        match by_stream.last_mut() {
+            Some(chunk) if chunk.stream == line.stream => chunk.lines.push(line.text),
+            _ => by_stream.push(LogChunk {
+                command: id,
+                component: component.to_string(),
+                stream: line.stream,
+                lines: vec![line.text],
+                end: false,
+            }),
+        }
+    }
+    if let Some(last) = by_stream.last_mut() {
+        last.end = !follow;
+    }
+    for chunk in by_stream {
+        uplink.send(Outbound::LogChunk(chunk));
+    }
+    if follow {
+        if let Ok(mut rx) = agent.logs().follow(component) {
+            let uplink = uplink.clone();
+            let component = component.to_string();
+            tokio::spawn(async move {
+                while let Ok(line) = rx.recv().await {
+                    let chunk = LogChunk {
+                        command: id,
+                        component: component.clone(),
+                        stream: line.stream,
+                        lines: vec![line.text],
+                        end: false,
+                    };
+                    if !uplink.send(Outbound::LogChunk(chunk)) {
+                        break;
+                    }
+                }
+            });
+        }
+    }
+    result(CommandOutcome::Succeeded, format!("tail of {component}"))
+}

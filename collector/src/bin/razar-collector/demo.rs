@@ -1,0 +1,60 @@
+//! Demo components for `razar-collector dev`: small, dependency-free programs the
+//! local agent supervises so the dev fleet has something real to watch. They are the
+//! collector binary itself run with `demo <kind>`, so the demo needs nothing installed.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// Which demo program to run.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum DemoKind {
+    /// An HTTP server answering `GET /` and `GET /health` with 200 (a stand-in model server).
+    Http {
+        #[arg(long, default_value = "127.0.0.1:7090")]
+        listen: SocketAddr,
+    },
+    /// A worker that polls an upstream HTTP URL every second and logs what it saw.
+    Worker {
+        #[arg(long, default_value = "127.0.0.1:7090")]
+        upstream: SocketAddr,
+    },
+    /// A component that works for a while, then crashes with exit code 1.
+    Flaky {
+        /// Seconds before the crash (a random value in [min, 2*min)).
+        #[arg(long, default_value_t = 20)]
+        min_seconds: u64,
+    },
+}
+
+/// Runs a demo program until it ends (or forever).
+pub async fn run(kind: DemoKind) -> anyhow::Result<()> {
+    match kind {
+        DemoKind::Http { listen } => {
+            let app = axum::Router::new()
+                .route(
+                    "/",
+                    axum::routing::get(|| async { "razar demo model server\n" }),
+                )
+                .route("/health", axum::routing::get(|| async { "ok\n" }));
+            let listener = tokio::net::TcpListener::bind(listen).await?;
+            println!("demo http server listening on {listen}");
+            axum::serve(listener, app).await?;
+            Ok(())
+        }
+        DemoKind::Worker { upstream } => loop {
+            match tokio::net::TcpStream::connect(upstream).await {
+                Ok(_) => println!("worker: upstream {upstream} reachable"),
+                Err(e) => eprintln!("worker: upstream {upstream} unreachable: {e}"),
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        },
+        DemoKind::Flaky { min_seconds } => {
+            let min = min_seconds.max(1);
+            let secs = min + rand::random_range(0..min);
+            println!("flaky: working for {secs}s");
+            tokio::time::sleep(Duration::from_secs(secs)).await;
+            eprintln!("flaky: simulated crash");
+            std::process::exit(1);
+        }
+    }
+}

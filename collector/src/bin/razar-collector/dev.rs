@@ -1,0 +1,290 @@
+//! `razar-collector dev`: Razar on one machine. A dev CA and certificates, the embedded
+//! PostgreSQL, the collector, and an agent in the same process supervising demo
+//! components with two fake GPUs. State lives in the data dir and is reused next time.
+
+use anyhow::Context;
+use razar_agent::config::Config as AgentConfig;
+use razar_agent::daemon::{Daemon, DaemonOptions};
+use razar_certs::{Ca, InitOptions, IssueOptions};
+use razar_collector::config::{CollectorConfig, TlsPaths};
+use razar_collector::service::Service;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Host id of the dev agent (its certificate's identity).
+pub const DEV_HOST: &str = "dev-host";
+
+/// Options of `razar-collector dev`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DevArgs {
+    /// Where state lives (CA, PostgreSQL cluster, agent spool and logs).
+    #[arg(long, default_value = "razar-data")]
+    pub data_dir: PathBuf,
+    /// HTTP API port on 127.0.0.1 (0: any free port).
+    #[arg(long, default_value_t = 7080)]
+    pub http_port: u16,
+    /// QUIC port on 127.0.0.1 for agents (0: any free port).
+    #[arg(long, default_value_t = 7443)]
+    pub quic_port: u16,
+    /// The agent's local /health and /metrics port (0: any free port).
+    #[arg(long, default_value_t = 9464)]
+    pub agent_port: u16,
+    /// Port of the demo model server (0: any free port).
+    #[arg(long, default_value_t = 7090)]
+    pub demo_port: u16,
+}
+
+pub async fn run(args: DevArgs) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("cannot create {}", args.data_dir.display()))?;
+    let data_dir = args
+        .data_dir
+        .canonicalize()
+        .with_context(|| format!("cannot resolve {}", args.data_dir.display()))?;
+    let ca_dir = data_dir.join("ca");
+    let agent_cert = prepare_ca(&ca_dir)?;
+
+    let mut config = CollectorConfig::defaults(&data_dir);
+    config.http_listen = SocketAddr::from(([127, 0, 0, 1], args.http_port));
+    config.quic_listen = SocketAddr::from(([127, 0, 0, 1], args.quic_port));
+    config.tls = TlsPaths::in_dir(&ca_dir);
+    println!(
+        "razar dev: starting PostgreSQL and the collector under {}",
+        data_dir.display()
+    );
+    let service = Service::start(config).await?;
+
+    let demo_port = free_port(args.demo_port)?;
+    let agent_port = free_port(args.agent_port)?;
+    let agent_toml = data_dir.join("agent.toml");
+    let scenario = data_dir.join("gpu-scenario.toml");
+    std::fs::write(&scenario, GPU_SCENARIO)
+        .with_context(|| format!("cannot write {}", scenario.display()))?;
+    let exe = std::env::current_exe().context("cannot find this program's path")?;
+    std::fs::write(
+        &agent_toml,
+        agent_config(
+            &data_dir,
+            &exe,
+            &agent_cert,
+            &ca_dir,
+            &scenario,
+            service.quic_addr(),
+            agent_port,
+            demo_port,
+        ),
+    )
+    .with_context(|| format!("cannot write {}", agent_toml.display()))?;
+    let agent_config = match AgentConfig::load(&agent_toml) {
+        Ok(c) => c,
+        Err(errors) => {
+            service.shutdown().await;
+            anyhow::bail!("generated agent config is invalid:\n{errors}");
+        }
+    };
+    let daemon = match Daemon::start(agent_config, DaemonOptions::default()).await {
+        Ok(d) => d,
+        Err(e) => {
+            service.shutdown().await;
+            return Err(e.into());
+        }
+    };
+
+    let http = service.http_addr();
+    println!();
+    println!("Razar is running on this machine.");
+    println!("  health:     http://{http}/api/v1/health");
+    println!("  metrics:    http://{http}/metrics");
+    println!(
+        "  agent:      http://127.0.0.1:{agent_port}/health  (host {DEV_HOST}, config {})",
+        agent_toml.display()
+    );
+    println!(
+        "  agents:     QUIC {} (mTLS, CA in {})",
+        service.quic_addr(),
+        ca_dir.display()
+    );
+    if let Some(pg) = service.embedded_pg() {
+        println!(
+            "  database:   psql \"host={} port={} user=postgres dbname=razar\"",
+            pg.socket_dir().display(),
+            razar_collector::embedded_pg::SOCKET_PORT
+        );
+    }
+    println!("Press Ctrl-C to stop everything.");
+
+    wait_for_stop().await;
+    println!("razar dev: stopping components, agent, collector and PostgreSQL");
+    daemon.shutdown().await;
+    service.shutdown().await;
+    println!("razar dev: stopped");
+    Ok(())
+}
+
+/// Waits for SIGINT or SIGTERM.
+async fn wait_for_stop() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+    }
+}
+
+/// Creates the dev CA and certificates when absent; returns the agent's cert and key.
+fn prepare_ca(dir: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
+    let mut ca = if dir.join(razar_certs::CA_CERT_FILE).exists() {
+        Ca::load(dir)?
+    } else {
+        Ca::init(
+            dir,
+            &InitOptions {
+                common_name: "Razar dev CA".into(),
+                ..InitOptions::default()
+            },
+        )?
+    };
+    let options = IssueOptions::days(365)?;
+    if !dir.join("collector.pem").exists() {
+        ca.issue_collector(&["localhost".to_string()], &options)?;
+    }
+    let agent = (
+        dir.join("agents").join(format!("{DEV_HOST}.pem")),
+        dir.join("agents").join(format!("{DEV_HOST}.key")),
+    );
+    let agent = if agent.0.exists() {
+        agent
+    } else {
+        let issued = ca.issue_agent(DEV_HOST, &options)?;
+        (issued.cert_path, issued.key_path)
+    };
+    // A fresh CRL at every start, so the collector's revocation check never sees an
+    // outdated one.
+    ca.write_crl(Duration::from_secs(7 * 86_400))?;
+    Ok(agent)
+}
+
+/// `port`, or any free port when 0.
+fn free_port(port: u16) -> anyhow::Result<u16> {
+    if port != 0 {
+        return Ok(port);
+    }
+    let listener = TcpListener::bind("127.0.0.1:0").context("cannot find a free port")?;
+    Ok(listener.local_addr()?.port())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn agent_config(
+    data_dir: &Path,
+    exe: &Path,
+    cert: &(PathBuf, PathBuf),
+    ca_dir: &Path,
+    scenario: &Path,
+    quic: SocketAddr,
+    agent_port: u16,
+    demo_port: u16,
+) -> String {
+    let exe = toml_str(exe);
+    format!(
+        r#"# Generated by `razar-collector dev`; rewritten at every start.
+[agent]
+profile = "core"
+data_dir = {agent_dir}
+listen = "127.0.0.1:{agent_port}"
+sample_interval = "1s"
+log_dir = {log_dir}
+
+[collector]
+address = "{quic}"
+server_name = "localhost"
+ca = {ca}
+cert = {cert}
+key = {key}
+
+[gpu]
+source = "scenario"
+scenario = {scenario}
+
+# A stand-in model server: HTTP on the demo port.
+[[component]]
+name = "model-server"
+command = {exe}
+args = ["demo", "http", "--listen", "127.0.0.1:{demo_port}"]
+priority = 0
+critical = true
+vram_budget = "60GiB"
+
+[component.readiness]
+kind = "http"
+url = "http://127.0.0.1:{demo_port}/health"
+interval = "250ms"
+timeout = "1s"
+
+[component.liveness]
+kind = "http"
+url = "http://127.0.0.1:{demo_port}/health"
+interval = "2s"
+timeout = "1s"
+failure_threshold = 3
+
+# A worker that needs the model server: starts once it is ready.
+[[component]]
+name = "worker"
+command = {exe}
+args = ["demo", "worker", "--upstream", "127.0.0.1:{demo_port}"]
+depends_on = ["model-server"]
+priority = 10
+
+# Crashes every 20-40 s; restarted with backoff, quarantined after 10 failures in 30 min.
+[[component]]
+name = "flaky"
+command = {exe}
+args = ["demo", "flaky", "--min-seconds", "20"]
+priority = 20
+
+[component.restart]
+policy = "always"
+initial_backoff = "1s"
+max_backoff = "30s"
+
+[component.give_up]
+max_failures = 10
+window = "30m"
+"#,
+        agent_dir = toml_str(&data_dir.join("agent")),
+        log_dir = toml_str(&data_dir.join("agent").join("logs")),
+        ca = toml_str(&ca_dir.join(razar_certs::CA_CERT_FILE)),
+        cert = toml_str(&cert.0),
+        key = toml_str(&cert.1),
+        scenario = toml_str(scenario),
+    )
+}
+
+/// A path as a TOML basic string.
+fn toml_str(path: &Path) -> String {
+    let s = path.display().to_string();
+    format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
+}
+
+/// Two fake H100s whose load wanders over ten minutes, then holds.
+const GPU_SCENARIO: &str = r#"# Generated by `razar-collector dev`: two fake GPUs for the demo.
+clock = "wall"
+driver_version = "550.54.15"
+
+[[gpu]]
+name = "NVIDIA H100 80GB HBM3"
+fans = 0
+values = { utilization_gpu = [[0, 5], [60, 85], [120, 92], [300, 40], [600, 75]], utilization_memory = [[0, 2], [60, 60], [600, 55]], temperature_gpu = [[0, 34], [120, 71], [600, 66]], power_usage = [[0, 80000], [120, 610000], [600, 450000]], memory_used = [[0, 1073741824], [60, 64424509440]] }
+
+[[gpu]]
+name = "NVIDIA H100 80GB HBM3"
+fans = 0
+values = { utilization_gpu = [[0, 0], [90, 40], [600, 55]], temperature_gpu = [[0, 33], [600, 52]], power_usage = [[0, 75000], [600, 300000]], memory_used = [[0, 536870912], [90, 21474836480]] }
+"#;

@@ -1,0 +1,113 @@
+//! `razar-collector`: the collector daemon, its one-machine dev mode and the demo
+//! components that dev mode supervises.
+
+mod demo;
+mod dev;
+
+use clap::{Parser, Subcommand};
+use razar_collector::config::CollectorConfig;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Debug, Parser)]
+#[command(name = "razar-collector", version, about = "Razar collector")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Validate a configuration file and exit.
+    Check {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Run the collector with a configuration file.
+    Run {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Run Razar on this machine: dev CA, embedded PostgreSQL, collector, and an agent
+    /// supervising demo components with two fake GPUs.
+    Dev(dev::DevArgs),
+    /// Run a demo component (used by `dev`).
+    #[command(subcommand, hide = true)]
+    Demo(demo::DemoKind),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Check { config } => match CollectorConfig::load(&config) {
+            Ok(_) => {
+                println!("{}: ok", config.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::from(2)
+            }
+        },
+        Command::Run { config } => match CollectorConfig::load(&config) {
+            Ok(c) => block_on(run(c)),
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::from(2)
+            }
+        },
+        Command::Dev(args) => block_on(dev::run(args)),
+        Command::Demo(kind) => block_on(demo::run(kind)),
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// Runs `f` on a multi-threaded runtime and maps the error chain to a one-line message.
+fn block_on(f: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
+    init_logging();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("razar-collector: error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(f) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("razar-collector: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `razar-collector run`: serve until SIGINT/SIGTERM; SIGHUP reloads certificates and CRL.
+async fn run(config: CollectorConfig) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let service = razar_collector::service::Service::start(config).await?;
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut term = signal(SignalKind::terminate())?;
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break,
+            _ = term.recv() => break,
+            _ = hup.recv() => match service.reload_tls() {
+                Ok(closed) => tracing::info!(closed, "TLS certificates and CRL reloaded"),
+                Err(error) => tracing::error!(%error, "TLS reload refused; keeping the old configuration"),
+            },
+        }
+    }
+    service.shutdown().await;
+    Ok(())
+}

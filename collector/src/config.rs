@@ -1,0 +1,414 @@
+//! Collector configuration: one TOML file, parsed in two phases (raw serde structs
+//! with `deny_unknown_fields`, then a pure validation step that reports every problem
+//! at once with file, line, key and reason).
+
+use serde::Deserialize;
+use std::fmt;
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use toml::Spanned;
+
+/// Validated collector configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CollectorConfig {
+    /// Where the embedded PostgreSQL cluster, dev certificates and state live.
+    pub data_dir: PathBuf,
+    /// UDP address of the QUIC listener for agents.
+    pub quic_listen: SocketAddr,
+    /// TCP address of the HTTP API (health, metrics, operator API).
+    pub http_listen: SocketAddr,
+    pub tls: TlsPaths,
+    pub database: Database,
+    /// Connections in the PostgreSQL pool.
+    pub pool_size: NonZeroU32,
+    /// Heartbeat interval asked of agents.
+    pub heartbeat_interval: Duration,
+    /// Missed heartbeats after which a host is marked lost.
+    pub lost_after_missed: NonZeroU32,
+    /// Days of history kept (whole daily partitions are dropped past it).
+    pub retention_days: NonZeroU32,
+    /// Raw samples older than this are compacted into per-series chunks.
+    pub compact_after: Duration,
+}
+
+/// Certificate files of the collector.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsPaths {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// DER or PEM CRL; absent means no certificate is revoked yet.
+    pub crl: Option<PathBuf>,
+}
+
+/// Which PostgreSQL to use.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Database {
+    /// An external server.
+    Url(String),
+    /// A private cluster run by the collector under `data_dir/postgres`.
+    Embedded,
+}
+
+/// One problem in a configuration file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigIssue {
+    pub line: usize,
+    pub column: usize,
+    pub key: String,
+    pub reason: String,
+}
+
+/// A configuration file that cannot be used, with every problem found.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    pub issues: Vec<ConfigIssue>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, issue) in self.issues.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(
+                f,
+                "{}:{}:{}: {}: {}",
+                self.file.display(),
+                issue.line,
+                issue.column,
+                issue.key,
+                issue.reason
+            )?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    data_dir: Option<Spanned<String>>,
+    #[serde(default)]
+    listen: RawListen,
+    tls: Option<RawTls>,
+    #[serde(default)]
+    database: RawDatabase,
+    #[serde(default)]
+    heartbeat: RawHeartbeat,
+    #[serde(default)]
+    retention: RawRetention,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawListen {
+    quic: Option<Spanned<String>>,
+    http: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    ca: String,
+    cert: String,
+    key: String,
+    crl: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDatabase {
+    url: Option<Spanned<String>>,
+    pool_size: Option<Spanned<u32>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHeartbeat {
+    interval: Option<Spanned<String>>,
+    lost_after_missed: Option<Spanned<u32>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRetention {
+    days: Option<Spanned<u32>>,
+    compact_after: Option<Spanned<String>>,
+}
+
+/// Default QUIC port for agents.
+pub const DEFAULT_QUIC_PORT: u16 = 7443;
+/// Default HTTP port for the API.
+pub const DEFAULT_HTTP_PORT: u16 = 7080;
+
+impl CollectorConfig {
+    /// Defaults for a data dir, as used by `razar-collector dev`.
+    pub fn defaults(data_dir: &Path) -> CollectorConfig {
+        CollectorConfig {
+            data_dir: data_dir.to_path_buf(),
+            quic_listen: SocketAddr::from(([0, 0, 0, 0], DEFAULT_QUIC_PORT)),
+            http_listen: SocketAddr::from(([127, 0, 0, 1], DEFAULT_HTTP_PORT)),
+            tls: TlsPaths::in_dir(&data_dir.join("ca")),
+            database: Database::Embedded,
+            pool_size: NonZeroU32::new(16).unwrap_or(NonZeroU32::MIN),
+            heartbeat_interval: Duration::from_secs(1),
+            lost_after_missed: NonZeroU32::new(3).unwrap_or(NonZeroU32::MIN),
+            retention_days: NonZeroU32::new(30).unwrap_or(NonZeroU32::MIN),
+            compact_after: Duration::from_secs(15 * 60),
+        }
+    }
+
+    /// Reads and validates a file; every problem is reported at once.
+    pub fn load(path: &Path) -> Result<CollectorConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.to_path_buf(),
+            issues: vec![ConfigIssue {
+                line: 0,
+                column: 0,
+                key: "(file)".into(),
+                reason: format!("cannot read: {e}"),
+            }],
+        })?;
+        CollectorConfig::parse(path, &text)
+    }
+
+    /// Parses and validates configuration text; `path` names it in errors.
+    pub fn parse(path: &Path, text: &str) -> Result<CollectorConfig, ConfigError> {
+        let err = |issues| ConfigError {
+            file: path.to_path_buf(),
+            issues,
+        };
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            let (line, column) = e.span().map(|s| line_col(text, s.start)).unwrap_or((0, 0));
+            err(vec![ConfigIssue {
+                line,
+                column,
+                key: key_from_toml_message(e.message()),
+                reason: e.message().trim().to_string(),
+            }])
+        })?;
+        let mut v = Validator {
+            text,
+            issues: Vec::new(),
+        };
+        let data_dir = raw
+            .data_dir
+            .as_ref()
+            .map(|d| PathBuf::from(d.get_ref()))
+            .unwrap_or_else(|| PathBuf::from("/var/lib/razar"));
+        let mut cfg = CollectorConfig::defaults(&data_dir);
+        if let Some(q) = &raw.listen.quic {
+            if let Some(a) = v.addr("listen.quic", q) {
+                cfg.quic_listen = a;
+            }
+        }
+        if let Some(h) = &raw.listen.http {
+            if let Some(a) = v.addr("listen.http", h) {
+                cfg.http_listen = a;
+            }
+        }
+        if let Some(tls) = &raw.tls {
+            cfg.tls = TlsPaths {
+                ca: PathBuf::from(&tls.ca),
+                cert: PathBuf::from(&tls.cert),
+                key: PathBuf::from(&tls.key),
+                crl: tls.crl.as_ref().map(PathBuf::from),
+            };
+        }
+        if let Some(url) = &raw.database.url {
+            let u = url.get_ref();
+            if u.starts_with("postgres://") || u.starts_with("postgresql://") {
+                cfg.database = Database::Url(u.clone());
+            } else {
+                v.push(
+                    "database.url",
+                    url.span(),
+                    "must start with postgres:// or postgresql://",
+                );
+            }
+        }
+        if let Some(n) = &raw.database.pool_size {
+            if let Some(n) = v.nonzero("database.pool_size", n) {
+                cfg.pool_size = n;
+            }
+        }
+        if let Some(d) = &raw.heartbeat.interval {
+            if let Some(d) = v.duration("heartbeat.interval", d) {
+                cfg.heartbeat_interval = d;
+            }
+        }
+        if let Some(n) = &raw.heartbeat.lost_after_missed {
+            if let Some(n) = v.nonzero("heartbeat.lost_after_missed", n) {
+                cfg.lost_after_missed = n;
+            }
+        }
+        if let Some(n) = &raw.retention.days {
+            if let Some(n) = v.nonzero("retention.days", n) {
+                cfg.retention_days = n;
+            }
+        }
+        if let Some(d) = &raw.retention.compact_after {
+            if let Some(d) = v.duration("retention.compact_after", d) {
+                cfg.compact_after = d;
+            }
+        }
+        if v.issues.is_empty() {
+            Ok(cfg)
+        } else {
+            v.issues.sort_by_key(|i| (i.line, i.column));
+            Err(err(v.issues))
+        }
+    }
+}
+
+impl TlsPaths {
+    /// The layout `razar-certs --dir DIR` writes for the collector.
+    pub fn in_dir(dir: &Path) -> TlsPaths {
+        TlsPaths {
+            ca: dir.join("ca.pem"),
+            cert: dir.join("collector.pem"),
+            key: dir.join("collector.key"),
+            crl: Some(dir.join("crl.pem")),
+        }
+    }
+}
+
+struct Validator<'a> {
+    text: &'a str,
+    issues: Vec<ConfigIssue>,
+}
+
+impl Validator<'_> {
+    fn push(&mut self, key: &str, span: Range<usize>, reason: impl Into<String>) {
+        let (line, column) = line_col(self.text, span.start);
+        self.issues.push(ConfigIssue {
+            line,
+            column,
+            key: key.to_string(),
+            reason: reason.into(),
+        });
+    }
+
+    fn addr(&mut self, key: &str, value: &Spanned<String>) -> Option<SocketAddr> {
+        match value.get_ref().parse() {
+            Ok(a) => Some(a),
+            Err(e) => {
+                self.push(
+                    key,
+                    value.span(),
+                    format!("not an address like 127.0.0.1:7080: {e}"),
+                );
+                None
+            }
+        }
+    }
+
+    fn duration(&mut self, key: &str, value: &Spanned<String>) -> Option<Duration> {
+        match humantime::parse_duration(value.get_ref()) {
+            Ok(d) if !d.is_zero() => Some(d),
+            Ok(_) => {
+                self.push(key, value.span(), "must be greater than zero");
+                None
+            }
+            Err(e) => {
+                self.push(
+                    key,
+                    value.span(),
+                    format!("not a duration like \"1s\" or \"15m\": {e}"),
+                );
+                None
+            }
+        }
+    }
+
+    fn nonzero(&mut self, key: &str, value: &Spanned<u32>) -> Option<NonZeroU32> {
+        let n = NonZeroU32::new(*value.get_ref());
+        if n.is_none() {
+            self.push(key, value.span(), "must be at least 1");
+        }
+        n
+    }
+}
+
+/// 1-based line and column of a byte offset.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.len() - before.rfind('\n').map(|i| i + 1).unwrap_or(0) + 1;
+    (line, column)
+}
+
+/// Best-effort key name from a toml/serde message ("unknown field `x`, ...").
+fn key_from_toml_message(msg: &str) -> String {
+    msg.split('`')
+        .nth(1)
+        .map(str::to_string)
+        .unwrap_or_else(|| "(syntax)".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check_err(text: &str, expected: &[(usize, &str, &str)]) {
+        let err = CollectorConfig::parse(Path::new("c.toml"), text).unwrap_err();
+        let got: Vec<(usize, &str, bool)> = err
+            .issues
+            .iter()
+            .zip(expected)
+            .map(|(i, e)| (i.line, i.key.as_str(), i.reason.contains(e.2)))
+            .collect();
+        let want: Vec<(usize, &str, bool)> = expected.iter().map(|e| (e.0, e.1, true)).collect();
+        assert_eq!(got, want, "{err}");
+        assert_eq!(err.issues.len(), expected.len(), "{err}");
+    }
+
+    #[test]
+    fn example_config_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/collector.example.toml");
+        let cfg = CollectorConfig::load(&path).unwrap();
+        assert_eq!(cfg.heartbeat_interval, Duration::from_secs(1));
+        assert_eq!(cfg.lost_after_missed.get(), 3);
+        assert!(matches!(cfg.database, Database::Url(_)));
+    }
+
+    #[test]
+    fn empty_config_uses_defaults_and_embedded_database() {
+        let cfg = CollectorConfig::parse(Path::new("c.toml"), "").unwrap();
+        assert_eq!(cfg.database, Database::Embedded);
+        assert_eq!(cfg.http_listen.port(), DEFAULT_HTTP_PORT);
+    }
+
+    #[test]
+    fn unknown_key_names_line_and_key() {
+        check_err(
+            "\n[listen]\nquick = \"x\"\n",
+            &[(3, "quick", "unknown field")],
+        );
+    }
+
+    #[test]
+    fn every_semantic_error_reported_at_once() {
+        let text = "[listen]\nquic = \"nope\"\n[heartbeat]\ninterval = \"0s\"\nlost_after_missed = 0\n[database]\nurl = \"mysql://x\"\n";
+        check_err(
+            text,
+            &[
+                (2, "listen.quic", "not an address"),
+                (4, "heartbeat.interval", "greater than zero"),
+                (5, "heartbeat.lost_after_missed", "at least 1"),
+                (7, "database.url", "postgres://"),
+            ],
+        );
+    }
+
+    #[test]
+    fn error_display_names_file() {
+        let err = CollectorConfig::parse(Path::new("/etc/razar/c.toml"), "[x]").unwrap_err();
+        assert!(err.to_string().starts_with("/etc/razar/c.toml:1:"), "{err}");
+    }
+}

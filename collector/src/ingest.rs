@@ -1,0 +1,518 @@
+//! One agent connection: a task that drives the sans-IO [`CollectorSession`] over the
+//! agent's stream and writes what it receives to the [`Store`].
+//!
+//! Ordering and exactly-once: database work (series registrations, batches) runs in
+//! arrival order, one transaction at a time per connection; batches already received
+//! are gathered into one multi-batch transaction; the session acknowledges only what
+//! the store committed (the cursor moves in the same transaction).
+//!
+//! Back-pressure: when the pending work reaches its bound (batches or samples) the task
+//! stops reading the stream, so QUIC flow control pushes back on the agent; it resumes
+//! when the database catches up. Database errors are retried with backoff, forever,
+//! while the connection lives; nothing is acknowledged before its commit.
+
+use crate::server::{close_code, Shared};
+use crate::store::{SeriesId, StoreError};
+use chrono::Utc;
+use razar_shared::protocol::codec::{encode_into, AgentFrameDecoder};
+use razar_shared::protocol::session::{
+    negotiate_version, CollectorEvent, CollectorSession, CollectorState,
+};
+use razar_shared::protocol::{
+    Batch, Command, Hello, RefusalReason, SeriesDef, PROTOCOL_MAX, PROTOCOL_MIN,
+};
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, watch};
+
+/// Database work waiting its turn, in arrival order.
+enum Op {
+    Define(Vec<SeriesDef>),
+    Batch(Batch, Instant),
+}
+
+/// The outcome of one database write, with the work it covered (kept for a retry).
+struct Written {
+    ops: Vec<Op>,
+    result: Result<WriteOk, StoreError>,
+}
+
+enum WriteOk {
+    Defined(HashMap<u32, SeriesId>),
+    Ingested(crate::store::IngestOutcome),
+}
+
+type WriteFuture = Pin<Box<dyn Future<Output = Written> + Send>>;
+
+enum Step {
+    Read(Result<Option<usize>, quinn::ReadError>),
+    Wrote(Result<usize, quinn::WriteError>),
+    Db(Written),
+    Retry,
+    Timer,
+    Command(Option<Command>),
+    Shutdown,
+    Closed,
+}
+
+struct Conn {
+    shared: Arc<Shared>,
+    conn: quinn::Connection,
+    host: String,
+    id: u64,
+    session: CollectorSession,
+    ops: VecDeque<Op>,
+    pending_batches: usize,
+    pending_samples: usize,
+    series: Arc<HashMap<u32, SeriesId>>,
+    writing: Option<WriteFuture>,
+    retry_at: Option<Instant>,
+    retry_delay: Duration,
+    paused: bool,
+    draining: bool,
+    db_session: Option<i64>,
+    /// Stable code of the refusal that closed the session, for the close reason.
+    refusal: Option<&'static str>,
+    /// Resends the session answered by itself (at or below the cursor it welcomed with).
+    duplicates_seen: u64,
+}
+
+/// Serves one authenticated connection until it ends.
+pub(crate) async fn serve(
+    shared: Arc<Shared>,
+    conn: quinn::Connection,
+    host: String,
+    serial: String,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let now = Instant::now();
+    shared.liveness.connected(&host, now);
+    let (commands_tx, mut commands_rx) = mpsc::channel(256);
+    let id = shared.register(&host, &serial, &conn, commands_tx);
+    let hello_timeout = shared.config.hello_timeout;
+    let stream = tokio::select! {
+        s = tokio::time::timeout(hello_timeout, conn.accept_bi()) => s,
+        _ = shutdown.changed() => Ok(Err(quinn::ConnectionError::LocallyClosed)),
+    };
+    let mut c = Conn {
+        session: CollectorSession::new(host.clone(), now),
+        shared: shared.clone(),
+        conn: conn.clone(),
+        host: host.clone(),
+        id,
+        ops: VecDeque::new(),
+        pending_batches: 0,
+        pending_samples: 0,
+        series: Arc::new(HashMap::new()),
+        writing: None,
+        retry_at: None,
+        retry_delay: Duration::ZERO,
+        paused: false,
+        draining: false,
+        db_session: None,
+        refusal: None,
+        duplicates_seen: 0,
+    };
+    match stream {
+        Ok(Ok((send, recv))) => c.run(send, recv, &mut commands_rx, &mut shutdown).await,
+        Ok(Err(e)) => {
+            tracing::debug!(host = %host, error = %e, "connection ended before its stream opened")
+        }
+        Err(_) => {
+            shared.metrics.refuse("hello_timeout");
+            conn.close(close_code::REFUSED.into(), b"hello_timeout");
+        }
+    }
+    if c.paused {
+        shared.metrics.connections_paused.dec();
+    }
+    shared.liveness.disconnected(&host, c.paused);
+    shared.unregister(id);
+    if let Some(session_id) = c.db_session {
+        let store = shared.store.clone();
+        // Best effort: a session row left open is closed by the next start's cleanup.
+        tokio::spawn(async move {
+            let _ = store.close_session(session_id, Utc::now()).await;
+        });
+    }
+}
+
+impl Conn {
+    async fn run(
+        &mut self,
+        mut send: quinn::SendStream,
+        mut recv: quinn::RecvStream,
+        commands: &mut mpsc::Receiver<Command>,
+        shutdown: &mut watch::Receiver<bool>,
+    ) {
+        let mut decoder = AgentFrameDecoder::new();
+        let mut read_buf = vec![0u8; 64 * 1024];
+        let mut out: Vec<u8> = Vec::new();
+        let mut out_pos = 0usize;
+        let config = &self.shared.config;
+        let (max_pending, max_samples) = (config.max_pending_batches, config.max_pending_samples);
+        loop {
+            while let Some(event) = self.session.poll_event() {
+                self.on_event(event).await;
+            }
+            if self.writing.is_none()
+                && !self.ops.is_empty()
+                && self.retry_at.is_none_or(|t| Instant::now() >= t)
+            {
+                self.retry_at = None;
+                self.start_write();
+            }
+            if out_pos == out.len() {
+                out.clear();
+                out_pos = 0;
+            }
+            while let Some(msg) = self.session.poll_transmit() {
+                if let Err(e) = encode_into(&msg, &mut out) {
+                    tracing::error!(host = %self.host, error = %e, "cannot encode a message for the agent");
+                }
+            }
+            let flushed = out_pos == out.len();
+            let idle = self.ops.is_empty() && self.writing.is_none();
+            if self.session.state() == CollectorState::Closed && flushed {
+                return self.close_after_refusal(&mut send).await;
+            }
+            if self.draining && idle && flushed {
+                let _ = send.finish();
+                self.conn
+                    .close(close_code::SHUTDOWN.into(), b"collector shutting down");
+                return;
+            }
+            let should_pause =
+                self.pending_batches >= max_pending || self.pending_samples >= max_samples;
+            self.set_paused(should_pause);
+            let reading =
+                !self.paused && !self.draining && self.session.state() != CollectorState::Closed;
+            let timeout = if self.paused {
+                None
+            } else {
+                self.session.poll_timeout()
+            };
+            let step = tokio::select! {
+                biased;
+                r = recv.read(&mut read_buf), if reading => Step::Read(r),
+                r = send.write(&out[out_pos..]), if out_pos < out.len() => Step::Wrote(r),
+                w = poll_write(&mut self.writing), if self.writing.is_some() => Step::Db(w),
+                _ = sleep_until(self.retry_at), if self.retry_at.is_some() && self.writing.is_none() => Step::Retry,
+                _ = sleep_until(timeout), if timeout.is_some() => Step::Timer,
+                c = commands.recv() => Step::Command(c),
+                _ = shutdown.changed(), if !self.draining => Step::Shutdown,
+                _ = self.conn.closed() => Step::Closed,
+            };
+            match step {
+                Step::Read(Ok(Some(n))) => {
+                    let now = Instant::now();
+                    self.shared.liveness.heard(&self.host, now);
+                    let mut input = read_buf.get(..n).unwrap_or_default();
+                    loop {
+                        match decoder.feed(&mut input) {
+                            Ok(Some(msg)) => {
+                                self.session.handle(msg, now);
+                                let duplicates = self.session.duplicate_batches();
+                                if duplicates > self.duplicates_seen {
+                                    self.shared
+                                        .metrics
+                                        .batches_duplicate
+                                        .inc_by(duplicates - self.duplicates_seen);
+                                    self.duplicates_seen = duplicates;
+                                }
+                            }
+                            Ok(None) => break,
+                            Err(e) => {
+                                tracing::warn!(host = %self.host, error = %e, code = e.code(), "undecodable frame from agent");
+                                self.session.refuse(
+                                    RefusalReason::ProtocolViolation,
+                                    &format!("undecodable frame: {e}"),
+                                );
+                                break;
+                            }
+                        }
+                        // Events are handled at the top of the loop; stop early if the
+                        // session closed.
+                        if self.session.state() == CollectorState::Closed {
+                            break;
+                        }
+                    }
+                }
+                Step::Read(Ok(None)) => {
+                    // The agent finished its stream: commit what we have, then close.
+                    self.draining = true;
+                }
+                Step::Read(Err(e)) => {
+                    tracing::debug!(host = %self.host, error = %e, "agent stream read ended");
+                    return;
+                }
+                Step::Wrote(Ok(n)) => out_pos += n,
+                Step::Wrote(Err(e)) => {
+                    tracing::debug!(host = %self.host, error = %e, "agent stream write ended");
+                    return;
+                }
+                Step::Db(written) => self.on_written(written),
+                Step::Retry => {}
+                Step::Timer => self.session.handle_timeout(Instant::now()),
+                Step::Command(Some(command)) => {
+                    if self.session.send_command(command).is_err() {
+                        tracing::debug!(host = %self.host, "command for an agent not yet welcomed dropped");
+                    }
+                }
+                Step::Command(None) => {}
+                Step::Shutdown => self.draining = true,
+                Step::Closed => return,
+            }
+        }
+    }
+
+    fn set_paused(&mut self, paused: bool) {
+        if paused != self.paused {
+            self.paused = paused;
+            self.shared
+                .liveness
+                .paused(&self.host, paused, Instant::now());
+            if paused {
+                tracing::debug!(host = %self.host, batches = self.pending_batches, "database behind: not reading");
+                self.shared.metrics.connections_paused.inc();
+            } else {
+                self.shared.metrics.connections_paused.dec();
+            }
+        }
+    }
+
+    async fn on_event(&mut self, event: CollectorEvent) {
+        match event {
+            CollectorEvent::HelloReceived(hello) => self.hello(hello).await,
+            CollectorEvent::SeriesDefined(defs) => self.ops.push_back(Op::Define(defs)),
+            CollectorEvent::Batch(batch) => {
+                self.pending_batches += 1;
+                self.pending_samples += batch.sample_count();
+                self.ops.push_back(Op::Batch(batch, Instant::now()));
+            }
+            CollectorEvent::Heartbeat(_) => {}
+            CollectorEvent::CommandResult(result) => {
+                tracing::info!(host = %self.host, command = %hex_id(&result.id), outcome = ?result.outcome, "command result");
+            }
+            CollectorEvent::LogChunk(chunk) => {
+                tracing::debug!(host = %self.host, component = %chunk.component, lines = chunk.lines.len(), "log chunk");
+            }
+            CollectorEvent::Refused(refusal) => {
+                tracing::info!(host = %self.host, reason = refusal.reason.code(), message = %refusal.message, "agent refused");
+                self.shared.metrics.refuse(refusal.reason.code());
+                self.refusal = Some(refusal.reason.code());
+            }
+            CollectorEvent::PeerLost => {
+                tracing::info!(host = %self.host, "agent silent past the grace; closing its connection");
+                self.conn.close(
+                    close_code::PEER_LOST.into(),
+                    b"no heartbeat within the grace",
+                );
+            }
+        }
+    }
+
+    /// Records the `Hello` (host, inventory, session row), reads the cursor and
+    /// welcomes the agent; refuses it as unavailable if the database does not answer
+    /// within the hello timeout.
+    async fn hello(&mut self, hello: Hello) {
+        let deadline = Instant::now() + self.shared.config.hello_timeout;
+        let store = self.shared.store.clone();
+        let remote = self.conn.remote_address().to_string();
+        let mut delay = Duration::from_millis(50);
+        let version = negotiate_version(
+            (hello.protocol_min, hello.protocol_max),
+            (PROTOCOL_MIN, PROTOCOL_MAX),
+        )
+        .unwrap_or(PROTOCOL_MIN);
+        let recorded = loop {
+            let attempt = async {
+                let cursor = store.record_hello(&hello, Utc::now()).await?;
+                let session = store
+                    .open_session(&hello.host_id, &remote, version, Utc::now())
+                    .await?;
+                Ok::<_, StoreError>((cursor, session))
+            };
+            match tokio::time::timeout_at(deadline.into(), attempt).await {
+                Ok(Ok(r)) => break Some(r),
+                Ok(Err(e)) => {
+                    tracing::warn!(host = %self.host, error = %e, "cannot record Hello; retrying");
+                    if Instant::now() + delay >= deadline {
+                        break None;
+                    }
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_millis(500));
+                }
+                Err(_) => break None,
+            }
+        };
+        let Some((cursor, db_session)) = recorded else {
+            self.session.refuse(
+                RefusalReason::Unavailable,
+                "the collector's database is unavailable",
+            );
+            return;
+        };
+        self.db_session = Some(db_session);
+        let now = Instant::now();
+        let unix_ms = Utc::now().timestamp_millis();
+        if let Err(e) = self
+            .session
+            .accept(cursor, self.shared.config.session, now, unix_ms)
+        {
+            tracing::error!(host = %self.host, error = %e, "cannot welcome agent");
+            self.session
+                .refuse(RefusalReason::Unavailable, "internal error");
+            return;
+        }
+        self.shared.take_ownership(self.id);
+        self.shared.liveness.welcomed(&self.host, now);
+        self.shared.metrics.connections_accepted.inc();
+        tracing::info!(host = %self.host, remote = %remote, cursor, "agent welcomed");
+    }
+
+    /// Starts the next database write: a series registration, or every batch at the
+    /// front of the queue (up to the per-transaction limit) in one transaction.
+    fn start_write(&mut self) {
+        let store = self.shared.store.clone();
+        let host = self.host.clone();
+        let permits = self.shared.db_writers.clone();
+        if let Some(Op::Define(_)) = self.ops.front() {
+            let Some(Op::Define(defs)) = self.ops.pop_front() else {
+                return;
+            };
+            self.writing = Some(Box::pin(async move {
+                let _permit = permits.acquire_owned().await;
+                let result = store
+                    .register_series(&host, &defs)
+                    .await
+                    .map(WriteOk::Defined);
+                Written {
+                    ops: vec![Op::Define(defs)],
+                    result,
+                }
+            }));
+            return;
+        }
+        let limit = self.shared.config.max_batches_per_txn;
+        let mut ops = Vec::new();
+        while ops.len() < limit && matches!(self.ops.front(), Some(Op::Batch(..))) {
+            if let Some(op) = self.ops.pop_front() {
+                ops.push(op);
+            }
+        }
+        let series = self.series.clone();
+        self.writing = Some(Box::pin(async move {
+            let _permit = permits.acquire_owned().await;
+            let batches: Vec<Batch> = ops
+                .iter()
+                .filter_map(|op| match op {
+                    Op::Batch(b, _) => Some(b.clone()),
+                    Op::Define(_) => None,
+                })
+                .collect();
+            let result = store
+                .ingest(&host, &batches, &series)
+                .await
+                .map(WriteOk::Ingested);
+            Written { ops, result }
+        }));
+    }
+
+    fn on_written(&mut self, written: Written) {
+        let Written { ops, result } = written;
+        match result {
+            Ok(WriteOk::Defined(map)) => {
+                Arc::make_mut(&mut self.series).extend(map);
+                self.retry_delay = Duration::ZERO;
+            }
+            Ok(WriteOk::Ingested(outcome)) => {
+                self.retry_delay = Duration::ZERO;
+                let now = Instant::now();
+                let m = &self.shared.metrics;
+                let mut highest = 0;
+                for op in &ops {
+                    if let Op::Batch(b, arrived) = op {
+                        highest = highest.max(b.seq);
+                        self.pending_batches = self.pending_batches.saturating_sub(1);
+                        self.pending_samples =
+                            self.pending_samples.saturating_sub(b.sample_count());
+                        m.ack_latency
+                            .observe(now.saturating_duration_since(*arrived).as_secs_f64());
+                    }
+                }
+                m.batches_stored.inc_by(u64::from(outcome.batches_stored));
+                m.batches_duplicate
+                    .inc_by(u64::from(outcome.batches_duplicate));
+                m.samples_stored.inc_by(outcome.samples);
+                m.events_stored.inc_by(outcome.events);
+                // The store's cursor may be ahead of this connection (an older
+                // connection of the host committed more); acknowledge what we received.
+                let upto = outcome.cursor.min(highest);
+                if let Err(e) = self.session.committed(upto) {
+                    tracing::error!(host = %self.host, error = %e, "cannot acknowledge");
+                }
+            }
+            Err(StoreError::Db(e)) => {
+                // Transient (connection lost, database restarting): put the work back
+                // and retry after a backoff; reading stays paused if the queue is full.
+                self.shared.metrics.db_retries.inc();
+                self.retry_delay = (self.retry_delay * 2)
+                    .max(Duration::from_millis(50))
+                    .min(Duration::from_secs(2));
+                tracing::warn!(host = %self.host, error = %e, retry_in_ms = self.retry_delay.as_millis() as u64, "database write failed; retrying");
+                self.retry_at = Some(Instant::now() + self.retry_delay);
+                for op in ops.into_iter().rev() {
+                    self.ops.push_front(op);
+                }
+            }
+            Err(e) => {
+                // The data itself is unacceptable (undefined series, timestamp out of
+                // range): retrying cannot help. Refuse; nothing of it is acknowledged.
+                tracing::error!(host = %self.host, error = %e, "agent sent data the store refuses");
+                self.session.refuse(
+                    RefusalReason::ProtocolViolation,
+                    &format!("data refused by the store: {e}"),
+                );
+                self.ops.clear();
+                self.pending_batches = 0;
+                self.pending_samples = 0;
+            }
+        }
+    }
+
+    /// Sends what is left (the refusal) briefly, then closes with the refusal's code.
+    async fn close_after_refusal(&mut self, send: &mut quinn::SendStream) {
+        let _ = send.finish();
+        // Give the refusal frame a moment to leave; the close reason carries it anyway.
+        let _ = tokio::time::timeout(Duration::from_millis(200), send.stopped()).await;
+        let reason = self.refusal.unwrap_or("closed");
+        self.conn
+            .close(close_code::REFUSED.into(), reason.as_bytes());
+    }
+}
+
+async fn poll_write(writing: &mut Option<WriteFuture>) -> Written {
+    match writing.as_mut() {
+        Some(fut) => {
+            let written = fut.await;
+            *writing = None;
+            written
+        }
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn hex_id(id: &[u8; 16]) -> String {
+    id.iter().map(|b| format!("{b:02x}")).collect()
+}

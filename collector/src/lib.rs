@@ -1,0 +1,11 @@
+//! Razar collector: QUIC ingest, PostgreSQL store, lost-host detection, operator API.
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod config;
+pub mod embedded_pg;
+mod ingest;
+pub mod lost;
+pub mod server;
+pub mod service;
+pub mod store;

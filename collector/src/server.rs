@@ -1,0 +1,620 @@
+//! The collector's QUIC server: a quinn endpoint with the fleet's mTLS server config,
+//! one task per agent connection ([`crate::ingest`]), the registry of live connections
+//! (one per host: a newer connection supersedes the older; revoked certificates are
+//! closed on TLS reload), the lost-host task ([`crate::lost`]) and the ingest metrics.
+//!
+//! Identity comes from the client certificate only (URI SAN `razar://host/<id>`); the
+//! `Hello` must agree with it. Every refused connection is counted in
+//! `razar_collector_connections_refused_total{reason}`.
+
+use crate::ingest;
+use crate::lost::{self, HostTransition, Liveness};
+use crate::store::Store;
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use razar_shared::protocol::{Command, SessionConfig};
+use razar_shared::tls::{self, ServerTlsFiles, TlsError};
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::task::{JoinHandle, JoinSet};
+
+/// The metrics crate, so callers can build the [`prometheus::Registry`] to pass in.
+pub use prometheus;
+
+/// Application close codes, shared with the agent's uplink.
+pub use razar_agent::uplink::close_code;
+
+/// Errors starting or reconfiguring the server.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServerError {
+    /// The UDP socket could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    /// The rustls config is unusable for QUIC (TLS 1.3 with AES-128-GCM needed).
+    #[error("TLS server config unusable for QUIC: {0}")]
+    Quic(String),
+    /// Loading certificates, key or CRL failed.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// A metric could not be registered (a name registered twice).
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+    /// A setting is out of range.
+    #[error("invalid setting: {0}")]
+    Invalid(&'static str),
+}
+
+/// How the ingest server runs. [`IngestConfig::new`] gives the defaults.
+#[derive(Debug, Clone)]
+pub struct IngestConfig {
+    /// UDP address to listen on (port 0 picks one; see [`Collector::local_addr`]).
+    pub listen: SocketAddr,
+    /// mTLS server config (`razar_shared::tls::server_config`), CRLs inside.
+    pub tls: Arc<rustls::ServerConfig>,
+    /// The CRLs the config was built with (to close connections revoked later).
+    pub crls: Vec<CertificateRevocationListDer<'static>>,
+    /// Timing the agents are asked to use; the lost-host grace is
+    /// `heartbeat_interval_ms × lost_after_missed`.
+    pub session: SessionConfig,
+    /// QUIC keep-alive (below `idle_timeout`).
+    pub keep_alive: Duration,
+    /// QUIC idle timeout (a backstop behind heartbeats).
+    pub idle_timeout: Duration,
+    /// Most batches written in one transaction.
+    pub max_batches_per_txn: usize,
+    /// A connection stops reading once this many batches wait for the database...
+    pub max_pending_batches: usize,
+    /// ...or this many samples.
+    pub max_pending_samples: usize,
+    /// Connections writing to the database at the same time (all hosts together).
+    pub db_writers: usize,
+    /// Time allowed for the agent's `Hello` and for recording it in the database;
+    /// past it the agent is refused as `unavailable`.
+    pub hello_timeout: Duration,
+}
+
+impl IngestConfig {
+    /// Defaults: heartbeats 1 s, lost after 3 missed, window 64 batches, keep-alive 1 s,
+    /// idle timeout 10 s, 256 batches per transaction, pause at 512 batches or 500,000
+    /// samples pending, 8 database writers, 2.5 s for the `Hello`.
+    pub fn new(
+        listen: SocketAddr,
+        tls: Arc<rustls::ServerConfig>,
+        crls: Vec<CertificateRevocationListDer<'static>>,
+    ) -> IngestConfig {
+        IngestConfig {
+            listen,
+            tls,
+            crls,
+            session: SessionConfig::default(),
+            keep_alive: Duration::from_secs(1),
+            idle_timeout: Duration::from_secs(10),
+            max_batches_per_txn: 256,
+            max_pending_batches: 512,
+            max_pending_samples: 500_000,
+            db_writers: 8,
+            hello_timeout: Duration::from_millis(2_500),
+        }
+    }
+
+    /// The lost-host grace: heartbeat interval × missed heartbeats.
+    pub fn lost_grace(&self) -> Duration {
+        Duration::from_millis(u64::from(self.session.heartbeat_interval_ms))
+            .saturating_mul(self.session.lost_after_missed)
+    }
+
+    fn quinn_config(&self) -> Result<quinn::ServerConfig, ServerError> {
+        quinn_server_config(self.tls.clone(), self.keep_alive, self.idle_timeout)
+    }
+}
+
+fn quinn_server_config(
+    tls: Arc<rustls::ServerConfig>,
+    keep_alive: Duration,
+    idle_timeout: Duration,
+) -> Result<quinn::ServerConfig, ServerError> {
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
+        .map_err(|e| ServerError::Quic(e.to_string()))?;
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    let mut transport = quinn::TransportConfig::default();
+    transport.keep_alive_interval(Some(keep_alive));
+    transport.max_idle_timeout(Some(
+        quinn::IdleTimeout::try_from(idle_timeout)
+            .map_err(|_| ServerError::Invalid("idle_timeout out of range"))?,
+    ));
+    transport.max_concurrent_bidi_streams(4u32.into());
+    transport.max_concurrent_uni_streams(0u32.into());
+    config.transport_config(Arc::new(transport));
+    Ok(config)
+}
+
+/// The ingest metrics, registered in the registry given to [`Collector::start`].
+#[derive(Debug, Clone)]
+pub struct IngestMetrics {
+    pub refused: IntCounterVec,
+    pub agents_connected: IntGauge,
+    pub connections_accepted: IntCounter,
+    pub batches_stored: IntCounter,
+    pub batches_duplicate: IntCounter,
+    pub samples_stored: IntCounter,
+    pub events_stored: IntCounter,
+    pub db_retries: IntCounter,
+    pub connections_paused: IntGauge,
+    pub ack_latency: Histogram,
+    pub host_transitions: IntCounterVec,
+}
+
+impl IngestMetrics {
+    fn new(registry: &Registry) -> Result<IngestMetrics, prometheus::Error> {
+        let m = IngestMetrics {
+            refused: IntCounterVec::new(
+                Opts::new(
+                    "razar_collector_connections_refused_total",
+                    "Agent connections refused or closed by the collector, by reason.",
+                ),
+                &["reason"],
+            )?,
+            agents_connected: IntGauge::new(
+                "razar_collector_agents_connected",
+                "Agents currently welcomed.",
+            )?,
+            connections_accepted: IntCounter::new(
+                "razar_collector_connections_accepted_total",
+                "Agent connections welcomed.",
+            )?,
+            batches_stored: IntCounter::new(
+                "razar_collector_batches_stored_total",
+                "Telemetry batches committed to the database.",
+            )?,
+            batches_duplicate: IntCounter::new(
+                "razar_collector_batches_duplicate_total",
+                "Resent batches recognised as already stored.",
+            )?,
+            samples_stored: IntCounter::new(
+                "razar_collector_samples_stored_total",
+                "Samples committed to the database.",
+            )?,
+            events_stored: IntCounter::new(
+                "razar_collector_events_stored_total",
+                "Events committed to the database.",
+            )?,
+            db_retries: IntCounter::new(
+                "razar_collector_ingest_db_retries_total",
+                "Database writes retried after an error.",
+            )?,
+            connections_paused: IntGauge::new(
+                "razar_collector_connections_paused",
+                "Connections not read because the database is behind (back-pressure).",
+            )?,
+            ack_latency: Histogram::with_opts(
+                HistogramOpts::new(
+                    "razar_collector_ack_latency_seconds",
+                    "From a batch's arrival to its commit.",
+                )
+                .buckets(vec![
+                    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1.0, 2.5, 5.0, 10.0,
+                ]),
+            )?,
+            host_transitions: IntCounterVec::new(
+                Opts::new(
+                    "razar_collector_host_transitions_total",
+                    "Hosts marked lost or back.",
+                ),
+                &["to"],
+            )?,
+        };
+        registry.register(Box::new(m.refused.clone()))?;
+        registry.register(Box::new(m.agents_connected.clone()))?;
+        registry.register(Box::new(m.connections_accepted.clone()))?;
+        registry.register(Box::new(m.batches_stored.clone()))?;
+        registry.register(Box::new(m.batches_duplicate.clone()))?;
+        registry.register(Box::new(m.samples_stored.clone()))?;
+        registry.register(Box::new(m.events_stored.clone()))?;
+        registry.register(Box::new(m.db_retries.clone()))?;
+        registry.register(Box::new(m.connections_paused.clone()))?;
+        registry.register(Box::new(m.ack_latency.clone()))?;
+        registry.register(Box::new(m.host_transitions.clone()))?;
+        Ok(m)
+    }
+
+    /// Counts a refusal under its stable reason code.
+    pub fn refuse(&self, reason: &str) {
+        self.refused.with_label_values(&[reason]).inc();
+    }
+}
+
+/// One live, identified connection.
+#[derive(Debug)]
+pub(crate) struct LiveConnection {
+    pub host: String,
+    /// Client certificate serial (lower-case hex).
+    pub serial: String,
+    pub conn: quinn::Connection,
+    pub commands: mpsc::Sender<Command>,
+    /// Welcomed (owns the host) rather than still in its handshake.
+    pub welcomed: bool,
+}
+
+/// Live connections by id, and which one owns each host.
+#[derive(Debug, Default)]
+pub(crate) struct Connections {
+    by_id: HashMap<u64, LiveConnection>,
+    owner: HashMap<String, u64>,
+}
+
+/// State shared by the server, its connection tasks and the handle.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub store: Store,
+    pub config: IngestConfig,
+    pub metrics: IngestMetrics,
+    pub liveness: Arc<Liveness>,
+    pub db_writers: Arc<Semaphore>,
+    connections: Mutex<Connections>,
+    next_id: AtomicU64,
+}
+
+impl Shared {
+    fn connections(&self) -> MutexGuard<'_, Connections> {
+        // Plain maps; a panic elsewhere cannot leave them half-updated.
+        self.connections.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Registers a connection still in its handshake; returns its id.
+    pub(crate) fn register(
+        &self,
+        host: &str,
+        serial: &str,
+        conn: &quinn::Connection,
+        commands: mpsc::Sender<Command>,
+    ) -> u64 {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.connections().by_id.insert(
+            id,
+            LiveConnection {
+                host: host.to_owned(),
+                serial: serial.to_owned(),
+                conn: conn.clone(),
+                commands,
+                welcomed: false,
+            },
+        );
+        id
+    }
+
+    /// Connection `id` was welcomed: it now owns its host, and an older connection of
+    /// the same host is closed as superseded.
+    pub(crate) fn take_ownership(&self, id: u64) {
+        let mut c = self.connections();
+        let Some(host) = c.by_id.get_mut(&id).map(|l| {
+            l.welcomed = true;
+            l.host.clone()
+        }) else {
+            return;
+        };
+        if let Some(old) = c.owner.insert(host.clone(), id) {
+            if old != id {
+                if let Some(previous) = c.by_id.get(&old) {
+                    tracing::info!(host = %host, "newer connection supersedes the older one");
+                    previous
+                        .conn
+                        .close(close_code::REFUSED.into(), b"superseded");
+                    self.metrics.refuse("superseded");
+                }
+            }
+        }
+        self.metrics.agents_connected.set(c.owner.len() as i64);
+    }
+
+    /// Connection `id` ended.
+    pub(crate) fn unregister(&self, id: u64) {
+        let mut c = self.connections();
+        if let Some(live) = c.by_id.remove(&id) {
+            if c.owner.get(&live.host) == Some(&id) {
+                c.owner.remove(&live.host);
+            }
+        }
+        self.metrics.agents_connected.set(c.owner.len() as i64);
+    }
+}
+
+/// The running ingest server.
+pub struct Collector {
+    endpoint: quinn::Endpoint,
+    local_addr: SocketAddr,
+    shared: Arc<Shared>,
+    shutdown: watch::Sender<bool>,
+    accept_task: JoinHandle<()>,
+    lost_task: JoinHandle<()>,
+    transitions: Mutex<Option<mpsc::UnboundedReceiver<HostTransition>>>,
+    started: Instant,
+}
+
+impl std::fmt::Debug for Collector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Collector")
+            .field("local_addr", &self.local_addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Collector {
+    /// Binds the QUIC endpoint and starts accepting agents. `store` must be migrated.
+    /// The ingest metrics are registered in `metrics`.
+    pub async fn start(
+        config: IngestConfig,
+        store: Store,
+        metrics: &Registry,
+    ) -> Result<Collector, ServerError> {
+        razar_shared::protocol::session::validate_config(&config.session)
+            .map_err(|_| ServerError::Invalid("session config has a zero field"))?;
+        if config.keep_alive >= config.idle_timeout {
+            return Err(ServerError::Invalid(
+                "keep_alive must be below idle_timeout",
+            ));
+        }
+        if config.max_batches_per_txn == 0
+            || config.max_pending_batches == 0
+            || config.db_writers == 0
+        {
+            return Err(ServerError::Invalid(
+                "batch limits and db_writers must be at least 1",
+            ));
+        }
+        let quinn_config = config.quinn_config()?;
+        let endpoint = quinn::Endpoint::server(quinn_config, config.listen).map_err(|source| {
+            ServerError::Bind {
+                addr: config.listen,
+                source,
+            }
+        })?;
+        let local_addr = endpoint.local_addr().map_err(|source| ServerError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+        let metrics = IngestMetrics::new(metrics)?;
+        let shared = Arc::new(Shared {
+            store: store.clone(),
+            db_writers: Arc::new(Semaphore::new(config.db_writers)),
+            liveness: Arc::new(Liveness::default()),
+            metrics,
+            connections: Mutex::new(Connections::default()),
+            next_id: AtomicU64::new(1),
+            config,
+        });
+        let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let (transitions_tx, transitions_rx) = mpsc::unbounded_channel();
+        let (counted_tx, mut counted_rx) = mpsc::unbounded_channel::<HostTransition>();
+        let lost_task = {
+            let shared = shared.clone();
+            let shutdown = shutdown_rx.clone();
+            tokio::spawn(async move {
+                let grace = shared.config.lost_grace();
+                let counter = tokio::spawn({
+                    let shared = shared.clone();
+                    async move {
+                        while let Some(t) = counted_rx.recv().await {
+                            let to = match &t {
+                                HostTransition::Lost(_) => "lost",
+                                HostTransition::Back(_) => "back",
+                            };
+                            shared
+                                .metrics
+                                .host_transitions
+                                .with_label_values(&[to])
+                                .inc();
+                            // Nobody listening is fine.
+                            let _ = transitions_tx.send(t);
+                        }
+                    }
+                });
+                lost::run(
+                    shared.liveness.clone(),
+                    shared.store.clone(),
+                    grace,
+                    counted_tx,
+                    shutdown,
+                )
+                .await;
+                counter.abort();
+            })
+        };
+        let accept_task = tokio::spawn(accept_loop(endpoint.clone(), shared.clone(), shutdown_rx));
+        tracing::info!(addr = %local_addr, "collector listening for agents (QUIC, mTLS)");
+        Ok(Collector {
+            endpoint,
+            local_addr,
+            shared,
+            shutdown: shutdown_tx,
+            accept_task,
+            lost_task,
+            transitions: Mutex::new(Some(transitions_rx)),
+            started: Instant::now(),
+        })
+    }
+
+    /// The address agents connect to.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// When the server started.
+    pub fn started(&self) -> Instant {
+        self.started
+    }
+
+    /// Installs a new TLS config (new certificate, new CRLs) for new connections, and
+    /// closes open connections whose certificate serial is listed in `crls`. Healthy
+    /// connections stay up. Returns how many were closed.
+    pub fn reload_tls(
+        &self,
+        tls: Arc<rustls::ServerConfig>,
+        crls: &[CertificateRevocationListDer<'static>],
+    ) -> Result<usize, ServerError> {
+        let config = quinn_server_config(
+            tls,
+            self.shared.config.keep_alive,
+            self.shared.config.idle_timeout,
+        )?;
+        self.endpoint.set_server_config(Some(config));
+        let c = self.shared.connections();
+        let mut closed = 0;
+        for live in c.by_id.values() {
+            let revoked = crls
+                .iter()
+                .any(|crl| tls::is_revoked(crl.as_ref(), &live.serial).unwrap_or(false));
+            if revoked {
+                tracing::warn!(host = %live.host, serial = %live.serial, "certificate revoked: closing its connection");
+                live.conn.close(close_code::REFUSED.into(), b"revoked");
+                self.shared.metrics.refuse("revoked");
+                closed += 1;
+            }
+        }
+        Ok(closed)
+    }
+
+    /// [`reload_tls`](Self::reload_tls) from files (what SIGHUP does). Nothing changes
+    /// if any file fails to load.
+    pub fn reload_tls_files(&self, files: &ServerTlsFiles) -> Result<usize, ServerError> {
+        let config = tls::server_config_from_files(files)?;
+        let crls = files
+            .crls
+            .iter()
+            .map(|p| tls::load_crl_file(p))
+            .collect::<Result<Vec<_>, _>>()?;
+        self.reload_tls(Arc::new(config), &crls)
+    }
+
+    /// Agents currently welcomed.
+    pub fn agents_connected(&self) -> usize {
+        self.shared.connections().owner.len()
+    }
+
+    /// Host ids currently welcomed, sorted.
+    pub fn connected_hosts(&self) -> Vec<String> {
+        let mut hosts: Vec<String> = self.shared.connections().owner.keys().cloned().collect();
+        hosts.sort();
+        hosts
+    }
+
+    /// Queues a command for `host`'s live connection. False when it is not connected
+    /// or its queue is full (persist commands and redeliver on reconnect).
+    pub fn send_command(&self, host: &str, command: Command) -> bool {
+        let c = self.shared.connections();
+        let Some(id) = c.owner.get(host) else {
+            return false;
+        };
+        c.by_id
+            .get(id)
+            .is_some_and(|live| live.commands.try_send(command).is_ok())
+    }
+
+    /// The ingest metrics.
+    pub fn metrics(&self) -> &IngestMetrics {
+        &self.shared.metrics
+    }
+
+    /// Whether `host` is currently considered lost (by this process).
+    pub fn is_lost(&self, host: &str) -> bool {
+        self.shared.liveness.is_lost(host)
+    }
+
+    /// The stream of lost/back transitions, once (for the decision engine).
+    pub fn take_transitions(&self) -> Option<mpsc::UnboundedReceiver<HostTransition>> {
+        self.transitions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+    }
+
+    /// Stops accepting, lets every connection commit what it has and acknowledge it,
+    /// closes them, and waits for the endpoint to go idle (at most `grace`).
+    pub async fn shutdown(self, grace: Duration) {
+        self.shutdown.send_replace(true);
+        let _ = tokio::time::timeout(grace, self.accept_task).await;
+        self.endpoint
+            .close(close_code::SHUTDOWN.into(), b"collector shutting down");
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
+        self.lost_task.abort();
+    }
+}
+
+async fn accept_loop(
+    endpoint: quinn::Endpoint,
+    shared: Arc<Shared>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut tasks = JoinSet::new();
+    loop {
+        let incoming = tokio::select! {
+            i = endpoint.accept() => i,
+            _ = shutdown.changed() => break,
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
+        };
+        let Some(incoming) = incoming else { break };
+        let shared = shared.clone();
+        let shutdown = shutdown.clone();
+        tasks.spawn(async move {
+            let remote = incoming.remote_address();
+            let conn = match incoming.await {
+                Ok(conn) => conn,
+                Err(e) => {
+                    let reason = handshake_refusal(&e);
+                    tracing::info!(remote = %remote, reason, error = %e, "agent handshake refused");
+                    shared.metrics.refuse(reason);
+                    return;
+                }
+            };
+            let Some((host, serial)) = identity(&conn) else {
+                tracing::warn!(remote = %remote, "client certificate names no host; closing");
+                conn.close(close_code::REFUSED.into(), b"no_identity");
+                shared.metrics.refuse("no_identity");
+                return;
+            };
+            ingest::serve(shared, conn, host, serial, shutdown).await;
+        });
+    }
+    // Let connections finish their commits and close in order.
+    while tasks.join_next().await.is_some() {}
+}
+
+/// Host id and certificate serial from the verified client certificate.
+fn identity(conn: &quinn::Connection) -> Option<(String, String)> {
+    let certs = conn
+        .peer_identity()?
+        .downcast::<Vec<CertificateDer<'static>>>()
+        .ok()?;
+    let leaf = certs.first()?;
+    let host = tls::host_id_from_certificate(leaf.as_ref()).ok()?;
+    let serial = tls::certificate_serial_hex(leaf.as_ref()).ok()?;
+    Some((host, serial))
+}
+
+/// A stable reason code for a failed handshake (the metric label).
+pub fn handshake_refusal(e: &quinn::ConnectionError) -> &'static str {
+    let text = e.to_string();
+    let has = |needle: &str| text.contains(needle);
+    if matches!(e, quinn::ConnectionError::TimedOut) {
+        "handshake_timeout"
+    } else if has("Revoked") {
+        "certificate_revoked"
+    } else if has("Expired") {
+        "certificate_expired"
+    } else if has("UnknownIssuer") || has("BadSignature") {
+        "unknown_issuer"
+    } else if has("NoCertificatesPresented") || has("no certificates") {
+        "no_client_certificate"
+    } else if has("ALPN") || has("application protocol") || has("NoApplicationProtocol") {
+        "alpn_mismatch"
+    } else {
+        "handshake_failed"
+    }
+}

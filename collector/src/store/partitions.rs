@@ -1,0 +1,105 @@
+//! Daily partitions of the sample tables: created ahead of the data, dropped whole by
+//! retention (never a `DELETE` of sample rows).
+
+use chrono::{DateTime, NaiveDate, Utc};
+
+use super::{day_of, Store, StoreError};
+
+/// The partitioned sample tables, each with partitions named `<table>_pYYYYMMDD`.
+const SAMPLE_TABLES: [&str; 3] = ["samples", "sample_chunks", "rollups_1m"];
+const DAY_MS: i64 = 86_400_000;
+
+impl Store {
+    /// Creates today's and tomorrow's partitions (call at start and daily).
+    pub async fn ensure_partitions(&self, now: DateTime<Utc>) -> Result<(), StoreError> {
+        let today = day_of(now.timestamp_millis());
+        self.ensure_days(&[today, today + 1]).await
+    }
+
+    /// Makes sure the partitions of these days (days since the Unix epoch) exist.
+    pub(crate) async fn ensure_days(&self, days: &[i64]) -> Result<(), StoreError> {
+        let missing: Vec<i64> = {
+            let known = self.days.lock().unwrap_or_else(|e| e.into_inner());
+            days.iter()
+                .copied()
+                .filter(|d| !known.contains(d))
+                .collect()
+        };
+        for day in missing {
+            let Some(date) = date_of_day(day) else {
+                continue;
+            };
+            sqlx::query("SELECT razar_ensure_day($1)")
+                .bind(date)
+                .execute(&self.pool)
+                .await?;
+            self.days
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(day);
+        }
+        Ok(())
+    }
+
+    /// Drops every daily partition (raw samples, chunks, rollups) whose whole day is older
+    /// than `days` days before `now`, and deletes older events. Returns the dropped tables.
+    pub async fn apply_retention(
+        &self,
+        now: DateTime<Utc>,
+        days: u32,
+    ) -> Result<Vec<String>, StoreError> {
+        let cutoff_ms = now.timestamp_millis() - i64::from(days) * DAY_MS;
+        let mut dropped = Vec::new();
+        for (table, day) in self.partitions().await? {
+            if (day + 1) * DAY_MS <= cutoff_ms {
+                sqlx::query(&format!("DROP TABLE IF EXISTS \"{table}\""))
+                    .execute(&self.pool)
+                    .await?;
+                self.days
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&day);
+                dropped.push(table);
+            }
+        }
+        if let Some(cutoff) = DateTime::from_timestamp_millis(cutoff_ms) {
+            sqlx::query("DELETE FROM events WHERE ts < $1")
+                .bind(cutoff)
+                .execute(&self.pool)
+                .await?;
+        }
+        Ok(dropped)
+    }
+
+    /// Every partition of the sample tables with its day (days since the Unix epoch).
+    pub(crate) async fn partitions(&self) -> Result<Vec<(String, i64)>, StoreError> {
+        let names: Vec<(String, String)> = sqlx::query_as(
+            "SELECT child.relname::text, parent.relname::text
+             FROM pg_inherits
+             JOIN pg_class child ON child.oid = pg_inherits.inhrelid
+             JOIN pg_class parent ON parent.oid = pg_inherits.inhparent
+             WHERE parent.relname = ANY($1)
+             ORDER BY 1",
+        )
+        .bind(&SAMPLE_TABLES[..])
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(names
+            .into_iter()
+            .filter_map(|(child, parent)| {
+                let suffix = child.strip_prefix(&format!("{parent}_p"))?;
+                let date = NaiveDate::parse_from_str(suffix, "%Y%m%d").ok()?;
+                let day = date.signed_duration_since(epoch_date()).num_days();
+                Some((child, day))
+            })
+            .collect())
+    }
+}
+
+fn epoch_date() -> NaiveDate {
+    NaiveDate::from_ymd_opt(1970, 1, 1).unwrap_or_default()
+}
+
+fn date_of_day(day: i64) -> Option<NaiveDate> {
+    epoch_date().checked_add_signed(chrono::Duration::try_days(day)?)
+}

@@ -1,0 +1,183 @@
+//! `razar-collector dev` end to end: the real binary as a subprocess with the embedded
+//! PostgreSQL, an in-process agent, demo components and fake GPUs. Health must report
+//! the agent connected and samples stored; SIGINT must leave nothing running.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Every live pid whose command line contains `needle`.
+fn pids_with_cmdline(needle: &str) -> Vec<u32> {
+    let mut found = Vec::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return found;
+    };
+    for entry in dir.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(raw) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        let cmdline = String::from_utf8_lossy(&raw).replace('\0', " ");
+        let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let zombie = state
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'));
+        if cmdline.contains(needle) && !zombie {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+/// Descendants of `root` (children files of every thread), recursively.
+fn descendants(root: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    let mut todo = vec![root];
+    while let Some(pid) = todo.pop() {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            continue;
+        };
+        for task in tasks.flatten() {
+            if let Ok(text) = std::fs::read_to_string(task.path().join("children")) {
+                for child in text.split_whitespace().filter_map(|c| c.parse().ok()) {
+                    out.push(child);
+                    todo.push(child);
+                }
+            }
+        }
+    }
+    out
+}
+
+fn alive(pid: u32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    !stat
+        .rsplit_once(')')
+        .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
+}
+
+fn wait_until(what: &str, deadline: Duration, mut check: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !check() {
+        assert!(start.elapsed() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn http_get(url: &str) -> Option<serde_json::Value> {
+    let client = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .ok()?;
+    client.get(url).send().ok()?.json().ok()
+}
+
+fn run_dev(data_dir: &Path) -> (std::process::Child, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_razar-collector"))
+        .args(["dev", "--data-dir"])
+        .arg(data_dir)
+        .args([
+            "--http-port",
+            "0",
+            "--quic-port",
+            "0",
+            "--agent-port",
+            "0",
+            "--demo-port",
+            "0",
+        ])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn razar-collector dev");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            println!("dev: {line}");
+            if let Some(url) = line
+                .split_whitespace()
+                .find(|w| w.ends_with("/api/v1/health"))
+            {
+                let _ = tx.send(url.to_string());
+            }
+        }
+    });
+    let url = rx
+        .recv_timeout(Duration::from_secs(120))
+        .expect("dev mode printed its health URL");
+    (child, url)
+}
+
+fn stop(child: &mut std::process::Child) {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .expect("SIGINT");
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            assert!(status.success(), "dev mode exited with {status}");
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "dev mode did not stop within 60 s of SIGINT"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn dev_mode_runs_everything_and_stops_cleanly_twice() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data_dir = dir.path().join("razar-data");
+    for round in 0..2 {
+        let (mut child, url) = run_dev(&data_dir);
+        let mut last = serde_json::Value::Null;
+        wait_until(
+            "agent connected and samples stored",
+            Duration::from_secs(90),
+            || {
+                if let Some(h) = http_get(&url) {
+                    last = h;
+                }
+                last["status"] == "ok"
+                    && last["agents_connected"].as_i64() == Some(1)
+                    && last["samples_stored"].as_u64().unwrap_or(0) > 0
+            },
+        );
+        assert_eq!(last["database"]["ok"], true, "round {round}: {last}");
+        // Demo components run as our descendants.
+        let children = descendants(child.id());
+        assert!(
+            children.len() >= 3,
+            "round {round}: expected the demo components as descendants, got {children:?}"
+        );
+        let pg_dir = data_dir.join("postgres").display().to_string();
+        assert!(
+            !pids_with_cmdline(&pg_dir).is_empty(),
+            "round {round}: the embedded PostgreSQL should run under {pg_dir}"
+        );
+        stop(&mut child);
+        wait_until(
+            "every component and PostgreSQL gone",
+            Duration::from_secs(30),
+            || children.iter().all(|p| !alive(*p)) && pids_with_cmdline(&pg_dir).is_empty(),
+        );
+    }
+    // The second round reused the data dir: one CA, one cluster.
+    assert!(data_dir.join("ca").join("ca.pem").exists());
+    assert!(data_dir
+        .join("postgres")
+        .join("data")
+        .join("PG_VERSION")
+        .exists());
+}

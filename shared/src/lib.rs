@@ -1,0 +1,11 @@
+//! Razar's shared core: domain types, the sans-IO wire protocol, and the rustls
+//! configuration and certificate identity used by both agent and collector.
+//!
+//! **Architecture invariant:** this crate performs no I/O of its own: no tokio, no
+//! quinn, no sockets, no clock. Callers pass `Instant`s and bytes in and take messages
+//! and deadlines out.
+#![forbid(unsafe_code)]
+
+pub mod domain;
+pub mod protocol;
+pub mod tls;

@@ -1,0 +1,28 @@
+//! The agent ↔ collector wire protocol, sans-IO: message types, the framing codec, and
+//! one session state machine per side.
+
+pub mod codec;
+pub mod messages;
+pub mod session;
+
+pub use codec::{
+    decode_payload, encode_agent, encode_collector, encode_into, read_frame_len, AgentFrameDecoder,
+    CodecError, CollectorFrameDecoder, FrameDecoder, HEADER_LEN,
+};
+pub use messages::*;
+pub use session::{
+    AgentEvent, AgentSession, AgentState, CollectorEvent, CollectorSession, CollectorState,
+    SessionError,
+};
+
+/// ALPN identifier; carries the protocol's major version (a mismatch closes the
+/// QUIC handshake with `no_application_protocol`).
+pub const ALPN: &[u8] = b"razar/1";
+
+/// Lowest protocol version this build speaks.
+pub const PROTOCOL_MIN: u16 = 1;
+/// Highest protocol version this build speaks.
+pub const PROTOCOL_MAX: u16 = 1;
+
+/// Hard upper bound on one frame's payload, checked before any allocation.
+pub const MAX_FRAME_LEN: usize = 4 * 1024 * 1024;
