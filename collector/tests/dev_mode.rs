@@ -115,6 +115,25 @@ fn run_dev(data_dir: &Path) -> (std::process::Child, String) {
     (child, url)
 }
 
+/// Stops a dev process left running by a failed assertion, before its data dir goes.
+struct Guard(std::process::Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        if !matches!(self.0.try_wait(), Ok(None)) {
+            return;
+        }
+        let pid = nix::unistd::Pid::from_raw(self.0.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT);
+        let start = Instant::now();
+        while matches!(self.0.try_wait(), Ok(None)) && start.elapsed() < Duration::from_secs(30) {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 fn stop(child: &mut std::process::Child) {
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(child.id() as i32),
@@ -140,8 +159,11 @@ fn dev_mode_runs_everything_and_stops_cleanly_twice() {
     let dir = tempfile::tempdir().expect("tempdir");
     let data_dir = dir.path().join("razar-data");
     for round in 0..2 {
-        let (mut child, url) = run_dev(&data_dir);
+        let (child, url) = run_dev(&data_dir);
+        let mut child = Guard(child);
         let mut last = serde_json::Value::Null;
+        // Samples stored by *this* run: the second round starts with the first's.
+        let mut baseline: Option<u64> = None;
         wait_until(
             "agent connected and samples stored",
             Duration::from_secs(90),
@@ -149,24 +171,43 @@ fn dev_mode_runs_everything_and_stops_cleanly_twice() {
                 if let Some(h) = http_get(&url) {
                     last = h;
                 }
+                let stored = last["samples_stored"].as_u64();
+                if baseline.is_none() && last["database"]["ok"] == true {
+                    baseline = stored;
+                }
                 last["status"] == "ok"
                     && last["agents_connected"].as_i64() == Some(1)
-                    && last["samples_stored"].as_u64().unwrap_or(0) > 0
+                    && stored.unwrap_or(0) > baseline.unwrap_or(u64::MAX)
             },
         );
         assert_eq!(last["database"]["ok"], true, "round {round}: {last}");
-        // Demo components run as our descendants.
-        let children = descendants(child.id());
-        assert!(
-            children.len() >= 3,
-            "round {round}: expected the demo components as descendants, got {children:?}"
+        // The three demo components run as our descendants (the agent starts them in
+        // dependency order, so wait for the last one).
+        let demo = |children: &[u32]| {
+            children
+                .iter()
+                .filter(|p| {
+                    std::fs::read(format!("/proc/{p}/cmdline"))
+                        .map(|raw| raw.split(|b| *b == 0).any(|arg| arg == b"demo"))
+                        .unwrap_or(false)
+                })
+                .count()
+        };
+        let mut children = Vec::new();
+        wait_until(
+            "the three demo components running",
+            Duration::from_secs(60),
+            || {
+                children = descendants(child.0.id());
+                demo(&children) >= 3
+            },
         );
         let pg_dir = data_dir.join("postgres").display().to_string();
         assert!(
             !pids_with_cmdline(&pg_dir).is_empty(),
             "round {round}: the embedded PostgreSQL should run under {pg_dir}"
         );
-        stop(&mut child);
+        stop(&mut child.0);
         wait_until(
             "every component and PostgreSQL gone",
             Duration::from_secs(30),
