@@ -176,6 +176,10 @@ impl Daemon {
             Some((uplink_config, spool, host_id)) => {
                 let (uplink, commands) = Uplink::spawn(uplink_config, spool)?;
                 let uplink = Arc::new(uplink);
+                tasks.push(tokio::spawn(mirror_link_status(
+                    agent.clone(),
+                    uplink.watch_status(),
+                )));
                 tasks.push(tokio::spawn(run_commands(
                     agent.clone(),
                     store,
@@ -185,7 +189,10 @@ impl Daemon {
                 )));
                 (Some(uplink), Some(host_id))
             }
-            None => (None, None),
+            None => {
+                agent.set_collector_link("not configured");
+                (None, None)
+            }
         };
         // The telemetry task is the first: shutdown waits for its last tick.
         tasks.insert(
@@ -248,6 +255,24 @@ impl Daemon {
         }
         for task in tasks.iter().skip(1) {
             task.abort();
+        }
+    }
+}
+
+/// Keeps `/health`'s `collector` field in step with the uplink: the state, and why the
+/// last connection failed while it is not connected.
+async fn mirror_link_status(agent: Agent, mut status: watch::Receiver<LinkStatus>) {
+    loop {
+        let text = {
+            let s = status.borrow_and_update();
+            match (&s.state, &s.last_error) {
+                (crate::uplink::LinkState::Connected, _) | (_, None) => s.state.as_str().to_owned(),
+                (state, Some(why)) => format!("{} ({why})", state.as_str()),
+            }
+        };
+        agent.set_collector_link(&text);
+        if status.changed().await.is_err() {
+            break;
         }
     }
 }

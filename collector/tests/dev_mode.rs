@@ -77,7 +77,7 @@ fn http_get(url: &str) -> Option<serde_json::Value> {
     client.get(url).send().ok()?.json().ok()
 }
 
-fn run_dev(data_dir: &Path) -> (std::process::Child, String) {
+fn run_dev(data_dir: &Path) -> (std::process::Child, String, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_razar-collector"))
         .args(["dev", "--data-dir"])
         .arg(data_dir)
@@ -101,18 +101,32 @@ fn run_dev(data_dir: &Path) -> (std::process::Child, String) {
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
             println!("dev: {line}");
-            if let Some(url) = line
+            for url in line
                 .split_whitespace()
-                .find(|w| w.ends_with("/api/v1/health"))
+                .filter(|w| w.starts_with("http://") && w.ends_with("/health"))
             {
                 let _ = tx.send(url.to_string());
             }
         }
     });
-    let url = rx
-        .recv_timeout(Duration::from_secs(120))
-        .expect("dev mode printed its health URL");
-    (child, url)
+    let mut urls = Vec::new();
+    while urls.len() < 2 {
+        urls.push(
+            rx.recv_timeout(Duration::from_secs(120))
+                .expect("dev mode printed its health URLs"),
+        );
+    }
+    let collector = urls
+        .iter()
+        .find(|u| u.ends_with("/api/v1/health"))
+        .expect("collector health URL")
+        .clone();
+    let agent = urls
+        .iter()
+        .find(|u| !u.ends_with("/api/v1/health"))
+        .expect("agent health URL")
+        .clone();
+    (child, collector, agent)
 }
 
 /// Stops a dev process left running by a failed assertion, before its data dir goes.
@@ -159,7 +173,7 @@ fn dev_mode_runs_everything_and_stops_cleanly_twice() {
     let dir = tempfile::tempdir().expect("tempdir");
     let data_dir = dir.path().join("razar-data");
     for round in 0..2 {
-        let (child, url) = run_dev(&data_dir);
+        let (child, url, agent_url) = run_dev(&data_dir);
         let mut child = Guard(child);
         let mut last = serde_json::Value::Null;
         // Samples stored by *this* run: the second round starts with the first's.
@@ -181,6 +195,18 @@ fn dev_mode_runs_everything_and_stops_cleanly_twice() {
             },
         );
         assert_eq!(last["database"]["ok"], true, "round {round}: {last}");
+        // The agent's own health shows the link to the collector.
+        let mut agent_health = serde_json::Value::Null;
+        wait_until(
+            "the agent reporting its collector link",
+            Duration::from_secs(30),
+            || {
+                if let Some(h) = http_get(&agent_url) {
+                    agent_health = h;
+                }
+                agent_health["collector"] == "connected"
+            },
+        );
         // The three demo components run as our descendants (the agent starts them in
         // dependency order, so wait for the last one).
         let demo = |children: &[u32]| {
