@@ -12,6 +12,19 @@
 //! needs `unsafe` (this crate forbids it), so an [`AdoptedProcess`] is watched by reading
 //! `/proc/<pid>/stat` every 100 ms. Its exit status cannot be known.
 //!
+//! **Output across an agent restart.** With [`spawn_with_fifos`], a component's stdout and
+//! stderr are named pipes (`<dir>/<component>.out`, `<dir>/<component>.err`, mode 0600,
+//! made afresh for each spawn) rather than anonymous pipes. The child gets them opened
+//! read-write: it then holds a read end itself, so its writes never fail with
+//! `EPIPE`/`SIGPIPE` while no agent reads (an anonymous pipe's read end dies with the
+//! agent, and so would the component at its next write); they only block once the pipe
+//! buffer is full (raised to 1 MiB where the kernel allows). The agent reads through its
+//! own read-only, non-blocking end, opened before the spawn, and sees end-of-file once the
+//! child and every process that inherited the pipe are gone. After a restart the new agent
+//! reopens the same paths with [`resume_capture`] and reads on from what the pipe holds:
+//! output is lost only if it was already read by the dead agent and not yet written, or
+//! if the component ended while no agent ran.
+//!
 //! **Signalling a group by pgid** after its leader was reaped is safe while any member is
 //! left (Linux does not reuse a pid that names a live group); once the group is empty its
 //! pgid could in principle be reused, so the runtime should signal a group only right
@@ -20,14 +33,19 @@
 
 use crate::logs::{LogError, Logs};
 use nix::errno::Errno;
+use nix::fcntl::{fcntl, FcntlArg};
 use nix::sys::signal::{killpg, Signal};
+use nix::sys::stat::Mode;
 use nix::unistd::{Pid, User};
 use std::collections::BTreeMap;
 use std::fmt;
+use std::fs::{DirBuilder, File, OpenOptions};
 use std::io;
-use std::path::PathBuf;
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
+use tokio::net::unix::pipe;
 use tokio::time::Instant;
 
 /// How often group emptiness is checked while waiting out a grace period.
@@ -36,6 +54,12 @@ const GROUP_POLL: Duration = Duration::from_millis(10);
 const ADOPTED_POLL: Duration = Duration::from_millis(100);
 /// How long to wait for a group to vanish after SIGKILL before giving up.
 const KILL_WAIT: Duration = Duration::from_secs(5);
+/// Directory of the components' named pipes inside the agent's data directory.
+pub const STDIO_DIR: &str = "stdio";
+/// Pipe buffer asked for a component's named pipes: what a component may write while no
+/// agent reads before its writes block. Best effort (`/proc/sys/fs/pipe-max-size`, and the
+/// per-user pipe page limits for an agent that does not run as root).
+const FIFO_PIPE_BYTES: i32 = 1 << 20;
 
 /// What to start: a program and its argument vector, never a shell string.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -169,6 +193,13 @@ pub enum ProcessError {
     /// Log capture could not be attached.
     #[error(transparent)]
     Logs(#[from] LogError),
+    /// A component's named pipe could not be made or opened.
+    #[error("output pipe {path}: {source}")]
+    Fifo {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
 }
 
 /// A component process the agent started.
@@ -180,9 +211,182 @@ pub struct ComponentProcess {
 }
 
 /// Starts `spec` in a new process group with stdin from /dev/null. With `logs`, stdout
-/// and stderr are captured for `spec.component` (which must be registered there);
-/// without, they go to /dev/null. Must be called inside a tokio runtime.
+/// and stderr are captured for `spec.component` (which must be registered there) through
+/// anonymous pipes, which do not outlive the agent (see [`spawn_with_fifos`]); without,
+/// they go to /dev/null. Must be called inside a tokio runtime.
 pub fn spawn(spec: &SpawnSpec, logs: Option<&Logs>) -> Result<ComponentProcess, ProcessError> {
+    match logs {
+        Some(logs) => spawn_inner(spec, Output::Pipes(logs)),
+        None => spawn_inner(spec, Output::Null),
+    }
+}
+
+/// Like [`spawn`] with `logs`, but stdout and stderr are the component's named pipes in
+/// `dir` (created, mode 0700, if absent), so a later agent can take the capture over with
+/// [`resume_capture`]. If the pipes cannot be made, falls back to anonymous pipes (and
+/// says so in the agent's log). Must be called inside a tokio runtime.
+pub fn spawn_with_fifos(
+    spec: &SpawnSpec,
+    logs: &Logs,
+    dir: &Path,
+) -> Result<ComponentProcess, ProcessError> {
+    match Fifos::create(dir, &spec.component) {
+        Ok(fifos) => spawn_inner(spec, Output::Fifos(logs, fifos)),
+        Err(error) => {
+            tracing::warn!(
+                component = %spec.component,
+                %error,
+                "no named pipes for output: capturing through anonymous pipes, which end with the agent"
+            );
+            spawn_inner(spec, Output::Pipes(logs))
+        }
+    }
+}
+
+/// Where a spawned component's output goes.
+enum Output<'a> {
+    Null,
+    Pipes(&'a Logs),
+    Fifos(&'a Logs, Fifos),
+}
+
+/// Both named pipes of a component, opened for a spawn: the agent's read ends and the
+/// child's read-write ends.
+struct Fifos {
+    out: pipe::Receiver,
+    err: pipe::Receiver,
+    child_out: File,
+    child_err: File,
+}
+
+impl Fifos {
+    /// Makes both pipes afresh (so nothing a previous process of the component still
+    /// holds can write into the new one's capture) and opens them.
+    fn create(dir: &Path, component: &str) -> Result<Fifos, ProcessError> {
+        let [out_path, err_path] = fifo_paths(dir, component)?;
+        DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|source| ProcessError::Fifo {
+                path: dir.to_owned(),
+                source,
+            })?;
+        let (out, child_out) = make_fifo(&out_path)?;
+        let (err, child_err) = make_fifo(&err_path)?;
+        Ok(Fifos {
+            out,
+            err,
+            child_out,
+            child_err,
+        })
+    }
+}
+
+/// The named pipes of `component` in `dir`: stdout's, then stderr's.
+pub fn fifo_paths(dir: &Path, component: &str) -> Result<[PathBuf; 2], ProcessError> {
+    // A suffix is appended, so `.` and `..` cannot name a directory; a `/` could.
+    if component.is_empty() || component.contains(['/', '\0']) {
+        return Err(ProcessError::Fifo {
+            path: dir.join(component),
+            source: io::Error::new(io::ErrorKind::InvalidInput, "not a component name"),
+        });
+    }
+    Ok([
+        dir.join(format!("{component}.out")),
+        dir.join(format!("{component}.err")),
+    ])
+}
+
+/// Replaces whatever is at `path` with a new FIFO and opens it: the agent's end first
+/// (read-only, non-blocking: never waits for a writer), then the child's (read-write).
+fn make_fifo(path: &Path) -> Result<(pipe::Receiver, File), ProcessError> {
+    let fail = |source: io::Error| ProcessError::Fifo {
+        path: path.to_owned(),
+        source,
+    };
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(fail(e)),
+        _ => {}
+    }
+    nix::unistd::mkfifo(path, Mode::S_IRUSR | Mode::S_IWUSR).map_err(|e| fail(e.into()))?;
+    let reader = open_reader(path)?;
+    let child = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(fail)?;
+    if let Err(error) = fcntl(&reader, FcntlArg::F_SETPIPE_SZ(FIFO_PIPE_BYTES)) {
+        tracing::debug!(path = %path.display(), %error, "pipe buffer left at its default size");
+    }
+    Ok((reader, child))
+}
+
+/// Opens the agent's end of an existing FIFO: read-only, non-blocking, not following a
+/// symbolic link, refused if `path` is not a FIFO.
+fn open_reader(path: &Path) -> Result<pipe::Receiver, ProcessError> {
+    let fail = |source: io::Error| ProcessError::Fifo {
+        path: path.to_owned(),
+        source,
+    };
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(fail)?;
+    if !file.metadata().map_err(fail)?.file_type().is_fifo() {
+        return Err(fail(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a named pipe",
+        )));
+    }
+    pipe::Receiver::from_file_unchecked(file).map_err(fail)
+}
+
+/// Captures again, into `logs` (where `component` must be registered), the output of a
+/// component started by an earlier agent with [`spawn_with_fifos`]: reopens its named
+/// pipes in `dir` and reads on from what they hold, until every process holding them is
+/// gone. Must be called inside a tokio runtime.
+pub fn resume_capture(component: &str, logs: &Logs, dir: &Path) -> Result<(), ProcessError> {
+    let [out_path, err_path] = fifo_paths(dir, component)?;
+    let out = open_reader(&out_path)?;
+    let err = open_reader(&err_path)?;
+    for path in [&out_path, &err_path] {
+        // A reader opened non-blocking while a FIFO has no writer is not told of the
+        // hang-up until a writer has come and gone (Linux `fifo_open`), so it would wait
+        // forever if the component had already closed its output. Open and close a writer
+        // of our own: a writer has then been seen, and end-of-file is reported as soon as
+        // no writer is left. Cannot block: non-blocking, and we hold a reader.
+        let seen = OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW)
+            .open(path)
+            .map_err(|source| ProcessError::Fifo {
+                path: path.clone(),
+                source,
+            })?;
+        drop(seen);
+    }
+    logs.attach(component, out, err)?;
+    Ok(())
+}
+
+/// Removes the named pipes of `component` in `dir`, if any (for a component that is gone
+/// for good: a process still holding them could no longer be captured after a restart).
+pub fn remove_fifos(dir: &Path, component: &str) -> Result<(), ProcessError> {
+    for path in fifo_paths(dir, component)? {
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                return Err(ProcessError::Fifo { path, source: e })
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+fn spawn_inner(spec: &SpawnSpec, output: Output<'_>) -> Result<ComponentProcess, ProcessError> {
     let mut command = tokio::process::Command::new(&spec.program);
     command
         .args(&spec.args)
@@ -202,13 +406,31 @@ pub fn spawn(spec: &SpawnSpec, logs: Option<&Logs>) -> Result<ComponentProcess, 
             .ok_or_else(|| ProcessError::UnknownUser(name.clone()))?;
         command.uid(user.uid.as_raw()).gid(user.gid.as_raw());
     }
-    let output = if logs.is_some() {
-        Stdio::piped
-    } else {
-        Stdio::null
+    let pipes_to = match output {
+        Output::Null => {
+            command.stdout(Stdio::null()).stderr(Stdio::null());
+            None
+        }
+        Output::Pipes(logs) => {
+            command.stdout(Stdio::piped()).stderr(Stdio::piped());
+            Some(logs)
+        }
+        Output::Fifos(logs, fifos) => {
+            // Reading starts before the spawn: a refused capture spawns nothing, and a
+            // failed spawn ends the readers (the child ends close with `command`).
+            logs.attach(&spec.component, fifos.out, fifos.err)?;
+            command
+                .stdout(Stdio::from(fifos.child_out))
+                .stderr(Stdio::from(fifos.child_err));
+            None
+        }
     };
-    command.stdout(output()).stderr(output());
-    let mut child = command.spawn().map_err(|source| ProcessError::Spawn {
+    let spawned = command.spawn();
+    // The command holds the agent's copies of the child's ends of the named pipes: while
+    // they are open, the readers never see end-of-file. (They are close-on-exec, so no
+    // other child inherits them meanwhile.)
+    drop(command);
+    let mut child = spawned.map_err(|source| ProcessError::Spawn {
         program: spec.program.clone(),
         source,
     })?;
@@ -222,7 +444,7 @@ pub fn spawn(spec: &SpawnSpec, logs: Option<&Logs>) -> Result<ComponentProcess, 
             return Err(ProcessError::Vanished(pid));
         }
     };
-    if let Some(logs) = logs {
+    if let Some(logs) = pipes_to {
         if let (Some(out), Some(err)) = (child.stdout.take(), child.stderr.take()) {
             if let Err(error) = logs.attach(&spec.component, out, err) {
                 let _ = kill_tree(pid as i32);
@@ -541,6 +763,15 @@ mod tests {
 
     #[tokio::test]
     async fn runs_with_env_cwd_and_user() -> TestResult {
+        env_cwd_and_user(false).await
+    }
+
+    #[tokio::test]
+    async fn runs_with_env_cwd_and_user_through_named_pipes() -> TestResult {
+        env_cwd_and_user(true).await
+    }
+
+    async fn env_cwd_and_user(fifos: bool) -> TestResult {
         let dir = tempfile::tempdir()?;
         let logs = Logs::start()?;
         logs.register(
@@ -560,7 +791,11 @@ mod tests {
         if as_root {
             spec.user = Some("nobody".into());
         }
-        let mut child = spawn(&spec, Some(&logs))?;
+        let mut child = if fifos {
+            spawn_with_fifos(&spec, &logs, &dir.path().join("stdio"))?
+        } else {
+            spawn(&spec, Some(&logs))?
+        };
         assert_eq!(child.wait().await?, Exit::Code(0));
         let expected_uid = match User::from_name("nobody")? {
             Some(nobody) if as_root => nobody.uid.as_raw(),
@@ -702,6 +937,173 @@ mod tests {
             adopted.stop(Signal::SIGTERM, Duration::ZERO).await?,
             StopOutcome::AlreadyGone
         );
+        Ok(())
+    }
+
+    /// How many of this process's file descriptors are open on `path`.
+    fn fds_on(path: &Path) -> usize {
+        std::fs::read_dir("/proc/self/fd")
+            .map(|rd| {
+                rd.filter_map(|e| e.ok())
+                    .filter(|e| std::fs::read_link(e.path()).is_ok_and(|l| l == path))
+                    .count()
+            })
+            .unwrap_or(0)
+    }
+
+    /// Waits (blocking) until `check` holds, up to 20 s.
+    fn until_blocking(what: &str, mut check: impl FnMut() -> bool) -> Result<(), String> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while !check() {
+            if std::time::Instant::now() > deadline {
+                return Err(format!("timed out waiting for {what}"));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(())
+    }
+
+    /// The agent dies (its runtime, and with it the readers, are dropped); the component
+    /// keeps writing into its named pipes, and a new agent reads on from there.
+    #[test]
+    fn fifo_output_outlives_its_reader_and_is_read_on() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let stdio = dir.path().join("stdio");
+        let [out_path, err_path] = fifo_paths(&stdio, "keep")?;
+        let policy = LogPolicy {
+            dir: dir.path().join("logs"),
+            max_file_bytes: 1 << 20,
+            max_files: 2,
+        };
+        let (gate1, wrote, gate2) = (
+            dir.path().join("gate1"),
+            dir.path().join("wrote"),
+            dir.path().join("gate2"),
+        );
+        let script = format!(
+            "echo first; while [ ! -e {g1} ]; do sleep 0.01; done; \
+             i=2; while [ $i -le 50 ]; do echo line-$i; echo err-$i >&2; i=$((i+1)); done; \
+             touch {wrote}; while [ ! -e {g2} ]; do sleep 0.01; done; printf last-partial",
+            g1 = gate1.display(),
+            wrote = wrote.display(),
+            g2 = gate2.display(),
+        );
+
+        let old = tokio::runtime::Runtime::new()?;
+        let id = old.block_on(async {
+            let logs = Logs::start()?;
+            logs.register("keep", policy.clone())?;
+            let mut follow = logs.follow("keep")?;
+            let child = spawn_with_fifos(&sh("keep", &script), &logs, &stdio)?;
+            let first = tokio::time::timeout(Duration::from_secs(20), follow.recv()).await??;
+            assert_eq!(first.text, "first");
+            // The agent holds only its read ends; the child has the pipes as stdout/stderr.
+            assert_eq!((fds_on(&out_path), fds_on(&err_path)), (1, 1));
+            for (fd, path) in [(1, &out_path), (2, &err_path)] {
+                assert_eq!(
+                    &std::fs::read_link(format!("/proc/{}/fd/{fd}", child.pid()))?,
+                    path
+                );
+            }
+            Ok::<_, Box<dyn std::error::Error>>(child.id())
+        })?;
+        // The old agent's readers end with its runtime.
+        drop(old);
+        until_blocking("old readers closed", || {
+            fds_on(&out_path) + fds_on(&err_path) == 0
+        })?;
+
+        // 49 lines on each stream with nobody reading: no SIGPIPE, nothing blocks.
+        std::fs::write(&gate1, "")?;
+        until_blocking("lines written with no reader", || {
+            wrote.exists() || !is_alive(id)
+        })?;
+        assert!(is_alive(id), "the component died writing with no reader");
+
+        let new = tokio::runtime::Runtime::new()?;
+        new.block_on(async {
+            let logs = Logs::start()?;
+            logs.register("keep", policy)?;
+            let mut follow = logs.follow("keep")?;
+            let adopted = adopt(id).ok_or("adopt")?;
+            resume_capture("keep", &logs, &stdio)?;
+            let (mut out, mut err) = (Vec::new(), Vec::new());
+            while out.len() < 49 || err.len() < 49 {
+                let line = tokio::time::timeout(Duration::from_secs(20), follow.recv()).await??;
+                match line.stream {
+                    LogStream::Stdout => out.push(line.text),
+                    LogStream::Stderr => err.push(line.text),
+                }
+            }
+            let want = |prefix: &str| -> Vec<String> {
+                (2..=50).map(|i| format!("{prefix}-{i}")).collect()
+            };
+            assert_eq!(out, want("line"));
+            assert_eq!(err, want("err"));
+            // A last partial line is only emitted at end-of-file, once the process is gone.
+            std::fs::write(&gate2, "")?;
+            let last = tokio::time::timeout(Duration::from_secs(20), follow.recv()).await??;
+            assert_eq!(last.text, "last-partial");
+            assert_eq!(
+                tokio::time::timeout(Duration::from_secs(20), adopted.wait()).await?,
+                Exit::Unknown
+            );
+            until("new readers closed", || {
+                fds_on(&out_path) + fds_on(&err_path) == 0
+            })
+            .await?;
+            // One file across both agents: the old one's line, then the new one's.
+            let tail = logs.tail("keep", 200).await?;
+            assert_eq!(tail.len(), 1 + 2 * 49 + 1);
+            assert_eq!(tail[0].text, "first");
+            Ok::<_, Box<dyn std::error::Error>>(())
+        })?;
+        Ok(())
+    }
+
+    /// Pipes that nobody holds any more (their process is gone): the capture taken over
+    /// ends at once instead of waiting forever for a writer.
+    #[tokio::test]
+    async fn resume_capture_of_abandoned_pipes_ends_at_once() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let stdio = dir.path().join("stdio");
+        let logs = Logs::start()?;
+        logs.register(
+            "gone",
+            LogPolicy {
+                dir: dir.path().join("logs"),
+                max_file_bytes: 1 << 20,
+                max_files: 2,
+            },
+        )?;
+        let mut child = spawn_with_fifos(&sh("gone", "echo bye"), &logs, &stdio)?;
+        assert_eq!(child.wait().await?, Exit::Code(0));
+        let [out_path, err_path] = fifo_paths(&stdio, "gone")?;
+        until("first readers closed", || {
+            fds_on(&out_path) + fds_on(&err_path) == 0
+        })
+        .await?;
+        resume_capture("gone", &logs, &stdio)?;
+        until("taken-over readers closed", || {
+            fds_on(&out_path) + fds_on(&err_path) == 0
+        })
+        .await?;
+        // Nothing else is there to read.
+        assert_eq!(logs.tail("gone", 10).await?.len(), 1);
+        // Not a FIFO, or no FIFO: refused.
+        remove_fifos(&stdio, "gone")?;
+        assert!(!out_path.exists() && !err_path.exists());
+        assert!(matches!(
+            resume_capture("gone", &logs, &stdio),
+            Err(ProcessError::Fifo { .. })
+        ));
+        std::fs::write(&out_path, "")?;
+        std::fs::write(&err_path, "")?;
+        assert!(matches!(
+            resume_capture("gone", &logs, &stdio),
+            Err(ProcessError::Fifo { .. })
+        ));
+        assert!(fifo_paths(&stdio, "a/b").is_err());
         Ok(())
     }
 

@@ -82,6 +82,9 @@ pub(crate) struct Shared {
     pub events: broadcast::Sender<Event>,
     pub statuses: watch::Sender<BTreeMap<String, ComponentStatus>>,
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Where components' stdout and stderr named pipes live (see
+    /// [`process::spawn_with_fifos`]); `None`: anonymous pipes, which end with the agent.
+    pub stdio_dir: Option<std::path::PathBuf>,
 }
 
 pub(crate) fn now() -> Now {
@@ -282,7 +285,11 @@ impl ComponentTask {
                 (role, outcome) = poll_probe(&mut self.probe) => Wake::Probed(role, outcome),
             };
             match wake {
-                Wake::Mail(None) | Wake::Mail(Some(ToComponent::Exit)) => break,
+                Wake::Mail(None) => break,
+                Wake::Mail(Some(ToComponent::Exit)) => {
+                    self.remove_fifos();
+                    break;
+                }
                 Wake::Mail(Some(ToComponent::Input(input))) => self.step(input).await,
                 Wake::Mail(Some(ToComponent::Command(control, reply))) => {
                     match self.machine.command(control, now()) {
@@ -338,6 +345,18 @@ impl ComponentTask {
         self.shared.metrics.forget_component(&self.name);
     }
 
+    /// Removes the component's named pipes once it is down for good.
+    fn remove_fifos(&self) {
+        if self.running.is_some() {
+            return;
+        }
+        if let Some(dir) = &self.shared.stdio_dir {
+            if let Err(error) = process::remove_fifos(dir, &self.name) {
+                tracing::warn!(component = %self.name, %error, "cannot remove output pipes");
+            }
+        }
+    }
+
     /// Starts, restarts or stops probing to match the machine's state.
     fn sync_probe(&mut self) {
         let want = self.machine.probing();
@@ -376,6 +395,18 @@ impl ComponentTask {
             let _ = self.shared.store.clear_process(&self.name);
             return;
         };
+        // Read its output on, whether it is kept or stopped (what it says while it stops
+        // is worth keeping, and a full pipe would hold up its exit).
+        if let Some(dir) = &self.shared.stdio_dir {
+            if let Err(error) = process::resume_capture(&self.name, &self.shared.logs, dir) {
+                tracing::warn!(
+                    component = %self.name,
+                    pid = id.pid,
+                    %error,
+                    "cannot capture the adopted process's output again"
+                );
+            }
+        }
         let spec = self.machine.spec();
         let keep = self.machine.state() == ComponentState::Pending && spec.revision == revision;
         let message = if keep {
@@ -546,7 +577,12 @@ impl ComponentTask {
 
     fn spawn(&mut self) -> Input {
         let spec = self.machine.spec();
-        match process::spawn(&SpawnSpec::from_component(spec), Some(&self.shared.logs)) {
+        let spawn_spec = SpawnSpec::from_component(spec);
+        let spawned = match &self.shared.stdio_dir {
+            Some(dir) => process::spawn_with_fifos(&spawn_spec, &self.shared.logs, dir),
+            None => process::spawn(&spawn_spec, Some(&self.shared.logs)),
+        };
+        match spawned {
             Ok(child) => {
                 let id = child.id();
                 if let Err(error) = self
@@ -563,7 +599,7 @@ impl ComponentTask {
             Err(error) => {
                 // Without log capture rather than not at all.
                 if matches!(error, process::ProcessError::Logs(_)) {
-                    if let Ok(child) = process::spawn(&SpawnSpec::from_component(spec), None) {
+                    if let Ok(child) = process::spawn(&spawn_spec, None) {
                         let id = child.id();
                         let _ = self
                             .shared

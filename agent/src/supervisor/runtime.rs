@@ -184,6 +184,7 @@ impl Agent {
             events: events.clone(),
             statuses: status_tx,
             metrics: Arc::clone(&metrics),
+            stdio_dir: Some(config.agent.data_dir.join(crate::process::STDIO_DIR)),
         });
         let view = Arc::new(AgentView {
             config: RwLock::new(Arc::new(config.clone())),
