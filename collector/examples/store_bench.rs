@@ -5,6 +5,10 @@
 //! Run: `cargo run --release -p razar-collector --example store_bench [-- HOSTS [HOURS]]`
 //! (defaults: 2 hosts × (8 GPUs × 15 metrics + 20 host metrics) at 1 s, 24 h).
 //! Starts a private PostgreSQL (fsync on, like the product) in a temporary directory.
+//!
+//! `-- HOSTS HOURS steady` instead replays the data in time order with compaction every
+//! 10 simulated minutes (as the collector runs it) and reports every sample table's size,
+//! the raw partition included: the steady-state bytes per sample.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -350,6 +354,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let seconds = hours * 3600;
     let fill_seconds = seconds - measured_hours * 3600;
 
+    if args.get(3).is_some_and(|a| a == "steady") {
+        steady(&store, &mut agents, start, seconds).await?;
+        store.close().await;
+        drop(pg);
+        return Ok(());
+    }
+
     // Fill: every second but the last hour, through Store::ingest.
     let fill_started = Instant::now();
     let mut stored = 0u64;
@@ -493,5 +504,91 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
     store.close().await;
     drop(pg);
+    Ok(())
+}
+
+/// Steady state, as the collector runs it: samples arrive in time order and compaction
+/// runs every 10 simulated minutes on what is older than 15 minutes (the collector's
+/// default `compact_after`), so the raw partition only ever holds the unsettled tail.
+/// Reports every sample table's size, raw partition included, after `seconds` of data.
+async fn steady(
+    store: &Store,
+    agents: &mut [Agent],
+    start: i64,
+    seconds: i64,
+) -> Result<(), Box<dyn std::error::Error>> {
+    const COMPACT_EVERY_S: i64 = 600;
+    const SETTLE_MS: i64 = 15 * 60 * 1000;
+    let began = Instant::now();
+    let (mut stored, mut compacted) = (0u64, 0u64);
+    let mut compact_time = Duration::ZERO;
+    let mut raw_peak = 0i64;
+    let mut second = 0i64;
+    let mut next_compaction = COMPACT_EVERY_S;
+    while second < seconds {
+        let n = (BATCHES_PER_INGEST as i64).min(seconds - second);
+        for agent in agents.iter_mut() {
+            let batches: Vec<Batch> = (0..n)
+                .map(|k| agent.batch(start + (second + k) * 1000))
+                .collect();
+            stored += store
+                .ingest(&agent.host, &batches, &agent.map)
+                .await?
+                .samples;
+        }
+        second += n;
+        if second >= next_compaction {
+            next_compaction += COMPACT_EVERY_S;
+            raw_peak = raw_peak.max(sizes(store, "samples").await?);
+            let t = Instant::now();
+            compacted += store
+                .compact(at(start + second * 1000 - SETTLE_MS))
+                .await?
+                .samples;
+            compact_time += t.elapsed();
+        }
+    }
+    let t = Instant::now();
+    compacted += store.compact(at(start + seconds * 1000)).await?.samples;
+    compact_time += t.elapsed();
+    let elapsed = began.elapsed();
+    let raw = sizes(store, "samples").await?;
+    let chunks = sizes(store, "sample_chunks").await?;
+    let rollups = sizes(store, "rollups_1m").await?;
+    let per = |bytes: i64| bytes as f64 / stored as f64;
+    println!(
+        "steady state: {stored} samples ingested in time order with compaction every {} simulated minutes, in {:.1} s ({:.0} samples/s, compaction {:.1} s of it); {compacted} compacted",
+        COMPACT_EVERY_S / 60,
+        elapsed.as_secs_f64(),
+        stored as f64 / elapsed.as_secs_f64(),
+        compact_time.as_secs_f64()
+    );
+    println!(
+        "storage after {} h (tables, indexes and TOAST):",
+        seconds / 3600
+    );
+    println!("  raw partition, largest seen   {raw_peak:>12} bytes  (the unsettled tail)");
+    println!(
+        "  chunks                        {chunks:>12} bytes  {:>6.2} bytes/sample",
+        per(chunks)
+    );
+    println!(
+        "  1-minute rollups              {rollups:>12} bytes  {:>6.2} bytes/sample",
+        per(rollups)
+    );
+    println!(
+        "  raw left                      {raw:>12} bytes  {:>6.2} bytes/sample",
+        per(raw)
+    );
+    println!(
+        "  all sample tables             {:>12} bytes  {:>6.2} bytes/sample (goal ≤ 3)",
+        chunks + rollups + raw,
+        per(chunks + rollups + raw)
+    );
+    println!(
+        "  same, raw at its largest      {:>12} bytes  {:>6.2} bytes/sample",
+        chunks + rollups + raw_peak.max(raw),
+        per(chunks + rollups + raw_peak.max(raw))
+    );
     Ok(())
 }

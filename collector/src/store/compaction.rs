@@ -38,6 +38,8 @@ pub struct CompactionReport {
     pub contended: bool,
     /// Raw partitions of past days emptied by compaction and truncated.
     pub partitions_truncated: u32,
+    /// The raw table was vacuumed after rows moved out of it.
+    pub vacuumed: bool,
 }
 
 enum WindowResult {
@@ -91,6 +93,16 @@ impl Store {
         }
         if !report.contended {
             report.partitions_truncated = self.truncate_emptied_partitions(limit).await?;
+        }
+        if report.windows > 0 {
+            // The moved rows are dead tuples in the current day's raw partition: vacuum
+            // now so new samples reuse that space instead of growing the file (autovacuum
+            // would get there too, but later and after the table had grown). Pages that
+            // are all-visible are skipped, so this costs about the rows just moved.
+            sqlx::raw_sql("VACUUM (SKIP_LOCKED) samples")
+                .execute(&self.pool)
+                .await?;
+            report.vacuumed = true;
         }
         Ok(report)
     }
