@@ -11,6 +11,10 @@
 //!
 //! Like NVML, an event set reports only the most recent event since the previous wait.
 //!
+//! A scenario process given by `pid_file` is read from its file at each
+//! `nvmlDeviceGetComputeRunningProcesses_v3` call (and for the default used memory),
+//! through the same `ScenarioGpu::processes_at` the scenario source uses.
+//!
 //! Every exported function is `unsafe extern "C"`: nvml-wrapper calls them with the
 //! pointers NVML's API defines. None unwinds: each body runs under `catch_unwind` and
 //! answers NVML_ERROR_UNKNOWN if it panicked.

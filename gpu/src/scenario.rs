@@ -16,11 +16,20 @@
 //! lost_at = 5                             # from t = 5 every call answers GPU_IS_LOST (15)
 //! values = { utilization_gpu = [[0, 10], [10, 90]], temperature_gpu = 61 }
 //! xid = [{ at = 2, xid = 79 }]
-//! process = [{ pid = 4242, used_memory = 1073741824, from = 0, until = 8 }]
+//! process = [{ pid = 4242, used_memory = 1073741824, from = 0, until = 8 },
+//!            { pid_file = "worker.pid", used_memory = 2147483648 }]
 //! ```
 //!
 //! A value is a constant or a list of `[t, value]` points, linear in between and flat
 //! outside. Every field has a default, so `[[gpu]]` alone is a valid GPU.
+//!
+//! A compute process names its pid either as a number (`pid`) or as a file holding the
+//! number (`pid_file`, relative to the scenario file), so a test can put a real process
+//! of its own on a fake GPU. The file is read each time the process list is asked for
+//! (each sampling tick, and for the default `memory_used`); while it is absent,
+//! unreadable or holds no valid pid, the process is not on the GPU. The scenario source
+//! and the fake NVML library both read it through [`ScenarioGpu::processes_at`], so they
+//! agree.
 //!
 //! [`ScenarioSource`]: crate::ScenarioSource
 
@@ -211,11 +220,16 @@ pub struct ScheduledXid {
     pub xid: u32,
 }
 
-/// A compute process on a GPU during `[from, until)`.
-#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+/// A compute process on a GPU during `[from, until)`. Exactly one of `pid` and
+/// `pid_file` is set (checked when the scenario is parsed).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ScenarioProcess {
-    pub pid: u32,
+    /// The process id.
+    pub pid: Option<u32>,
+    /// A file holding the process id, read at each tick (see the module doc). Relative
+    /// paths are relative to the scenario file.
+    pub pid_file: Option<PathBuf>,
     /// Bytes; absent means NVML reports the value as unavailable.
     pub used_memory: Option<u64>,
     #[serde(default)]
@@ -223,11 +237,43 @@ pub struct ScenarioProcess {
     pub until: Option<f64>,
 }
 
+/// A scenario process as it is on the GPU at one time: its pid resolved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RunningProcess {
+    pub pid: u32,
+    /// Bytes; `None` means NVML reports the value as unavailable.
+    pub used_memory: Option<u64>,
+}
+
+/// The longest pid file read (a pid is at most 10 digits; the rest is whitespace).
+const PID_FILE_MAX_BYTES: u64 = 64;
+
 impl ScenarioProcess {
-    /// Whether the process runs at time `t`.
+    /// Whether the process runs at time `t` (by its times alone).
     pub fn alive_at(&self, t: f64) -> bool {
         t >= self.from && self.until.is_none_or(|u| t < u)
     }
+
+    /// The pid now: `pid`, or the number `pid_file` holds. `None` while the file is
+    /// absent, unreadable or holds no valid pid (a positive number).
+    pub fn current_pid(&self) -> Option<u32> {
+        match (&self.pid, &self.pid_file) {
+            (Some(pid), _) => Some(*pid),
+            (None, Some(path)) => read_pid_file(path),
+            (None, None) => None,
+        }
+    }
+}
+
+fn read_pid_file(path: &Path) -> Option<u32> {
+    use std::io::Read;
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .ok()?
+        .take(PID_FILE_MAX_BYTES)
+        .read_to_string(&mut text)
+        .ok()?;
+    text.trim().parse::<u32>().ok().filter(|pid| *pid > 0)
 }
 
 /// One GPU of a scenario.
@@ -351,8 +397,18 @@ impl ScenarioGpu {
         self.lost_at.is_some_and(|at| t >= at)
     }
 
-    pub fn processes_at(&self, t: f64) -> impl Iterator<Item = &ScenarioProcess> + '_ {
-        self.processes.iter().filter(move |p| p.alive_at(t))
+    /// The compute processes on the GPU at `t`, pids resolved (pid files read now); a
+    /// process without a valid pid now is left out.
+    pub fn processes_at(&self, t: f64) -> impl Iterator<Item = RunningProcess> + '_ {
+        self.processes
+            .iter()
+            .filter(move |p| p.alive_at(t))
+            .filter_map(|p| {
+                Some(RunningProcess {
+                    pid: p.current_pid()?,
+                    used_memory: p.used_memory,
+                })
+            })
     }
 }
 
@@ -387,8 +443,8 @@ impl Scenario {
         Ok(scenario)
     }
 
-    /// Reads a scenario file; relative `kernel_log` and `step_file` paths are resolved
-    /// against the file's directory.
+    /// Reads a scenario file; relative `kernel_log`, `step_file` and process `pid_file`
+    /// paths are resolved against the file's directory.
     pub fn load(path: &Path) -> Result<Scenario, ScenarioError> {
         let text = std::fs::read_to_string(path).map_err(|source| ScenarioError::Read {
             path: path.to_owned(),
@@ -397,6 +453,13 @@ impl Scenario {
         let mut scenario = Scenario::parse(&text, &path.display().to_string())?;
         let dir = path.parent().unwrap_or(Path::new("."));
         scenario.kernel_log = scenario.kernel_log.map(|p| dir.join(p));
+        for process in scenario
+            .gpus
+            .iter_mut()
+            .flat_map(|g| g.processes.iter_mut())
+        {
+            process.pid_file = process.pid_file.take().map(|p| dir.join(p));
+        }
         scenario.step_file = Some(dir.join(scenario.step_file.unwrap_or_else(|| "step".into())));
         Ok(scenario)
     }
@@ -421,6 +484,14 @@ impl Scenario {
             }
             if gpu.fans > 64 {
                 return Err(invalid(format!("gpu[{i}].fans"), "at most 64".to_owned()));
+            }
+            for (j, process) in gpu.processes.iter().enumerate() {
+                let reason = match (&process.pid, &process.pid_file) {
+                    (Some(_), Some(_)) => "has both `pid` and `pid_file`; set one",
+                    (None, None) => "needs `pid` or `pid_file`",
+                    (Some(_), None) | (None, Some(_)) => continue,
+                };
+                return Err(invalid(format!("gpu[{i}].process[{j}]"), reason.to_owned()));
             }
             let times = gpu
                 .xids
@@ -516,5 +587,56 @@ mod tests {
         .unwrap();
         assert_eq!(s.gpus[0].memory_used(0.0), 150);
         assert_eq!(s.gpus[0].memory_used(5.0), 50);
+    }
+
+    #[test]
+    fn pid_file_is_read_each_time_and_absent_until_valid() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("scenario.toml");
+        std::fs::write(
+            &path,
+            "[[gpu]]\nprocess = [{ pid = 7, used_memory = 1 }, { pid_file = \"w.pid\", used_memory = 100 }]\n",
+        )
+        .unwrap();
+        let s = Scenario::load(&path).unwrap();
+        assert_eq!(
+            s.gpus[0].processes[1].pid_file.as_deref(),
+            Some(dir.path().join("w.pid").as_path()),
+            "relative to the scenario file"
+        );
+        let pids =
+            |s: &Scenario| -> Vec<u32> { s.gpus[0].processes_at(0.0).map(|p| p.pid).collect() };
+        assert_eq!(pids(&s), [7], "no file: not on the GPU");
+        assert_eq!(s.gpus[0].memory_used(0.0), 1);
+        let pid_file = dir.path().join("w.pid");
+        std::fs::write(&pid_file, "not a pid").unwrap();
+        assert_eq!(pids(&s), [7]);
+        std::fs::write(&pid_file, "0\n").unwrap();
+        assert_eq!(pids(&s), [7], "0 is no process");
+        std::fs::write(&pid_file, "4321\n").unwrap();
+        assert_eq!(pids(&s), [7, 4321]);
+        assert_eq!(s.gpus[0].memory_used(0.0), 101);
+        std::fs::write(&pid_file, "4322").unwrap();
+        assert_eq!(pids(&s), [7, 4322], "re-read each time");
+        std::fs::remove_file(&pid_file).unwrap();
+        assert_eq!(pids(&s), [7]);
+    }
+
+    #[test]
+    fn a_process_needs_exactly_one_of_pid_and_pid_file() {
+        let e = Scenario::parse("[[gpu]]\nprocess = [{ used_memory = 1 }]\n", "a")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("gpu[0].process[0]") && e.contains("pid_file"),
+            "{e}"
+        );
+        let e = Scenario::parse(
+            "[[gpu]]\nprocess = [{ pid = 1 }, { pid = 2, pid_file = \"p\" }]\n",
+            "b",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("gpu[0].process[1]") && e.contains("both"), "{e}");
     }
 }

@@ -319,4 +319,34 @@ lost_at = 2
         assert_eq!(procs.len(), 1, "lost GPU has no processes");
         assert_eq!(procs[0].processes[1].used_memory, UsedMemory::Unavailable);
     }
+
+    #[test]
+    fn pid_file_process_follows_its_file_at_each_tick() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("scenario.toml");
+        std::fs::write(
+            &path,
+            "[[gpu]]\nprocess = [{ pid_file = \"c.pid\", used_memory = 2048 }]\n",
+        )
+        .unwrap();
+        let mut source = ScenarioSource::load(&path).unwrap();
+        let tick = |source: &mut ScenarioSource| {
+            let readings = source.sample().unwrap();
+            let procs = source.processes().unwrap();
+            let pids: Vec<(u32, UsedMemory)> = procs[0]
+                .processes
+                .iter()
+                .map(|p| (p.pid, p.used_memory))
+                .collect();
+            (readings[0].memory_used_bytes, pids)
+        };
+        assert_eq!(tick(&mut source), (Some(0), vec![]));
+        std::fs::write(dir.path().join("c.pid"), "555\n").unwrap();
+        assert_eq!(
+            tick(&mut source),
+            (Some(2048), vec![(555, UsedMemory::Bytes(2048))])
+        );
+        std::fs::write(dir.path().join("c.pid"), "556\n").unwrap();
+        assert_eq!(tick(&mut source).1, vec![(556, UsedMemory::Bytes(2048))]);
+    }
 }
