@@ -327,6 +327,14 @@ impl Uplink {
             .await
             .map_err(|_| UplinkError::Stopped)??;
         let seq = batch.seq;
+        // Logged after the durable commit: the record of what this agent produced.
+        tracing::debug!(
+            seq,
+            base_ts_ms = batch.base_ts_ms,
+            samples = batch.sample_count(),
+            events = batch.events.len(),
+            "batch spooled"
+        );
         self.notify(batch);
         Ok(seq)
     }
