@@ -158,6 +158,7 @@ impl Daemon {
             },
         )
         .await?;
+        agent.set_gpu_status(gpu_status.as_deref());
         let (stop, stop_rx) = watch::channel(false);
         let mut tasks = Vec::new();
         let hostname = link

@@ -26,6 +26,10 @@ pub struct Health {
     pub profile: String,
     /// The collector link as the uplink last reported it (`disconnected` until then).
     pub collector: String,
+    /// Why GPU telemetry is off (no NVML library or driver, a bad scenario, `source =
+    /// "none"`); `null` while GPUs are sampled.
+    #[serde(default)]
+    pub gpu: Option<String>,
     /// Count of components per state.
     pub components_by_state: BTreeMap<String, u32>,
     pub components: Vec<crate::supervisor::component::ComponentStatus>,
@@ -77,6 +81,7 @@ pub fn health_of(agent: &Agent) -> Health {
         config_hash: config.hash.clone(),
         profile: config.agent.profile.clone(),
         collector: view.link.borrow().clone(),
+        gpu: view.gpu.borrow().clone(),
         components_by_state: by_state,
         components: statuses.into_values().collect(),
     }

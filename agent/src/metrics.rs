@@ -8,6 +8,8 @@ use prometheus::{
 };
 use razar_shared::domain::ComponentState;
 use razar_shared::protocol::{Event, EventKind};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Mutex, PoisonError};
 
 /// All metrics of one agent.
 pub struct Metrics {
@@ -21,6 +23,9 @@ pub struct Metrics {
     process_files: GaugeVec,
     process_threads: GaugeVec,
     process_count: GaugeVec,
+    component_vram: GaugeVec,
+    /// Components with a `component_vram` series now.
+    vram_components: Mutex<BTreeSet<String>>,
     pub uptime: Gauge,
     pub reloads: IntCounterVec,
     pub components: IntGauge,
@@ -101,6 +106,13 @@ impl Metrics {
             &["result"],
         )?;
         let components = IntGauge::new("razar_components", "Components supervised on this host.")?;
+        let component_vram = GaugeVec::new(
+            Opts::new(
+                "razar_component_gpu_memory_used_bytes",
+                "GPU memory used by a running component's process tree, over every GPU (only with GPU telemetry).",
+            ),
+            &["component"],
+        )?;
         let labels = &["target", "kind"];
         let gauge = |name: &str, help: &str| -> Result<GaugeVec, prometheus::Error> {
             let g = GaugeVec::new(Opts::new(name, help), labels)?;
@@ -131,6 +143,7 @@ impl Metrics {
         registry.register(Box::new(uptime.clone()))?;
         registry.register(Box::new(reloads.clone()))?;
         registry.register(Box::new(components.clone()))?;
+        registry.register(Box::new(component_vram.clone()))?;
         Ok(Metrics {
             registry,
             state,
@@ -142,6 +155,8 @@ impl Metrics {
             process_files,
             process_threads,
             process_count,
+            component_vram,
+            vram_components: Mutex::new(BTreeSet::new()),
             uptime,
             reloads,
             components,
@@ -215,6 +230,24 @@ impl Metrics {
         let _ = self.process_count.remove_label_values(l);
     }
 
+    /// Sets each running component's VRAM (bytes) and drops the series of components
+    /// not in `used` (stopped, removed, or no GPU telemetry).
+    pub fn component_vram(&self, used: &BTreeMap<String, u64>) {
+        let mut shown = self
+            .vram_components
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        for gone in shown.iter().filter(|name| !used.contains_key(*name)) {
+            let _ = self.component_vram.remove_label_values(&[gone.as_str()]);
+        }
+        for (name, bytes) in used {
+            self.component_vram
+                .with_label_values(&[name.as_str()])
+                .set(*bytes as f64);
+        }
+        *shown = used.keys().cloned().collect();
+    }
+
     /// Drops a removed component's series.
     pub fn forget_component(&self, name: &str) {
         for state in ComponentState::ALL {
@@ -222,6 +255,7 @@ impl Metrics {
         }
         let _ = self.restarts.remove_label_values(&[name]);
         let _ = self.pulse_recovery.remove_label_values(&[name]);
+        let _ = self.component_vram.remove_label_values(&[name]);
         self.forget_usage(name, "component");
     }
 

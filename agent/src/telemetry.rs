@@ -195,6 +195,11 @@ pub async fn run_telemetry(
                 });
             }
         }
+        // Without GPUs there is no VRAM to show (every component would read 0).
+        if tick.gpus.is_empty() {
+            tick.vram.clear();
+        }
+        agent.view().metrics().component_vram(&tick.vram);
         for (component, used) in &tick.vram {
             agent.report_vram(component, *used).await;
         }

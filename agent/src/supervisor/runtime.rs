@@ -112,6 +112,8 @@ pub struct AgentView {
     pub(crate) usage: watch::Sender<BTreeMap<String, Usage>>,
     /// The collector link as shown by `/health` (set by the uplink).
     pub(crate) link: watch::Sender<String>,
+    /// Why GPU telemetry is off, as shown by `/health` (set by the daemon).
+    pub(crate) gpu: watch::Sender<Option<String>>,
     /// Becomes true once the supervisor has stopped everything.
     pub(crate) stopped: watch::Sender<bool>,
 }
@@ -196,6 +198,7 @@ impl Agent {
             usage: watch::channel(BTreeMap::new()).0,
             stopped: watch::channel(false).0,
             link: watch::channel("disconnected".to_owned()).0,
+            gpu: watch::channel(None).0,
         });
 
         let local_addr = if options.serve_http {
@@ -296,6 +299,12 @@ impl Agent {
     /// `disconnected`, `connecting`); `disconnected` until set.
     pub fn set_collector_link(&self, status: &str) {
         self.view.link.send_replace(status.to_owned());
+    }
+
+    /// Daemon hook: why GPU telemetry is off, for `/health`'s `gpu` field; `None` (the
+    /// default) while GPUs are sampled.
+    pub fn set_gpu_status(&self, status: Option<&str>) {
+        self.view.gpu.send_replace(status.map(str::to_owned));
     }
 
     /// Log capture, for the uplink's log tails.
