@@ -517,3 +517,51 @@ process = [
         assert!(!alive(pid), "stopped with the agent");
     }
 }
+
+/// With `vram_policy = "restart"` every new process over budget is a new breach: a
+/// component whose every process goes straight to 2 GiB (its script always writes the
+/// pid file) is restarted again and again, not once. (Before the fix the breach was
+/// remembered per component, so the second process ran over budget untouched.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vram_restart_policy_applies_to_each_new_process_over_budget() {
+    let dir = Dir::new();
+    let m = marker(5);
+    let _reaper = Reaper::new(&[&m]);
+    let pid_file = dir.join("hog.pid");
+    let scenario = dir.join("scenario.toml");
+    std::fs::write(
+        &scenario,
+        "[[gpu]]\nprocess = [{ pid_file = \"hog.pid\", used_memory = 2147483648, from = 10 }]\n",
+    )
+    .expect("write scenario");
+    let body = format!(
+        "sample_interval = \"100ms\"\n\n[gpu]\nsource = \"scenario\"\nscenario = \"{}\"\n\n\
+         [[component]]\nname = \"hog\"\n{}vram_budget = \"1GiB\"\nvram_policy = \"restart\"\n\
+         [component.restart]\ninitial_backoff = \"10ms\"\n[component.give_up]\nmax_failures = 100\n",
+        scenario.display(),
+        sh(&format!("echo $$ > {}; exec sleep {m}", pid_file.display()))
+    );
+    let daemon = start_daemon(&dir, &body).await;
+    let agent = daemon.agent().clone();
+    let mut rx = agent.subscribe();
+    let mut events = Vec::new();
+    let mut pids = std::collections::BTreeSet::new();
+    wait_for("three processes of hog, each stopped over budget", || {
+        collect(&mut rx, &mut events);
+        pids.extend(status(&agent, "hog").and_then(|s| s.pid));
+        (vram_events(&events, "hog").len() >= 3 && pids.len() >= 3).then_some(())
+    })
+    .await;
+    let hog = status(&agent, "hog").expect("hog status");
+    assert!(hog.restarts >= 2, "{hog:?}");
+    assert!(
+        vram_events(&events, "hog")
+            .iter()
+            .all(|e| *e == (2 * GIB, GIB)),
+        "{events:#?}"
+    );
+    daemon.shutdown().await;
+    for pid in pids {
+        assert!(!alive(pid), "no hog process is left running");
+    }
+}

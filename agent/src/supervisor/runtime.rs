@@ -224,7 +224,7 @@ impl Agent {
             config: Arc::new(config),
             tasks: BTreeMap::new(),
             removing: BTreeSet::new(),
-            vram_over: BTreeSet::new(),
+            vram_over: BTreeMap::new(),
             memory_over: BTreeSet::new(),
         };
         let done = tokio::spawn(supervisor.run(rx));
@@ -345,8 +345,8 @@ impl Agent {
     }
 
     /// GPU sampler hook: `component` uses `used_bytes` of VRAM now. Over its budget this
-    /// emits `VramBudgetExceeded` (once per crossing) and, with `vram_policy = "restart"`,
-    /// restarts it.
+    /// emits `VramBudgetExceeded` (once per crossing; a new process over budget is a new
+    /// crossing) and, with `vram_policy = "restart"`, restarts it.
     pub async fn report_vram(&self, component: &str, used_bytes: u64) {
         let _ = self
             .requests
@@ -381,7 +381,9 @@ struct Supervisor {
     config: Arc<Config>,
     tasks: BTreeMap<String, mpsc::Sender<ToComponent>>,
     removing: BTreeSet<String>,
-    vram_over: BTreeSet<String>,
+    /// Components over their VRAM budget, with the process that crossed it: a new
+    /// process (after a restart) over budget is a new crossing.
+    vram_over: BTreeMap<String, Option<u32>>,
     memory_over: BTreeSet<String>,
 }
 
@@ -547,7 +549,13 @@ impl Supervisor {
             self.vram_over.remove(component);
             return;
         }
-        if !self.vram_over.insert(component.to_owned()) {
+        let pid = self
+            .view
+            .statuses
+            .borrow()
+            .get(component)
+            .and_then(|s| s.pid);
+        if self.vram_over.insert(component.to_owned(), pid) == Some(pid) {
             return;
         }
         if let Some(tx) = self.tasks.get(component) {
