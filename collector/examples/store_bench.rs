@@ -458,30 +458,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let raw = sizes(&store, "samples").await?;
     let chunks = sizes(&store, "sample_chunks").await?;
     let rollups = sizes(&store, "rollups_1m").await?;
-    let per = |bytes: i64| bytes as f64 / total as f64;
     println!("storage after compaction of {total} samples (tables, indexes and TOAST):");
     println!(
-        "  raw rows (after the fill)  {:>12} bytes  {:>6.2} bytes/sample",
+        "  raw rows (after the fill)    {:>12} bytes  {:>6.2} bytes/sample",
         raw_filled,
         raw_filled as f64 / stored as f64
     );
-    println!(
-        "  chunks                     {chunks:>12} bytes  {:>6.2} bytes/sample",
-        per(chunks)
-    );
-    println!(
-        "  1-minute rollups           {rollups:>12} bytes  {:>6.2} bytes/sample",
-        per(rollups)
-    );
-    println!(
-        "  raw left                   {raw:>12} bytes  {:>6.2} bytes/sample",
-        per(raw)
-    );
-    println!(
-        "  all sample tables          {:>12} bytes  {:>6.2} bytes/sample (goal ≤ 3)",
-        chunks + rollups + raw,
-        per(chunks + rollups + raw)
-    );
+    print_tables(chunks, rollups, raw, total);
 
     // Query latency: one series, one hour from chunks at 1-minute steps, and the raw
     // recent data read right after an ingest.
@@ -568,27 +551,32 @@ async fn steady(
         seconds / 3600
     );
     println!("  raw partition, largest seen   {raw_peak:>12} bytes  (the unsettled tail)");
+    print_tables(chunks, rollups, raw, stored);
     println!(
-        "  chunks                        {chunks:>12} bytes  {:>6.2} bytes/sample",
-        per(chunks)
-    );
-    println!(
-        "  1-minute rollups              {rollups:>12} bytes  {:>6.2} bytes/sample",
-        per(rollups)
-    );
-    println!(
-        "  raw left                      {raw:>12} bytes  {:>6.2} bytes/sample",
-        per(raw)
-    );
-    println!(
-        "  all sample tables             {:>12} bytes  {:>6.2} bytes/sample (goal ≤ 3)",
-        chunks + rollups + raw,
-        per(chunks + rollups + raw)
-    );
-    println!(
-        "  same, raw at its largest      {:>12} bytes  {:>6.2} bytes/sample",
+        "  same, raw at its largest     {:>12} bytes  {:>6.2} bytes/sample",
         chunks + rollups + raw_peak.max(raw),
         per(chunks + rollups + raw_peak.max(raw))
     );
     Ok(())
+}
+
+/// Sizes of the sample tables per stored sample.
+fn print_tables(chunks: i64, rollups: i64, raw: i64, samples: u64) {
+    let per = |bytes: i64| bytes as f64 / samples as f64;
+    for (what, bytes) in [
+        ("chunks", chunks),
+        ("1-minute rollups", rollups),
+        ("raw left", raw),
+    ] {
+        println!(
+            "  {what:<28} {bytes:>12} bytes  {:>6.2} bytes/sample",
+            per(bytes)
+        );
+    }
+    println!(
+        "  {:<28} {:>12} bytes  {:>6.2} bytes/sample (goal ≤ 3)",
+        "all sample tables",
+        chunks + rollups + raw,
+        per(chunks + rollups + raw)
+    );
 }
