@@ -133,7 +133,7 @@ pub async fn run_telemetry(
     interval: Duration,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let mut events = agent.subscribe();
+    let mut events = agent.subscribe_from_start();
     let mut samplers = Some(Samplers {
         gpu,
         host: HostSampler::new(false),

@@ -1105,13 +1105,10 @@ async fn agent_sigkilled_and_restarted() {
 /// Events the agent emits while it starts (a component's first `Pending → Starting`,
 /// `ProcessAdopted` after an agent restart) reach the collector.
 ///
-/// Known bug: they are lost. `Agent::start` creates the event broadcast channel and
-/// spawns the supervisor, whose component tasks publish these events at once; the
-/// daemon's telemetry loop subscribes to the channel only later, when its own task first
-/// runs, and a broadcast receiver sees nothing sent before it subscribed. The agent's
-/// `razar_events_total{kind="process_adopted"}` says 1, the collector stores none.
+/// They used to be lost: the telemetry loop subscribed to the event channel only when
+/// its task first ran, after the components had published them. It now takes a
+/// receiver made together with the channel (`Agent::subscribe_from_start`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "known bug: events emitted during Agent::start never reach the spool"]
 async fn startup_events_reach_the_collector() {
     let mut f = Fixture::new("startup").await;
     f.start_collector().await;

@@ -116,6 +116,9 @@ pub struct AgentView {
     pub(crate) gpu: watch::Sender<Option<String>>,
     /// Becomes true once the supervisor has stopped everything.
     pub(crate) stopped: watch::Sender<bool>,
+    /// A receiver made with the channel, before any component ran: it holds the events
+    /// of the start itself (first transitions, adoptions) for the one who spools them.
+    pub(crate) startup_events: std::sync::Mutex<Option<broadcast::Receiver<Event>>>,
 }
 
 impl AgentView {
@@ -178,7 +181,7 @@ impl Agent {
         };
         let logs = Logs::start()?;
         let metrics = Arc::new(Metrics::new(VERSION)?);
-        let (events, _) = broadcast::channel(4096);
+        let (events, startup_events) = broadcast::channel(4096);
         let (status_tx, status_rx) = watch::channel(BTreeMap::new());
         let shared = Arc::new(Shared {
             logs: logs.clone(),
@@ -199,6 +202,7 @@ impl Agent {
             stopped: watch::channel(false).0,
             link: watch::channel("disconnected".to_owned()).0,
             gpu: watch::channel(None).0,
+            startup_events: std::sync::Mutex::new(Some(startup_events)),
         });
 
         let local_addr = if options.serve_http {
@@ -274,6 +278,17 @@ impl Agent {
     /// Every event from now on: transitions, exits, pulses, reloads, budgets (for the uplink).
     pub fn subscribe(&self) -> broadcast::Receiver<Event> {
         self.view.events.subscribe()
+    }
+
+    /// Every event since the agent started, the start's own included (transitions out of
+    /// `pending`, adoptions): for the telemetry loop, which spools them. The first caller
+    /// gets the receiver made with the channel; later callers get [`Agent::subscribe`].
+    pub fn subscribe_from_start(&self) -> broadcast::Receiver<Event> {
+        let taken = match self.view.startup_events.lock() {
+            Ok(mut slot) => slot.take(),
+            Err(poisoned) => poisoned.into_inner().take(),
+        };
+        taken.unwrap_or_else(|| self.view.events.subscribe())
     }
 
     /// Publishes an event from outside the supervisor (GPU sampler, uplink).
