@@ -79,6 +79,11 @@ pub struct IngestConfig {
     /// Time allowed for the agent's `Hello` and for recording it in the database;
     /// past it the agent is refused as `unavailable`.
     pub hello_timeout: Duration,
+    /// Secret for QUIC stateless resets. When it stays the same across a restart, the
+    /// restarted collector answers the agents' packets for their old connections with a
+    /// stateless reset, and they reconnect at once instead of waiting out the missed
+    /// heartbeats. `None`: a random key (quinn's default).
+    pub reset_key: Option<[u8; 32]>,
 }
 
 impl IngestConfig {
@@ -102,7 +107,19 @@ impl IngestConfig {
             max_pending_samples: 500_000,
             db_writers: 8,
             hello_timeout: Duration::from_millis(2_500),
+            reset_key: None,
         }
+    }
+
+    /// A stable stateless-reset secret derived from `secret` (e.g. the collector's
+    /// private key file): SHA-256 over a fixed label and the secret.
+    pub fn derive_reset_key(secret: &[u8]) -> [u8; 32] {
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        ctx.update(b"razar collector QUIC stateless reset v1\0");
+        ctx.update(secret);
+        let mut key = [0u8; 32];
+        key.copy_from_slice(ctx.finish().as_ref());
+        key
     }
 
     /// The lost-host grace: heartbeat interval × missed heartbeats.
@@ -370,12 +387,31 @@ impl Collector {
             ));
         }
         let quinn_config = config.quinn_config()?;
-        let endpoint = quinn::Endpoint::server(quinn_config, config.listen).map_err(|source| {
-            ServerError::Bind {
-                addr: config.listen,
-                source,
+        let endpoint_config = match config.reset_key {
+            Some(key) => {
+                let hmac = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &key);
+                // Connection ids carry a keyed hash that the endpoint checks before it
+                // answers an unknown one with a reset: that key must be stable too.
+                let mut cid_key = [0u8; 8];
+                cid_key.copy_from_slice(&ring::hmac::sign(&hmac, b"cid").as_ref()[..8]);
+                let cid_key = u64::from_le_bytes(cid_key);
+                let mut endpoint = quinn::EndpointConfig::new(Arc::new(hmac));
+                endpoint.cid_generator(move || {
+                    Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+                });
+                endpoint
             }
-        })?;
+            None => quinn::EndpointConfig::default(),
+        };
+        let bind = |source| ServerError::Bind {
+            addr: config.listen,
+            source,
+        };
+        let socket = std::net::UdpSocket::bind(config.listen).map_err(bind)?;
+        let runtime = quinn::default_runtime()
+            .ok_or_else(|| bind(std::io::Error::other("no async runtime for quinn")))?;
+        let endpoint = quinn::Endpoint::new(endpoint_config, Some(quinn_config), socket, runtime)
+            .map_err(bind)?;
         let local_addr = endpoint.local_addr().map_err(|source| ServerError::Bind {
             addr: config.listen,
             source,

@@ -93,6 +93,11 @@ impl Service {
             lost_after_missed: config.lost_after_missed.get(),
             ..SessionConfig::default()
         };
+        // Stable across restarts (and shared by collectors with the same key), so agents
+        // learn at once that a restarted collector lost their connection.
+        ingest.reset_key = std::fs::read(&config.tls.key)
+            .ok()
+            .map(|key| IngestConfig::derive_reset_key(&key));
         let collector = Collector::start(ingest, store.clone(), &registry).await?;
 
         let listener = tokio::net::TcpListener::bind(config.http_listen)
