@@ -60,6 +60,9 @@ async fn dispatch(command: Command) -> anyhow::Result<i32> {
                 health.config_hash.get(..12).unwrap_or(""),
                 health.collector
             );
+            if let Some(why) = &health.gpu {
+                println!("GPU telemetry off: {why}");
+            }
             println!(
                 "{:<24} {:<12} {:>8} {:>9}  reason",
                 "COMPONENT", "STATE", "PID", "RESTARTS"
