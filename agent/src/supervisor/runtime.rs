@@ -229,7 +229,7 @@ impl Agent {
             tasks: BTreeMap::new(),
             removing: BTreeSet::new(),
             vram_over: BTreeMap::new(),
-            memory_over: BTreeSet::new(),
+            memory_over: BTreeMap::new(),
         };
         let done = tokio::spawn(supervisor.run(rx));
         tokio::spawn(sample(Arc::clone(&view), requests.downgrade()));
@@ -399,7 +399,8 @@ struct Supervisor {
     /// Components over their VRAM budget, with the process that crossed it: a new
     /// process (after a restart) over budget is a new crossing.
     vram_over: BTreeMap<String, Option<u32>>,
-    memory_over: BTreeSet<String>,
+    /// Like `vram_over`: per process, so a new process over budget is a new breach.
+    memory_over: BTreeMap<String, Option<u32>>,
 }
 
 fn host_event(severity: Severity, kind: EventKind, message: String) -> Event {
@@ -595,7 +596,13 @@ impl Supervisor {
             self.memory_over.remove(component);
             return;
         }
-        if !self.memory_over.insert(component.to_owned()) {
+        let pid = self
+            .view
+            .statuses
+            .borrow()
+            .get(component)
+            .and_then(|s| s.pid);
+        if self.memory_over.insert(component.to_owned(), pid) == Some(pid) {
             return;
         }
         if let Some(tx) = self.tasks.get(component) {
