@@ -1667,6 +1667,7 @@ struct IdleResult {
     heartbeat: Pcts,
     heartbeats_per_s: f64,
     errors: u64,
+    connecting: Usage,
     usage: Usage,
 }
 
@@ -2242,7 +2243,8 @@ async fn idle_phase(env: &mut Env) -> anyhow::Result<IdleResult> {
         fleet.stats.failed.load(Ordering::Relaxed)
     );
     println!("  while connecting:");
-    print_usage(&env.meter.finish(connecting).await);
+    let connecting = env.meter.finish(connecting).await;
+    print_usage(&connecting);
     print_errors(&fleet.stats);
     let errors0 = fleet.stats.error_count.load(Ordering::Relaxed);
     let hb0 = fleet.stats.heartbeats_acked.load(Ordering::Relaxed);
@@ -2284,6 +2286,7 @@ async fn idle_phase(env: &mut Env) -> anyhow::Result<IdleResult> {
         heartbeat,
         heartbeats_per_s,
         errors,
+        connecting,
         usage,
     })
 }
@@ -2432,6 +2435,11 @@ fn print_summary(plan: &Plan, s: &Summary, pg_version: &str) {
         println!(
             "| idle: heartbeats answered, round trip p50 / p99 | — | {:.0}/s, {:.1} / {:.1} ms | |",
             i.heartbeats_per_s, i.heartbeat.p50, i.heartbeat.p99
+        );
+        println!(
+            "| idle: UDP datagrams dropped on the collector's socket (receive buffer full), while connecting / while held | — | {} / {} | |",
+            fmt_rate(i.connecting.collector_udp_drops as f64),
+            fmt_rate(i.usage.collector_udp_drops as f64)
         );
         println!(
             "| idle: collector / PostgreSQL / load generator / other processes CPU, stolen; time to connect all | — | {:.0} % / {:.0} % / {:.0} % / {:.0} %, {:.0} % of the machine; {:.0} s | |",
