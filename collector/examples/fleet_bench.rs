@@ -114,7 +114,7 @@ struct Opts {
     #[arg(long, default_value_t = 64)]
     connect_concurrency: usize,
     /// Receive buffer asked for each load-generator UDP socket (capped by the kernel's
-    /// net.core.rmem_max); the collector's socket keeps the system default.
+    /// net.core.rmem_max); the collector asks for 8 MiB on its own socket.
     #[arg(long, default_value_t = 4 << 20)]
     client_rcvbuf: usize,
     /// Print one line per second during the measured windows of peak and sustained.
