@@ -219,10 +219,10 @@ impl Store {
         Ok(())
     }
 
-    /// Moves `last_seen` forward (heartbeats).
-    pub async fn touch_host(&self, host: &str, at: DateTime<Utc>) -> Result<(), StoreError> {
-        sqlx::query("UPDATE hosts SET last_seen = GREATEST(last_seen, $2) WHERE host_id = $1")
-            .bind(host)
+    /// Moves `last_seen` forward (heartbeats) for many hosts in one statement.
+    pub async fn touch_hosts(&self, hosts: &[String], at: DateTime<Utc>) -> Result<(), StoreError> {
+        sqlx::query("UPDATE hosts SET last_seen = GREATEST(last_seen, $2) WHERE host_id = ANY($1)")
+            .bind(hosts)
             .bind(at)
             .execute(&self.pool)
             .await?;
