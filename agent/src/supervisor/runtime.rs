@@ -565,12 +565,7 @@ impl Supervisor {
             self.vram_over.remove(component);
             return;
         }
-        let pid = self
-            .view
-            .statuses
-            .borrow()
-            .get(component)
-            .and_then(|s| s.pid);
+        let pid = self.pid_of(component);
         if self.vram_over.insert(component.to_owned(), pid) == Some(pid) {
             return;
         }
@@ -582,6 +577,15 @@ impl Supervisor {
                 }))
                 .await;
         }
+    }
+
+    /// The component's current pid, to tell a new process's breach from an old one's.
+    fn pid_of(&self, component: &str) -> Option<u32> {
+        self.view
+            .statuses
+            .borrow()
+            .get(component)
+            .and_then(|s| s.pid)
     }
 
     async fn memory(&mut self, component: &str, used_bytes: u64) {
@@ -596,12 +600,7 @@ impl Supervisor {
             self.memory_over.remove(component);
             return;
         }
-        let pid = self
-            .view
-            .statuses
-            .borrow()
-            .get(component)
-            .and_then(|s| s.pid);
+        let pid = self.pid_of(component);
         if self.memory_over.insert(component.to_owned(), pid) == Some(pid) {
             return;
         }
