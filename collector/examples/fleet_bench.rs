@@ -55,6 +55,10 @@ use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _};
 use tokio::sync::{watch, Notify, Semaphore};
 use tokio::task::JoinSet;
 
+#[path = "support/sim.rs"]
+mod sim;
+use sim::{Rng, Shape};
+
 const GPUS: u32 = 8;
 const DAY_MS: i64 = 86_400_000;
 /// Series per agent in the peak phase: 8 GPUs × 15 metrics + 20 host metrics (as in
@@ -654,40 +658,6 @@ fn mib(kb: u64) -> String {
 // ---------------------------------------------------------------------------------------
 // Simulated telemetry.
 
-/// Deterministic xorshift generator.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn unit(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
-    }
-    fn gauss(&mut self) -> f64 {
-        (0..4).map(|_| self.unit()).sum::<f64>() * 1.732 - 3.464
-    }
-}
-
-/// How a simulated series evolves (the shapes of `store_bench`, condensed).
-#[derive(Clone, Copy)]
-enum Shape {
-    Utilisation,
-    Temperature,
-    Power,
-    Constant(f64),
-    MemoryUsed,
-    Clock,
-    RareCounter,
-    Rate(f64),
-    CpuShare,
-    Load,
-    HostMemory,
-}
-
 const GPU_METRICS: [(&str, Shape); 15] = [
     ("gpu_utilization_ratio", Shape::Utilisation),
     ("gpu_temperature_celsius", Shape::Temperature),
@@ -766,86 +736,36 @@ fn series_layout(count: usize) -> Vec<(SeriesDef, Shape)> {
 }
 
 /// One agent's simulated series.
+/// One simulated host: its series (shapes shared with `store_bench`) and their latest values.
 struct Sim {
-    shapes: Vec<Shape>,
+    series: Vec<sim::Sim>,
     values: Vec<f64>,
-    levels: Vec<f64>,
     rng: Rng,
 }
 
 impl Sim {
     fn new(index: usize, layout: &[(SeriesDef, Shape)]) -> Sim {
         let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ ((index as u64 + 1) * 0x1234_5678_9abc));
-        let shapes: Vec<Shape> = layout.iter().map(|(_, s)| *s).collect();
-        let values = shapes
+        let series = layout
             .iter()
-            .map(|s| match s {
-                Shape::Constant(v) => *v,
-                Shape::MemoryUsed => 40.0 * 1024.0 * 1024.0 * 1024.0,
-                Shape::HostMemory => 200.0 * 1024.0 * 1024.0 * 1024.0,
-                Shape::Clock => 1980.0,
-                _ => 0.0,
-            })
+            .map(|(_, shape)| sim::Sim::new(*shape, &mut rng))
             .collect();
-        let levels = shapes.iter().map(|_| 50.0 + rng.unit() * 40.0).collect();
         Sim {
-            shapes,
-            values,
-            levels,
+            series,
+            values: vec![0.0; layout.len()],
             rng,
         }
     }
 
-    /// Advances one second; the values are in `self.values`.
+    /// Advances one second; the values are in `self.values`. Temperature and power follow
+    /// the utilisation series seen last.
     fn step(&mut self) {
         let mut util = 50.0;
-        for i in 0..self.shapes.len() {
-            let rng = &mut self.rng;
-            let v = self.values[i];
-            let level = &mut self.levels[i];
-            self.values[i] = match self.shapes[i] {
-                Shape::Utilisation => {
-                    if rng.unit() < 0.002 {
-                        *level = (rng.unit() * 100.0).round();
-                    }
-                    let u = (v + (*level - v) * 0.1 + rng.gauss() * 2.0)
-                        .clamp(0.0, 100.0)
-                        .round();
-                    util = u;
-                    u
-                }
-                Shape::Temperature => (v + (35.0 + util * 0.45 - v) * 0.02).round(),
-                Shape::Power => ((90.0 + util * 5.5 + rng.gauss() * 6.0) * 1000.0).round() / 1000.0,
-                Shape::Constant(c) => c,
-                Shape::MemoryUsed => {
-                    if rng.unit() < 0.001 {
-                        ((rng.unit() * 70.0 + 2.0) * 1024.0).round() * 1024.0 * 1024.0
-                    } else {
-                        v
-                    }
-                }
-                Shape::Clock => {
-                    if rng.unit() < 0.01 {
-                        1755.0
-                    } else {
-                        1980.0
-                    }
-                }
-                Shape::RareCounter => v + f64::from(u8::from(rng.unit() < 0.0005)),
-                Shape::Rate(mean) => {
-                    let burst = if rng.unit() < 0.1 { 8.0 } else { 1.0 };
-                    ((mean * burst * (1.0 + rng.gauss() * 0.2)).max(0.0) / 1024.0).round() * 1024.0
-                }
-                Shape::CpuShare => {
-                    *level = (*level + rng.gauss()).clamp(1.0, 99.0);
-                    f64::from((*level + rng.gauss() * 3.0).clamp(0.0, 100.0) as f32)
-                }
-                Shape::Load => {
-                    *level = (*level + rng.gauss() * 0.3).clamp(0.5, 64.0);
-                    (*level * 100.0).round() / 100.0
-                }
-                Shape::HostMemory => (v + (rng.gauss() * 2e6 / 4096.0).round() * 4096.0).max(0.0),
-            };
+        for (series, value) in self.series.iter_mut().zip(self.values.iter_mut()) {
+            *value = series.step(&mut self.rng, util);
+            if matches!(series.shape(), Shape::Utilisation) {
+                util = *value;
+            }
         }
     }
 
