@@ -662,8 +662,26 @@ pub(crate) struct ProcStat {
 
 /// Reads `/proc/<pid>/stat`; `None` if the process is gone or the file is malformed.
 pub(crate) fn read_stat(pid: u32) -> Option<ProcStat> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let text = read_proc_file(&format!("/proc/{pid}/stat")).ok()?;
     parse_stat(&text)
+}
+
+/// Reads a small procfs file with as few system calls as it takes: no `stat` for a size
+/// hint (procfs reports 0) and no read past a short one, since procfs fills a read with
+/// everything that fits and a short read means the end. Used on every sampling tick.
+pub(crate) fn read_proc_file(path: &str) -> std::io::Result<String> {
+    use std::io::Read as _;
+    let mut file = std::fs::File::open(path)?;
+    let mut buf = [0u8; 4096];
+    let mut text = Vec::new();
+    loop {
+        let n = file.read(&mut buf)?;
+        text.extend_from_slice(&buf[..n]);
+        if n < buf.len() {
+            break;
+        }
+    }
+    String::from_utf8(text).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
 }
 
 /// Parses the text of a `/proc/<pid>/stat` file. The command name (field 2) is in

@@ -15,7 +15,7 @@
 #![forbid(unsafe_code)]
 
 use crate::config::WatchMatch;
-use crate::process::{read_stat, ProcStat, ProcessId};
+use crate::process::{read_proc_file, read_stat, ProcStat, ProcessId};
 use std::collections::{HashMap, HashSet};
 use std::time::Instant;
 
@@ -131,6 +131,14 @@ impl Sampler {
         self.account(key, &members)
     }
 
+    /// The live processes counted in the latest sample of `key`.
+    pub fn members(&self, key: &str) -> impl Iterator<Item = u32> + '_ {
+        self.previous
+            .get(key)
+            .into_iter()
+            .flat_map(|p| p.ticks.keys().map(|id| id.pid))
+    }
+
     /// Drops what is remembered under `key` (a removed component or watch).
     pub fn forget(&mut self, key: &str) {
         self.previous.remove(key);
@@ -195,9 +203,9 @@ fn tree(root: u32, root_stat: ProcStat) -> Vec<(u32, ProcStat)> {
     let mut next = 0;
     let mut children_file_works = true;
     while next < members.len() {
-        let (pid, _) = members[next];
+        let (pid, stat) = members[next];
         next += 1;
-        match children_of(pid) {
+        match children_of(pid, stat.threads) {
             Some(children) => {
                 for child in children {
                     if let Some(stat) = read_stat(child) {
@@ -235,7 +243,17 @@ fn tree(root: u32, root_stat: ProcStat) -> Vec<(u32, ProcStat)> {
 }
 
 /// Children of every thread of `pid`; `None` when the kernel has no `children` files.
-fn children_of(pid: u32) -> Option<Vec<u32>> {
+/// A single-threaded process has one task, named like the process: its `children` file
+/// is read directly, without listing the task directory.
+fn children_of(pid: u32, threads: u64) -> Option<Vec<u32>> {
+    if threads == 1 {
+        match read_proc_file(&format!("/proc/{pid}/task/{pid}/children")) {
+            Ok(text) => return Some(parse_pids(&text).collect()),
+            // Gone meanwhile, or grew threads since its stat was read: list the tasks.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(_) => return Some(Vec::new()),
+        }
+    }
     let tasks = match std::fs::read_dir(format!("/proc/{pid}/task")) {
         Ok(tasks) => tasks,
         // The process ended meanwhile: it has no children to count.
@@ -244,11 +262,11 @@ fn children_of(pid: u32) -> Option<Vec<u32>> {
     let mut children = Vec::new();
     for task in tasks.filter_map(|t| t.ok()) {
         let path = task.path().join("children");
-        match std::fs::read_to_string(&path) {
-            Ok(text) => children.extend(
-                text.split_ascii_whitespace()
-                    .filter_map(|p| p.parse::<u32>().ok()),
-            ),
+        match path
+            .to_str()
+            .map_or_else(|| std::fs::read_to_string(&path), read_proc_file)
+        {
+            Ok(text) => children.extend(parse_pids(&text)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && task.path().exists() => {
                 return None
             }
@@ -258,10 +276,23 @@ fn children_of(pid: u32) -> Option<Vec<u32>> {
     Some(children)
 }
 
+fn parse_pids(text: &str) -> impl Iterator<Item = u32> + '_ {
+    text.split_ascii_whitespace()
+        .filter_map(|p| p.parse::<u32>().ok())
+}
+
+/// Open file descriptors of `pid`. Since Linux 6.2 the size `stat` reports for
+/// `/proc/<pid>/fd` is that count, one system call instead of listing the directory;
+/// older kernels report 0 there, and the directory is listed.
 fn open_files(pid: u32) -> u64 {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|rd| rd.count() as u64)
-        .unwrap_or(0)
+    let path = format!("/proc/{pid}/fd");
+    match std::fs::metadata(&path) {
+        Ok(meta) if meta.len() > 0 => meta.len(),
+        Ok(_) => std::fs::read_dir(&path)
+            .map(|rd| rd.count() as u64)
+            .unwrap_or(0),
+        Err(_) => 0,
+    }
 }
 
 fn all_pids() -> impl Iterator<Item = u32> {
@@ -379,6 +410,29 @@ mod tests {
         child.wait().await?;
         assert_eq!(sampler.sample_tree("c", child.pid()), None);
         assert!(tree_pids(child.pid()).is_empty());
+        Ok(())
+    }
+
+    #[test]
+    fn finds_children_of_any_thread_and_counts_open_files() -> TestResult {
+        // A child forked by a second thread is listed in that thread's `children` file,
+        // not the main thread's: the walk must look at every task of a threaded process.
+        let mut child = std::thread::spawn(|| {
+            std::process::Command::new("sleep")
+                .arg("100")
+                .stdin(std::process::Stdio::null())
+                .spawn()
+        })
+        .join()
+        .map_err(|_| "spawning thread panicked")??;
+        let pids = tree_pids(std::process::id());
+        let listed = std::fs::read_dir(format!("/proc/{}/fd", child.id()))?.count() as u64;
+        let counted = open_files(child.id());
+        child.kill()?;
+        child.wait()?;
+        assert!(pids.contains(&child.id()), "{pids:?}");
+        assert_eq!(counted, listed);
+        assert!(counted >= 3, "{counted}");
         Ok(())
     }
 

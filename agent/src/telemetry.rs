@@ -80,7 +80,7 @@ struct Samplers {
 }
 
 impl Samplers {
-    fn tick(&mut self, trees: &BTreeMap<String, BTreeSet<u32>>) -> Tick {
+    fn tick(&mut self, agent: &Agent) -> Tick {
         let ts = now_ms();
         let mut samples = Vec::with_capacity(256);
         let mut events = Vec::new();
@@ -94,7 +94,8 @@ impl Samplers {
         gpu_samples(&readings, &mut samples);
         self.exposition.update_gpus(&readings);
         let processes = self.gpu.processes().unwrap_or_default();
-        let usage = vram_by_component(&processes, trees);
+        let walk = processes.iter().any(|g| !g.processes.is_empty());
+        let usage = vram_by_component(&processes, &component_trees(agent, walk));
         let vram = usage
             .iter()
             .map(|(name, v)| (name.clone(), v.used_bytes))
@@ -155,9 +156,9 @@ pub async fn run_telemetry(
         }
         let stopping = *shutdown.borrow();
         let Some(mut s) = samplers.take() else { break };
-        let trees = component_trees(&agent);
+        let sampled = agent.clone();
         let joined = tokio::task::spawn_blocking(move || {
-            let tick = s.tick(&trees);
+            let tick = s.tick(&sampled);
             (s, tick)
         })
         .await;
@@ -292,11 +293,22 @@ fn drain(events: &mut broadcast::Receiver<Event>) -> Vec<Event> {
 }
 
 /// Each component's process tree (leader plus descendants), for GPU memory mapping.
-fn component_trees(agent: &Agent) -> BTreeMap<String, BTreeSet<u32>> {
+/// The trees come from the supervisor's latest resource sample; only a component whose
+/// leader is not in it (started since) is walked here. With `walk` false (no process
+/// uses a GPU) every component gets an empty tree, which maps to zero VRAM.
+fn component_trees(agent: &Agent, walk: bool) -> BTreeMap<String, BTreeSet<u32>> {
+    let cached = if walk { agent.trees() } else { BTreeMap::new() };
     agent
         .pids()
         .into_iter()
-        .map(|(name, pid)| (name, crate::resources::tree_pids(pid).into_iter().collect()))
+        .map(|(name, pid)| {
+            let tree = match cached.get(&name) {
+                _ if !walk => BTreeSet::new(),
+                Some(tree) if tree.contains(&pid) => tree.clone(),
+                _ => crate::resources::tree_pids(pid).into_iter().collect(),
+            };
+            (name, tree)
+        })
         .collect()
 }
 

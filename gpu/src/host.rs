@@ -1,10 +1,9 @@
-//! Host sampling through sysinfo: CPU, memory, swap, load, disks and network. One
-//! [`HostSampler`] lives for the agent's lifetime and refreshes only what it reports.
+//! Host sampling: CPU, memory, swap, load and disks through sysinfo, network counters
+//! from `/proc/net/dev`. One [`HostSampler`] lives for the agent's lifetime and
+//! refreshes only what it reports.
 
 use serde::Serialize;
-use sysinfo::{
-    CpuRefreshKind, DiskRefreshKind, Disks, MemoryRefreshKind, Networks, RefreshKind, System,
-};
+use sysinfo::{CpuRefreshKind, DiskRefreshKind, Disks, MemoryRefreshKind, RefreshKind, System};
 
 /// Ticks between re-reading the list of mounts and interfaces.
 const RELIST_EVERY: u32 = 60;
@@ -48,7 +47,6 @@ pub struct HostReading {
 pub struct HostSampler {
     system: System,
     disks: Disks,
-    networks: Networks,
     per_core: bool,
     ticks: u32,
 }
@@ -77,7 +75,6 @@ impl HostSampler {
         HostSampler {
             system,
             disks: Disks::new_with_refreshed_list_specifics(storage()),
-            networks: Networks::new_with_refreshed_list(),
             per_core,
             ticks: 0,
         }
@@ -96,7 +93,6 @@ impl HostSampler {
         } else {
             self.disks.refresh_specifics(false, storage());
         }
-        self.networks.refresh(relist);
         let load = System::load_average();
         let mut disks: Vec<DiskReading> = self
             .disks
@@ -110,16 +106,11 @@ impl HostSampler {
             .collect();
         disks.sort_by(|a, b| a.mount.cmp(&b.mount));
         disks.dedup_by(|a, b| a.mount == b.mount);
-        let mut networks: Vec<NetworkReading> = self
-            .networks
-            .list()
-            .iter()
-            .map(|(name, data)| NetworkReading {
-                interface: name.clone(),
-                received_bytes_total: data.total_received(),
-                transmitted_bytes_total: data.total_transmitted(),
-            })
-            .collect();
+        // One read of /proc/net/dev: sysinfo reads several sysfs files per interface
+        // and asks netlink for addresses, which this reading does not report.
+        let mut networks = std::fs::read_to_string("/proc/net/dev")
+            .map(|text| parse_net_dev(&text))
+            .unwrap_or_default();
         networks.sort_by(|a, b| a.interface.cmp(&b.interface));
         HostReading {
             cpu_usage_ratio: f64::from(self.system.global_cpu_usage()) / 100.0,
@@ -146,9 +137,56 @@ impl HostSampler {
     }
 }
 
+/// Interfaces and their byte counters from the text of `/proc/net/dev`: two header
+/// lines, then `name: rx_bytes rx_packets … (8 receive fields) tx_bytes …`. Lines that do
+/// not parse are skipped.
+pub fn parse_net_dev(text: &str) -> Vec<NetworkReading> {
+    text.lines()
+        .filter_map(|line| {
+            let (name, counters) = line.split_once(':')?;
+            let fields: Vec<u64> = counters
+                .split_ascii_whitespace()
+                .map(str::parse)
+                .collect::<Result<_, _>>()
+                .ok()?;
+            Some(NetworkReading {
+                interface: name.trim().to_owned(),
+                received_bytes_total: *fields.first()?,
+                transmitted_bytes_total: *fields.get(8)?,
+            })
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parses_proc_net_dev() {
+        let text = "Inter-|   Receive                                                |  Transmit
+ face |bytes    packets errs drop fifo frame compressed multicast|bytes    packets errs drop fifo colls carrier compressed
+    lo: 1234567    1000    0    0    0     0          0         0  1234567    1000    0    0    0     0       0          0
+  eth0:98765 20 0 0 0 0 0 3 4321 10 0 0 0 0 0 0
+ broken: 1 2 x
+";
+        let parsed = parse_net_dev(text);
+        assert_eq!(
+            parsed,
+            vec![
+                NetworkReading {
+                    interface: "lo".into(),
+                    received_bytes_total: 1_234_567,
+                    transmitted_bytes_total: 1_234_567,
+                },
+                NetworkReading {
+                    interface: "eth0".into(),
+                    received_bytes_total: 98_765,
+                    transmitted_bytes_total: 4_321,
+                },
+            ]
+        );
+    }
 
     #[test]
     fn samples_this_host() {

@@ -110,6 +110,8 @@ pub struct AgentView {
     pub(crate) started: Instant,
     pub(crate) logs: Logs,
     pub(crate) usage: watch::Sender<BTreeMap<String, Usage>>,
+    /// Each component's process tree (leader and descendants) at the latest sample.
+    pub(crate) trees: watch::Sender<BTreeMap<String, BTreeSet<u32>>>,
     /// The collector link as shown by `/health` (set by the uplink).
     pub(crate) link: watch::Sender<String>,
     /// Why GPU telemetry is off, as shown by `/health` (set by the daemon).
@@ -199,6 +201,7 @@ impl Agent {
             started: Instant::now(),
             logs,
             usage: watch::channel(BTreeMap::new()).0,
+            trees: watch::channel(BTreeMap::new()).0,
             stopped: watch::channel(false).0,
             link: watch::channel("disconnected".to_owned()).0,
             gpu: watch::channel(None).0,
@@ -308,6 +311,12 @@ impl Agent {
     /// The latest resource sample per component (by name) and per watch (`watch:<name>`).
     pub fn usage(&self) -> BTreeMap<String, Usage> {
         self.view.usage.borrow().clone()
+    }
+
+    /// Each component's process tree (pids of the leader and its descendants) as of the
+    /// latest resource sample; a component started since then is missing.
+    pub fn trees(&self) -> BTreeMap<String, BTreeSet<u32>> {
+        self.view.trees.borrow().clone()
     }
 
     /// Uplink hook: the collector link's state for `/health` (e.g. `connected`,
@@ -811,10 +820,12 @@ async fn sample(view: Arc<AgentView>, requests: mpsc::WeakSender<Request>) {
         };
         let statuses = view.statuses();
         let mut usage = BTreeMap::new();
+        let mut trees = BTreeMap::new();
         for (name, status) in &statuses {
             let sampled = status.pid.and_then(|pid| sampler.sample_tree(name, pid));
             match sampled {
                 Some(u) => {
+                    trees.insert(name.clone(), sampler.members(name).collect());
                     view.metrics.usage(name, "component", &u);
                     if config
                         .component(name)
@@ -854,5 +865,6 @@ async fn sample(view: Arc<AgentView>, requests: mpsc::WeakSender<Request>) {
         }
         known = now;
         view.usage.send_replace(usage);
+        view.trees.send_replace(trees);
     }
 }
