@@ -24,6 +24,9 @@ pub struct CollectorConfig {
     pub database: Database,
     /// Connections in the PostgreSQL pool.
     pub pool_size: NonZeroU32,
+    /// Group-commit writer tasks for telemetry (each holds at most one pool connection
+    /// at a time); below `pool_size`.
+    pub ingest_writers: NonZeroU32,
     /// Heartbeat interval asked of agents.
     pub heartbeat_interval: Duration,
     /// Missed heartbeats after which a host is marked lost.
@@ -125,6 +128,7 @@ struct RawTls {
 struct RawDatabase {
     url: Option<Spanned<String>>,
     pool_size: Option<Spanned<u32>>,
+    ingest_writers: Option<Spanned<u32>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -145,6 +149,8 @@ struct RawRetention {
 pub const DEFAULT_QUIC_PORT: u16 = 7443;
 /// Default HTTP port for the API.
 pub const DEFAULT_HTTP_PORT: u16 = 7080;
+/// Default group-commit writers (fewer when the pool is small: one below its size).
+pub const DEFAULT_INGEST_WRITERS: u32 = 4;
 
 impl CollectorConfig {
     /// Defaults for a data dir, as used by `razar-collector dev`.
@@ -156,6 +162,7 @@ impl CollectorConfig {
             tls: TlsPaths::in_dir(&data_dir.join("ca")),
             database: Database::Embedded,
             pool_size: NonZeroU32::new(16).unwrap_or(NonZeroU32::MIN),
+            ingest_writers: NonZeroU32::new(DEFAULT_INGEST_WRITERS).unwrap_or(NonZeroU32::MIN),
             heartbeat_interval: Duration::from_secs(1),
             lost_after_missed: NonZeroU32::new(3).unwrap_or(NonZeroU32::MIN),
             retention_days: NonZeroU32::new(30).unwrap_or(NonZeroU32::MIN),
@@ -235,6 +242,29 @@ impl CollectorConfig {
         if let Some(n) = &raw.database.pool_size {
             if let Some(n) = v.nonzero("database.pool_size", n) {
                 cfg.pool_size = n;
+            }
+        }
+        match &raw.database.ingest_writers {
+            Some(raw_writers) => {
+                if let Some(n) = v.nonzero("database.ingest_writers", raw_writers) {
+                    if n >= cfg.pool_size {
+                        v.push(
+                            "database.ingest_writers",
+                            raw_writers.span(),
+                            format!(
+                                "must be below database.pool_size ({}): the pool also serves \
+                                 series registrations, hellos and the API",
+                                cfg.pool_size
+                            ),
+                        );
+                    } else {
+                        cfg.ingest_writers = n;
+                    }
+                }
+            }
+            None => {
+                let fit = DEFAULT_INGEST_WRITERS.min(cfg.pool_size.get().saturating_sub(1));
+                cfg.ingest_writers = NonZeroU32::new(fit).unwrap_or(NonZeroU32::MIN);
             }
         }
         if let Some(d) = &raw.heartbeat.interval {
@@ -375,6 +405,7 @@ mod tests {
         assert_eq!(cfg.heartbeat_interval, Duration::from_secs(1));
         assert_eq!(cfg.lost_after_missed.get(), 3);
         assert!(matches!(cfg.database, Database::Url(_)));
+        assert_eq!(cfg.ingest_writers.get(), 4);
     }
 
     #[test]
@@ -403,6 +434,24 @@ mod tests {
                 (5, "heartbeat.lost_after_missed", "at least 1"),
                 (7, "database.url", "postgres://"),
             ],
+        );
+    }
+
+    #[test]
+    fn ingest_writers_default_fits_the_pool_and_must_stay_below_it() {
+        let parse = |text: &str| CollectorConfig::parse(Path::new("c.toml"), text);
+        assert_eq!(parse("").unwrap().ingest_writers.get(), 4);
+        let small = parse("[database]\npool_size = 3\n").unwrap();
+        assert_eq!(small.ingest_writers.get(), 2);
+        let set = parse("[database]\npool_size = 8\ningest_writers = 6\n").unwrap();
+        assert_eq!(set.ingest_writers.get(), 6);
+        check_err(
+            "[database]\npool_size = 4\ningest_writers = 4\n",
+            &[(3, "database.ingest_writers", "below database.pool_size (4)")],
+        );
+        check_err(
+            "[database]\ningest_writers = 0\n",
+            &[(2, "database.ingest_writers", "at least 1")],
         );
     }
 

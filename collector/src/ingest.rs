@@ -1,18 +1,23 @@
 //! One agent connection: a task that drives the sans-IO [`CollectorSession`] over the
-//! agent's stream and writes what it receives to the [`Store`].
+//! agent's stream and hands what it receives to the store.
 //!
 //! Ordering and exactly-once: database work (series registrations, batches) runs in
-//! arrival order, one transaction at a time per connection; batches already received
-//! are gathered into one multi-batch transaction; the session acknowledges only what
-//! the store committed (the cursor moves in the same transaction).
+//! arrival order, one write at a time per connection; batches already received go
+//! together as one request to the group writer ([`crate::group`]), which commits the
+//! requests of many connections in one transaction (group commit) and answers each with
+//! its own outcome; the session acknowledges only what the store committed (each
+//! agent's cursor moves in the same transaction as its batches).
 //!
 //! Back-pressure: when the pending work reaches its bound (batches or samples) the task
 //! stops reading the stream, so QUIC flow control pushes back on the agent; it resumes
-//! when the database catches up. Database errors are retried with backoff, forever,
-//! while the connection lives; nothing is acknowledged before its commit.
+//! when the database catches up (the group writer's queue is bounded too). Database
+//! errors (a failed group included) are retried with backoff, forever, while the
+//! connection lives; nothing is acknowledged before its commit. A request the store
+//! refuses (undefined series, timestamp out of range) fails alone and closes the session.
 
+use crate::group::GroupError;
 use crate::server::{close_code, Shared};
-use crate::store::{SeriesId, StoreError};
+use crate::store::{IngestOutcome, SeriesId, StoreError};
 use chrono::Utc;
 use razar_shared::protocol::codec::{encode_into, AgentFrameDecoder};
 use razar_shared::protocol::session::{
@@ -35,14 +40,18 @@ enum Op {
 }
 
 /// The outcome of one database write, with the work it covered (kept for a retry).
-struct Written {
-    ops: Vec<Op>,
-    result: Result<WriteOk, StoreError>,
-}
-
-enum WriteOk {
-    Defined(HashMap<u32, SeriesId>),
-    Ingested(crate::store::IngestOutcome),
+enum Written {
+    Defined {
+        defs: Vec<SeriesDef>,
+        result: Result<HashMap<u32, SeriesId>, StoreError>,
+    },
+    Ingested {
+        /// The writers release their reference before answering: sole owner again.
+        batches: Arc<Vec<Batch>>,
+        /// When each batch arrived (for the ack latency).
+        arrived: Vec<Instant>,
+        result: Result<IngestOutcome, GroupError>,
+    },
 }
 
 type WriteFuture = Pin<Box<dyn Future<Output = Written> + Send>>;
@@ -375,74 +384,74 @@ impl Conn {
     }
 
     /// Starts the next database write: a series registration, or every batch at the
-    /// front of the queue (up to the per-transaction limit) in one transaction.
+    /// front of the queue (up to the per-write limit) as one request to the group
+    /// writer, which commits it together with other connections' requests.
     fn start_write(&mut self) {
-        let store = self.shared.store.clone();
+        let shared = self.shared.clone();
         let host = self.host.clone();
-        let permits = self.shared.db_writers.clone();
         if let Some(Op::Define(_)) = self.ops.front() {
             let Some(Op::Define(defs)) = self.ops.pop_front() else {
                 return;
             };
             self.writing = Some(Box::pin(async move {
-                let _permit = permits.acquire_owned().await;
-                let result = store
-                    .register_series(&host, &defs)
-                    .await
-                    .map(WriteOk::Defined);
-                Written {
-                    ops: vec![Op::Define(defs)],
-                    result,
-                }
+                let _permit = shared.db_writers.clone().acquire_owned().await;
+                let result = shared.store.register_series(&host, &defs).await;
+                Written::Defined { defs, result }
             }));
             return;
         }
         let limit = self.shared.config.max_batches_per_txn;
-        let mut ops = Vec::new();
-        while ops.len() < limit && matches!(self.ops.front(), Some(Op::Batch(..))) {
-            if let Some(op) = self.ops.pop_front() {
-                ops.push(op);
+        let mut batches = Vec::new();
+        let mut arrived = Vec::new();
+        while batches.len() < limit && matches!(self.ops.front(), Some(Op::Batch(..))) {
+            if let Some(Op::Batch(batch, at)) = self.ops.pop_front() {
+                batches.push(batch);
+                arrived.push(at);
             }
         }
+        let batches = Arc::new(batches);
         let series = self.series.clone();
         self.writing = Some(Box::pin(async move {
-            let _permit = permits.acquire_owned().await;
-            let batches: Vec<Batch> = ops
-                .iter()
-                .filter_map(|op| match op {
-                    Op::Batch(b, _) => Some(b.clone()),
-                    Op::Define(_) => None,
-                })
-                .collect();
-            let result = store
-                .ingest(&host, &batches, &series)
-                .await
-                .map(WriteOk::Ingested);
-            Written { ops, result }
+            let result = shared.writer.ingest(host, batches.clone(), series).await;
+            Written::Ingested {
+                batches,
+                arrived,
+                result,
+            }
         }));
     }
 
     fn on_written(&mut self, written: Written) {
-        let Written { ops, result } = written;
-        match result {
-            Ok(WriteOk::Defined(map)) => {
+        match written {
+            Written::Defined {
+                result: Ok(map), ..
+            } => {
                 Arc::make_mut(&mut self.series).extend(map);
                 self.retry_delay = Duration::ZERO;
             }
-            Ok(WriteOk::Ingested(outcome)) => {
+            Written::Defined {
+                defs,
+                result: Err(StoreError::Db(e)),
+            } => {
+                self.retry_later(&e);
+                self.ops.push_front(Op::Define(defs));
+            }
+            Written::Defined { result: Err(e), .. } => self.refuse_data(&e),
+            Written::Ingested {
+                batches,
+                arrived,
+                result: Ok(outcome),
+            } => {
                 self.retry_delay = Duration::ZERO;
                 let now = Instant::now();
                 let m = &self.shared.metrics;
                 let mut highest = 0;
-                for op in &ops {
-                    if let Op::Batch(b, arrived) = op {
-                        highest = highest.max(b.seq);
-                        self.pending_batches = self.pending_batches.saturating_sub(1);
-                        self.pending_samples =
-                            self.pending_samples.saturating_sub(b.sample_count());
-                        m.ack_latency
-                            .observe(now.saturating_duration_since(*arrived).as_secs_f64());
-                    }
+                for (b, arrived) in batches.iter().zip(&arrived) {
+                    highest = highest.max(b.seq);
+                    self.pending_batches = self.pending_batches.saturating_sub(1);
+                    self.pending_samples = self.pending_samples.saturating_sub(b.sample_count());
+                    m.ack_latency
+                        .observe(now.saturating_duration_since(*arrived).as_secs_f64());
                 }
                 m.batches_stored.inc_by(u64::from(outcome.batches_stored));
                 m.batches_duplicate
@@ -456,32 +465,49 @@ impl Conn {
                     tracing::error!(host = %self.host, error = %e, "cannot acknowledge");
                 }
             }
-            Err(StoreError::Db(e)) => {
-                // Transient (connection lost, database restarting): put the work back
-                // and retry after a backoff; reading stays paused if the queue is full.
-                self.shared.metrics.db_retries.inc();
-                self.retry_delay = (self.retry_delay * 2)
-                    .max(Duration::from_millis(50))
-                    .min(Duration::from_secs(2));
-                tracing::warn!(host = %self.host, error = %e, retry_in_ms = self.retry_delay.as_millis() as u64, "database write failed; retrying");
-                self.retry_at = Some(Instant::now() + self.retry_delay);
-                for op in ops.into_iter().rev() {
-                    self.ops.push_front(op);
+            Written::Ingested {
+                result: Err(GroupError::Refused(e)),
+                ..
+            } => self.refuse_data(&e),
+            Written::Ingested {
+                batches,
+                arrived,
+                result: Err(e),
+            } => {
+                // The group's transaction failed (connection lost, database restarting)
+                // or the writers are stopping: put the batches back, retry after a
+                // backoff.
+                self.retry_later(&e);
+                let batches = Arc::try_unwrap(batches).unwrap_or_else(|shared| (*shared).clone());
+                for (batch, at) in batches.into_iter().zip(arrived).rev() {
+                    self.ops.push_front(Op::Batch(batch, at));
                 }
             }
-            Err(e) => {
-                // The data itself is unacceptable (undefined series, timestamp out of
-                // range): retrying cannot help. Refuse; nothing of it is acknowledged.
-                tracing::error!(host = %self.host, error = %e, "agent sent data the store refuses");
-                self.session.refuse(
-                    RefusalReason::ProtocolViolation,
-                    &format!("data refused by the store: {e}"),
-                );
-                self.ops.clear();
-                self.pending_batches = 0;
-                self.pending_samples = 0;
-            }
         }
+    }
+
+    /// A transient database error: the work goes back to the front of the queue and the
+    /// next write waits a growing backoff; reading stays paused if the queue is full.
+    fn retry_later(&mut self, error: &dyn std::fmt::Display) {
+        self.shared.metrics.db_retries.inc();
+        self.retry_delay = (self.retry_delay * 2)
+            .max(Duration::from_millis(50))
+            .min(Duration::from_secs(2));
+        tracing::warn!(host = %self.host, error = %error, retry_in_ms = self.retry_delay.as_millis() as u64, "database write failed; retrying");
+        self.retry_at = Some(Instant::now() + self.retry_delay);
+    }
+
+    /// The data itself is unacceptable (undefined series, timestamp out of range):
+    /// retrying cannot help. Refuses the session; nothing of it is acknowledged.
+    fn refuse_data(&mut self, error: &StoreError) {
+        tracing::error!(host = %self.host, error = %error, "agent sent data the store refuses");
+        self.session.refuse(
+            RefusalReason::ProtocolViolation,
+            &format!("data refused by the store: {error}"),
+        );
+        self.ops.clear();
+        self.pending_batches = 0;
+        self.pending_samples = 0;
     }
 
     /// Sends what is left (the refusal) briefly, then closes with the refusal's code.

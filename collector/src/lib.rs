@@ -4,6 +4,7 @@
 pub mod api;
 pub mod config;
 pub mod embedded_pg;
+pub mod group;
 mod ingest;
 pub mod lost;
 pub mod server;

@@ -1,12 +1,15 @@
 //! The collector's QUIC server: a quinn endpoint with the fleet's mTLS server config,
 //! one task per agent connection ([`crate::ingest`]), the registry of live connections
 //! (one per host: a newer connection supersedes the older; revoked certificates are
-//! closed on TLS reload), the lost-host task ([`crate::lost`]) and the ingest metrics.
+//! closed on TLS reload), the group writer that commits the batches of many connections
+//! together ([`crate::group`]), the lost-host task ([`crate::lost`]) and the ingest
+//! metrics.
 //!
 //! Identity comes from the client certificate only (URI SAN `razar://host/<id>`); the
 //! `Hello` must agree with it. Every refused connection is counted in
 //! `razar_collector_connections_refused_total{reason}`.
 
+use crate::group::{GroupConfig, GroupMetrics, GroupWriter};
 use crate::ingest;
 use crate::lost::{self, HostTransition, Liveness};
 use crate::store::Store;
@@ -68,14 +71,19 @@ pub struct IngestConfig {
     pub keep_alive: Duration,
     /// QUIC idle timeout (a backstop behind heartbeats).
     pub idle_timeout: Duration,
-    /// Most batches written in one transaction.
+    /// Most batches of one connection in one write request (its part of a group
+    /// commit).
     pub max_batches_per_txn: usize,
     /// A connection stops reading once this many batches wait for the database...
     pub max_pending_batches: usize,
     /// ...or this many samples.
     pub max_pending_samples: usize,
-    /// Connections writing to the database at the same time (all hosts together).
+    /// Series registrations running at the same time (all hosts together; batches go
+    /// through the group writer).
     pub db_writers: usize,
+    /// The group writer: writer tasks (`database.ingest_writers`, below the pool size)
+    /// and the limits of one group commit.
+    pub group: GroupConfig,
     /// Time allowed for the agent's `Hello` and for recording it in the database;
     /// past it the agent is refused as `unavailable`.
     pub hello_timeout: Duration,
@@ -88,8 +96,9 @@ pub struct IngestConfig {
 
 impl IngestConfig {
     /// Defaults: heartbeats 1 s, lost after 3 missed, window 64 batches, keep-alive 1 s,
-    /// idle timeout 10 s, 256 batches per transaction, pause at 512 batches or 500,000
-    /// samples pending, 8 database writers, 2.5 s for the `Hello`.
+    /// idle timeout 10 s, 256 batches per write request, pause at 512 batches or 500,000
+    /// samples pending, 8 series registrations at once, 4 group writers (groups of at
+    /// most 50,000 samples or 256 hosts), 2.5 s for the `Hello`.
     pub fn new(
         listen: SocketAddr,
         tls: Arc<rustls::ServerConfig>,
@@ -106,6 +115,7 @@ impl IngestConfig {
             max_pending_batches: 512,
             max_pending_samples: 500_000,
             db_writers: 8,
+            group: GroupConfig::default(),
             hello_timeout: Duration::from_millis(2_500),
             reset_key: None,
         }
@@ -167,6 +177,8 @@ pub struct IngestMetrics {
     pub connections_paused: IntGauge,
     pub ack_latency: Histogram,
     pub host_transitions: IntCounterVec,
+    /// Group commit: commits, hosts and samples per commit, failed groups.
+    pub group: GroupMetrics,
 }
 
 impl IngestMetrics {
@@ -227,6 +239,7 @@ impl IngestMetrics {
                 ),
                 &["to"],
             )?,
+            group: GroupMetrics::new(registry)?,
         };
         registry.register(Box::new(m.refused.clone()))?;
         registry.register(Box::new(m.agents_connected.clone()))?;
@@ -275,6 +288,8 @@ pub(crate) struct Shared {
     pub metrics: IngestMetrics,
     pub liveness: Arc<Liveness>,
     pub db_writers: Arc<Semaphore>,
+    /// Where connections queue their batches for a group commit.
+    pub writer: GroupWriter,
     connections: Mutex<Connections>,
     next_id: AtomicU64,
 }
@@ -351,6 +366,7 @@ pub struct Collector {
     shutdown: watch::Sender<bool>,
     accept_task: JoinHandle<()>,
     lost_task: JoinHandle<()>,
+    writer_tasks: Vec<JoinHandle<()>>,
     transitions: Mutex<Option<mpsc::UnboundedReceiver<HostTransition>>>,
     started: Instant,
 }
@@ -386,6 +402,13 @@ impl Collector {
                 "batch limits and db_writers must be at least 1",
             ));
         }
+        let group = config.group;
+        if group.writers == 0 || group.max_samples == 0 || group.max_hosts == 0 || group.queue == 0
+        {
+            return Err(ServerError::Invalid(
+                "group writers, group limits and queue must be at least 1",
+            ));
+        }
         let quinn_config = config.quinn_config()?;
         let endpoint_config = match config.reset_key {
             Some(key) => {
@@ -418,9 +441,12 @@ impl Collector {
             source,
         })?;
         let metrics = IngestMetrics::new(metrics)?;
+        let (writer, writer_tasks) =
+            GroupWriter::start(store.clone(), group, metrics.group.clone());
         let shared = Arc::new(Shared {
             store: store.clone(),
             db_writers: Arc::new(Semaphore::new(config.db_writers)),
+            writer,
             liveness: Arc::new(Liveness::default()),
             metrics,
             connections: Mutex::new(Connections::default()),
@@ -473,6 +499,7 @@ impl Collector {
             shutdown: shutdown_tx,
             accept_task,
             lost_task,
+            writer_tasks,
             transitions: Mutex::new(Some(transitions_rx)),
             started: Instant::now(),
         })
@@ -581,6 +608,10 @@ impl Collector {
             .close(close_code::SHUTDOWN.into(), b"collector shutting down");
         let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
         self.lost_task.abort();
+        // Every connection has ended or been cut: nothing left to acknowledge.
+        for task in &self.writer_tasks {
+            task.abort();
+        }
     }
 }
 

@@ -14,7 +14,7 @@ mod query;
 
 pub use codec::CodecError;
 pub use compaction::CompactionReport;
-pub use ingest::IngestOutcome;
+pub use ingest::{IngestItem, IngestOutcome};
 pub use query::{Point, Rollup};
 
 use std::collections::{HashMap, HashSet};
