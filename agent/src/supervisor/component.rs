@@ -515,6 +515,12 @@ impl ComponentTask {
                     }
                     None
                 }
+                // A timer already due (a zero restart backoff) fires at once: going through
+                // tokio's timer wheel would round it up to its next millisecond tick.
+                Action::SetTimer { kind, token, at } if at <= std::time::Instant::now() => {
+                    self.timers[slot(kind)] = None;
+                    Some(Input::Timer { kind, token })
+                }
                 Action::SetTimer { kind, token, at } => {
                     self.timers[slot(kind)] = Some((Instant::from_std(at), token));
                     None
