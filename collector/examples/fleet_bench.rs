@@ -130,6 +130,10 @@ struct Opts {
     /// The collector's database pool size (`database.pool_size`).
     #[arg(long, default_value_t = 16)]
     pool_size: u32,
+    /// The collector's group-commit writers (`database.ingest_writers`); the collector's
+    /// default when absent.
+    #[arg(long)]
+    ingest_writers: Option<u32>,
     /// PostgreSQL `shared_buffers` (the embedded product default is 128MB).
     #[arg(long, default_value = "128MB")]
     shared_buffers: String,
@@ -158,6 +162,7 @@ struct Plan {
     timeline: bool,
     settle: bool,
     pool_size: u32,
+    ingest_writers: Option<u32>,
     shared_buffers: String,
 }
 
@@ -187,6 +192,7 @@ impl Plan {
             timeline: o.timeline,
             settle: !o.no_settle,
             pool_size: o.pool_size.max(2),
+            ingest_writers: o.ingest_writers,
             shared_buffers: o.shared_buffers,
         };
         for phase in o.phases.split(',').map(str::trim).filter(|p| !p.is_empty()) {
@@ -200,6 +206,11 @@ impl Plan {
         Ok(plan)
     }
 }
+
+/// The collector binary's allocator, so the collector this re-executes (`--serve`) runs
+/// as `razar-collector` does.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
@@ -1710,7 +1721,7 @@ async fn bench(plan: Plan) -> anyhow::Result<()> {
             "data_dir = {data}\n\
              [listen]\nquic = \"127.0.0.1:0\"\nhttp = \"127.0.0.1:0\"\n\
              [tls]\nca = {ca}\ncert = {cert}\nkey = {key}\ncrl = {crl}\n\
-             [database]\nurl = {url:?}\npool_size = {pool}\n\
+             [database]\nurl = {url:?}\npool_size = {pool}\n{writers}\
              [heartbeat]\ninterval = \"1s\"\nlost_after_missed = 3\n\
              [retention]\ndays = 30\ncompact_after = \"3650days\"\n",
             data = q(&dir.path().join("collector")),
@@ -1720,6 +1731,10 @@ async fn bench(plan: Plan) -> anyhow::Result<()> {
             crl = q(&ca.crl_path()),
             url = pg.url(),
             pool = plan.pool_size,
+            writers = plan
+                .ingest_writers
+                .map(|n| format!("ingest_writers = {n}\n"))
+                .unwrap_or_default(),
         ),
     )?;
 

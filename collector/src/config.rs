@@ -150,7 +150,7 @@ pub const DEFAULT_QUIC_PORT: u16 = 7443;
 /// Default HTTP port for the API.
 pub const DEFAULT_HTTP_PORT: u16 = 7080;
 /// Default group-commit writers (fewer when the pool is small: one below its size).
-pub const DEFAULT_INGEST_WRITERS: u32 = 4;
+pub const DEFAULT_INGEST_WRITERS: u32 = 8;
 
 impl CollectorConfig {
     /// Defaults for a data dir, as used by `razar-collector dev`.
@@ -405,7 +405,7 @@ mod tests {
         assert_eq!(cfg.heartbeat_interval, Duration::from_secs(1));
         assert_eq!(cfg.lost_after_missed.get(), 3);
         assert!(matches!(cfg.database, Database::Url(_)));
-        assert_eq!(cfg.ingest_writers.get(), 4);
+        assert_eq!(cfg.ingest_writers.get(), 8);
     }
 
     #[test]
@@ -440,7 +440,7 @@ mod tests {
     #[test]
     fn ingest_writers_default_fits_the_pool_and_must_stay_below_it() {
         let parse = |text: &str| CollectorConfig::parse(Path::new("c.toml"), text);
-        assert_eq!(parse("").unwrap().ingest_writers.get(), 4);
+        assert_eq!(parse("").unwrap().ingest_writers.get(), 8);
         let small = parse("[database]\npool_size = 3\n").unwrap();
         assert_eq!(small.ingest_writers.get(), 2);
         let set = parse("[database]\npool_size = 8\ningest_writers = 6\n").unwrap();

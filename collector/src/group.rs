@@ -41,10 +41,10 @@ pub struct GroupConfig {
 }
 
 impl Default for GroupConfig {
-    /// 4 writers, groups of at most 50,000 samples or 256 hosts, 1,024 requests queued.
+    /// 8 writers, groups of at most 50,000 samples or 256 hosts, 1,024 requests queued.
     fn default() -> GroupConfig {
         GroupConfig {
-            writers: 4,
+            writers: 8,
             max_samples: 50_000,
             max_hosts: 256,
             queue: 1_024,
@@ -150,6 +150,7 @@ impl GroupWriter {
         let limits = Limits {
             max_samples: config.max_samples.max(1),
             max_hosts: config.max_hosts.max(1),
+            writers: config.writers.max(1),
         };
         let (requests, rx) = mpsc::channel(config.queue.max(1));
         let queue = Arc::new(Mutex::new(Queue {
@@ -207,6 +208,8 @@ impl GroupWriter {
 struct Limits {
     max_samples: usize,
     max_hosts: usize,
+    /// A group takes at most its writer's share of what is waiting (see `next_group`).
+    writers: usize,
 }
 
 /// The channel and the requests put back for a later group, shared by the writers: the
@@ -277,8 +280,14 @@ impl Queue {
         if group.requests.is_empty() {
             group.push(self.rx.recv().await?);
         }
+        // A writer takes its share of the waiting requests, not all of them: a connection
+        // sends its next request only after its last one committed, so one group holding
+        // every host's request would leave the other writers (and the database's other
+        // cores) idle until it commits.
+        let waiting = group.requests.len() + self.deferred.len() + self.rx.len();
+        let share = waiting.div_ceil(limits.writers).min(limits.max_hosts);
         loop {
-            if group.requests.len() >= limits.max_hosts || group.samples >= limits.max_samples {
+            if group.requests.len() >= share || group.samples >= limits.max_samples {
                 break;
             }
             let Ok(request) = self.rx.try_recv() else {
@@ -432,6 +441,7 @@ mod tests {
     const WIDE: Limits = Limits {
         max_samples: 1_000,
         max_hosts: 10,
+        writers: 1,
     };
 
     #[tokio::test]
@@ -440,6 +450,35 @@ mod tests {
             WIDE,
             &[("a", 10), ("b", 10), ("c", 10)],
             &[&[("a", 10), ("b", 10), ("c", 10)]],
+        )
+        .await;
+    }
+
+    // With 4 writers a group takes a quarter of what waits (rounded up), leaving the
+    // rest to the other writers.
+    #[tokio::test]
+    async fn a_group_takes_its_writers_share_of_the_queue() {
+        let limits = Limits { writers: 4, ..WIDE };
+        check(
+            limits,
+            &[
+                ("a", 1),
+                ("b", 1),
+                ("c", 1),
+                ("d", 1),
+                ("e", 1),
+                ("f", 1),
+                ("g", 1),
+                ("h", 1),
+            ],
+            &[
+                &[("a", 1), ("b", 1)],
+                &[("c", 1), ("d", 1)],
+                &[("e", 1)],
+                &[("f", 1)],
+                &[("g", 1)],
+                &[("h", 1)],
+            ],
         )
         .await;
     }
@@ -459,6 +498,7 @@ mod tests {
         let limits = Limits {
             max_samples: 100,
             max_hosts: 2,
+            writers: 1,
         };
         // A request above the sample limit still goes, alone.
         check(
@@ -490,6 +530,7 @@ mod tests {
         let limits = Limits {
             max_samples: 100,
             max_hosts: 3,
+            writers: 1,
         };
         check(
             limits,

@@ -68,15 +68,24 @@ impl IngestItem<'_> {
                         series: points.series,
                     });
                 }
-                for &(offset, _) in &points.points {
-                    let ts = batch.base_ts_ms.saturating_add(i64::from(offset));
+                // Representable timestamps form one range, so the earliest and latest
+                // point of a series stand for all of its points (no date arithmetic per
+                // sample: this runs for every sample stored).
+                let Some((first, last)) = offset_range(&points.points) else {
+                    continue;
+                };
+                let first = batch.base_ts_ms.saturating_add(i64::from(first));
+                let last = batch.base_ts_ms.saturating_add(i64::from(last));
+                for ts in [first, last] {
                     if from_millis(ts).is_none() {
                         return Err(StoreError::TimestampOutOfRange {
                             host: self.host.to_owned(),
                             ts_ms: ts,
                         });
                     }
-                    let day = day_of(ts);
+                }
+                // Offsets are u32 milliseconds: at most 50 days between first and last.
+                for day in day_of(first)..=day_of(last) {
                     // Samples of a batch are nearly always on one day: skip the set.
                     if last_day != Some(day) {
                         days.insert(day);
@@ -100,6 +109,14 @@ impl IngestItem<'_> {
     pub fn sample_count(&self) -> usize {
         self.batches.iter().map(Batch::sample_count).sum()
     }
+}
+
+/// The smallest and largest offset of `points`; `None` when there are none.
+fn offset_range(points: &[(u32, f64)]) -> Option<(u32, u32)> {
+    let (&(head, _), rest) = points.split_first()?;
+    Some(rest.iter().fold((head, head), |(lo, hi), &(offset, _)| {
+        (lo.min(offset), hi.max(offset))
+    }))
 }
 
 impl Store {
@@ -442,5 +459,53 @@ pub fn kind_code(kind: &EventKind) -> &'static str {
         EventKind::SpoolGap { .. } => "spool_gap",
         EventKind::MemoryBudgetExceeded { .. } => "memory_budget_exceeded",
         EventKind::Other { .. } => "other",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use razar_shared::protocol::SeriesPoints;
+
+    fn batch(base_ts_ms: i64, offsets: &[u32]) -> Batch {
+        Batch {
+            seq: 1,
+            base_ts_ms,
+            series: vec![SeriesPoints {
+                series: 1,
+                points: offsets.iter().map(|&o| (o, 0.0)).collect(),
+            }],
+            events: Vec::new(),
+        }
+    }
+
+    fn check(batches: &[Batch]) -> Result<Vec<i64>, StoreError> {
+        let series = HashMap::from([(1, 10)]);
+        IngestItem {
+            host: "h",
+            batches,
+            series: &series,
+        }
+        .check()
+    }
+
+    #[test]
+    fn check_finds_every_day_a_series_spans_whatever_the_point_order() {
+        const DAY: i64 = 86_400_000;
+        // Points out of order; the latest is in the middle and falls on the next day.
+        let days = check(&[batch(20_000 * DAY - 1_000, &[500, 2_000, 0])]);
+        assert_eq!(days.ok(), Some(vec![19_999, 20_000]));
+        assert_eq!(check(&[batch(5 * DAY, &[])]).ok(), Some(vec![]));
+    }
+
+    #[test]
+    fn check_refuses_a_timestamp_out_of_range_anywhere_in_a_series() {
+        // chrono's range ends in the year 262143; the middle point crosses it.
+        let edge = 8_210_266_876_799_999;
+        assert!(from_millis(edge).is_some() && from_millis(edge + 1).is_none());
+        match check(&[batch(edge - 10, &[0, 11, 5])]) {
+            Err(StoreError::TimestampOutOfRange { ts_ms, .. }) => assert_eq!(ts_ms, edge + 1),
+            other => panic!("{other:?}"),
+        }
     }
 }

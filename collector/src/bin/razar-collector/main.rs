@@ -36,6 +36,12 @@ enum Command {
     Demo(demo::DemoKind),
 }
 
+/// mimalloc: the collector allocates and frees millions of small buffers a second
+/// (decoded batches, dropped on another worker thread after their commit), where glibc's
+/// allocator spent a quarter of the collector's CPU (BENCHMARKS.md, fleet load).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
