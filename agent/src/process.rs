@@ -386,6 +386,47 @@ pub fn remove_fifos(dir: &Path, component: &str) -> Result<(), ProcessError> {
     Ok(())
 }
 
+/// Removes the named pipes in `dir` of every component not in `keep` (components removed
+/// from the config while the agent was down). Only FIFOs named `<component>.out` or
+/// `.err` are touched; returns the components swept.
+pub fn sweep_fifos(
+    dir: &Path,
+    keep: &std::collections::BTreeSet<String>,
+) -> Result<Vec<String>, ProcessError> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(source) => {
+            return Err(ProcessError::Fifo {
+                path: dir.to_owned(),
+                source,
+            })
+        }
+    };
+    let mut swept = std::collections::BTreeSet::new();
+    for entry in entries.filter_map(Result::ok) {
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let Some(component) = name
+            .strip_suffix(".out")
+            .or_else(|| name.strip_suffix(".err"))
+        else {
+            continue;
+        };
+        let is_fifo = entry.file_type().is_ok_and(|t| {
+            use std::os::unix::fs::FileTypeExt as _;
+            t.is_fifo()
+        });
+        if is_fifo && !keep.contains(component) {
+            swept.insert(component.to_owned());
+        }
+    }
+    for component in &swept {
+        remove_fifos(dir, component)?;
+    }
+    Ok(swept.into_iter().collect())
+}
+
 fn spawn_inner(spec: &SpawnSpec, output: Output<'_>) -> Result<ComponentProcess, ProcessError> {
     let mut command = tokio::process::Command::new(&spec.program);
     command
@@ -978,6 +1019,30 @@ mod tests {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
+        Ok(())
+    }
+
+    #[test]
+    fn sweep_removes_only_the_pipes_of_components_not_kept() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let fifo =
+            |name: &str| nix::unistd::mkfifo(&dir.path().join(name), nix::sys::stat::Mode::S_IRWXU);
+        for name in ["kept.out", "kept.err", "gone.out", "gone.err", "half.err"] {
+            fifo(name)?;
+        }
+        // Not a FIFO, and a FIFO of another naming: both left alone.
+        std::fs::write(dir.path().join("notes.out"), b"x")?;
+        fifo("other.pipe")?;
+        let keep = std::collections::BTreeSet::from(["kept".to_owned()]);
+        let swept = sweep_fifos(dir.path(), &keep)?;
+        assert_eq!(swept, vec!["gone".to_owned(), "half".to_owned()]);
+        let mut left: Vec<String> = std::fs::read_dir(dir.path())?
+            .filter_map(Result::ok)
+            .filter_map(|e| e.file_name().into_string().ok())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["kept.err", "kept.out", "notes.out", "other.pipe"]);
+        assert!(sweep_fifos(&dir.path().join("absent"), &keep)?.is_empty());
         Ok(())
     }
 

@@ -100,7 +100,9 @@ impl Samplers {
             .iter()
             .map(|(name, v)| (name.clone(), v.used_bytes))
             .collect();
-        for (name, v) in &usage {
+        let gpus: Vec<GpuInfo> = self.gpu.inventory().iter().map(|g| g.to_info()).collect();
+        // Without GPUs there is no VRAM to report: no series of zeros.
+        for (name, v) in usage.iter().filter(|_| !gpus.is_empty()) {
             samples.push(Sample {
                 metric: "razar_component_gpu_memory_used_bytes",
                 labels: vec![("component".into(), name.clone())],
@@ -114,7 +116,6 @@ impl Samplers {
         let host = self.host.sample();
         self.exposition.update_host(&host);
         host_samples(&host, &mut samples);
-        let gpus = self.gpu.inventory().iter().map(|g| g.to_info()).collect();
         Tick {
             samples,
             events,

@@ -476,6 +476,19 @@ impl Supervisor {
             }
             let _ = store.clear_process(name);
         }
+        // Their named pipes (and any left by a start cut short) go too.
+        if let Some(dir) = &self.shared.stdio_dir {
+            match crate::process::sweep_fifos(dir, &active) {
+                Ok(swept) if !swept.is_empty() => {
+                    tracing::info!(
+                        ?swept,
+                        "removed the output pipes of components no longer configured"
+                    );
+                }
+                Ok(_) => {}
+                Err(error) => tracing::warn!(%error, "cannot sweep output pipes"),
+            }
+        }
         let specs: Vec<ComponentSpec> = self.active().into_iter().cloned().collect();
         self.shared.metrics.components.set(specs.len() as i64);
         for spec in specs {
