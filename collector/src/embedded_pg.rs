@@ -297,7 +297,8 @@ impl EmbeddedPg {
              shared_buffers = '{shared_buffers}'\n\
              fsync = {fsync}\n\
              full_page_writes = {fsync}\n\
-             max_wal_size = '2GB'\n\
+             wal_buffers = '16MB'\n\
+             max_wal_size = '4GB'\n\
              checkpoint_timeout = '15min'\n\
              logging_collector = off\n",
             socket = self.socket_dir().display().to_string().replace('\'', "''"),
