@@ -13,36 +13,16 @@ use razar_collector::group::{GroupConfig, GroupError, GroupMetrics, GroupWriter}
 use razar_collector::server::prometheus::Registry;
 use razar_collector::store::{IngestItem, SeriesId, Store, StoreError};
 use razar_shared::domain::{ComponentState, Severity};
-use razar_shared::protocol::{
-    Batch, ComponentInfo, Event, EventKind, Hello, SeriesDef, SeriesPoints, Subject,
-};
+use razar_shared::protocol::{Batch, Event, EventKind, Hello, SeriesDef, SeriesPoints, Subject};
+use razar_tests::fixtures::now_ms;
 use razar_tests::pg::TestPg;
 use sqlx::types::chrono::Utc;
 
 const SERIES: u32 = 3;
 const SECONDS_PER_BATCH: i64 = 10;
 
-fn now_ms() -> i64 {
-    Utc::now().timestamp_millis()
-}
-
 fn hello(host: &str) -> Hello {
-    Hello {
-        protocol_min: 1,
-        protocol_max: 1,
-        host_id: host.to_owned(),
-        agent_version: "0.1.0".to_owned(),
-        profile: "core".to_owned(),
-        components: vec![ComponentInfo {
-            name: "model-server".to_owned(),
-            revision: "r1".to_owned(),
-            state: ComponentState::Starting,
-            critical: true,
-        }],
-        gpus: Vec::new(),
-        last_acked_seq: 0,
-        agent_time_ms: now_ms(),
-    }
+    razar_tests::fixtures::hello(host, Vec::new())
 }
 
 fn series_defs() -> Vec<SeriesDef> {

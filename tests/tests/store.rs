@@ -10,8 +10,9 @@ use razar_collector::embedded_pg::{EmbeddedPg, EmbeddedPgError, EmbeddedPgOption
 use razar_collector::store::{SeriesId, Store};
 use razar_shared::domain::{ComponentState, Severity};
 use razar_shared::protocol::{
-    Batch, ComponentInfo, Event, EventKind, GpuInfo, Hello, SeriesDef, SeriesPoints, Subject,
+    Batch, Event, EventKind, GpuInfo, Hello, SeriesDef, SeriesPoints, Subject,
 };
+use razar_tests::fixtures::now_ms;
 use razar_tests::pg::TestPg;
 use sqlx::types::chrono::{DateTime, Utc};
 
@@ -21,33 +22,17 @@ fn at(ms: i64) -> DateTime<Utc> {
     DateTime::from_timestamp_millis(ms).expect("timestamp in range")
 }
 
-fn now_ms() -> i64 {
-    Utc::now().timestamp_millis()
-}
-
 fn hello(host: &str) -> Hello {
-    Hello {
-        protocol_min: 1,
-        protocol_max: 1,
-        host_id: host.to_owned(),
-        agent_version: "0.1.0".to_owned(),
-        profile: "core".to_owned(),
-        components: vec![ComponentInfo {
-            name: "model-server".to_owned(),
-            revision: "r1".to_owned(),
-            state: ComponentState::Starting,
-            critical: true,
-        }],
-        gpus: vec![GpuInfo {
+    razar_tests::fixtures::hello(
+        host,
+        vec![GpuInfo {
             index: 0,
             uuid: "GPU-0000".to_owned(),
             name: "Fake H100".to_owned(),
             pci_bus_id: "0000:01:00.0".to_owned(),
             memory_total_bytes: 80 * 1024 * 1024 * 1024,
         }],
-        last_acked_seq: 0,
-        agent_time_ms: now_ms(),
-    }
+    )
 }
 
 fn series_defs(n: u32) -> Vec<SeriesDef> {
