@@ -46,7 +46,7 @@ use clap::Parser;
 use razar_certs::{Ca, InitOptions, IssueOptions};
 use razar_collector::embedded_pg::{EmbeddedPg, EmbeddedPgOptions};
 use razar_collector::store::{SeriesId, Store};
-use razar_shared::protocol::codec::{encode_agent, CollectorFrameDecoder};
+use razar_shared::protocol::codec::{encode_agent, encode_into, CollectorFrameDecoder};
 use razar_shared::protocol::{
     AgentMessage, Batch, CollectorMessage, GpuInfo, Heartbeat, Hello, SeriesDef, SeriesPoints,
     StatusDigest, Welcome, PROTOCOL_MAX, PROTOCOL_MIN,
@@ -134,6 +134,10 @@ struct Opts {
     /// default when absent.
     #[arg(long)]
     ingest_writers: Option<u32>,
+    /// Of those writers, how many may run their `COPY` at once
+    /// (`database.ingest_copy_slots`); the collector's default when absent.
+    #[arg(long)]
+    ingest_copy_slots: Option<u32>,
     /// PostgreSQL `shared_buffers` (the embedded product default is 128MB).
     #[arg(long, default_value = "128MB")]
     shared_buffers: String,
@@ -163,6 +167,7 @@ struct Plan {
     settle: bool,
     pool_size: u32,
     ingest_writers: Option<u32>,
+    ingest_copy_slots: Option<u32>,
     shared_buffers: String,
 }
 
@@ -193,6 +198,7 @@ impl Plan {
             settle: !o.no_settle,
             pool_size: o.pool_size.max(2),
             ingest_writers: o.ingest_writers,
+            ingest_copy_slots: o.ingest_copy_slots,
             shared_buffers: o.shared_buffers,
         };
         for phase in o.phases.split(',').map(str::trim).filter(|p| !p.is_empty()) {
@@ -780,24 +786,26 @@ impl Sim {
         }
     }
 
-    /// The batch for one second: every series sampled once, with a few milliseconds of
-    /// jitter as a real sampling loop has.
-    fn batch(&mut self, seq: u64, base_ts_ms: i64) -> Batch {
+    /// The next second's batch, written into `batch` (a batch this method filled before,
+    /// or an empty one): every series sampled once, with a few milliseconds of jitter as
+    /// a real sampling loop has. Reuses the batch's allocations, so the load generator
+    /// spends its CPU on the wire rather than on building values.
+    fn fill(&mut self, batch: &mut Batch, seq: u64, base_ts_ms: i64) {
         self.step();
         let jitter = (self.rng.next() % 4) as u32;
-        Batch {
-            seq,
-            base_ts_ms,
-            series: self
-                .values
-                .iter()
-                .enumerate()
-                .map(|(i, v)| SeriesPoints {
-                    series: i as u32,
-                    points: vec![(jitter, *v)],
-                })
-                .collect(),
-            events: Vec::new(),
+        batch.seq = seq;
+        batch.base_ts_ms = base_ts_ms;
+        batch.events.clear();
+        batch
+            .series
+            .resize_with(self.values.len(), || SeriesPoints {
+                series: 0,
+                points: Vec::with_capacity(1),
+            });
+        for (i, (points, v)) in batch.series.iter_mut().zip(&self.values).enumerate() {
+            points.series = i as u32;
+            points.points.clear();
+            points.points.push((jitter, *v));
         }
     }
 }
@@ -1440,6 +1448,13 @@ async fn load_writer(
     let defs: Vec<SeriesDef> = layout.iter().map(|(d, _)| d.clone()).collect();
     write_msg(send, &AgentMessage::DefineSeries(defs)).await?;
     let mut sim = Sim::new(index, layout);
+    let mut next = AgentMessage::Batch(Batch {
+        seq: 0,
+        base_ts_ms: 0,
+        series: Vec::new(),
+        events: Vec::new(),
+    });
+    let mut frame_len = 0;
     let window = (welcome.config.max_unacked_batches as usize).max(1);
     let every = heartbeat_interval(welcome);
     let mut next_heartbeat = Instant::now() + every;
@@ -1490,11 +1505,17 @@ async fn load_writer(
             _ => unix_ms(),
         };
         k += 1;
-        let batch = sim.batch(seq, ts);
+        let AgentMessage::Batch(batch) = &mut next else {
+            bail!("the batch template is a batch");
+        };
+        sim.fill(batch, seq, ts);
         let samples = batch.sample_count() as u32;
-        let frame = encode_agent(&AgentMessage::Batch(batch))?;
+        // Sized from the last frame and handed to quinn without a copy.
+        let mut frame = Vec::with_capacity(frame_len + 64);
+        encode_into(&next, &mut frame)?;
+        frame_len = frame.len();
         lock(&flight.queue).push_back((seq, Instant::now(), samples));
-        send.write_all(&frame).await?;
+        send.write_chunk(bytes::Bytes::from(frame)).await?;
         stats.sent_batches.fetch_add(1, Ordering::Relaxed);
     }
 }
@@ -1731,10 +1752,15 @@ async fn bench(plan: Plan) -> anyhow::Result<()> {
             crl = q(&ca.crl_path()),
             url = pg.url(),
             pool = plan.pool_size,
-            writers = plan
-                .ingest_writers
-                .map(|n| format!("ingest_writers = {n}\n"))
-                .unwrap_or_default(),
+            writers = [
+                plan.ingest_writers
+                    .map(|n| format!("ingest_writers = {n}\n")),
+                plan.ingest_copy_slots
+                    .map(|n| format!("ingest_copy_slots = {n}\n")),
+            ]
+            .into_iter()
+            .flatten()
+            .collect::<String>(),
         ),
     )?;
 

@@ -10,11 +10,10 @@
 //! 10 simulated minutes (as the collector runs it) and reports every sample table's size,
 //! the raw partition included: the steady-state bytes per sample.
 
-use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use razar_collector::embedded_pg::{EmbeddedPg, EmbeddedPgOptions};
-use razar_collector::store::{SeriesId, Store};
+use razar_collector::store::{SeriesMap, Store};
 use razar_shared::protocol::{Batch, SeriesDef, SeriesPoints};
 
 #[path = "support/sim.rs"]
@@ -72,7 +71,7 @@ struct Agent {
     host: String,
     defs: Vec<SeriesDef>,
     sims: Vec<(Sim, Option<usize>)>,
-    map: HashMap<u32, SeriesId>,
+    map: SeriesMap,
     rng: Rng,
     seq: u64,
 }
@@ -105,7 +104,7 @@ impl Agent {
             host: format!("gpu-node-{index:04}"),
             defs,
             sims,
-            map: HashMap::new(),
+            map: SeriesMap::default(),
             rng,
             seq: 0,
         }

@@ -27,6 +27,9 @@ pub struct CollectorConfig {
     /// Group-commit writer tasks for telemetry (each holds at most one pool connection
     /// at a time); below `pool_size`.
     pub ingest_writers: NonZeroU32,
+    /// Group-commit writers whose samples' `COPY` may run at once (the rest of their
+    /// transactions overlap freely).
+    pub ingest_copy_slots: NonZeroU32,
     /// Heartbeat interval asked of agents.
     pub heartbeat_interval: Duration,
     /// Missed heartbeats after which a host is marked lost.
@@ -129,6 +132,7 @@ struct RawDatabase {
     url: Option<Spanned<String>>,
     pool_size: Option<Spanned<u32>>,
     ingest_writers: Option<Spanned<u32>>,
+    ingest_copy_slots: Option<Spanned<u32>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -151,6 +155,8 @@ pub const DEFAULT_QUIC_PORT: u16 = 7443;
 pub const DEFAULT_HTTP_PORT: u16 = 7080;
 /// Default group-commit writers (fewer when the pool is small: one below its size).
 pub const DEFAULT_INGEST_WRITERS: u32 = 8;
+/// Default `COPY`s running at once (BENCHMARKS.md, fleet load: 3 beat unlimited).
+pub const DEFAULT_INGEST_COPY_SLOTS: u32 = 3;
 
 impl CollectorConfig {
     /// Defaults for a data dir, as used by `razar-collector dev`.
@@ -163,6 +169,8 @@ impl CollectorConfig {
             database: Database::Embedded,
             pool_size: NonZeroU32::new(16).unwrap_or(NonZeroU32::MIN),
             ingest_writers: NonZeroU32::new(DEFAULT_INGEST_WRITERS).unwrap_or(NonZeroU32::MIN),
+            ingest_copy_slots: NonZeroU32::new(DEFAULT_INGEST_COPY_SLOTS)
+                .unwrap_or(NonZeroU32::MIN),
             heartbeat_interval: Duration::from_secs(1),
             lost_after_missed: NonZeroU32::new(3).unwrap_or(NonZeroU32::MIN),
             retention_days: NonZeroU32::new(30).unwrap_or(NonZeroU32::MIN),
@@ -265,6 +273,11 @@ impl CollectorConfig {
             None => {
                 let fit = DEFAULT_INGEST_WRITERS.min(cfg.pool_size.get().saturating_sub(1));
                 cfg.ingest_writers = NonZeroU32::new(fit).unwrap_or(NonZeroU32::MIN);
+            }
+        }
+        if let Some(n) = &raw.database.ingest_copy_slots {
+            if let Some(n) = v.nonzero("database.ingest_copy_slots", n) {
+                cfg.ingest_copy_slots = n;
             }
         }
         if let Some(d) = &raw.heartbeat.interval {
@@ -452,6 +465,18 @@ mod tests {
         check_err(
             "[database]\ningest_writers = 0\n",
             &[(2, "database.ingest_writers", "at least 1")],
+        );
+    }
+
+    #[test]
+    fn ingest_copy_slots_default_and_bounds() {
+        let parse = |text: &str| CollectorConfig::parse(Path::new("c.toml"), text);
+        assert_eq!(parse("").unwrap().ingest_copy_slots.get(), 3);
+        let set = parse("[database]\ningest_copy_slots = 5\n").unwrap();
+        assert_eq!(set.ingest_copy_slots.get(), 5);
+        check_err(
+            "[database]\ningest_copy_slots = 0\n",
+            &[(2, "database.ingest_copy_slots", "at least 1")],
         );
     }
 

@@ -17,13 +17,16 @@
 //!   could come from one request's data) is retried request by request, so one bad
 //!   request cannot hold up the others.
 //! - Back-pressure: the channel is bounded, so callers wait when the writers are behind.
+//! - At most [`GroupConfig::copy_slots`] writers run their samples' `COPY` at once; the
+//!   others meanwhile lock cursors, build their rows or commit. Every `COPY` appends to
+//!   the same day's heap, and past a few of them they mostly wait on its extension lock.
 
-use crate::store::{IngestItem, IngestOutcome, SeriesId, Store, StoreError};
+use crate::store::{IngestItem, IngestOutcome, SeriesMap, Store, StoreError};
 use prometheus::{Histogram, HistogramOpts, IntCounter, Registry};
 use razar_shared::protocol::Batch;
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
-use tokio::sync::{mpsc, oneshot, Mutex};
+use tokio::sync::{mpsc, oneshot, Mutex, Semaphore};
 use tokio::task::JoinHandle;
 
 /// How the group writer runs. [`GroupConfig::default`] gives the defaults.
@@ -38,16 +41,22 @@ pub struct GroupConfig {
     pub max_hosts: usize,
     /// Requests waiting for a writer before callers wait (the channel's bound).
     pub queue: usize,
+    /// Writers whose samples' `COPY` may run at once (at least 1). Every `COPY` appends
+    /// to the same day's heap: beyond a few, they queue on its extension lock with the
+    /// CPU idle. The rest of each transaction (cursor locks, commit) overlaps freely.
+    pub copy_slots: usize,
 }
 
 impl Default for GroupConfig {
-    /// 8 writers, groups of at most 50,000 samples or 256 hosts, 1,024 requests queued.
+    /// 8 writers, 3 `COPY`s at once, groups of at most 50,000 samples or 256 hosts,
+    /// 1,024 requests queued.
     fn default() -> GroupConfig {
         GroupConfig {
             writers: 8,
             max_samples: 50_000,
             max_hosts: 256,
             queue: 1_024,
+            copy_slots: 3,
         }
     }
 }
@@ -126,7 +135,7 @@ impl GroupMetrics {
 struct Request {
     host: String,
     batches: Arc<Vec<Batch>>,
-    series: Arc<HashMap<u32, SeriesId>>,
+    series: Arc<SeriesMap>,
     /// Days the samples fall on (from the check).
     days: Vec<i64>,
     samples: usize,
@@ -157,15 +166,13 @@ impl GroupWriter {
             rx,
             deferred: VecDeque::new(),
         }));
+        let writer = Writer {
+            store,
+            metrics,
+            copy_slots: Arc::new(Semaphore::new(config.copy_slots.max(1))),
+        };
         let tasks = (0..config.writers.max(1))
-            .map(|_| {
-                tokio::spawn(run_writer(
-                    store.clone(),
-                    queue.clone(),
-                    limits,
-                    metrics.clone(),
-                ))
-            })
+            .map(|_| tokio::spawn(run_writer(writer.clone(), queue.clone(), limits)))
             .collect();
         (GroupWriter { requests }, tasks)
     }
@@ -179,7 +186,7 @@ impl GroupWriter {
         &self,
         host: String,
         batches: Arc<Vec<Batch>>,
-        series: Arc<HashMap<u32, SeriesId>>,
+        series: Arc<SeriesMap>,
     ) -> Result<IngestOutcome, GroupError> {
         let item = IngestItem {
             host: &host,
@@ -306,7 +313,15 @@ impl Queue {
     }
 }
 
-async fn run_writer(store: Store, queue: Arc<Mutex<Queue>>, limits: Limits, metrics: GroupMetrics) {
+/// What every writer task shares.
+#[derive(Clone)]
+struct Writer {
+    store: Store,
+    metrics: GroupMetrics,
+    copy_slots: Arc<Semaphore>,
+}
+
+async fn run_writer(writer: Writer, queue: Arc<Mutex<Queue>>, limits: Limits) {
     loop {
         let group = {
             let mut queue = queue.lock().await;
@@ -315,13 +330,13 @@ async fn run_writer(store: Store, queue: Arc<Mutex<Queue>>, limits: Limits, metr
         let Some(group) = group else {
             return;
         };
-        write_group(&store, group, &metrics).await;
+        write_group(&writer, group).await;
     }
 }
 
 /// Stores one group and answers each of its requests.
-async fn write_group(store: &Store, group: Vec<Request>, metrics: &GroupMetrics) {
-    let result = commit(store, &group, metrics).await;
+async fn write_group(writer: &Writer, group: Vec<Request>) {
+    let result = commit(writer, &group).await;
     match result {
         Ok(outcomes) => {
             for (request, outcome) in group.into_iter().zip(outcomes) {
@@ -333,7 +348,7 @@ async fn write_group(store: &Store, group: Vec<Request>, metrics: &GroupMetrics)
             // (text it cannot store, say). Each request alone, so only that one fails.
             tracing::warn!(error = %e, requests = group.len(), "group commit refused; writing its requests one by one");
             for request in group {
-                let result = commit(store, std::slice::from_ref(&request), metrics).await;
+                let result = commit(writer, std::slice::from_ref(&request)).await;
                 let result = result
                     .and_then(|mut o| o.pop().ok_or(StoreError::Db(sqlx::Error::RowNotFound)));
                 answer(request, result.map_err(|e| GroupError::Failed(Arc::new(e))));
@@ -350,11 +365,8 @@ async fn write_group(store: &Store, group: Vec<Request>, metrics: &GroupMetrics)
 }
 
 /// One transaction for `group`; counts it.
-async fn commit(
-    store: &Store,
-    group: &[Request],
-    metrics: &GroupMetrics,
-) -> Result<Vec<IngestOutcome>, StoreError> {
+async fn commit(writer: &Writer, group: &[Request]) -> Result<Vec<IngestOutcome>, StoreError> {
+    let metrics = &writer.metrics;
     let items: Vec<IngestItem<'_>> = group
         .iter()
         .map(|r| IngestItem {
@@ -366,7 +378,11 @@ async fn commit(
     let mut days: Vec<i64> = group.iter().flat_map(|r| r.days.iter().copied()).collect();
     days.sort_unstable();
     days.dedup();
-    match store.ingest_checked(&items, &days).await {
+    match writer
+        .store
+        .ingest_checked(&items, &days, Some(&writer.copy_slots))
+        .await
+    {
         Ok(commit) => {
             if commit.committed {
                 let stored = commit.outcomes.iter().filter(|o| o.batches_stored > 0);
@@ -403,7 +419,7 @@ mod tests {
         Request {
             host: host.to_owned(),
             batches: Arc::new(Vec::new()),
-            series: Arc::new(HashMap::new()),
+            series: Arc::new(SeriesMap::default()),
             days: Vec::new(),
             samples,
             reply,

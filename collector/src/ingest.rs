@@ -17,7 +17,7 @@
 
 use crate::group::GroupError;
 use crate::server::{close_code, Shared};
-use crate::store::{IngestOutcome, SeriesId, StoreError};
+use crate::store::{IngestOutcome, SeriesMap, StoreError};
 use chrono::Utc;
 use razar_shared::protocol::codec::{encode_into, AgentFrameDecoder};
 use razar_shared::protocol::session::{
@@ -26,7 +26,7 @@ use razar_shared::protocol::session::{
 use razar_shared::protocol::{
     Batch, Command, Hello, RefusalReason, SeriesDef, PROTOCOL_MAX, PROTOCOL_MIN,
 };
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -46,7 +46,7 @@ enum Op {
 enum Written {
     Defined {
         defs: Vec<SeriesDef>,
-        result: Result<HashMap<u32, SeriesId>, StoreError>,
+        result: Result<SeriesMap, StoreError>,
     },
     Ingested {
         /// The writers release their reference before answering: sole owner again.
@@ -79,7 +79,7 @@ struct Conn {
     ops: VecDeque<Op>,
     pending_batches: usize,
     pending_samples: usize,
-    series: Arc<HashMap<u32, SeriesId>>,
+    series: Arc<SeriesMap>,
     writing: Option<WriteFuture>,
     retry_at: Option<Instant>,
     retry_delay: Duration,
@@ -118,7 +118,7 @@ pub(crate) async fn serve(
         ops: VecDeque::new(),
         pending_batches: 0,
         pending_samples: 0,
-        series: Arc::new(HashMap::new()),
+        series: Arc::new(SeriesMap::default()),
         writing: None,
         retry_at: None,
         retry_delay: Duration::ZERO,

@@ -88,6 +88,7 @@ impl Service {
         let registry = prometheus::Registry::new();
         let mut ingest = IngestConfig::new(config.quic_listen, Arc::new(tls), crls);
         ingest.group.writers = config.ingest_writers.get() as usize;
+        ingest.group.copy_slots = config.ingest_copy_slots.get() as usize;
         ingest.session = SessionConfig {
             heartbeat_interval_ms: u32::try_from(config.heartbeat_interval.as_millis())
                 .unwrap_or(u32::MAX),

@@ -5,13 +5,12 @@
 //! for the next group, and concurrent groups over overlapping hosts neither deadlock nor
 //! store anything twice.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use razar_collector::group::{GroupConfig, GroupError, GroupMetrics, GroupWriter};
 use razar_collector::server::prometheus::Registry;
-use razar_collector::store::{IngestItem, SeriesId, Store, StoreError};
+use razar_collector::store::{IngestItem, SeriesMap, Store, StoreError};
 use razar_shared::domain::{ComponentState, Severity};
 use razar_shared::protocol::{Batch, Event, EventKind, Hello, SeriesDef, SeriesPoints, Subject};
 use razar_tests::fixtures::now_ms;
@@ -101,7 +100,7 @@ async fn cursor_row(store: &Store, host: &str) -> Option<(i64, i64, i64)> {
 
 /// Samples stored for a host's series, and how many (series, ts) pairs are stored more
 /// than once.
-async fn host_samples(store: &Store, map: &HashMap<u32, SeriesId>) -> (i64, i64) {
+async fn host_samples(store: &Store, map: &SeriesMap) -> (i64, i64) {
     let ids: Vec<i64> = map.values().copied().collect();
     let total: i64 = sqlx::query_scalar("SELECT count(*) FROM samples WHERE series_id = ANY($1)")
         .bind(&ids)
@@ -295,7 +294,7 @@ fn writer(store: &Store, writers: usize) -> Writer {
     Writer { writer, metrics }
 }
 
-async fn registered(store: &Store, host: &str) -> Arc<HashMap<u32, SeriesId>> {
+async fn registered(store: &Store, host: &str) -> Arc<SeriesMap> {
     store
         .record_hello(&hello(host), Utc::now())
         .await
@@ -603,4 +602,104 @@ async fn four_writers_with_two_connections_per_host_store_everything_once() {
         HOSTS * 2,
         w.metrics.commit_hosts.get_sample_sum() / w.metrics.commits.get().max(1) as f64
     );
+}
+
+/// Batch `seq` of 3 series × `points` samples, one per millisecond: big enough that its
+/// `COPY` is seen running.
+fn big_batch(seq: u64, points: u32, start_ms: i64) -> Batch {
+    Batch {
+        seq,
+        base_ts_ms: start_ms + (seq as i64) * 60_000,
+        series: series_defs()
+            .iter()
+            .map(|d| SeriesPoints {
+                series: d.id,
+                points: (0..points).map(|k| (k, f64::from(k))).collect(),
+            })
+            .collect(),
+        events: Vec::new(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copy_slots_bound_the_copies_running_at_once() {
+    const HOSTS: u32 = 8;
+    const BATCHES: u64 = 6;
+    const POINTS: u32 = 4_000;
+    let pg = TestPg::start().await.expect("postgres");
+    let store = pg.store().await.expect("store");
+    let metrics = GroupMetrics::new(&Registry::new()).expect("metrics");
+    let config = GroupConfig {
+        writers: 4,
+        copy_slots: 1,
+        max_hosts: 2,
+        ..GroupConfig::default()
+    };
+    let (writer, _tasks) = GroupWriter::start(store.clone(), config, metrics);
+    let mut maps = Vec::new();
+    for h in 0..HOSTS {
+        maps.push(registered(&store, &format!("gpu-{h:02}")).await);
+    }
+    let start = start_ms();
+
+    // Watches the database's own view of running statements while the hosts write.
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watcher = {
+        let (store, done) = (store.clone(), done.clone());
+        tokio::spawn(async move {
+            let (mut most, mut seen) = (0i64, 0u64);
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                let running: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM pg_stat_activity
+                     WHERE state = 'active' AND query LIKE 'COPY samples%'
+                       AND pid <> pg_backend_pid()",
+                )
+                .fetch_one(store.pool())
+                .await
+                .expect("pg_stat_activity");
+                most = most.max(running);
+                seen += u64::from(running > 0);
+            }
+            (most, seen)
+        })
+    };
+    let mut tasks = tokio::task::JoinSet::new();
+    for h in 0..HOSTS {
+        let (writer, map) = (writer.clone(), maps[h as usize].clone());
+        tasks.spawn(async move {
+            for seq in 1..=BATCHES {
+                let outcome = writer
+                    .ingest(
+                        format!("gpu-{h:02}"),
+                        Arc::new(vec![big_batch(seq, POINTS, start)]),
+                        map.clone(),
+                    )
+                    .await
+                    .unwrap_or_else(|e| panic!("gpu-{h:02} batch {seq}: {e}"));
+                assert_eq!(outcome.cursor, seq);
+            }
+        });
+    }
+    let all = async {
+        while let Some(joined) = tasks.join_next().await {
+            joined.expect("host task");
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(120), all)
+        .await
+        .expect("every request answered within 2 minutes");
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (most, seen) = watcher.await.expect("watcher");
+    assert!(
+        seen > 0,
+        "the watcher saw no COPY running: it proves nothing"
+    );
+    assert_eq!(most, 1, "COPYs running at once with one slot");
+    for (h, map) in maps.iter().enumerate() {
+        assert_eq!(
+            host_samples(&store, map).await,
+            (i64::from(3 * POINTS) * BATCHES as i64, 0),
+            "gpu-{h:02}: every sample once"
+        );
+    }
 }

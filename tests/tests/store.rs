@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use razar_collector::embedded_pg::{EmbeddedPg, EmbeddedPgError, EmbeddedPgOptions};
-use razar_collector::store::{SeriesId, Store};
+use razar_collector::store::{SeriesId, SeriesMap, Store};
 use razar_shared::domain::{ComponentState, Severity};
 use razar_shared::protocol::{
     Batch, Event, EventKind, GpuInfo, Hello, SeriesDef, SeriesPoints, Subject,
@@ -88,10 +88,7 @@ fn batches(
 }
 
 /// Every point the batches carry, per database series id.
-fn expected_points(
-    batches: &[Batch],
-    map: &HashMap<u32, SeriesId>,
-) -> HashMap<SeriesId, Vec<(i64, u64)>> {
+fn expected_points(batches: &[Batch], map: &SeriesMap) -> HashMap<SeriesId, Vec<(i64, u64)>> {
     let mut out: HashMap<SeriesId, Vec<(i64, u64)>> = HashMap::new();
     for b in batches {
         for s in &b.series {
@@ -145,7 +142,7 @@ async fn assert_exactly_once(
     }
 }
 
-async fn setup(pg: &TestPg, n_series: u32) -> (Store, Vec<SeriesDef>, HashMap<u32, SeriesId>) {
+async fn setup(pg: &TestPg, n_series: u32) -> (Store, Vec<SeriesDef>, SeriesMap) {
     let store = pg.store().await.expect("store");
     store
         .record_hello(&hello(HOST), Utc::now())

@@ -16,7 +16,7 @@ use chrono::{DateTime, Utc};
 use razar_shared::protocol::{Batch, Event, EventKind, Subject};
 
 use super::copy::SampleCopy;
-use super::{day_of, from_millis, SeriesId, Store, StoreError};
+use super::{day_of, from_millis, SeriesMap, Store, StoreError};
 
 /// What one agent's part of an ingest stored.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -40,7 +40,7 @@ pub struct IngestItem<'a> {
     /// Its batches in sequence order.
     pub batches: &'a [Batch],
     /// Its series ids mapped to database ids ([`Store::register_series`]).
-    pub series: &'a HashMap<u32, SeriesId>,
+    pub series: &'a SeriesMap,
 }
 
 /// What a group commit did, for the caller's metrics.
@@ -60,6 +60,10 @@ impl IngestItem<'_> {
         let mut days = BTreeSet::new();
         let mut last_day = None;
         for batch in self.batches {
+            // Representable timestamps form one range, so the batch's earliest and latest
+            // point stand for all of its points: no date arithmetic per sample or per
+            // series (this runs for every sample stored).
+            let mut range: Option<(u32, u32)> = None;
             for points in &batch.series {
                 if !self.series.contains_key(&points.series) {
                     return Err(StoreError::UnknownSeries {
@@ -68,12 +72,14 @@ impl IngestItem<'_> {
                         series: points.series,
                     });
                 }
-                // Representable timestamps form one range, so the earliest and latest
-                // point of a series stand for all of its points (no date arithmetic per
-                // sample: this runs for every sample stored).
-                let Some((first, last)) = offset_range(&points.points) else {
-                    continue;
-                };
+                if let Some((lo, hi)) = offset_range(&points.points) {
+                    range = Some(match range {
+                        Some((a, b)) => (a.min(lo), b.max(hi)),
+                        None => (lo, hi),
+                    });
+                }
+            }
+            if let Some((first, last)) = range {
                 let first = batch.base_ts_ms.saturating_add(i64::from(first));
                 let last = batch.base_ts_ms.saturating_add(i64::from(last));
                 for ts in [first, last] {
@@ -131,7 +137,7 @@ impl Store {
         &self,
         host: &str,
         batches: &[Batch],
-        series: &HashMap<u32, SeriesId>,
+        series: &SeriesMap,
     ) -> Result<IngestOutcome, StoreError> {
         let item = IngestItem {
             host,
@@ -139,7 +145,7 @@ impl Store {
             series,
         };
         let days = item.check()?;
-        let commit = self.ingest_checked(&[item], &days).await?;
+        let commit = self.ingest_checked(&[item], &days, None).await?;
         Ok(commit.outcomes.into_iter().next().unwrap_or_default())
     }
 
@@ -163,15 +169,17 @@ impl Store {
         }
         days.sort_unstable();
         days.dedup();
-        Ok(self.ingest_checked(items, &days).await?.outcomes)
+        Ok(self.ingest_checked(items, &days, None).await?.outcomes)
     }
 
     /// [`Store::ingest_group`] for items already checked; `days` are the days their
-    /// samples fall on.
+    /// samples fall on. With `copy_slots`, the samples' `COPY` runs only while holding
+    /// one of its permits.
     pub(crate) async fn ingest_checked(
         &self,
         items: &[IngestItem<'_>],
         days: &[i64],
+        copy_slots: Option<&tokio::sync::Semaphore>,
     ) -> Result<GroupCommit, StoreError> {
         if items.is_empty() {
             return Ok(GroupCommit::default());
@@ -262,6 +270,19 @@ impl Store {
                 }
                 outcomes[index].samples += copy.rows() - before;
             }
+            // With the rows ready, wait for a COPY slot (if limited): each running COPY
+            // extends the same heap, and past a few of them they mostly wait on the
+            // relation extension lock while the CPU idles (BENCHMARKS.md). The cursor
+            // statements and the commit run outside the slot.
+            let _slot = match copy_slots {
+                Some(slots) => Some(
+                    slots
+                        .acquire()
+                        .await
+                        .map_err(|_| StoreError::Db(sqlx::Error::PoolClosed))?,
+                ),
+                None => None,
+            };
             let mut sink = tx
                 .copy_in_raw("COPY samples (series_id, ts, value) FROM STDIN (FORMAT binary)")
                 .await?;
@@ -480,7 +501,7 @@ mod tests {
     }
 
     fn check(batches: &[Batch]) -> Result<Vec<i64>, StoreError> {
-        let series = HashMap::from([(1, 10)]);
+        let series = SeriesMap::from_iter([(1, 10)]);
         IngestItem {
             host: "h",
             batches,

@@ -31,6 +31,11 @@ pub const WINDOW_MS: i64 = 10 * 60 * 1000;
 /// A database series id (the agent's own ids are `u32`, mapped per host).
 pub type SeriesId = i64;
 
+/// An agent's series ids mapped to database ids ([`Store::register_series`]). Looked up
+/// for every sample stored, so it hashes with FxHash rather than SipHash: the keys come
+/// from an authenticated agent's own definitions and only ever collide within its map.
+pub type SeriesMap = HashMap<u32, SeriesId, rustc_hash::FxBuildHasher>;
+
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -315,7 +320,7 @@ impl Store {
         &self,
         host: &str,
         defs: &[SeriesDef],
-    ) -> Result<HashMap<u32, SeriesId>, StoreError> {
+    ) -> Result<SeriesMap, StoreError> {
         // One row per distinct (metric, labels); several agent ids may share it.
         let mut keys: Vec<(String, serde_json::Value)> = Vec::new();
         let mut index: HashMap<(String, String), usize> = HashMap::new();
@@ -335,7 +340,7 @@ impl Store {
             agent_ids.push((def.id, slot));
         }
         if keys.is_empty() {
-            return Ok(HashMap::new());
+            return Ok(SeriesMap::default());
         }
         let metrics: Vec<&str> = keys.iter().map(|k| k.0.as_str()).collect();
         let labels: Vec<&serde_json::Value> = keys.iter().map(|k| &k.1).collect();

@@ -8,7 +8,8 @@ use crate::protocol::{
     Refusal, RefusalReason, SeriesDef, SessionConfig, UnixMillis, Welcome, PROTOCOL_MAX,
     PROTOCOL_MIN,
 };
-use std::collections::{HashMap, VecDeque};
+use rustc_hash::FxHashMap;
+use std::collections::VecDeque;
 use std::time::Instant;
 
 /// Where one collector connection stands.
@@ -61,7 +62,8 @@ pub struct CollectorSession {
     version: u16,
     config: SessionConfig,
     clock: Option<WallClock>,
-    series: HashMap<u32, SeriesDef>,
+    /// Checked for every series of every batch: a fast hasher for the small keys.
+    series: FxHashMap<u32, SeriesDef>,
     cursor: u64,
     /// Highest batch seq passed to the driver on this connection (or the cursor).
     received_seq: u64,
@@ -82,7 +84,7 @@ impl CollectorSession {
             version: 0,
             config: SessionConfig::default(),
             clock: None,
-            series: HashMap::new(),
+            series: FxHashMap::default(),
             cursor: 0,
             received_seq: 0,
             duplicates: 0,
