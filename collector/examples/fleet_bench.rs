@@ -228,7 +228,12 @@ fn main() -> anyhow::Result<()> {
     }
     let plan = Plan::from(Opts::parse())?;
     razar_shared::tls::install_crypto_provider();
+    // One worker: the simulated agents stand for other machines, so the load generator
+    // should take as little of the collector's and PostgreSQL's cores as it can; on one
+    // thread its tasks wake each other without cross-thread hand-offs. (Row generation
+    // for the anchor runs via block_in_place, off that thread.)
     let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
         .enable_all()
         .build()?;
     rt.block_on(bench(plan))
