@@ -887,7 +887,10 @@ impl CopyBuf {
     }
 }
 
-async fn raw_copy(store: &Store, buf: Vec<u8>) -> Result<(), sqlx::Error> {
+async fn raw_copy(
+    store: &Store,
+    buf: impl std::ops::Deref<Target = [u8]>,
+) -> Result<(), sqlx::Error> {
     let mut tx = store.pool().begin().await?;
     let mut sink = tx
         .copy_in_raw("COPY samples (series_id, ts, value) FROM STDIN (FORMAT binary)")
@@ -2033,13 +2036,7 @@ async fn sustained_anchor(env: &mut Env, source: &mut RowSource) -> anyhow::Resu
             let mut rows = 0u64;
             while Instant::now() < end {
                 let (buf, n) = &pool[next.fetch_add(1, Ordering::Relaxed) % pool.len()];
-                let mut tx = store.pool().begin().await?;
-                let mut sink = tx
-                    .copy_in_raw("COPY samples (series_id, ts, value) FROM STDIN (FORMAT binary)")
-                    .await?;
-                sink.send(buf.clone()).await?;
-                sink.finish().await?;
-                tx.commit().await?;
+                raw_copy(&store, buf.clone()).await?;
                 rows += n;
             }
             Ok::<_, sqlx::Error>(rows)

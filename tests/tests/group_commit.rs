@@ -285,11 +285,17 @@ struct Writer {
 }
 
 fn writer(store: &Store, writers: usize) -> Writer {
+    writer_with(
+        store,
+        GroupConfig {
+            writers,
+            ..GroupConfig::default()
+        },
+    )
+}
+
+fn writer_with(store: &Store, config: GroupConfig) -> Writer {
     let metrics = GroupMetrics::new(&Registry::new()).expect("metrics");
-    let config = GroupConfig {
-        writers,
-        ..GroupConfig::default()
-    };
     let (writer, _tasks) = GroupWriter::start(store.clone(), config, metrics.clone());
     Writer { writer, metrics }
 }
@@ -628,14 +634,15 @@ async fn copy_slots_bound_the_copies_running_at_once() {
     const POINTS: u32 = 4_000;
     let pg = TestPg::start().await.expect("postgres");
     let store = pg.store().await.expect("store");
-    let metrics = GroupMetrics::new(&Registry::new()).expect("metrics");
-    let config = GroupConfig {
-        writers: 4,
-        copy_slots: 1,
-        max_hosts: 2,
-        ..GroupConfig::default()
-    };
-    let (writer, _tasks) = GroupWriter::start(store.clone(), config, metrics);
+    let w = writer_with(
+        &store,
+        GroupConfig {
+            writers: 4,
+            copy_slots: 1,
+            max_hosts: 2,
+            ..GroupConfig::default()
+        },
+    );
     let mut maps = Vec::new();
     for h in 0..HOSTS {
         maps.push(registered(&store, &format!("gpu-{h:02}")).await);
@@ -665,7 +672,7 @@ async fn copy_slots_bound_the_copies_running_at_once() {
     };
     let mut tasks = tokio::task::JoinSet::new();
     for h in 0..HOSTS {
-        let (writer, map) = (writer.clone(), maps[h as usize].clone());
+        let (writer, map) = (w.writer.clone(), maps[h as usize].clone());
         tasks.spawn(async move {
             for seq in 1..=BATCHES {
                 let outcome = writer
