@@ -38,6 +38,35 @@ pub struct CollectorConfig {
     pub retention_days: NonZeroU32,
     /// Raw samples older than this are compacted into per-series chunks.
     pub compact_after: Duration,
+    /// A host the store has online when the collector starts is marked lost unless it
+    /// reconnects within this time (it died while the collector was down).
+    pub lost_after_restart: Duration,
+    /// When `/api/v1/health` says `degraded`.
+    pub health: HealthLimits,
+}
+
+/// Limits past which health says `degraded` (`[health]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HealthLimits {
+    /// A connected host whose unacknowledged data has not advanced (no commit) for this
+    /// long is stuck.
+    pub stuck_after: Duration,
+    /// The database answering health's probe slower than this is slow.
+    pub database_slow: Duration,
+    /// The maintenance task (partitions, compaction, retention; every minute) must
+    /// complete a run at least this often.
+    pub maintenance_deadline: Duration,
+}
+
+impl Default for HealthLimits {
+    /// Stuck after 2 min, slow database above 1 s, maintenance within 10 min.
+    fn default() -> HealthLimits {
+        HealthLimits {
+            stuck_after: Duration::from_secs(120),
+            database_slow: Duration::from_secs(1),
+            maintenance_deadline: Duration::from_secs(600),
+        }
+    }
 }
 
 /// Certificate files of the collector.
@@ -108,6 +137,16 @@ struct RawConfig {
     heartbeat: RawHeartbeat,
     #[serde(default)]
     retention: RawRetention,
+    #[serde(default)]
+    health: RawHealth,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHealth {
+    stuck_after: Option<Spanned<String>>,
+    database_slow: Option<Spanned<String>>,
+    maintenance_deadline: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -140,6 +179,7 @@ struct RawDatabase {
 struct RawHeartbeat {
     interval: Option<Spanned<String>>,
     lost_after_missed: Option<Spanned<u32>>,
+    lost_after_restart: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -175,6 +215,8 @@ impl CollectorConfig {
             lost_after_missed: NonZeroU32::new(3).unwrap_or(NonZeroU32::MIN),
             retention_days: NonZeroU32::new(30).unwrap_or(NonZeroU32::MIN),
             compact_after: Duration::from_secs(15 * 60),
+            lost_after_restart: Duration::from_secs(60),
+            health: HealthLimits::default(),
         }
     }
 
@@ -298,6 +340,25 @@ impl CollectorConfig {
         if let Some(d) = &raw.retention.compact_after {
             if let Some(d) = v.duration("retention.compact_after", d) {
                 cfg.compact_after = d;
+            }
+        }
+        if let Some(d) = &raw.heartbeat.lost_after_restart {
+            if let Some(d) = v.duration("heartbeat.lost_after_restart", d) {
+                cfg.lost_after_restart = d;
+            }
+        }
+        let health = [
+            ("health.stuck_after", &raw.health.stuck_after, &mut cfg.health.stuck_after),
+            ("health.database_slow", &raw.health.database_slow, &mut cfg.health.database_slow),
+            (
+                "health.maintenance_deadline",
+                &raw.health.maintenance_deadline,
+                &mut cfg.health.maintenance_deadline,
+            ),
+        ];
+        for (key, raw, value) in health {
+            if let Some(d) = raw.as_ref().and_then(|d| v.duration(key, d)) {
+                *value = d;
             }
         }
         if v.issues.is_empty() {
@@ -477,6 +538,35 @@ mod tests {
         check_err(
             "[database]\ningest_copy_slots = 0\n",
             &[(2, "database.ingest_copy_slots", "at least 1")],
+        );
+    }
+
+    #[test]
+    fn health_limits_and_lost_after_restart() {
+        let parse = |text: &str| CollectorConfig::parse(Path::new("c.toml"), text);
+        let d = parse("").unwrap();
+        assert_eq!(d.health, HealthLimits::default());
+        assert_eq!(d.lost_after_restart, Duration::from_secs(60));
+        let set = parse(
+            "[heartbeat]\nlost_after_restart = \"5m\"\n[health]\nstuck_after = \"30s\"\n\
+             database_slow = \"250ms\"\nmaintenance_deadline = \"1h\"\n",
+        )
+        .unwrap();
+        assert_eq!(set.lost_after_restart, Duration::from_secs(300));
+        assert_eq!(
+            set.health,
+            HealthLimits {
+                stuck_after: Duration::from_secs(30),
+                database_slow: Duration::from_millis(250),
+                maintenance_deadline: Duration::from_secs(3_600),
+            }
+        );
+        check_err(
+            "[health]\nstuck_after = \"0s\"\ndatabase_slow = \"soon\"\n",
+            &[
+                (2, "health.stuck_after", "greater than zero"),
+                (3, "health.database_slow", "not a duration"),
+            ],
         );
     }
 

@@ -22,6 +22,7 @@
 //!   the same day's heap, and past a few of them they mostly wait on its extension lock.
 
 use crate::store::{IngestItem, IngestOutcome, SeriesMap, Store, StoreError};
+use crate::supervise::{Beat, Tasks};
 use prometheus::{Histogram, HistogramOpts, IntCounter, Registry};
 use razar_shared::protocol::Batch;
 use std::collections::{HashSet, VecDeque};
@@ -156,6 +157,28 @@ impl GroupWriter {
         config: GroupConfig,
         metrics: GroupMetrics,
     ) -> (GroupWriter, Vec<JoinHandle<()>>) {
+        Self::spawn(store, config, metrics, None)
+    }
+
+    /// [`GroupWriter::start`] with each writer supervised by `tasks` as
+    /// `ingest_writer_<n>`: a writer that panics is counted, shown in health and
+    /// restarted (the requests of its group are answered [`GroupError::Stopped`], and
+    /// their connections retry); each group written is a completed run.
+    pub fn start_supervised(
+        store: Store,
+        config: GroupConfig,
+        metrics: GroupMetrics,
+        tasks: &Arc<Tasks>,
+    ) -> (GroupWriter, Vec<JoinHandle<()>>) {
+        Self::spawn(store, config, metrics, Some(tasks))
+    }
+
+    fn spawn(
+        store: Store,
+        config: GroupConfig,
+        metrics: GroupMetrics,
+        tasks: Option<&Arc<Tasks>>,
+    ) -> (GroupWriter, Vec<JoinHandle<()>>) {
         let limits = Limits {
             max_samples: config.max_samples.max(1),
             max_hosts: config.max_hosts.max(1),
@@ -172,7 +195,19 @@ impl GroupWriter {
             copy_slots: Arc::new(Semaphore::new(config.copy_slots.max(1))),
         };
         let tasks = (0..config.writers.max(1))
-            .map(|_| tokio::spawn(run_writer(writer.clone(), queue.clone(), limits)))
+            .map(|n| match tasks {
+                Some(tasks) => {
+                    let (writer, queue) = (writer.clone(), queue.clone());
+                    tasks.spawn(&format!("ingest_writer_{n}"), None, None, move |beat| {
+                        let run = run_writer(writer.clone(), queue.clone(), limits, Some(beat));
+                        async move {
+                            run.await;
+                            Ok::<(), std::convert::Infallible>(())
+                        }
+                    })
+                }
+                None => tokio::spawn(run_writer(writer.clone(), queue.clone(), limits, None)),
+            })
             .collect();
         (GroupWriter { requests }, tasks)
     }
@@ -321,7 +356,9 @@ struct Writer {
     copy_slots: Arc<Semaphore>,
 }
 
-async fn run_writer(writer: Writer, queue: Arc<Mutex<Queue>>, limits: Limits) {
+/// One writer: ends once every sender is gone and the queue is empty. `beat` marks each
+/// group written (its liveness for health).
+async fn run_writer(writer: Writer, queue: Arc<Mutex<Queue>>, limits: Limits, beat: Option<Beat>) {
     loop {
         let group = {
             let mut queue = queue.lock().await;
@@ -331,6 +368,9 @@ async fn run_writer(writer: Writer, queue: Arc<Mutex<Queue>>, limits: Limits) {
             return;
         };
         write_group(&writer, group).await;
+        if let Some(beat) = &beat {
+            beat.ok();
+        }
     }
 }
 

@@ -302,6 +302,12 @@ impl Conn {
             CollectorEvent::HelloReceived(hello) => self.hello(hello).await,
             CollectorEvent::SeriesDefined(defs) => self.ops.push_back(Op::Define(defs)),
             CollectorEvent::Batch(batch) => {
+                if self.pending_batches == 0 {
+                    // Nothing was waiting: the clock for "not advancing" starts now.
+                    self.shared
+                        .liveness
+                        .unacked(&self.host, Some(Instant::now()));
+                }
                 self.pending_batches += 1;
                 self.pending_samples += batch.sample_count();
                 self.ops.push_back(Op::Batch(batch, Instant::now()));
@@ -450,8 +456,10 @@ impl Conn {
                 let now = Instant::now();
                 let m = &self.shared.metrics;
                 let mut highest = 0;
+                let mut newest_ms: Option<i64> = None;
                 for (b, arrived) in batches.iter().zip(&arrived) {
                     highest = highest.max(b.seq);
+                    newest_ms = newest_ms.max(Some(newest_data_ms(b)));
                     self.pending_batches = self.pending_batches.saturating_sub(1);
                     self.pending_samples = self.pending_samples.saturating_sub(b.sample_count());
                     m.ack_latency
@@ -465,6 +473,12 @@ impl Conn {
                 // The store's cursor may be ahead of this connection (an older
                 // connection of the host committed more); acknowledge what we received.
                 let upto = outcome.cursor.min(highest);
+                let liveness = &self.shared.liveness;
+                if let Some(ms) = newest_ms {
+                    liveness.stored(&self.host, ms);
+                }
+                // Progress: what still waits counts from this commit.
+                liveness.unacked(&self.host, (self.pending_batches > 0).then_some(now));
                 if let Err(e) = self.session.committed(upto) {
                     tracing::error!(host = %self.host, error = %e, "cannot acknowledge");
                 }
@@ -512,6 +526,7 @@ impl Conn {
         self.ops.clear();
         self.pending_batches = 0;
         self.pending_samples = 0;
+        self.shared.liveness.unacked(&self.host, None);
     }
 
     /// Sends what is left (the refusal) briefly, then closes with the refusal's code.
@@ -541,6 +556,18 @@ async fn sleep_until(deadline: Option<Instant>) {
         Some(at) => tokio::time::sleep_until(at.into()).await,
         None => std::future::pending().await,
     }
+}
+
+/// The agent timestamp (Unix ms) of a batch's newest sample or event (its base time
+/// when it carries none).
+fn newest_data_ms(batch: &Batch) -> i64 {
+    let samples = batch
+        .series
+        .iter()
+        .flat_map(|s| s.points.iter())
+        .map(|(offset, _)| batch.base_ts_ms.saturating_add(i64::from(*offset)));
+    let events = batch.events.iter().map(|e| e.ts_ms);
+    samples.chain(events).max().unwrap_or(batch.base_ts_ms)
 }
 
 fn hex_id(id: &[u8; 16]) -> String {

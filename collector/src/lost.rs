@@ -3,8 +3,16 @@
 //! host lost in the store once nothing was heard from it for the grace period (and no
 //! connection of it is paused by back-pressure), and back when it is welcomed again.
 //! It also writes `last_seen` to the store, at most every few seconds per host.
+//!
+//! At start it takes every host the store has `online` as heard at that moment, with a
+//! longer grace (`lost_after_restart`): a host that died while the collector was down
+//! is marked lost once it does not reconnect in time.
+//!
+//! The same record tells health which hosts have unacknowledged data that does not
+//! advance, and how far behind the most-behind connected host's stored data is.
 
 use crate::store::Store;
+use crate::supervise::Beat;
 use chrono::Utc;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -28,6 +36,38 @@ struct Host {
     back_pending: bool,
     last_touch: Option<Instant>,
     heard_since_touch: bool,
+    /// Since when received data waits for its commit without any commit of this host
+    /// (`None`: nothing waits).
+    unacked_since: Option<Instant>,
+    /// Agent timestamp (Unix ms) of the newest data of this host stored by this process.
+    newest_stored_ms: Option<i64>,
+}
+
+impl Host {
+    fn new(now: Instant) -> Host {
+        Host {
+            last_heard: now,
+            connections: 0,
+            paused: 0,
+            lost: false,
+            back_pending: false,
+            last_touch: None,
+            heard_since_touch: true,
+            unacked_since: None,
+            newest_stored_ms: None,
+        }
+    }
+}
+
+/// What health needs from ingest: stuck hosts and the lag of the most-behind one.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct IngestReport {
+    /// Connected hosts whose unacknowledged data has not advanced for the limit, with
+    /// how long, most stuck first.
+    pub stuck: Vec<(String, Duration)>,
+    /// Now minus the newest stored data's timestamp of the most-behind connected host
+    /// (seconds; `None` before any connected host had data stored).
+    pub lag_seconds: Option<f64>,
 }
 
 /// Shared record of what each host was last heard.
@@ -45,15 +85,7 @@ impl Liveness {
     /// A connection presenting `host`'s certificate was accepted.
     pub fn connected(&self, host: &str, now: Instant) {
         let mut hosts = self.lock();
-        let entry = hosts.entry(host.to_owned()).or_insert(Host {
-            last_heard: now,
-            connections: 0,
-            paused: 0,
-            lost: false,
-            back_pending: false,
-            last_touch: None,
-            heard_since_touch: true,
-        });
+        let entry = hosts.entry(host.to_owned()).or_insert_with(|| Host::new(now));
         entry.connections += 1;
         entry.last_heard = now;
     }
@@ -96,6 +128,66 @@ impl Liveness {
             if was_paused {
                 h.paused = h.paused.saturating_sub(1);
             }
+            if h.connections == 0 {
+                h.unacked_since = None;
+            }
+        }
+    }
+
+    /// Hosts the store has online when the collector starts: each counts as heard at
+    /// `now`, and is due lost once silent for `restart_grace` (instead of the usual
+    /// grace: agents reconnect with their own backoff). Hosts already known are left
+    /// alone.
+    pub fn seed_online(&self, hosts: &[String], now: Instant, grace: Duration, restart_grace: Duration) {
+        let mut map = self.lock();
+        // Silence counts from `last_heard`: placing it ahead of now makes the host due
+        // at `now + restart_grace`.
+        let heard = now + restart_grace.saturating_sub(grace);
+        for host in hosts {
+            map.entry(host.clone()).or_insert_with(|| Host {
+                // Not heard yet: its `last_seen` stays what the store has.
+                heard_since_touch: false,
+                ..Host::new(heard)
+            });
+        }
+    }
+
+    /// Data of `host` waits for its commit since `since` (`None`: nothing waits). Set
+    /// when data arrives with nothing waiting, and after each commit.
+    pub fn unacked(&self, host: &str, since: Option<Instant>) {
+        if let Some(h) = self.lock().get_mut(host) {
+            h.unacked_since = since;
+        }
+    }
+
+    /// Data of `host` up to agent time `newest_ms` (Unix ms) is stored.
+    pub fn stored(&self, host: &str, newest_ms: i64) {
+        if let Some(h) = self.lock().get_mut(host) {
+            h.newest_stored_ms = Some(h.newest_stored_ms.map_or(newest_ms, |n| n.max(newest_ms)));
+        }
+    }
+
+    /// Stuck hosts (unacknowledged data not advanced for `stuck_after`) and the ingest
+    /// lag, among connected hosts, at `now` (`now_ms`: the same moment in Unix ms).
+    pub fn ingest_report(&self, now: Instant, now_ms: i64, stuck_after: Duration) -> IngestReport {
+        let hosts = self.lock();
+        let mut stuck: Vec<(String, Duration)> = hosts
+            .iter()
+            .filter(|(_, h)| h.connections > 0)
+            .filter_map(|(name, h)| {
+                let waited = now.saturating_duration_since(h.unacked_since?);
+                (waited >= stuck_after).then(|| (name.clone(), waited))
+            })
+            .collect();
+        stuck.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        let oldest = hosts
+            .values()
+            .filter(|h| h.connections > 0)
+            .filter_map(|h| h.newest_stored_ms)
+            .min();
+        IngestReport {
+            stuck,
+            lag_seconds: oldest.map(|ms| (now_ms.saturating_sub(ms)).max(0) as f64 / 1e3),
         }
     }
 
@@ -132,18 +224,43 @@ fn due(liveness: &Liveness, grace: Duration, now: Instant) -> Due {
     out
 }
 
+/// The lost-host task's timing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LostTiming {
+    /// Silence after which a connected host is lost.
+    pub grace: Duration,
+    /// Silence after the collector's start after which a host the store had online is
+    /// lost (it died while the collector was down, or does not come back).
+    pub restart_grace: Duration,
+}
+
+impl LostTiming {
+    /// How often the task looks.
+    pub fn tick(&self) -> Duration {
+        (self.grace / 8).clamp(Duration::from_millis(20), Duration::from_millis(500))
+    }
+
+    /// A run (tick) must complete at least this often for health: 30 s, or 4 graces.
+    pub fn deadline(&self) -> Duration {
+        Duration::from_secs(30).max(self.grace.saturating_mul(4))
+    }
+}
+
 /// Runs the lost-host task until `shutdown` turns true (or its sender is dropped).
-/// Store failures are retried at the next tick.
+/// Store failures are retried at the next tick; `beat` marks each tick that completed
+/// without one.
 pub async fn run(
     liveness: Arc<Liveness>,
     store: Store,
-    grace: Duration,
+    timing: LostTiming,
     events: mpsc::UnboundedSender<HostTransition>,
     mut shutdown: watch::Receiver<bool>,
+    beat: Beat,
 ) {
-    let tick = (grace / 8).clamp(Duration::from_millis(20), Duration::from_millis(500));
-    let mut interval = tokio::time::interval(tick);
+    let grace = timing.grace;
+    let mut interval = tokio::time::interval(timing.tick());
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut seeded = false;
     loop {
         tokio::select! {
             _ = interval.tick() => {}
@@ -151,6 +268,22 @@ pub async fn run(
         }
         if *shutdown.borrow() {
             return;
+        }
+        let mut clean = true;
+        if !seeded {
+            match store.online_hosts().await {
+                Ok(hosts) => {
+                    if !hosts.is_empty() {
+                        tracing::info!(hosts = hosts.len(), restart_grace_ms = timing.restart_grace.as_millis() as u64, "hosts online at start: each is lost unless it reconnects in time");
+                    }
+                    liveness.seed_online(&hosts, Instant::now(), grace, timing.restart_grace);
+                    seeded = true;
+                }
+                Err(e) => {
+                    clean = false;
+                    tracing::warn!(error = %e, "cannot read the hosts online at start; retrying");
+                }
+            }
         }
         let now = Instant::now();
         let work = due(&liveness, grace, now);
@@ -167,6 +300,7 @@ pub async fn run(
                     }
                 }
                 Err(e) => {
+                    clean = false;
                     tracing::warn!(host = %host, error = %e, "cannot record host back; retrying")
                 }
             }
@@ -192,18 +326,27 @@ pub async fn run(
                     }
                 }
                 Err(e) => {
+                    clean = false;
                     tracing::warn!(host = %host, error = %e, "cannot record host lost; retrying")
                 }
             }
         }
         // One statement for every host due, so 10,000 hosts cost one commit a tick, not
         // 10,000 (which once delayed the lost checks above by seconds).
-        if !work.touch.is_empty() && store.touch_hosts(&work.touch, Utc::now()).await.is_ok() {
-            let mut hosts = liveness.lock();
-            for host in &work.touch {
-                if let Some(h) = hosts.get_mut(host) {
-                    h.last_touch = Some(now);
-                    h.heard_since_touch = false;
+        if !work.touch.is_empty() {
+            match store.touch_hosts(&work.touch, Utc::now()).await {
+                Ok(()) => {
+                    let mut hosts = liveness.lock();
+                    for host in &work.touch {
+                        if let Some(h) = hosts.get_mut(host) {
+                            h.last_touch = Some(now);
+                            h.heard_since_touch = false;
+                        }
+                    }
+                }
+                Err(e) => {
+                    clean = false;
+                    tracing::debug!(error = %e, "cannot record last_seen; retrying");
                 }
             }
         }
@@ -211,6 +354,9 @@ pub async fn run(
         liveness
             .lock()
             .retain(|_, h| !(h.lost && h.connections == 0 && !h.back_pending));
+        if clean {
+            beat.ok();
+        }
     }
 }
 
@@ -248,6 +394,51 @@ mod tests {
         assert!(due(&l, grace, t0 + Duration::from_secs(13))
             .lost
             .contains(&b));
+    }
+
+    #[test]
+    fn a_host_online_at_start_is_due_lost_after_the_restart_grace_unless_it_reconnects() {
+        let l = Liveness::default();
+        let t0 = Instant::now();
+        let grace = Duration::from_secs(3);
+        let restart = Duration::from_secs(20);
+        l.connected("back", t0);
+        l.seed_online(&["dead".into(), "back".into(), "late".into()], t0, grace, restart);
+        assert!(due(&l, grace, t0 + Duration::from_secs(19)).lost.is_empty());
+        l.connected("late", t0 + Duration::from_secs(19));
+        let d = due(&l, grace, t0 + restart);
+        assert_eq!(d.lost, vec!["dead".to_string()]);
+        // A restart grace below the grace is the grace.
+        let l = Liveness::default();
+        l.seed_online(&["dead".into()], t0, grace, Duration::from_secs(1));
+        assert!(due(&l, grace, t0 + Duration::from_millis(2_999)).lost.is_empty());
+        assert_eq!(due(&l, grace, t0 + grace).lost, vec!["dead".to_string()]);
+    }
+
+    #[test]
+    fn ingest_report_names_stuck_connected_hosts_and_the_most_behind_lag() {
+        let l = Liveness::default();
+        let t0 = Instant::now();
+        let stuck_after = Duration::from_secs(10);
+        for h in ["a", "b", "c", "gone"] {
+            l.connected(h, t0);
+        }
+        l.unacked("a", Some(t0));
+        l.unacked("b", Some(t0 + Duration::from_secs(5)));
+        l.unacked("gone", Some(t0));
+        l.disconnected("gone", false);
+        l.stored("a", 1_000);
+        l.stored("a", 900);
+        l.stored("b", 4_000);
+        l.stored("gone", 0);
+        let r = l.ingest_report(t0 + Duration::from_secs(12), 10_000, stuck_after);
+        assert_eq!(r.stuck, vec![("a".to_string(), Duration::from_secs(12))]);
+        assert_eq!(r.lag_seconds, Some(9.0));
+        // A commit moves it on; nothing waiting is never stuck.
+        l.unacked("a", None);
+        let r = l.ingest_report(t0 + Duration::from_secs(15), 10_000, stuck_after);
+        assert_eq!(r.stuck, vec![("b".to_string(), Duration::from_secs(10))]);
+        assert_eq!(Liveness::default().ingest_report(t0, 0, stuck_after), IngestReport::default());
     }
 
     #[test]

@@ -11,8 +11,9 @@
 
 use crate::group::{GroupConfig, GroupMetrics, GroupWriter};
 use crate::ingest;
-use crate::lost::{self, HostTransition, Liveness};
+use crate::lost::{self, HostTransition, Liveness, LostTiming};
 use crate::store::Store;
+use crate::supervise::{RestartBackoff, Tasks};
 use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 use razar_shared::protocol::{Command, SessionConfig};
 use razar_shared::tls::{self, ServerTlsFiles, TlsError};
@@ -92,11 +93,15 @@ pub struct IngestConfig {
     /// stateless reset, and they reconnect at once instead of waiting out the missed
     /// heartbeats. `None`: a random key (quinn's default).
     pub reset_key: Option<[u8; 32]>,
+    /// A host the store has online when the collector starts is marked lost unless it
+    /// reconnects within this time (it died while the collector was down).
+    pub lost_after_restart: Duration,
 }
 
 impl IngestConfig {
     /// Defaults: heartbeats 1 s, lost after 3 missed, window 64 batches, keep-alive 1 s,
-    /// idle timeout 10 s, 256 batches per write request, pause at 512 batches or 500,000
+    /// idle timeout 10 s, hosts online at start lost after 60 s without reconnecting,
+    /// 256 batches per write request, pause at 512 batches or 500,000
     /// samples pending, 8 series registrations at once, 4 group writers (groups of at
     /// most 50,000 samples or 256 hosts), 2.5 s for the `Hello`.
     pub fn new(
@@ -118,6 +123,7 @@ impl IngestConfig {
             group: GroupConfig::default(),
             hello_timeout: Duration::from_millis(2_500),
             reset_key: None,
+            lost_after_restart: Duration::from_secs(60),
         }
     }
 
@@ -367,6 +373,7 @@ pub struct Collector {
     accept_task: JoinHandle<()>,
     lost_task: JoinHandle<()>,
     writer_tasks: Vec<JoinHandle<()>>,
+    tasks: Arc<Tasks>,
     transitions: Mutex<Option<mpsc::UnboundedReceiver<HostTransition>>>,
     started: Instant,
 }
@@ -440,9 +447,10 @@ impl Collector {
             addr: config.listen,
             source,
         })?;
+        let tasks = Tasks::new(metrics, RestartBackoff::default())?;
         let metrics = IngestMetrics::new(metrics)?;
         let (writer, writer_tasks) =
-            GroupWriter::start(store.clone(), group, metrics.group.clone());
+            GroupWriter::start_supervised(store.clone(), group, metrics.group.clone(), &tasks);
         let shared = Arc::new(Shared {
             store: store.clone(),
             db_writers: Arc::new(Semaphore::new(config.db_writers)),
@@ -456,39 +464,52 @@ impl Collector {
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let (transitions_tx, transitions_rx) = mpsc::unbounded_channel();
         let (counted_tx, mut counted_rx) = mpsc::unbounded_channel::<HostTransition>();
+        let counter = {
+            let shared = shared.clone();
+            async move {
+                while let Some(t) = counted_rx.recv().await {
+                    let to = match &t {
+                        HostTransition::Lost(_) => "lost",
+                        HostTransition::Back(_) => "back",
+                    };
+                    shared
+                        .metrics
+                        .host_transitions
+                        .with_label_values(&[to])
+                        .inc();
+                    // Nobody listening is fine.
+                    let _ = transitions_tx.send(t);
+                }
+            }
+        };
+        // Ends once the lost-host task is gone for good (its senders dropped).
+        tokio::spawn(counter);
+        let timing = LostTiming {
+            grace: shared.config.lost_grace(),
+            restart_grace: shared.config.lost_after_restart,
+        };
         let lost_task = {
             let shared = shared.clone();
             let shutdown = shutdown_rx.clone();
-            tokio::spawn(async move {
-                let grace = shared.config.lost_grace();
-                let counter = tokio::spawn({
-                    let shared = shared.clone();
+            tasks.spawn(
+                "lost_hosts",
+                Some(timing.deadline()),
+                Some(shutdown_rx.clone()),
+                move |beat| {
+                    let run = lost::run(
+                        shared.liveness.clone(),
+                        shared.store.clone(),
+                        timing,
+                        counted_tx.clone(),
+                        shutdown.clone(),
+                        beat,
+                    );
                     async move {
-                        while let Some(t) = counted_rx.recv().await {
-                            let to = match &t {
-                                HostTransition::Lost(_) => "lost",
-                                HostTransition::Back(_) => "back",
-                            };
-                            shared
-                                .metrics
-                                .host_transitions
-                                .with_label_values(&[to])
-                                .inc();
-                            // Nobody listening is fine.
-                            let _ = transitions_tx.send(t);
-                        }
+                        run.await;
+                        Ok::<(), std::convert::Infallible>(())
                     }
-                });
-                lost::run(
-                    shared.liveness.clone(),
-                    shared.store.clone(),
-                    grace,
-                    counted_tx,
-                    shutdown,
-                )
-                .await;
-                counter.abort();
-            })
+                },
+            )
         };
         let accept_task = tokio::spawn(accept_loop(endpoint.clone(), shared.clone(), shutdown_rx));
         tracing::info!(addr = %local_addr, "collector listening for agents (QUIC, mTLS)");
@@ -500,6 +521,7 @@ impl Collector {
             accept_task,
             lost_task,
             writer_tasks,
+            tasks,
             transitions: Mutex::new(Some(transitions_rx)),
             started: Instant::now(),
         })
@@ -579,6 +601,17 @@ impl Collector {
         c.by_id
             .get(id)
             .is_some_and(|live| live.commands.try_send(command).is_ok())
+    }
+
+    /// The supervised background tasks (lost hosts, group writers); the service adds
+    /// its own (maintenance).
+    pub fn tasks(&self) -> &Arc<Tasks> {
+        &self.tasks
+    }
+
+    /// Liveness and ingest progress of every host (lost hosts, stuck hosts, lag).
+    pub fn liveness(&self) -> &Arc<Liveness> {
+        &self.shared.liveness
     }
 
     /// The ingest metrics.

@@ -2,15 +2,16 @@
 //! ingest server, the HTTP API and the maintenance loop (partitions, compaction,
 //! retention). `razar-collector run` and `razar-collector dev` both start it.
 
-use crate::api::{self, ApiState};
+use crate::api::{self, ApiState, Ready};
 use crate::config::{CollectorConfig, Database};
 use crate::embedded_pg::{EmbeddedPg, EmbeddedPgError, EmbeddedPgOptions};
 use crate::server::{Collector, IngestConfig, ServerError};
 use crate::store::{Store, StoreError};
+use crate::supervise::Beat;
 use razar_shared::protocol::SessionConfig;
 use razar_shared::tls::{ServerTlsFiles, TlsError};
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -40,6 +41,15 @@ pub enum ServiceError {
     Metrics(#[from] prometheus::Error),
 }
 
+/// What [`Service::start`] starts behind the API.
+struct Serving {
+    config: CollectorConfig,
+    pg: Option<EmbeddedPg>,
+    store: Store,
+    collector: Collector,
+    maintenance: JoinHandle<()>,
+}
+
 /// A running collector.
 pub struct Service {
     config: CollectorConfig,
@@ -61,7 +71,9 @@ impl std::fmt::Debug for Service {
 }
 
 impl Service {
-    /// Starts PostgreSQL if embedded, migrates, then serves agents and the API.
+    /// Serves the HTTP API at once, then starts PostgreSQL if embedded (or reaches the
+    /// external one, retrying while it is down: health says `unavailable` meanwhile),
+    /// migrates, and serves agents. Returns once agents are served.
     pub async fn start(config: CollectorConfig) -> Result<Service, ServiceError> {
         razar_shared::tls::install_crypto_provider();
         // TLS first: a bad certificate refuses start before anything runs.
@@ -71,37 +83,8 @@ impl Service {
             .iter()
             .map(|p| razar_shared::tls::load_crl_file(p))
             .collect::<Result<Vec<_>, _>>()?;
-        let (pg, store) = match &config.database {
-            Database::Url(url) => (None, Store::connect(url, config.pool_size.get()).await?),
-            Database::Embedded => {
-                let pg =
-                    EmbeddedPg::start(EmbeddedPgOptions::new(config.data_dir.join("postgres")))
-                        .await?;
-                let store =
-                    Store::connect_with(pg.connect_options(), config.pool_size.get()).await?;
-                (Some(pg), store)
-            }
-        };
-        store.migrate().await?;
-        store.ensure_partitions(chrono::Utc::now()).await?;
 
         let registry = prometheus::Registry::new();
-        let mut ingest = IngestConfig::new(config.quic_listen, Arc::new(tls), crls);
-        ingest.group.writers = config.ingest_writers.get() as usize;
-        ingest.group.copy_slots = config.ingest_copy_slots.get() as usize;
-        ingest.session = SessionConfig {
-            heartbeat_interval_ms: u32::try_from(config.heartbeat_interval.as_millis())
-                .unwrap_or(u32::MAX),
-            lost_after_missed: config.lost_after_missed.get(),
-            ..SessionConfig::default()
-        };
-        // Stable across restarts (and shared by collectors with the same key), so agents
-        // learn at once that a restarted collector lost their connection.
-        ingest.reset_key = std::fs::read(&config.tls.key)
-            .ok()
-            .map(|key| IngestConfig::derive_reset_key(&key));
-        let collector = Collector::start(ingest, store.clone(), &registry).await?;
-
         let listener = tokio::net::TcpListener::bind(config.http_listen)
             .await
             .map_err(|source| ServiceError::Http {
@@ -113,12 +96,14 @@ impl Service {
             source,
         })?;
         let (stop, stop_rx) = watch::channel(false);
-        let app = api::router(ApiState {
-            pool: store.pool().clone(),
-            ingest: collector.metrics().clone(),
-            registry,
+        let api_state = ApiState {
+            registry: registry.clone(),
             started: Instant::now(),
-        });
+            limits: config.health,
+            ready: Arc::new(OnceLock::new()),
+            waiting: Arc::new(Mutex::new(None)),
+        };
+        let app = api::router(api_state.clone());
         let mut http_stop = stop_rx.clone();
         let http = tokio::spawn(async move {
             let served = axum::serve(listener, app)
@@ -130,16 +115,94 @@ impl Service {
                 tracing::error!(%error, "HTTP API stopped");
             }
         });
-        let maintenance = tokio::spawn(maintain(store.clone(), config.clone(), stop_rx));
-        tracing::info!(quic = %collector.local_addr(), http = %http_addr, "collector started");
-        Ok(Service {
+        // The API answers from here on: stop it if the rest fails.
+        let started = Self::start_serving(config, tls, crls, &registry, &api_state, &stop_rx).await;
+        match started {
+            Ok(Serving {
+                config,
+                pg,
+                store,
+                collector,
+                maintenance,
+            }) => {
+                let _ = api_state.ready.set(Ready {
+                    pool: store.pool().clone(),
+                    ingest: collector.metrics().clone(),
+                    tasks: collector.tasks().clone(),
+                    liveness: collector.liveness().clone(),
+                });
+                tracing::info!(quic = %collector.local_addr(), http = %http_addr, "collector started");
+                Ok(Service {
+                    config,
+                    pg,
+                    store,
+                    collector,
+                    http_addr,
+                    stop,
+                    tasks: vec![http, maintenance],
+                })
+            }
+            Err(e) => {
+                let _ = stop.send(true);
+                let _ = http.await;
+                Err(e)
+            }
+        }
+    }
+
+    /// The database (retried while unreachable), the QUIC server and maintenance.
+    async fn start_serving(
+        config: CollectorConfig,
+        tls: rustls::ServerConfig,
+        crls: Vec<rustls::pki_types::CertificateRevocationListDer<'static>>,
+        registry: &prometheus::Registry,
+        api: &ApiState,
+        stop: &watch::Receiver<bool>,
+    ) -> Result<Serving, ServiceError> {
+        let (pg, store) = match &config.database {
+            Database::Url(url) => (None, connect_retrying(url, &config, api).await?),
+            Database::Embedded => {
+                let pg =
+                    EmbeddedPg::start(EmbeddedPgOptions::new(config.data_dir.join("postgres")))
+                        .await?;
+                let store =
+                    Store::connect_with(pg.connect_options(), config.pool_size.get()).await?;
+                store.migrate().await?;
+                store.ensure_partitions(chrono::Utc::now()).await?;
+                (Some(pg), store)
+            }
+        };
+        let mut ingest = IngestConfig::new(config.quic_listen, Arc::new(tls), crls);
+        ingest.group.writers = config.ingest_writers.get() as usize;
+        ingest.group.copy_slots = config.ingest_copy_slots.get() as usize;
+        ingest.session = SessionConfig {
+            heartbeat_interval_ms: u32::try_from(config.heartbeat_interval.as_millis())
+                .unwrap_or(u32::MAX),
+            lost_after_missed: config.lost_after_missed.get(),
+            ..SessionConfig::default()
+        };
+        ingest.lost_after_restart = config.lost_after_restart;
+        // Stable across restarts (and shared by collectors with the same key), so agents
+        // learn at once that a restarted collector lost their connection.
+        ingest.reset_key = std::fs::read(&config.tls.key)
+            .ok()
+            .map(|key| IngestConfig::derive_reset_key(&key));
+        let collector = Collector::start(ingest, store.clone(), registry).await?;
+        let maintenance = {
+            let (store, config, stop) = (store.clone(), config.clone(), stop.clone());
+            collector.tasks().spawn(
+                "maintenance",
+                Some(config.health.maintenance_deadline),
+                Some(stop.clone()),
+                move |beat| maintain(store.clone(), config.clone(), stop.clone(), beat),
+            )
+        };
+        Ok(Serving {
             config,
             pg,
             store,
             collector,
-            http_addr,
-            stop,
-            tasks: vec![http, maintenance],
+            maintenance,
         })
     }
 
@@ -197,30 +260,148 @@ fn tls_files(config: &CollectorConfig) -> ServerTlsFiles {
     }
 }
 
-/// Partitions ahead of time, compaction of settled samples, retention.
-async fn maintain(store: Store, config: CollectorConfig, mut stop: watch::Receiver<bool>) {
+/// Why a maintenance run failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum MaintenanceError {
+    /// `retention.compact_after` reaches before the earliest time that can be
+    /// represented: nothing would ever be compacted.
+    #[error("retention.compact_after ({0:?}) reaches before the earliest representable time")]
+    CompactAfterOutOfRange(Duration),
+    /// One or more steps failed (each is tried every run).
+    #[error("{}", .0.join("; "))]
+    Steps(Vec<String>),
+}
+
+/// Samples before this are settled and compacted: `now - compact_after`, checked.
+pub fn compaction_cutoff(
+    now: chrono::DateTime<chrono::Utc>,
+    compact_after: Duration,
+) -> Result<chrono::DateTime<chrono::Utc>, MaintenanceError> {
+    chrono::Duration::from_std(compact_after)
+        .ok()
+        .and_then(|settled| now.checked_sub_signed(settled))
+        .ok_or(MaintenanceError::CompactAfterOutOfRange(compact_after))
+}
+
+/// Partitions ahead of time, compaction of settled samples, retention: one run every
+/// [`MAINTENANCE_EVERY`], each step tried every run. A run with a failed step ends the
+/// task with the error (its supervisor counts it and restarts it); `beat` marks each
+/// complete run.
+async fn maintain(
+    store: Store,
+    config: CollectorConfig,
+    mut stop: watch::Receiver<bool>,
+    beat: Beat,
+) -> Result<(), MaintenanceError> {
     let mut tick = tokio::time::interval(MAINTENANCE_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = tick.tick() => {}
-            _ = stop.wait_for(|s| *s) => return,
+            _ = stop.wait_for(|s| *s) => return Ok(()),
         }
-        let now = chrono::Utc::now();
-        if let Err(error) = store.ensure_partitions(now).await {
-            tracing::warn!(%error, "cannot create partitions");
-        }
-        let settled = chrono::Duration::from_std(config.compact_after)
-            .unwrap_or_else(|_| chrono::Duration::minutes(15));
-        match store.compact(now - settled).await {
+        maintain_once(&store, &config, chrono::Utc::now()).await?;
+        beat.ok();
+    }
+}
+
+async fn maintain_once(
+    store: &Store,
+    config: &CollectorConfig,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Result<(), MaintenanceError> {
+    let mut failed = Vec::new();
+    if let Err(error) = store.ensure_partitions(now).await {
+        failed.push(format!("partitions: {error}"));
+    }
+    match compaction_cutoff(now, config.compact_after) {
+        Ok(cutoff) => match store.compact(cutoff).await {
             Ok(report) => tracing::debug!(?report, "compaction"),
-            Err(error) => tracing::warn!(%error, "compaction failed"),
+            Err(error) => failed.push(format!("compaction: {error}")),
+        },
+        Err(error) => failed.push(format!("compaction: {error}")),
+    }
+    if let Err(error) = store
+        .apply_retention(now, config.retention_days.get())
+        .await
+    {
+        failed.push(format!("retention: {error}"));
+    }
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(MaintenanceError::Steps(failed))
+    }
+}
+
+/// Connects to the external database, migrates and creates today's partitions,
+/// retrying while the server cannot be reached (health says why meanwhile). Other
+/// errors (a URL that does not parse, a refused login, a failed migration) end the
+/// start.
+async fn connect_retrying(
+    url: &str,
+    config: &CollectorConfig,
+    api: &ApiState,
+) -> Result<Store, ServiceError> {
+    let mut delay = Duration::from_millis(250);
+    loop {
+        let attempt = async {
+            let store = Store::connect(url, config.pool_size.get()).await?;
+            store.migrate().await?;
+            store.ensure_partitions(chrono::Utc::now()).await?;
+            Ok::<_, StoreError>(store)
+        };
+        match attempt.await {
+            Ok(store) => return Ok(store),
+            Err(error) if unreachable(&error) => {
+                tracing::warn!(%error, retry_in_ms = delay.as_millis() as u64, "database unreachable; retrying (health: unavailable)");
+                *api.waiting.lock().unwrap_or_else(|p| p.into_inner()) = Some(error.to_string());
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+            Err(error) => return Err(error.into()),
         }
-        if let Err(error) = store
-            .apply_retention(now, config.retention_days.get())
-            .await
-        {
-            tracing::warn!(%error, "retention failed");
-        }
+    }
+}
+
+/// The server is down, starting up or not reachable: worth retrying.
+fn unreachable(error: &StoreError) -> bool {
+    let db = match error {
+        StoreError::Db(e) => e,
+        StoreError::Migrate(sqlx::migrate::MigrateError::Execute(e)) => e,
+        _ => return false,
+    };
+    match db {
+        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::Tls(_) => true,
+        // cannot_connect_now (starting up, shutting down), too_many_connections,
+        // admin_shutdown, crash_shutdown.
+        sqlx::Error::Database(e) => matches!(
+            e.code().as_deref(),
+            Some("57P03" | "53300" | "57P01" | "57P02")
+        ),
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn compaction_cutoff_is_checked() {
+        let now = chrono::Utc::now();
+        let quarter = Duration::from_secs(15 * 60);
+        assert_eq!(
+            compaction_cutoff(now, quarter).ok(),
+            Some(now - chrono::Duration::minutes(15))
+        );
+        // "300000years" once panicked the maintenance task on a date overflow.
+        let far = humantime::parse_duration("300000years").unwrap();
+        assert!(matches!(
+            compaction_cutoff(now, far),
+            Err(MaintenanceError::CompactAfterOutOfRange(_))
+        ));
+        assert!(compaction_cutoff(now, Duration::MAX).is_err());
     }
 }

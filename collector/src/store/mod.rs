@@ -234,6 +234,14 @@ impl Store {
         Ok(())
     }
 
+    /// Hosts recorded `online`.
+    pub async fn online_hosts(&self) -> Result<Vec<String>, StoreError> {
+        let hosts = sqlx::query_scalar("SELECT host_id FROM hosts WHERE state = 'online'")
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(hosts)
+    }
+
     /// Marks an online host lost since `at`, with a `host_lost` event. Returns whether
     /// the state changed (false if unknown or already lost).
     pub async fn mark_lost(
