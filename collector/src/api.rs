@@ -151,7 +151,11 @@ async fn health(State(state): State<ApiState>) -> Response {
         chrono::Utc::now().timestamp_millis(),
         state.limits.stuck_after,
     );
-    let mut checks = vec![database_check(&database, latency, state.limits.database_slow)];
+    let mut checks = vec![database_check(
+        &database,
+        latency,
+        state.limits.database_slow,
+    )];
     checks.push(ingest_check(&report.stuck, state.limits.stuck_after));
     checks.extend(ready.tasks.checks(now));
     let status = if !database.ok {

@@ -348,8 +348,16 @@ impl CollectorConfig {
             }
         }
         let health = [
-            ("health.stuck_after", &raw.health.stuck_after, &mut cfg.health.stuck_after),
-            ("health.database_slow", &raw.health.database_slow, &mut cfg.health.database_slow),
+            (
+                "health.stuck_after",
+                &raw.health.stuck_after,
+                &mut cfg.health.stuck_after,
+            ),
+            (
+                "health.database_slow",
+                &raw.health.database_slow,
+                &mut cfg.health.database_slow,
+            ),
             (
                 "health.maintenance_deadline",
                 &raw.health.maintenance_deadline,

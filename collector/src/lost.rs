@@ -85,7 +85,9 @@ impl Liveness {
     /// A connection presenting `host`'s certificate was accepted.
     pub fn connected(&self, host: &str, now: Instant) {
         let mut hosts = self.lock();
-        let entry = hosts.entry(host.to_owned()).or_insert_with(|| Host::new(now));
+        let entry = hosts
+            .entry(host.to_owned())
+            .or_insert_with(|| Host::new(now));
         entry.connections += 1;
         entry.last_heard = now;
     }
@@ -138,7 +140,13 @@ impl Liveness {
     /// `now`, and is due lost once silent for `restart_grace` (instead of the usual
     /// grace: agents reconnect with their own backoff). Hosts already known are left
     /// alone.
-    pub fn seed_online(&self, hosts: &[String], now: Instant, grace: Duration, restart_grace: Duration) {
+    pub fn seed_online(
+        &self,
+        hosts: &[String],
+        now: Instant,
+        grace: Duration,
+        restart_grace: Duration,
+    ) {
         let mut map = self.lock();
         // Silence counts from `last_heard`: placing it ahead of now makes the host due
         // at `now + restart_grace`.
@@ -274,7 +282,11 @@ pub async fn run(
             match store.online_hosts().await {
                 Ok(hosts) => {
                     if !hosts.is_empty() {
-                        tracing::info!(hosts = hosts.len(), restart_grace_ms = timing.restart_grace.as_millis() as u64, "hosts online at start: each is lost unless it reconnects in time");
+                        tracing::info!(
+                            hosts = hosts.len(),
+                            restart_grace_ms = timing.restart_grace.as_millis() as u64,
+                            "hosts online at start: each is lost unless it reconnects in time"
+                        );
                     }
                     liveness.seed_online(&hosts, Instant::now(), grace, timing.restart_grace);
                     seeded = true;
@@ -403,7 +415,12 @@ mod tests {
         let grace = Duration::from_secs(3);
         let restart = Duration::from_secs(20);
         l.connected("back", t0);
-        l.seed_online(&["dead".into(), "back".into(), "late".into()], t0, grace, restart);
+        l.seed_online(
+            &["dead".into(), "back".into(), "late".into()],
+            t0,
+            grace,
+            restart,
+        );
         assert!(due(&l, grace, t0 + Duration::from_secs(19)).lost.is_empty());
         l.connected("late", t0 + Duration::from_secs(19));
         let d = due(&l, grace, t0 + restart);
@@ -411,7 +428,9 @@ mod tests {
         // A restart grace below the grace is the grace.
         let l = Liveness::default();
         l.seed_online(&["dead".into()], t0, grace, Duration::from_secs(1));
-        assert!(due(&l, grace, t0 + Duration::from_millis(2_999)).lost.is_empty());
+        assert!(due(&l, grace, t0 + Duration::from_millis(2_999))
+            .lost
+            .is_empty());
         assert_eq!(due(&l, grace, t0 + grace).lost, vec!["dead".to_string()]);
     }
 
@@ -438,7 +457,10 @@ mod tests {
         l.unacked("a", None);
         let r = l.ingest_report(t0 + Duration::from_secs(15), 10_000, stuck_after);
         assert_eq!(r.stuck, vec![("b".to_string(), Duration::from_secs(10))]);
-        assert_eq!(Liveness::default().ingest_report(t0, 0, stuck_after), IngestReport::default());
+        assert_eq!(
+            Liveness::default().ingest_report(t0, 0, stuck_after),
+            IngestReport::default()
+        );
     }
 
     #[test]

@@ -90,7 +90,10 @@ impl Drop for AbortOnDrop {
 impl Tasks {
     /// A new set of tasks; `razar_collector_task_failures_total` is registered in
     /// `registry`.
-    pub fn new(registry: &Registry, backoff: RestartBackoff) -> Result<Arc<Tasks>, prometheus::Error> {
+    pub fn new(
+        registry: &Registry,
+        backoff: RestartBackoff,
+    ) -> Result<Arc<Tasks>, prometheus::Error> {
         let failures = IntCounterVec::new(
             Opts::new(
                 "razar_collector_task_failures_total",
@@ -257,10 +260,7 @@ fn check(name: &str, s: &TaskState, now: Instant) -> Check {
         let error = s.last_failure.as_ref().map_or("", |(_, e)| e.as_str());
         (
             false,
-            format!(
-                "restarting after failure #{}: {error}",
-                s.failures
-            ),
+            format!("restarting after failure #{}: {error}", s.failures),
         )
     } else if failed_last {
         let error = s.last_failure.as_ref().map_or("", |(_, e)| e.as_str());

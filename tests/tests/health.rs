@@ -130,9 +130,8 @@ impl Fixture {
     }
 
     fn uplink(&self) -> Uplink {
-        let spool = Arc::new(
-            Spool::open(&self.dir.path().join("spool.redb"), u64::MAX).expect("spool"),
-        );
+        let spool =
+            Arc::new(Spool::open(self.dir.path().join("spool.redb"), u64::MAX).expect("spool"));
         let tls = self
             .ca
             .client_config(&self.agent)
@@ -288,7 +287,11 @@ async fn a_stuck_host_turns_health_degraded_and_named_until_it_advances() {
     publish(&uplink, 3).await;
     let degraded = f.health_is(http, "degraded").await;
     assert!(held.elapsed() >= Duration::from_secs(2));
-    assert_eq!(degraded["stuck_hosts"], serde_json::json!([HOST]), "{degraded}");
+    assert_eq!(
+        degraded["stuck_hosts"],
+        serde_json::json!([HOST]),
+        "{degraded}"
+    );
     let failing = failing_checks(&degraded);
     assert_eq!(failing.len(), 1, "{degraded}");
     assert_eq!(failing[0].0, "ingest");
@@ -403,7 +406,10 @@ async fn a_collector_started_while_postgresql_is_down_waits_unavailable_then_ing
     let failing = failing_checks(&unavailable.1);
     assert_eq!(failing.len(), 1, "{}", unavailable.1);
     assert_eq!(failing[0].0, "database");
-    assert!(!starting.is_finished(), "start gave up while PostgreSQL was down");
+    assert!(
+        !starting.is_finished(),
+        "start gave up while PostgreSQL was down"
+    );
 
     f.pg.start_again().await.expect("start PostgreSQL");
     let service = starting
