@@ -421,6 +421,8 @@ mod tests {
             grace,
             restart,
         );
+        // "back" reconnected before the restart and keeps talking.
+        l.heard("back", t0 + Duration::from_secs(18));
         assert!(due(&l, grace, t0 + Duration::from_secs(19)).lost.is_empty());
         l.connected("late", t0 + Duration::from_secs(19));
         let d = due(&l, grace, t0 + restart);
