@@ -209,7 +209,8 @@ impl Fixture {
     }
 }
 
-/// Publishes `n` batches of 2 series × 5 points (10 samples), timestamped now.
+/// Publishes `n` batches of 2 series × 5 points (10 samples), timestamped within the
+/// last second (never ahead of the wall clock).
 async fn publish(uplink: &Uplink, n: usize) {
     let spool = uplink.spool().clone();
     let ids: Vec<u32> = (0..2)
@@ -228,7 +229,7 @@ async fn publish(uplink: &Uplink, n: usize) {
             })
             .collect();
         uplink
-            .publish(now_ms(), series, Vec::new())
+            .publish(now_ms() - 1_000, series, Vec::new())
             .await
             .expect("publish");
     }
@@ -370,8 +371,8 @@ async fn a_host_killed_while_the_collector_is_down_is_lost_after_it_starts() {
     uplink.abort();
     assert_eq!(f.host_state().await.as_deref(), Some("online"));
 
-    let service = f.start(config).await;
     let started = Instant::now();
+    let service = f.start(config).await;
     wait_for("the host marked lost", || async {
         (f.host_state().await.as_deref() == Some("lost")).then_some(())
     })
