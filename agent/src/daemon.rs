@@ -166,7 +166,8 @@ impl Daemon {
             .map(|l| l.2.clone())
             .or_else(|| config_arc.agent.host_id.clone())
             .unwrap_or_else(local_hostname);
-        let exposition = TelemetryCollector::new(&hostname)?;
+        let exposition =
+            TelemetryCollector::with_hostname_label(&hostname, config_arc.dcgm_hostname_label)?;
         agent
             .view()
             .metrics()

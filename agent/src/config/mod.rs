@@ -30,6 +30,10 @@ pub struct Config {
     /// Absent: no collector link configured (local supervision only).
     pub collector: Option<CollectorSettings>,
     pub gpu: GpuSettings,
+    /// `gpu.dcgm_hostname_label`: the host label's name on `DCGM_FI_DEV_*` series
+    /// (`hostname`, the default, or `Hostname` for dashboards built on dcgm-exporter's
+    /// released versions).
+    pub dcgm_hostname_label: razar_gpu::exposition::HostnameLabel,
     /// Every component in the file, in file order (see [`Config::active_components`]).
     pub components: Vec<ComponentSpec>,
     pub watches: Vec<WatchSpec>,

@@ -50,6 +50,7 @@ pub struct RawGpu {
     pub source: S<String>,
     pub scenario: S<String>,
     pub nvml_library: S<String>,
+    pub dcgm_hostname_label: S<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

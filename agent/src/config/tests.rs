@@ -188,3 +188,16 @@ fn garbage_never_panics() {
     }
     assert!(Config::parse(Path::new("x"), &[0xff, 0xfe]).is_err());
 }
+
+#[test]
+fn dcgm_hostname_label_is_a_checked_choice() {
+    use razar_gpu::exposition::HostnameLabel;
+    let config = parse("[gpu]\nsource = \"none\"\n").unwrap();
+    assert_eq!(config.dcgm_hostname_label, HostnameLabel::Lower);
+    let config = parse("[gpu]\ndcgm_hostname_label = \"Hostname\"\n").unwrap();
+    assert_eq!(config.dcgm_hostname_label, HostnameLabel::Capitalized);
+    check_errors(
+        "[gpu]\ndcgm_hostname_label = \"host\"\n",
+        &[(2, "gpu.dcgm_hostname_label", "must be \"hostname\"")],
+    );
+}

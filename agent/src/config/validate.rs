@@ -310,6 +310,21 @@ fn build(
         }
     });
 
+    let mut dcgm_hostname_label = razar_gpu::exposition::HostnameLabel::default();
+    if let Some(label) = raw
+        .gpu
+        .as_ref()
+        .and_then(|g| g.get_ref().dcgm_hostname_label.as_ref())
+    {
+        match razar_gpu::exposition::HostnameLabel::parse(label.get_ref()) {
+            Some(l) => dcgm_hostname_label = l,
+            None => x.err(
+                label.span(),
+                "gpu.dcgm_hostname_label".into(),
+                "must be \"hostname\" (dcgm-exporter's main branch) or \"Hostname\" (its releases up to 4.5.3-4.8.2)",
+            ),
+        }
+    }
     let gpu = match raw.gpu {
         None => GpuSettings::None,
         Some(g) => {
@@ -512,6 +527,7 @@ fn build(
         },
         collector,
         gpu,
+        dcgm_hostname_label,
         components,
         watches,
     })
