@@ -49,8 +49,8 @@ async fn dispatch(command: Command) -> anyhow::Result<i32> {
         Command::Check { config } => Ok(cli::check(&config)),
         Command::Run { config } => run(&config).await,
         Command::Status { target, json } => {
-            let addr = cli::resolve_addr(&target)?;
-            let (status, body) = cli::request(addr, "GET", "/health", None).await?;
+            let socket = cli::resolve_socket(&target)?;
+            let (status, body) = cli::request(&socket, "GET", "/health", None).await?;
             if json || status != 200 {
                 println!("{body}");
                 return Ok(if status == 200 { 0 } else { 1 });
@@ -106,10 +106,18 @@ async fn dispatch(command: Command) -> anyhow::Result<i32> {
             control(&target, &component, "pulse", Some(&body)).await
         }
         Command::Reload { target } => {
-            let addr = cli::resolve_addr(&target)?;
-            let (status, body) = cli::request(addr, "POST", "/v1/reload", None).await?;
-            println!("{body}");
-            Ok(if status == 200 { 0 } else { 2 })
+            let socket = cli::resolve_socket(&target)?;
+            let (status, body) = cli::request(&socket, "POST", "/v1/reload", None).await?;
+            if status == 200 {
+                println!("{body}");
+                return Ok(0);
+            }
+            // The agent's answer carries the config errors (file, line, key, reason).
+            match serde_json::from_str::<razar_agent::local_api::ApiError>(&body) {
+                Ok(e) => eprintln!("reload refused ({}): {}", e.code, e.message),
+                Err(_) => eprintln!("reload refused: {body}"),
+            }
+            Ok(2)
         }
     }
 }
@@ -120,9 +128,9 @@ async fn control(
     action: &str,
     body: Option<&str>,
 ) -> anyhow::Result<i32> {
-    let addr = cli::resolve_addr(target)?;
+    let socket = cli::resolve_socket(target)?;
     let path = format!("/v1/components/{component}/{action}");
-    let (status, body) = cli::request(addr, "POST", &path, body).await?;
+    let (status, body) = cli::request(&socket, "POST", &path, body).await?;
     if status == 200 {
         println!("ok: {action} {component}");
         Ok(0)

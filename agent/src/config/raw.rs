@@ -28,6 +28,8 @@ pub struct RawAgent {
     pub profile: S<String>,
     pub data_dir: S<String>,
     pub listen: S<String>,
+    pub control_socket: S<String>,
+    pub control_group: S<String>,
     pub sample_interval: S<String>,
     pub log_dir: S<String>,
     pub log_max_size: S<String>,
