@@ -6,7 +6,6 @@ use clap::Parser;
 mod cli;
 
 use cli::{Cli, Command};
-use razar_agent::config::Config;
 use razar_agent::daemon::{Daemon, DaemonOptions};
 use razar_agent::local_api::Health;
 use tokio::signal::unix::{signal, SignalKind};
@@ -148,8 +147,13 @@ async fn run(path: &std::path::Path) -> anyhow::Result<i32> {
         )
         .with_writer(std::io::stderr)
         .init();
-    let config = match Config::load(path) {
-        Ok(c) => c,
+    let config = match razar_agent::revisions::load_effective(path) {
+        Ok((c, notes)) => {
+            for note in notes {
+                tracing::info!(%note, "rollback pins");
+            }
+            c
+        }
         Err(errors) => {
             eprintln!("{errors}");
             eprintln!("refusing to start: {} config error(s)", errors.0.len());

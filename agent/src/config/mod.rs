@@ -37,6 +37,9 @@ pub struct Config {
     /// Every component in the file, in file order (see [`Config::active_components`]).
     pub components: Vec<ComponentSpec>,
     pub watches: Vec<WatchSpec>,
+    /// Each component's `[[component]]` table as TOML, by name: the full spec a
+    /// revision is kept with for rollbacks ([`crate::revisions`]).
+    pub component_sources: BTreeMap<String, String>,
 }
 
 impl Config {
@@ -71,7 +74,12 @@ impl Config {
                 }]));
             }
         };
-        validate::validate(path, text, hash)
+        let mut config = validate::validate(path, text, hash)?;
+        config.component_sources = crate::revisions::component_tables(text)
+            .into_iter()
+            .filter_map(|(name, table)| Some((name, toml::to_string(&table).ok()?)))
+            .collect();
+        Ok(config)
     }
 
     /// Components that run on this host: those listing the host's profile, or no profile.
@@ -106,6 +114,12 @@ pub struct AgentSettings {
     /// `agent.control_group`: the group (name, gid) given the control socket, so its
     /// members may steer the agent; `None`: root's group only.
     pub control_group: Option<(String, u32)>,
+    /// `agent.command_retention`: how long executed-command records are kept to answer
+    /// redeliveries (default 7 days).
+    pub command_retention: Duration,
+    /// `agent.log_follow_limit`: how long a log follow asked by the collector runs at
+    /// most (default 1 hour).
+    pub log_follow_limit: Duration,
 }
 
 /// File name of the control socket under the data dir.

@@ -30,6 +30,8 @@ pub struct RawAgent {
     pub listen: S<String>,
     pub control_socket: S<String>,
     pub control_group: S<String>,
+    pub command_retention: S<String>,
+    pub log_follow_limit: S<String>,
     pub sample_interval: S<String>,
     pub log_dir: S<String>,
     pub log_max_size: S<String>,

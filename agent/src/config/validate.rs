@@ -294,6 +294,41 @@ fn build(
             }
         }
     });
+    let command_retention = x.duration(
+        &agent_raw.command_retention,
+        "agent.command_retention".into(),
+        crate::commands::DEFAULT_RETENTION,
+    );
+    let log_follow_limit = x.duration(
+        &agent_raw.log_follow_limit,
+        "agent.log_follow_limit".into(),
+        crate::commands::DEFAULT_FOLLOW_LIMIT,
+    );
+    let at_least = |x: &mut Ctx<'_, '_>, value: &S<String>, got: Duration, key: &str, secs: u64| {
+        if let Some(v) = value {
+            if got < Duration::from_secs(secs) {
+                x.err(
+                    v.span(),
+                    key.to_owned(),
+                    format!("must be at least {secs}s"),
+                );
+            }
+        }
+    };
+    at_least(
+        &mut x,
+        &agent_raw.command_retention,
+        command_retention,
+        "agent.command_retention",
+        60,
+    );
+    at_least(
+        &mut x,
+        &agent_raw.log_follow_limit,
+        log_follow_limit,
+        "agent.log_follow_limit",
+        1,
+    );
     let sample_interval = x.duration(
         &agent_raw.sample_interval,
         "agent.sample_interval".into(),
@@ -569,12 +604,15 @@ fn build(
             sample_interval,
             control_socket,
             control_group,
+            command_retention,
+            log_follow_limit,
         },
         collector,
         gpu,
         dcgm_hostname_label,
         components,
         watches,
+        component_sources: BTreeMap::new(),
     })
 }
 

@@ -674,7 +674,12 @@ impl Supervisor {
     async fn reload(&mut self, given: Option<Config>) -> Result<Vec<String>, AgentError> {
         let new = match given {
             Some(c) => Ok(c),
-            None => Config::load(&self.config.path),
+            None => crate::revisions::load_effective(&self.config.path).map(|(config, notes)| {
+                for note in notes {
+                    tracing::info!(%note, "rollback pins");
+                }
+                config
+            }),
         };
         let new = match new {
             Ok(c) => c,
