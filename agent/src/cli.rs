@@ -1,12 +1,15 @@
 //! The `razar-agent` command line: `run`, `check`, and the local control commands
 //! (`status`, `start`, `stop`, `restart`, `resolve`, `pulse`, `reload`) that talk to a
-//! running agent over its loopback HTTP port with a minimal HTTP/1.1 client.
+//! running agent over its unix control socket (HTTP/1.1 through hyper).
+//!
+//! The socket is `--socket`, else the one the config file names (its `control_socket`,
+//! else `data_dir/control.sock`), found even when the rest of the file no longer
+//! validates: a typo in the file must not cut an operator off from the running agent.
 
 use clap::{Parser, Subcommand};
-use std::net::SocketAddr;
+use http_body_util::{BodyExt, Full};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Default config path.
 pub const DEFAULT_CONFIG: &str = "/etc/razar/agent.toml";
@@ -26,12 +29,12 @@ pub struct Cli {
 
 #[derive(Debug, clap::Args)]
 pub struct Target {
-    /// Agent config file (to find the agent's local address).
+    /// Agent config file (to find the agent's control socket; it need not validate).
     #[arg(long, short, default_value = DEFAULT_CONFIG)]
     pub config: PathBuf,
-    /// The agent's local address (overrides the config).
+    /// The agent's control socket (overrides the config).
     #[arg(long)]
-    pub addr: Option<SocketAddr>,
+    pub socket: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -96,77 +99,63 @@ pub enum Command {
     },
 }
 
-/// Where the running agent listens: `--addr`, else the address file in the data dir,
-/// else the config's `listen`.
-pub fn resolve_addr(target: &Target) -> anyhow::Result<SocketAddr> {
-    if let Some(addr) = target.addr {
-        return Ok(addr);
+/// The running agent's control socket: `--socket`, else from the config file, read as
+/// leniently as possible.
+pub fn resolve_socket(target: &Target) -> anyhow::Result<PathBuf> {
+    if let Some(socket) = &target.socket {
+        return Ok(socket.clone());
     }
-    let config =
-        razar_agent::config::Config::load(&target.config).map_err(|e| anyhow::anyhow!("{e}"))?;
-    if let Ok(text) = std::fs::read_to_string(config.agent.data_dir.join(ADDR_FILE)) {
-        if let Ok(addr) = text.trim().parse() {
-            return Ok(addr);
-        }
-    }
-    Ok(config.agent.listen)
+    razar_agent::config::locate_control_socket(&target.config).ok_or_else(|| {
+        anyhow::anyhow!(
+            "cannot read {} to find the agent's control socket (give --socket)",
+            target.config.display()
+        )
+    })
 }
 
-/// One HTTP/1.1 request to the agent; returns (status, body).
+/// One HTTP/1.1 request to the agent over its control socket; returns (status, body).
 pub async fn request(
-    addr: SocketAddr,
+    socket: &Path,
     method: &str,
     path: &str,
     body: Option<&str>,
 ) -> anyhow::Result<(u16, String)> {
     let io = async {
-        let mut stream = tokio::net::TcpStream::connect(addr).await?;
-        let body = body.unwrap_or("");
-        let head = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
-            body.len()
-        );
-        stream.write_all(head.as_bytes()).await?;
-        stream.write_all(body.as_bytes()).await?;
-        let mut raw = Vec::new();
-        stream.take(16 << 20).read_to_end(&mut raw).await?;
-        Ok::<_, std::io::Error>(raw)
+        let stream = tokio::net::UnixStream::connect(socket)
+            .await
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::PermissionDenied => anyhow::anyhow!(
+                    "permission denied on {}: the control socket is for root and its group \
+                     (agent.control_group)",
+                    socket.display()
+                ),
+                _ => anyhow::anyhow!(
+                    "cannot reach the agent at {}: {e} (is it running?)",
+                    socket.display()
+                ),
+            })?;
+        let (mut sender, connection) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+        tokio::spawn(connection);
+        let request = hyper::Request::builder()
+            .method(method)
+            .uri(path)
+            .header(hyper::header::HOST, "razar-agent")
+            .header(hyper::header::CONTENT_TYPE, "application/json")
+            .body(Full::new(bytes::Bytes::from(body.unwrap_or("").to_owned())))?;
+        let response = sender.send_request(request).await?;
+        let status = response.status().as_u16();
+        let body = response.into_body().collect().await?.to_bytes();
+        Ok::<_, anyhow::Error>((status, String::from_utf8_lossy(&body).into_owned()))
     };
-    let raw = tokio::time::timeout(Duration::from_secs(30), io)
+    tokio::time::timeout(Duration::from_secs(60), io)
         .await
-        .map_err(|_| anyhow::anyhow!("agent at {addr} did not answer within 30 s"))?
-        .map_err(|e| anyhow::anyhow!("cannot reach the agent at {addr}: {e}"))?;
-    let text = String::from_utf8_lossy(&raw);
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| anyhow::anyhow!("malformed answer from {addr}"))?;
-    let body = if head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
-        dechunk(body)
-    } else {
-        body.to_owned()
-    };
-    Ok((status, body))
-}
-
-fn dechunk(mut body: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, rest)) = body.split_once("\r\n") {
-        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
-            break;
-        };
-        if n == 0 || rest.len() < n {
-            break;
-        }
-        out.push_str(rest.get(..n).unwrap_or(""));
-        body = rest.get(n + 2..).unwrap_or("");
-    }
-    out
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "the agent at {} did not answer within 60 s",
+                socket.display()
+            )
+        })?
 }
 
 /// Validates `path`; prints "ok" or every error. Returns the exit code (0 or 2).

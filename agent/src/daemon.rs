@@ -2,11 +2,12 @@
 //! collector, telemetry loop and command executor. `razar-agent run` and the
 //! collector's dev mode both start it.
 
+use crate::commands::{Executor, ExecutorOptions};
 use crate::config::Config;
 use crate::spool::Spool;
 use crate::store::Store;
 use crate::supervisor::runtime::{Agent, AgentError, AgentOptions};
-use crate::telemetry::{open_gpu_source, run_commands, run_telemetry};
+use crate::telemetry::{open_gpu_source, run_telemetry};
 use crate::uplink::{LinkStatus, Uplink, UplinkConfig};
 use razar_gpu::exposition::TelemetryCollector;
 use std::net::SocketAddr;
@@ -166,7 +167,8 @@ impl Daemon {
             .map(|l| l.2.clone())
             .or_else(|| config_arc.agent.host_id.clone())
             .unwrap_or_else(local_hostname);
-        let exposition = TelemetryCollector::new(&hostname)?;
+        let exposition =
+            TelemetryCollector::with_hostname_label(&hostname, config_arc.dcgm_hostname_label)?;
         agent
             .view()
             .metrics()
@@ -181,13 +183,16 @@ impl Daemon {
                     agent.clone(),
                     uplink.watch_status(),
                 )));
-                tasks.push(tokio::spawn(run_commands(
+                let executor = Executor::new(
                     agent.clone(),
                     store,
                     uplink.clone(),
-                    config_arc,
-                    commands,
-                )));
+                    ExecutorOptions {
+                        retention: config_arc.agent.command_retention,
+                        follow_limit: config_arc.agent.log_follow_limit,
+                    },
+                );
+                tasks.push(tokio::spawn(executor.run(commands)));
                 (Some(uplink), Some(host_id))
             }
             None => {

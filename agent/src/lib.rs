@@ -2,6 +2,7 @@
 //! and streams telemetry to the collector. The binary `razar-agent` is a thin wrapper.
 #![forbid(unsafe_code)]
 
+pub mod commands;
 pub mod config;
 pub mod daemon;
 pub mod local_api;
@@ -10,6 +11,7 @@ pub mod metrics;
 pub mod probe;
 pub mod process;
 pub mod resources;
+pub mod revisions;
 pub mod spool;
 pub mod store;
 pub mod supervisor;

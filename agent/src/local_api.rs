@@ -1,5 +1,10 @@
-//! Local endpoints on 127.0.0.1: `/health` (JSON), `/metrics` (Prometheus text) and the
-//! control API used by the `razar-agent` CLI (`/v1/...`). Loopback only, no auth.
+//! Local endpoints. On the loopback TCP port (`agent.listen`), read-only: `/health`
+//! (JSON), `/metrics` (Prometheus text) and `GET /v1/components`. The control API used by
+//! the `razar-agent` CLI (`POST /v1/components/{name}/{action}`, `POST /v1/reload`, and
+//! the read-only routes) is served only on a unix socket under the data dir, mode 0660
+//! (owner root, group `agent.control_group`): on a GPU host shared with shell accounts,
+//! any local user can reach a loopback port, but only root and that group can stop or
+//! restart a model server.
 
 use crate::supervisor::machine::Control;
 use crate::supervisor::runtime::{Agent, AgentError, VERSION};
@@ -54,7 +59,17 @@ pub struct ApiError {
     pub message: String,
 }
 
-pub(crate) fn router(agent: Agent) -> Router {
+/// The loopback TCP port's routes: read-only.
+pub(crate) fn read_only_router(agent: Agent) -> Router {
+    Router::new()
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .route("/v1/components", get(components))
+        .with_state(agent)
+}
+
+/// The control socket's routes: the read-only ones and every control route.
+pub(crate) fn control_router(agent: Agent) -> Router {
     Router::new()
         .route("/health", get(health))
         .route("/metrics", get(metrics))
@@ -62,6 +77,36 @@ pub(crate) fn router(agent: Agent) -> Router {
         .route("/v1/components/{name}/{action}", post(control))
         .route("/v1/reload", post(reload))
         .with_state(agent)
+}
+
+/// Binds the control socket: a stale file left by a killed agent is replaced, a live
+/// agent's socket is not; mode 0660, group `group` when given.
+pub(crate) fn bind_control_socket(
+    path: &std::path::Path,
+    group: Option<u32>,
+) -> std::io::Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::AddrInUse,
+            format!("another agent answers on {}", path.display()),
+        ));
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let listener = tokio::net::UnixListener::bind(path)?;
+    if let Some(gid) = group {
+        nix::unistd::chown(path, None, Some(nix::unistd::Gid::from_raw(gid)))
+            .map_err(std::io::Error::from)?;
+    }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+    Ok(listener)
 }
 
 /// Builds the `/health` body.

@@ -6,7 +6,6 @@ use clap::Parser;
 mod cli;
 
 use cli::{Cli, Command};
-use razar_agent::config::Config;
 use razar_agent::daemon::{Daemon, DaemonOptions};
 use razar_agent::local_api::Health;
 use tokio::signal::unix::{signal, SignalKind};
@@ -49,8 +48,8 @@ async fn dispatch(command: Command) -> anyhow::Result<i32> {
         Command::Check { config } => Ok(cli::check(&config)),
         Command::Run { config } => run(&config).await,
         Command::Status { target, json } => {
-            let addr = cli::resolve_addr(&target)?;
-            let (status, body) = cli::request(addr, "GET", "/health", None).await?;
+            let socket = cli::resolve_socket(&target)?;
+            let (status, body) = cli::request(&socket, "GET", "/health", None).await?;
             if json || status != 200 {
                 println!("{body}");
                 return Ok(if status == 200 { 0 } else { 1 });
@@ -106,10 +105,18 @@ async fn dispatch(command: Command) -> anyhow::Result<i32> {
             control(&target, &component, "pulse", Some(&body)).await
         }
         Command::Reload { target } => {
-            let addr = cli::resolve_addr(&target)?;
-            let (status, body) = cli::request(addr, "POST", "/v1/reload", None).await?;
-            println!("{body}");
-            Ok(if status == 200 { 0 } else { 2 })
+            let socket = cli::resolve_socket(&target)?;
+            let (status, body) = cli::request(&socket, "POST", "/v1/reload", None).await?;
+            if status == 200 {
+                println!("{body}");
+                return Ok(0);
+            }
+            // The agent's answer carries the config errors (file, line, key, reason).
+            match serde_json::from_str::<razar_agent::local_api::ApiError>(&body) {
+                Ok(e) => eprintln!("reload refused ({}): {}", e.code, e.message),
+                Err(_) => eprintln!("reload refused: {body}"),
+            }
+            Ok(2)
         }
     }
 }
@@ -120,9 +127,9 @@ async fn control(
     action: &str,
     body: Option<&str>,
 ) -> anyhow::Result<i32> {
-    let addr = cli::resolve_addr(target)?;
+    let socket = cli::resolve_socket(target)?;
     let path = format!("/v1/components/{component}/{action}");
-    let (status, body) = cli::request(addr, "POST", &path, body).await?;
+    let (status, body) = cli::request(&socket, "POST", &path, body).await?;
     if status == 200 {
         println!("ok: {action} {component}");
         Ok(0)
@@ -140,8 +147,13 @@ async fn run(path: &std::path::Path) -> anyhow::Result<i32> {
         )
         .with_writer(std::io::stderr)
         .init();
-    let config = match Config::load(path) {
-        Ok(c) => c,
+    let config = match razar_agent::revisions::load_effective(path) {
+        Ok((c, notes)) => {
+            for note in notes {
+                tracing::info!(%note, "rollback pins");
+            }
+            c
+        }
         Err(errors) => {
             eprintln!("{errors}");
             eprintln!("refusing to start: {} config error(s)", errors.0.len());

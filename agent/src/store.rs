@@ -34,6 +34,23 @@ const QUARANTINES: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("quar
 const REVISIONS: TableDefinition<'_, &str, &str> = TableDefinition::new("revisions");
 const COMMANDS: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("commands");
 const KV: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("kv");
+const REVISION_HISTORY: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("revision_history");
+
+/// How many distinct revisions of each component are kept for rollbacks.
+pub const REVISIONS_KEPT: usize = 5;
+
+/// A revision a component ran, with its full spec, for rollbacks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredRevision {
+    /// The revision label (`revision` key, or the spec hash when unset).
+    pub revision: String,
+    /// sha256 of `spec`.
+    pub spec_hash: String,
+    /// The component's `[[component]]` table as TOML.
+    pub spec: String,
+    /// When the agent first ran it.
+    pub first_ms: UnixMillis,
+}
 
 /// A component held out of service until an operator resolves it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -192,6 +209,7 @@ impl Store {
         txn.open_table(REVISIONS)?;
         txn.open_table(COMMANDS)?;
         txn.open_table(KV)?;
+        txn.open_table(REVISION_HISTORY)?;
         txn.commit()?;
         let pids = data_dir.as_ref().join(PIDS_DIR);
         std::fs::create_dir_all(&pids).map_err(|source| StoreError::PidFile {
@@ -344,7 +362,55 @@ impl Store {
         Ok(self.pids.join(component))
     }
 
+    // ----- revision history (rollbacks) -----
+
+    /// Appends `revision` to `component`'s history unless it is already the newest entry
+    /// (an older entry with the same spec moves to the front); keeps the newest
+    /// [`REVISIONS_KEPT`]. Returns whether anything changed.
+    pub fn push_revision(
+        &self,
+        component: &str,
+        revision: StoredRevision,
+    ) -> Result<bool, StoreError> {
+        let mut history = self.revision_history(component)?;
+        if history
+            .last()
+            .is_some_and(|newest| newest.spec_hash == revision.spec_hash)
+        {
+            return Ok(false);
+        }
+        history.retain(|r| r.spec_hash != revision.spec_hash);
+        history.push(revision);
+        let excess = history.len().saturating_sub(REVISIONS_KEPT);
+        history.drain(..excess);
+        let txn = self.db.begin_write()?;
+        txn.open_table(REVISION_HISTORY)?
+            .insert(component, encode(&history)?.as_slice())?;
+        txn.commit()?;
+        Ok(true)
+    }
+
+    /// `component`'s revisions, oldest first (the last is the one it runs now).
+    pub fn revision_history(&self, component: &str) -> Result<Vec<StoredRevision>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(REVISION_HISTORY)?;
+        let row = table.get(component)?;
+        match row {
+            Some(v) => decode("revision_history", component, v.value()),
+            None => Ok(Vec::new()),
+        }
+    }
+
     // ----- executed commands -----
+
+    /// Replaces the record of command `id` with its final outcome (after it ran).
+    pub fn finish_command(&self, id: &CommandId, record: &CommandRecord) -> Result<(), StoreError> {
+        let txn = self.db.begin_write()?;
+        txn.open_table(COMMANDS)?
+            .insert(id.as_slice(), encode(record)?.as_slice())?;
+        txn.commit()?;
+        Ok(())
+    }
 
     /// Records that command `id` ran, unless it is already recorded. Returns the record
     /// that stands: `None` if this call recorded it, `Some(earlier)` for a redelivery.

@@ -1,35 +1,29 @@
-//! The agent's telemetry loop and command executor: every tick it samples the GPUs, the
-//! host and each component's process tree, turns readings and supervisor events into one
-//! batch, spools it and hands it to the uplink; commands from the collector are checked
-//! against the durable record of executed ids and carried out on configured components.
+//! The agent's telemetry loop: every tick it samples the GPUs, the host and each
+//! component's process tree, turns readings and supervisor events into one batch, spools
+//! it and hands it to the uplink. (Commands from the collector: [`crate::commands`].)
 
-use crate::config::{Config, GpuSettings};
-use crate::store::{CommandRecord, Store};
+use crate::config::GpuSettings;
 use crate::supervisor::component::ComponentStatus;
-use crate::supervisor::machine::Control;
 use crate::supervisor::runtime::Agent;
-use crate::uplink::{Outbound, Uplink};
+use crate::uplink::Uplink;
 use razar_gpu::exposition::{gpu_samples, host_samples, Sample, TelemetryCollector};
 use razar_gpu::host::HostSampler;
 use razar_gpu::mapping::{vram_by_component, GhostMemoryDetector};
 use razar_gpu::{GpuSource, NoGpus, NvmlOptions, ScenarioSource};
 use razar_shared::domain::ComponentState;
 use razar_shared::protocol::{
-    Command, CommandAction, CommandOutcome, CommandResult, ComponentInfo, Event, GpuInfo, LogChunk,
-    SeriesPoints, StatusDigest, UnixMillis,
+    ComponentInfo, Event, GpuInfo, SeriesPoints, StatusDigest, UnixMillis,
 };
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use tokio::sync::{broadcast, mpsc, watch};
+use tokio::sync::{broadcast, watch};
 
 /// Ghost memory: VRAM not accounted for by any process above this many bytes…
 const GHOST_THRESHOLD_BYTES: u64 = 512 << 20;
 /// …for this many consecutive samples.
 const GHOST_SAMPLES: u32 = 5;
-/// Most log lines one tail command returns.
-const MAX_TAIL_LINES: u32 = 10_000;
 
 /// A series as the samplers name it: metric and labels.
 type SeriesKey = (&'static str, Vec<(String, String)>);
@@ -311,161 +305,4 @@ fn component_trees(agent: &Agent, walk: bool) -> BTreeMap<String, BTreeSet<u32>>
             (name, tree)
         })
         .collect()
-}
-
-/// Executes commands from the collector until the channel closes. Each command id is
-/// recorded durably before it acts, so a redelivered command runs at most once.
-pub async fn run_commands(
-    agent: Agent,
-    store: Arc<Store>,
-    uplink: Arc<Uplink>,
-    config: Arc<Config>,
-    mut commands: mpsc::Receiver<Command>,
-) {
-    while let Some(command) = commands.recv().await {
-        let result = execute(&agent, &store, &uplink, &config, command).await;
-        if !uplink.send(Outbound::CommandResult(result)) {
-            tracing::warn!("command result dropped: uplink queue full");
-        }
-    }
-}
-
-async fn execute(
-    agent: &Agent,
-    store: &Store,
-    uplink: &Arc<Uplink>,
-    config: &Config,
-    command: Command,
-) -> CommandResult {
-    let id = command.id;
-    let done = |outcome, message: String| CommandResult {
-        id,
-        finished_ms: now_ms(),
-        outcome,
-        message,
-    };
-    if now_ms() > command.deadline_ms {
-        return done(
-            CommandOutcome::Expired,
-            "deadline passed before delivery".into(),
-        );
-    }
-    let claim = CommandRecord {
-        outcome: CommandOutcome::Failed,
-        finished_ms: now_ms(),
-        message: "started; the agent stopped before it finished".into(),
-    };
-    match store.record_command(&id, &claim) {
-        Ok(Some(earlier)) => {
-            return done(
-                CommandOutcome::Duplicate,
-                format!("already executed: {}", earlier.message),
-            )
-        }
-        Ok(None) => {}
-        Err(error) => return done(CommandOutcome::Failed, format!("cannot record: {error}")),
-    }
-    let component = match &command.action {
-        CommandAction::Restart { component }
-        | CommandAction::Stop { component }
-        | CommandAction::Start { component }
-        | CommandAction::Quarantine { component, .. }
-        | CommandAction::Resolve { component, .. }
-        | CommandAction::Pulse { component, .. }
-        | CommandAction::Rollback { component, .. }
-        | CommandAction::TailLogs { component, .. } => component.clone(),
-    };
-    if config.component(&component).is_none() {
-        return done(
-            CommandOutcome::Failed,
-            format!("no component {component:?} is configured on this host"),
-        );
-    }
-    let control = match command.action {
-        CommandAction::Restart { .. } => Control::Restart,
-        CommandAction::Stop { .. } => Control::Stop,
-        CommandAction::Start { .. } => Control::Start,
-        CommandAction::Quarantine { note, .. } => Control::Quarantine { note },
-        CommandAction::Resolve { note, .. } => Control::Resolve { note },
-        CommandAction::Pulse { budget_ms, .. } => Control::Pulse {
-            budget: Duration::from_millis(budget_ms),
-        },
-        CommandAction::Rollback { revision, .. } => {
-            return done(
-                CommandOutcome::Failed,
-                format!("rollback to {revision:?} is not supported by this agent version"),
-            )
-        }
-        CommandAction::TailLogs { lines, follow, .. } => {
-            return tail_logs(agent, uplink, id, &component, lines, follow).await;
-        }
-    };
-    match agent.command(&component, control).await {
-        Ok(()) => done(CommandOutcome::Succeeded, "done".into()),
-        Err(error) => done(CommandOutcome::Failed, error.to_string()),
-    }
-}
-
-async fn tail_logs(
-    agent: &Agent,
-    uplink: &Arc<Uplink>,
-    id: razar_shared::protocol::CommandId,
-    component: &str,
-    lines: u32,
-    follow: bool,
-) -> CommandResult {
-    let result = |outcome, message: String| CommandResult {
-        id,
-        finished_ms: now_ms(),
-        outcome,
-        message,
-    };
-    let tail = match agent
-        .logs()
-        .tail(component, lines.min(MAX_TAIL_LINES) as usize)
-        .await
-    {
-        Ok(t) => t,
-        Err(error) => return result(CommandOutcome::Failed, error.to_string()),
-    };
-    let mut by_stream: Vec<LogChunk> = Vec::new();
-    for line in tail {
-        match by_stream.last_mut() {
-            Some(chunk) if chunk.stream == line.stream => chunk.lines.push(line.text),
-            _ => by_stream.push(LogChunk {
-                command: id,
-                component: component.to_string(),
-                stream: line.stream,
-                lines: vec![line.text],
-                end: false,
-            }),
-        }
-    }
-    if let Some(last) = by_stream.last_mut() {
-        last.end = !follow;
-    }
-    for chunk in by_stream {
-        uplink.send(Outbound::LogChunk(chunk));
-    }
-    if follow {
-        if let Ok(mut rx) = agent.logs().follow(component) {
-            let uplink = uplink.clone();
-            let component = component.to_string();
-            tokio::spawn(async move {
-                while let Ok(line) = rx.recv().await {
-                    let chunk = LogChunk {
-                        command: id,
-                        component: component.clone(),
-                        stream: line.stream,
-                        lines: vec![line.text],
-                        end: false,
-                    };
-                    if !uplink.send(Outbound::LogChunk(chunk)) {
-                        break;
-                    }
-                }
-            });
-        }
-    }
-    result(CommandOutcome::Succeeded, format!("tail of {component}"))
 }

@@ -75,27 +75,38 @@ async fn health_metrics_and_control_routes() {
     }
     check_exposition(&metrics);
 
+    // The loopback port is read-only: no control route answers there.
     let (code, _) = http(addr, "POST", "/v1/components/web/restart", "").await;
+    assert_eq!(code, 404, "control routes are not on the TCP port");
+    let (code, _) = http(addr, "POST", "/v1/reload", "").await;
+    assert_eq!(code, 404, "reload is not on the TCP port");
+    let (code, _) = http(addr, "GET", "/v1/components", "").await;
     assert_eq!(code, 200);
-    let (code, body) = http(addr, "POST", "/v1/components/nope/restart", "").await;
+    let socket = agent
+        .control_socket()
+        .expect("control socket")
+        .to_path_buf();
+    let (code, _) = http_unix(&socket, "POST", "/v1/components/web/restart", "").await;
+    assert_eq!(code, 200);
+    let (code, body) = http_unix(&socket, "POST", "/v1/components/nope/restart", "").await;
     assert_eq!((code, body.contains("unknown_component")), (404, true));
-    let (code, body) = http(
-        addr,
+    let (code, body) = http_unix(
+        &socket,
         "POST",
         "/v1/components/web/resolve",
         "{\"note\":\"\"}",
     )
     .await;
     assert_eq!((code, body.contains("note_required")), (400, true));
-    let (code, body) = http(
-        addr,
+    let (code, body) = http_unix(
+        &socket,
         "POST",
         "/v1/components/web/resolve",
         "{\"note\":\"x\"}",
     )
     .await;
     assert_eq!((code, body.contains("refused")), (409, true), "{body}");
-    let (code, _) = http(addr, "POST", "/v1/components/web/resolve", "not json").await;
+    let (code, _) = http_unix(&socket, "POST", "/v1/components/web/resolve", "not json").await;
     assert_eq!(code, 400);
     agent.shutdown().await;
     // The endpoint closes with the agent.

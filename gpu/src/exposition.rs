@@ -1,8 +1,9 @@
 //! Exposition of GPU and host readings: telemetry samples with razar-native names
 //! (base units, `_total` counters) for the agent's batches, and a Prometheus collector
 //! that serves the same native series plus dcgm-exporter-compatible ones
-//! (`DCGM_FI_DEV_*` with labels `gpu`, `UUID`, `pci_bus_id`, `device`, `modelName`,
-//! `hostname`). A field that is absent produces no series.
+//! (`DCGM_FI_DEV_*` with dcgm-exporter's labels `gpu`, `UUID`, `pci_bus_id`, `device`,
+//! `modelName`, `hostname` (or `Hostname`, see [`HostnameLabel`]) and
+//! `DCGM_FI_DRIVER_VERSION`). A field that is absent produces no series.
 
 use crate::host::HostReading;
 use crate::reading::GpuReading;
@@ -186,8 +187,8 @@ family!(
     N_XID,
     "razar_gpu_xid_errors_total",
     Counter,
-    ["xid"],
-    "XID errors seen since the agent started, per XID."
+    ["xid", "class"],
+    "XID errors seen since the agent started, per XID; class is NVIDIA's immediate resolution bucket (RESTART_APP, RESET_GPU, ...; UNKNOWN outside the catalog)."
 );
 family!(
     N_LOST,
@@ -610,7 +611,11 @@ fn u64f(v: Option<u64>) -> Option<f64> {
 fn native(r: &GpuReading, emit: &mut Emit<'_>) {
     emit(&N_LOST, &[], if r.lost { 1.0 } else { 0.0 });
     for (xid, count) in &r.xid_errors_total {
-        emit(&N_XID, &[&xid.to_string()], *count as f64);
+        emit(
+            &N_XID,
+            &[&xid.to_string(), crate::xid_catalog::bucket_name(*xid)],
+            *count as f64,
+        );
     }
     opt(emit, &N_MEM_TOTAL, &[], u64f(r.memory_total_bytes));
     opt(emit, &N_MEM_USED, &[], u64f(r.memory_used_bytes));
@@ -825,26 +830,65 @@ struct Latest {
 #[derive(Debug, Clone)]
 pub struct TelemetryCollector {
     hostname: Arc<str>,
+    hostname_label: HostnameLabel,
     descs: Arc<Vec<Desc>>,
     latest: Arc<Mutex<Latest>>,
 }
 
-const DCGM_LABELS: [&str; 6] = [
-    "gpu",
-    "UUID",
-    "pci_bus_id",
-    "device",
-    "modelName",
-    "hostname",
-];
+/// The name of the host label on `DCGM_FI_DEV_*` series. dcgm-exporter's main branch
+/// writes `hostname` (since its #655); its releases up to 4.5.3-4.8.2 write `Hostname`,
+/// which dashboards built on those releases expect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum HostnameLabel {
+    /// `hostname` (dcgm-exporter's main branch; the default).
+    #[default]
+    Lower,
+    /// `Hostname` (dcgm-exporter releases up to 4.5.3-4.8.2).
+    Capitalized,
+}
+
+impl HostnameLabel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HostnameLabel::Lower => "hostname",
+            HostnameLabel::Capitalized => "Hostname",
+        }
+    }
+
+    /// From a config value: exactly `hostname` or `Hostname`.
+    pub fn parse(value: &str) -> Option<HostnameLabel> {
+        match value {
+            "hostname" => Some(HostnameLabel::Lower),
+            "Hostname" => Some(HostnameLabel::Capitalized),
+            _ => None,
+        }
+    }
+}
+
+/// dcgm-exporter's per-GPU labels, in its order; the host label's name is chosen by
+/// [`HostnameLabel`] and follows them, then the driver version (empty when unknown).
+const DCGM_LABELS: [&str; 5] = ["gpu", "UUID", "pci_bus_id", "device", "modelName"];
+const DCGM_DRIVER_LABEL: &str = "DCGM_FI_DRIVER_VERSION";
 const NATIVE_LABELS: [&str; 2] = ["gpu", "uuid"];
 
 impl TelemetryCollector {
+    /// A collector whose dcgm-compatible series carry `hostname` (the default label).
     pub fn new(hostname: &str) -> Result<TelemetryCollector, prometheus::Error> {
+        TelemetryCollector::with_hostname_label(hostname, HostnameLabel::default())
+    }
+
+    /// A collector whose dcgm-compatible series name the host label as `label` says.
+    pub fn with_hostname_label(
+        hostname: &str,
+        label: HostnameLabel,
+    ) -> Result<TelemetryCollector, prometheus::Error> {
         let mut descs = Vec::new();
+        let mut dcgm_labels = DCGM_LABELS.to_vec();
+        dcgm_labels.push(label.as_str());
+        dcgm_labels.push(DCGM_DRIVER_LABEL);
         let groups: [(&[&Family], &[&str]); 3] = [
             (NATIVE_GPU_FAMILIES, &NATIVE_LABELS),
-            (DCGM_FAMILIES, &DCGM_LABELS),
+            (DCGM_FAMILIES, &dcgm_labels),
             (HOST_FAMILIES, &[]),
         ];
         for (families, base) in groups {
@@ -864,6 +908,7 @@ impl TelemetryCollector {
         }
         Ok(TelemetryCollector {
             hostname: hostname.into(),
+            hostname_label: label,
             descs: Arc::new(descs),
             latest: Arc::new(Mutex::new(Latest::default())),
         })
@@ -940,7 +985,11 @@ impl Collector for TelemetryCollector {
                 ("pci_bus_id", r.gpu.pci_bus_id.as_str()),
                 ("device", device.as_str()),
                 ("modelName", r.gpu.name.as_str()),
-                ("hostname", &*self.hostname),
+                (self.hostname_label.as_str(), &*self.hostname),
+                (
+                    DCGM_DRIVER_LABEL,
+                    r.gpu.driver_version.as_deref().unwrap_or(""),
+                ),
             ];
             dcgm(r, &mut |f, v, x| add(f, &dcgm_labels, v, x));
         }

@@ -15,6 +15,7 @@ pub mod reading;
 pub mod scenario;
 pub mod scenario_source;
 pub mod xid;
+pub mod xid_catalog;
 
 pub use nvml::{NvmlOptions, NvmlSource};
 pub use reading::{

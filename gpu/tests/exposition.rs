@@ -2,9 +2,10 @@
 //! samples, from scenario readings.
 
 use prometheus::{Encoder, Registry, TextEncoder};
-use razar_gpu::exposition::{gpu_samples, host_samples, TelemetryCollector};
+use razar_gpu::exposition::{gpu_samples, host_samples, HostnameLabel, TelemetryCollector};
 use razar_gpu::host::HostSampler;
 use razar_gpu::{GpuSource, Scenario, ScenarioSource};
+use std::collections::{BTreeMap, BTreeSet};
 
 const SCENARIO: &str = r#"
 [[gpu]]
@@ -41,7 +42,7 @@ fn dcgm_compatible_series_with_dcgm_labels() {
     let collector = TelemetryCollector::new("gpu-host-1").expect("collector");
     collector.update_gpus(&readings());
     let text = scrape(&collector);
-    let labels = r#"{UUID="GPU-fa4e0000-0000-4000-8000-000000000000",device="nvidia0",gpu="0",hostname="gpu-host-1",modelName="NVIDIA H100 80GB HBM3",pci_bus_id="00000000:01:00.0"}"#;
+    let labels = r#"{DCGM_FI_DRIVER_VERSION="550.54.15",UUID="GPU-fa4e0000-0000-4000-8000-000000000000",device="nvidia0",gpu="0",hostname="gpu-host-1",modelName="NVIDIA H100 80GB HBM3",pci_bus_id="00000000:01:00.0"}"#;
     assert_eq!(
         line(&text, "DCGM_FI_DEV_GPU_UTIL{"),
         Some(format!("DCGM_FI_DEV_GPU_UTIL{labels} 87").as_str())
@@ -78,12 +79,12 @@ fn native_series_count_every_xid() {
     let uuid = "GPU-fa4e0000-0000-4000-8000-000000000000";
     assert!(
         text.contains(&format!(
-            r#"razar_gpu_xid_errors_total{{gpu="0",uuid="{uuid}",xid="13"}} 2"#
+            r#"razar_gpu_xid_errors_total{{class="RESTART_APP",gpu="0",uuid="{uuid}",xid="13"}} 2"#
         )),
         "{text}"
     );
     assert!(text.contains(&format!(
-        r#"razar_gpu_xid_errors_total{{gpu="0",uuid="{uuid}",xid="79"}} 1"#
+        r#"razar_gpu_xid_errors_total{{class="RESTART_BM",gpu="0",uuid="{uuid}",xid="79"}} 1"#
     )));
     assert!(text.contains(&format!(
         r#"razar_gpu_utilization_ratio{{engine="gpu",gpu="0",uuid="{uuid}"}} 0.87"#
@@ -148,4 +149,76 @@ fn host_series_scrape() {
     assert!(text.contains("# TYPE razar_host_network_transmit_bytes_total counter"));
     assert!(line(&text, "razar_host_load1 ").is_some(), "{text}");
     assert!(line(&text, "razar_host_cpu_core_usage_ratio{core=\"0\"}").is_some());
+}
+
+/// Per metric family of a Prometheus text exposition: its type and the label names of
+/// each of its series.
+fn families(text: &str) -> BTreeMap<String, (String, Vec<BTreeSet<String>>)> {
+    let mut out: BTreeMap<String, (String, Vec<BTreeSet<String>>)> = BTreeMap::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').expect("type line");
+            out.entry(name.to_owned()).or_default().0 = kind.to_owned();
+        } else if !line.starts_with('#') && !line.trim().is_empty() {
+            let (name, rest) = line.split_once('{').expect("labelled series");
+            let (labels, _value) = rest.rsplit_once("} ").expect("value");
+            let names = labels
+                .split("\",")
+                .map(|pair| pair.split_once('=').expect("label pair").0.to_owned())
+                .collect();
+            out.entry(name.to_owned()).or_default().1.push(names);
+        }
+    }
+    out
+}
+
+/// Against dcgm-exporter's own output (the released 4.x format): every family both
+/// export has the same type and exactly the same label names, so its Grafana dashboards
+/// and alert rules select our series unchanged; `hostname` is the default and
+/// `Hostname` (what the released versions write) is one setting away.
+#[test]
+fn label_names_and_types_match_dcgm_exporter_output() {
+    let theirs = families(include_str!("fixtures/dcgm-exporter-4.x.prom"));
+    assert!(theirs.len() >= 15, "fixture parsed: {theirs:?}");
+    for (label, host) in [
+        (HostnameLabel::Capitalized, "Hostname"),
+        (HostnameLabel::Lower, "hostname"),
+    ] {
+        let collector =
+            TelemetryCollector::with_hostname_label("gpu-host-1", label).expect("collector");
+        collector.update_gpus(&readings());
+        let ours = families(&scrape(&collector));
+        let mut compared = 0;
+        for (name, (kind, series)) in &theirs {
+            let Some((our_kind, our_series)) = ours.get(name) else {
+                continue;
+            };
+            compared += 1;
+            assert_eq!(our_kind, kind, "{name}: type");
+            for names in series {
+                let expected: BTreeSet<String> = names
+                    .iter()
+                    .map(|n| {
+                        if n == "Hostname" {
+                            host.to_owned()
+                        } else {
+                            n.clone()
+                        }
+                    })
+                    .collect();
+                for ours in our_series {
+                    assert_eq!(ours, &expected, "{name}: label names with {host}");
+                }
+            }
+        }
+        // The scenario GPU supports most fields; the families it lacks are absent on
+        // purpose (no series for unsupported fields).
+        assert!(compared >= 10, "only {compared} families in common");
+    }
+    assert_eq!(
+        HostnameLabel::parse("Hostname"),
+        Some(HostnameLabel::Capitalized)
+    );
+    assert_eq!(HostnameLabel::parse("hostname"), Some(HostnameLabel::Lower));
+    assert_eq!(HostnameLabel::parse("HOSTNAME"), None);
 }

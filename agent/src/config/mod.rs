@@ -30,9 +30,16 @@ pub struct Config {
     /// Absent: no collector link configured (local supervision only).
     pub collector: Option<CollectorSettings>,
     pub gpu: GpuSettings,
+    /// `gpu.dcgm_hostname_label`: the host label's name on `DCGM_FI_DEV_*` series
+    /// (`hostname`, the default, or `Hostname` for dashboards built on dcgm-exporter's
+    /// released versions).
+    pub dcgm_hostname_label: razar_gpu::exposition::HostnameLabel,
     /// Every component in the file, in file order (see [`Config::active_components`]).
     pub components: Vec<ComponentSpec>,
     pub watches: Vec<WatchSpec>,
+    /// Each component's `[[component]]` table as TOML, by name: the full spec a
+    /// revision is kept with for rollbacks ([`crate::revisions`]).
+    pub component_sources: BTreeMap<String, String>,
 }
 
 impl Config {
@@ -67,7 +74,12 @@ impl Config {
                 }]));
             }
         };
-        validate::validate(path, text, hash)
+        let mut config = validate::validate(path, text, hash)?;
+        config.component_sources = crate::revisions::component_tables(text)
+            .into_iter()
+            .filter_map(|(name, table)| Some((name, toml::to_string(&table).ok()?)))
+            .collect();
+        Ok(config)
     }
 
     /// Components that run on this host: those listing the host's profile, or no profile.
@@ -92,10 +104,57 @@ pub struct AgentSettings {
     pub profile: String,
     /// Durable state (store, spool).
     pub data_dir: PathBuf,
-    /// Local `/health`, `/metrics` and control endpoints; always a loopback address.
+    /// Local read-only `/health` and `/metrics`; always a loopback address.
     pub listen: SocketAddr,
     /// Resource sampling period.
     pub sample_interval: Duration,
+    /// `agent.control_socket`: the unix socket of the control API (start, stop, restart,
+    /// resolve, quarantine, pulse, reload), mode 0660; default `<data_dir>/control.sock`.
+    pub control_socket: PathBuf,
+    /// `agent.control_group`: the group (name, gid) given the control socket, so its
+    /// members may steer the agent; `None`: root's group only.
+    pub control_group: Option<(String, u32)>,
+    /// `agent.command_retention`: how long executed-command records are kept to answer
+    /// redeliveries (default 7 days).
+    pub command_retention: Duration,
+    /// `agent.log_follow_limit`: how long a log follow asked by the collector runs at
+    /// most (default 1 hour).
+    pub log_follow_limit: Duration,
+}
+
+/// File name of the control socket under the data dir.
+pub const CONTROL_SOCKET: &str = "control.sock";
+
+/// Finds the control socket a config file names, reading as little of it as it can: the
+/// CLI must reach a running agent even when the file on disk no longer validates (a typo
+/// after an edit). Takes `agent.control_socket`, else `agent.data_dir` + `control.sock`,
+/// from a file that is at least TOML; from one that is not, the first `data_dir = "..."`
+/// or `control_socket = "..."` line. `None` when the file cannot be read.
+pub fn locate_control_socket(path: &Path) -> Option<PathBuf> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let from = |socket: Option<&str>, data_dir: Option<&str>| -> PathBuf {
+        match socket {
+            Some(s) => PathBuf::from(s),
+            None => {
+                PathBuf::from(data_dir.unwrap_or(validate::DEFAULT_DATA_DIR)).join(CONTROL_SOCKET)
+            }
+        }
+    };
+    if let Ok(value) = text.parse::<toml::Table>() {
+        let agent = value.get("agent").and_then(|a| a.as_table());
+        let get = |key: &str| agent.and_then(|a| a.get(key)).and_then(|v| v.as_str());
+        return Some(from(get("control_socket"), get("data_dir")));
+    }
+    let line_value = |key: &str| {
+        text.lines().find_map(|line| {
+            let (k, v) = line.split_once('=')?;
+            (k.trim() == key).then(|| v.trim().trim_matches('"').to_owned())
+        })
+    };
+    Some(from(
+        line_value("control_socket").as_deref(),
+        line_value("data_dir").as_deref(),
+    ))
 }
 
 /// `[collector]`: where telemetry goes (used by the uplink).

@@ -28,6 +28,10 @@ pub struct RawAgent {
     pub profile: S<String>,
     pub data_dir: S<String>,
     pub listen: S<String>,
+    pub control_socket: S<String>,
+    pub control_group: S<String>,
+    pub command_retention: S<String>,
+    pub log_follow_limit: S<String>,
     pub sample_interval: S<String>,
     pub log_dir: S<String>,
     pub log_max_size: S<String>,
@@ -50,6 +54,7 @@ pub struct RawGpu {
     pub source: S<String>,
     pub scenario: S<String>,
     pub nvml_library: S<String>,
+    pub dcgm_hostname_label: S<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -188,3 +188,39 @@ fn garbage_never_panics() {
     }
     assert!(Config::parse(Path::new("x"), &[0xff, 0xfe]).is_err());
 }
+
+#[test]
+fn dcgm_hostname_label_is_a_checked_choice() {
+    use razar_gpu::exposition::HostnameLabel;
+    let config = parse("[gpu]\nsource = \"none\"\n").unwrap();
+    assert_eq!(config.dcgm_hostname_label, HostnameLabel::Lower);
+    let config = parse("[gpu]\ndcgm_hostname_label = \"Hostname\"\n").unwrap();
+    assert_eq!(config.dcgm_hostname_label, HostnameLabel::Capitalized);
+    check_errors(
+        "[gpu]\ndcgm_hostname_label = \"host\"\n",
+        &[(2, "gpu.dcgm_hostname_label", "must be \"hostname\"")],
+    );
+}
+
+#[test]
+fn command_records_and_follows_have_checked_bounds() {
+    let config =
+        parse("[agent]\ncommand_retention = \"2d\"\nlog_follow_limit = \"10m\"\n").unwrap();
+    assert_eq!(
+        config.agent.command_retention,
+        Duration::from_secs(2 * 86400)
+    );
+    assert_eq!(config.agent.log_follow_limit, Duration::from_secs(600));
+    let config = parse("[agent]\n").unwrap();
+    assert_eq!(
+        config.agent.command_retention,
+        crate::commands::DEFAULT_RETENTION
+    );
+    check_errors(
+        "[agent]\ncommand_retention = \"1s\"\nlog_follow_limit = \"0s\"\n",
+        &[
+            (2, "agent.command_retention", "at least 60s"),
+            (3, "agent.log_follow_limit", "at least 1s"),
+        ],
+    );
+}

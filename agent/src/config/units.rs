@@ -8,7 +8,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     let split = text
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .ok_or_else(|| format!("`{text}` has no unit (use ms, s, m or h)"))?;
+        .ok_or_else(|| format!("`{text}` has no unit (use ms, s, m, h or d)"))?;
     let (number, unit) = text.split_at(split);
     let value: f64 = number
         .parse()
@@ -18,9 +18,10 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         "s" => value,
         "m" => value * 60.0,
         "h" => value * 3_600.0,
+        "d" => value * 86_400.0,
         other => {
             return Err(format!(
-                "unknown duration unit `{other}` (use ms, s, m or h)"
+                "unknown duration unit `{other}` (use ms, s, m, h or d)"
             ))
         }
     };
@@ -73,7 +74,8 @@ mod tests {
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
         assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
         assert!(parse_duration("10").is_err());
-        assert!(parse_duration("10d").is_err());
+        assert_eq!(parse_duration("10d"), Ok(Duration::from_secs(864_000)));
+        assert!(parse_duration("10w").is_err());
         assert!(parse_duration("-1s").is_err());
         assert!(parse_duration("").is_err());
     }

@@ -12,7 +12,7 @@ use toml::de::{DeTable, DeValue};
 use toml::Spanned;
 
 const DEFAULT_LISTEN: &str = "127.0.0.1:9464";
-const DEFAULT_DATA_DIR: &str = "/var/lib/razar-agent";
+pub(crate) const DEFAULT_DATA_DIR: &str = "/var/lib/razar-agent";
 /// How many type/unknown-key errors are collected before giving up on a document.
 const MAX_SHAPE_ERRORS: usize = 100;
 
@@ -251,6 +251,84 @@ fn build(
             .as_ref()
             .map_or(DEFAULT_DATA_DIR, |d| d.get_ref().as_str()),
     );
+    let control_socket = agent_raw.control_socket.as_ref().map_or_else(
+        || data_dir.join(super::CONTROL_SOCKET),
+        |p| PathBuf::from(p.get_ref()),
+    );
+    // sockaddr_un holds 108 bytes, the terminating NUL included.
+    if control_socket.as_os_str().len() > 107 {
+        let (span, key) = match &agent_raw.control_socket {
+            Some(v) => (Some(v.span()), "agent.control_socket"),
+            None => (
+                agent_raw.data_dir.as_ref().map(|d| d.span()),
+                "agent.data_dir",
+            ),
+        };
+        x.c.push(
+            span,
+            key.to_owned(),
+            format!(
+                "the control socket path {} is longer than the 107 bytes a unix socket allows",
+                control_socket.display()
+            ),
+        );
+    }
+    let control_group = agent_raw.control_group.as_ref().and_then(|g| {
+        match nix::unistd::Group::from_name(g.get_ref()) {
+            Ok(Some(group)) => Some((g.get_ref().clone(), group.gid.as_raw())),
+            Ok(None) => {
+                x.err(
+                    g.span(),
+                    "agent.control_group".into(),
+                    format!("no group named `{}` on this host", g.get_ref()),
+                );
+                None
+            }
+            Err(e) => {
+                x.err(
+                    g.span(),
+                    "agent.control_group".into(),
+                    format!("cannot look the group up: {e}"),
+                );
+                None
+            }
+        }
+    });
+    let command_retention = x.duration(
+        &agent_raw.command_retention,
+        "agent.command_retention".into(),
+        crate::commands::DEFAULT_RETENTION,
+    );
+    let log_follow_limit = x.duration(
+        &agent_raw.log_follow_limit,
+        "agent.log_follow_limit".into(),
+        crate::commands::DEFAULT_FOLLOW_LIMIT,
+    );
+    let at_least = |x: &mut Ctx<'_, '_>, value: &S<String>, got: Duration, key: &str, secs: u64| {
+        if let Some(v) = value {
+            if got < Duration::from_secs(secs) {
+                x.err(
+                    v.span(),
+                    key.to_owned(),
+                    format!("must be at least {secs}s"),
+                );
+            }
+        }
+    };
+    at_least(
+        &mut x,
+        &agent_raw.command_retention,
+        command_retention,
+        "agent.command_retention",
+        60,
+    );
+    at_least(
+        &mut x,
+        &agent_raw.log_follow_limit,
+        log_follow_limit,
+        "agent.log_follow_limit",
+        1,
+    );
     let sample_interval = x.duration(
         &agent_raw.sample_interval,
         "agent.sample_interval".into(),
@@ -310,6 +388,21 @@ fn build(
         }
     });
 
+    let mut dcgm_hostname_label = razar_gpu::exposition::HostnameLabel::default();
+    if let Some(label) = raw
+        .gpu
+        .as_ref()
+        .and_then(|g| g.get_ref().dcgm_hostname_label.as_ref())
+    {
+        match razar_gpu::exposition::HostnameLabel::parse(label.get_ref()) {
+            Some(l) => dcgm_hostname_label = l,
+            None => x.err(
+                label.span(),
+                "gpu.dcgm_hostname_label".into(),
+                "must be \"hostname\" (dcgm-exporter's main branch) or \"Hostname\" (its releases up to 4.5.3-4.8.2)",
+            ),
+        }
+    }
     let gpu = match raw.gpu {
         None => GpuSettings::None,
         Some(g) => {
@@ -509,11 +602,17 @@ fn build(
             data_dir,
             listen,
             sample_interval,
+            control_socket,
+            control_group,
+            command_retention,
+            log_follow_limit,
         },
         collector,
         gpu,
+        dcgm_hostname_label,
         components,
         watches,
+        component_sources: BTreeMap::new(),
     })
 }
 

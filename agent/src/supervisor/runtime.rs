@@ -41,6 +41,13 @@ pub enum AgentError {
         #[source]
         source: std::io::Error,
     },
+    /// The control socket could not be bound.
+    #[error("cannot listen on the control socket {}: {source}", path.display())]
+    ControlSocket {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     /// Metrics could not be registered.
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
@@ -160,6 +167,7 @@ pub struct Agent {
     requests: mpsc::Sender<Request>,
     view: Arc<AgentView>,
     local_addr: Option<SocketAddr>,
+    control_socket: Option<std::path::PathBuf>,
     done: Arc<tokio::sync::Mutex<Option<JoinHandle<()>>>>,
 }
 
@@ -213,12 +221,19 @@ impl Agent {
             let listener = tokio::net::TcpListener::bind(addr)
                 .await
                 .map_err(|source| AgentError::Listen { addr, source })?;
-            Some(
-                listener
-                    .local_addr()
-                    .map_err(|source| AgentError::Listen { addr, source })?,
+            let bound = listener
+                .local_addr()
+                .map_err(|source| AgentError::Listen { addr, source })?;
+            let path = config.agent.control_socket.clone();
+            let control = crate::local_api::bind_control_socket(
+                &path,
+                config.agent.control_group.as_ref().map(|g| g.1),
             )
-            .map(|bound| (bound, listener))
+            .map_err(|source| AgentError::ControlSocket {
+                path: path.clone(),
+                source,
+            })?;
+            Some((bound, listener, (path, control)))
         } else {
             None
         };
@@ -240,11 +255,12 @@ impl Agent {
             requests: agent_requests,
             view,
             local_addr: None,
+            control_socket: None,
             done: Arc::new(tokio::sync::Mutex::new(Some(done))),
         };
-        if let Some((bound, listener)) = local_addr {
+        if let Some((bound, listener, control)) = local_addr {
             agent.local_addr = Some(bound);
-            let router = crate::local_api::router(agent.clone());
+            let router = crate::local_api::read_only_router(agent.clone());
             let view = Arc::clone(&agent.view);
             tokio::spawn(async move {
                 let stopped = async move { view.stopped().await };
@@ -255,13 +271,32 @@ impl Agent {
                     tracing::error!(%error, "local endpoint stopped");
                 }
             });
+            let (path, listener) = control;
+            agent.control_socket = Some(path.clone());
+            let router = crate::local_api::control_router(agent.clone());
+            let view = Arc::clone(&agent.view);
+            tokio::spawn(async move {
+                let stopped = async move { view.stopped().await };
+                if let Err(error) = axum::serve(listener, router)
+                    .with_graceful_shutdown(stopped)
+                    .await
+                {
+                    tracing::error!(%error, "control socket stopped");
+                }
+                let _ = std::fs::remove_file(&path);
+            });
         }
         Ok(agent)
     }
 
-    /// Where `/health`, `/metrics` and the control API listen.
+    /// Where the read-only `/health` and `/metrics` listen.
     pub fn local_addr(&self) -> Option<SocketAddr> {
         self.local_addr
+    }
+
+    /// The control API's unix socket (every route, control included).
+    pub fn control_socket(&self) -> Option<&std::path::Path> {
+        self.control_socket.as_deref()
     }
 
     pub fn view(&self) -> &Arc<AgentView> {
@@ -639,7 +674,12 @@ impl Supervisor {
     async fn reload(&mut self, given: Option<Config>) -> Result<Vec<String>, AgentError> {
         let new = match given {
             Some(c) => Ok(c),
-            None => Config::load(&self.config.path),
+            None => crate::revisions::load_effective(&self.config.path).map(|(config, notes)| {
+                for note in notes {
+                    tracing::info!(%note, "rollback pins");
+                }
+                config
+            }),
         };
         let new = match new {
             Ok(c) => c,

@@ -204,8 +204,25 @@ pub async fn http(
     path: &str,
     body: &str,
 ) -> (u16, String) {
+    let s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    exchange(s, method, path, body).await
+}
+
+/// The same over the agent's unix control socket.
+pub async fn http_unix(socket: &Path, method: &str, path: &str, body: &str) -> (u16, String) {
+    let s = tokio::net::UnixStream::connect(socket)
+        .await
+        .expect("connect");
+    exchange(s, method, path, body).await
+}
+
+async fn exchange(
+    mut s: impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
     let req = format!(
         "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()

@@ -326,6 +326,10 @@ pub enum CommandAction {
         lines: u32,
         follow: bool,
     },
+    /// Ends the log follow started by command `command` (a `TailLogs` with `follow`).
+    CancelTail {
+        command: CommandId,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -342,7 +346,9 @@ pub enum CommandOutcome {
     Failed,
     /// Deadline passed before it could run.
     Expired,
-    /// Already executed earlier (redelivery); the original outcome stands.
+    /// Already executed earlier (redelivery); the original outcome stands: the result's
+    /// `finished_ms` is the original's, its message is `"<outcome>: <original message>"`
+    /// (`succeeded: …`, `failed: …`, `expired: …`).
     Duplicate,
 }
 

@@ -233,6 +233,7 @@ fn command_action() -> impl Strategy<Value = CommandAction> {
                 follow,
             }
         }),
+        any::<[u8; 16]>().prop_map(|command| CommandAction::CancelTail { command }),
     ]
 }
 

@@ -1,0 +1,443 @@
+//! The typed command executor: commands from the collector, carried out on configured
+//! components only (never a shell string from the network).
+//!
+//! Exactly once, durably: a command's id is recorded in the store *before* it acts
+//! (claim: "failed: interrupted", what stands if the agent dies mid-command), and its
+//! final outcome replaces the claim after it ran. A redelivered command does not run
+//! again: it answers `Duplicate` with the original outcome, message and finish time.
+//! Records older than `retention` are pruned (at start, then hourly).
+//!
+//! Log follows (`TailLogs` with `follow`) run as their own tasks and end on their
+//! deadline, on a `CancelTail` command, or when the component goes away, always with a
+//! last chunk marked `end`; a full outbound queue drops (and counts) chunks but never
+//! ends a follow by itself. `Rollback` pins a component to one of its recorded revisions
+//! ([`crate::revisions`]).
+
+use crate::revisions;
+use crate::store::{CommandRecord, Store};
+use crate::supervisor::machine::Control;
+use crate::supervisor::runtime::Agent;
+use crate::uplink::{Outbound, Uplink};
+use razar_shared::protocol::{
+    Command, CommandAction, CommandId, CommandOutcome, CommandResult, Event, EventKind, LogChunk,
+    UnixMillis,
+};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+/// Most log lines one tail command returns.
+pub const MAX_TAIL_LINES: u32 = 10_000;
+/// How long executed-command records are kept by default.
+pub const DEFAULT_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
+/// How long a log follow runs at most by default (the collector renews it).
+pub const DEFAULT_FOLLOW_LIMIT: Duration = Duration::from_secs(3600);
+const PRUNE_EVERY: Duration = Duration::from_secs(3600);
+
+/// Where results and log chunks go (the uplink; a channel in tests).
+pub trait Outbox: Send + Sync + 'static {
+    /// False when the message had to be dropped (queue full, link down).
+    fn send(&self, message: Outbound) -> bool;
+}
+
+impl Outbox for Uplink {
+    fn send(&self, message: Outbound) -> bool {
+        Uplink::send(self, message)
+    }
+}
+
+impl Outbox for mpsc::UnboundedSender<Outbound> {
+    fn send(&self, message: Outbound) -> bool {
+        mpsc::UnboundedSender::send(self, message).is_ok()
+    }
+}
+
+/// Executor settings.
+#[derive(Debug, Clone, Copy)]
+pub struct ExecutorOptions {
+    /// Executed-command records older than this are pruned.
+    pub retention: Duration,
+    /// A log follow ends after this long unless cancelled sooner.
+    pub follow_limit: Duration,
+}
+
+impl Default for ExecutorOptions {
+    fn default() -> Self {
+        ExecutorOptions {
+            retention: DEFAULT_RETENTION,
+            follow_limit: DEFAULT_FOLLOW_LIMIT,
+        }
+    }
+}
+
+/// Counters of the executor (exported by the agent's metrics).
+#[derive(Debug, Default)]
+pub struct ExecutorStats {
+    pub executed: AtomicU64,
+    pub duplicates: AtomicU64,
+    /// Results or log chunks the outbox refused (queue full or link down).
+    pub outbound_dropped: AtomicU64,
+}
+
+/// Milliseconds since the Unix epoch.
+fn now_ms() -> UnixMillis {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+fn outcome_word(outcome: CommandOutcome) -> &'static str {
+    match outcome {
+        CommandOutcome::Succeeded => "succeeded",
+        CommandOutcome::Failed => "failed",
+        CommandOutcome::Expired => "expired",
+        CommandOutcome::Duplicate => "duplicate",
+    }
+}
+
+/// Runs commands from the collector until the channel closes.
+pub struct Executor<O: Outbox> {
+    agent: Agent,
+    store: Arc<Store>,
+    outbox: Arc<O>,
+    options: ExecutorOptions,
+    stats: Arc<ExecutorStats>,
+    follows: Arc<Mutex<HashMap<CommandId, oneshot::Sender<()>>>>,
+}
+
+impl<O: Outbox> Executor<O> {
+    pub fn new(agent: Agent, store: Arc<Store>, outbox: Arc<O>, options: ExecutorOptions) -> Self {
+        Executor {
+            agent,
+            store,
+            outbox,
+            options,
+            stats: Arc::default(),
+            follows: Arc::default(),
+        }
+    }
+
+    pub fn stats(&self) -> Arc<ExecutorStats> {
+        Arc::clone(&self.stats)
+    }
+
+    /// Executes commands until `commands` closes.
+    pub async fn run(self, mut commands: mpsc::Receiver<Command>) {
+        let mut events = Some(self.agent.subscribe());
+        self.prune().await;
+        self.record_revisions().await;
+        let mut prune = tokio::time::interval(PRUNE_EVERY);
+        prune.tick().await;
+        loop {
+            tokio::select! {
+                command = commands.recv() => {
+                    let Some(command) = command else { break };
+                    let result = self.execute(command).await;
+                    self.emit(Outbound::CommandResult(result));
+                }
+                event = async {
+                    match events.as_mut() {
+                        Some(rx) => rx.recv().await,
+                        None => std::future::pending().await,
+                    }
+                } => match event {
+                    // Every applied config adds its revisions to the history.
+                    Ok(Event { kind: EventKind::ConfigReloaded { .. }, .. })
+                    | Err(broadcast::error::RecvError::Lagged(_)) => self.record_revisions().await,
+                    Ok(_) => {}
+                    Err(broadcast::error::RecvError::Closed) => events = None,
+                },
+                _ = prune.tick() => self.prune().await,
+            }
+        }
+        // The follows end with the executor.
+        let follows: Vec<_> = self
+            .follows
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .drain()
+            .collect();
+        for (_, cancel) in follows {
+            let _ = cancel.send(());
+        }
+    }
+
+    fn emit(&self, message: Outbound) {
+        if !self.outbox.send(message) {
+            self.stats.outbound_dropped.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!("command result dropped: outbound queue full or link down");
+        }
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Store) -> T + Send + 'static,
+    ) -> Option<T> {
+        let store = Arc::clone(&self.store);
+        tokio::task::spawn_blocking(move || f(&store)).await.ok()
+    }
+
+    async fn prune(&self) {
+        let before = now_ms()
+            .saturating_sub(i64::try_from(self.options.retention.as_millis()).unwrap_or(i64::MAX));
+        match self.blocking(move |s| s.prune_commands(before)).await {
+            Some(Ok(n)) if n > 0 => tracing::info!(pruned = n, "old command records pruned"),
+            Some(Err(error)) => tracing::warn!(%error, "cannot prune command records"),
+            _ => {}
+        }
+    }
+
+    /// Records the revisions the components run now (their history for rollbacks).
+    async fn record_revisions(&self) {
+        let config = self.agent.view().config();
+        self.blocking(move |s| revisions::record_running(s, &config, now_ms()))
+            .await;
+    }
+
+    /// Executes one command (or answers its redelivery) and returns its result.
+    pub async fn execute(&self, command: Command) -> CommandResult {
+        let id = command.id;
+        let claim = CommandRecord {
+            outcome: CommandOutcome::Failed,
+            finished_ms: now_ms(),
+            message: "interrupted: the agent stopped before the command finished".into(),
+        };
+        let claimed = self.blocking(move |s| s.record_command(&id, &claim)).await;
+        match claimed {
+            Some(Ok(Some(earlier))) => {
+                self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
+                return CommandResult {
+                    id,
+                    finished_ms: earlier.finished_ms,
+                    outcome: CommandOutcome::Duplicate,
+                    message: format!("{}: {}", outcome_word(earlier.outcome), earlier.message),
+                };
+            }
+            Some(Ok(None)) => {}
+            Some(Err(error)) => {
+                return CommandResult {
+                    id,
+                    finished_ms: now_ms(),
+                    outcome: CommandOutcome::Failed,
+                    message: format!("cannot record the command: {error}"),
+                }
+            }
+            None => {
+                return CommandResult {
+                    id,
+                    finished_ms: now_ms(),
+                    outcome: CommandOutcome::Failed,
+                    message: "cannot record the command: store task failed".into(),
+                }
+            }
+        }
+        self.stats.executed.fetch_add(1, Ordering::Relaxed);
+        let (outcome, message) = if now_ms() > command.deadline_ms {
+            (
+                CommandOutcome::Expired,
+                "deadline passed before delivery".to_owned(),
+            )
+        } else {
+            self.carry_out(id, command.action).await
+        };
+        let record = CommandRecord {
+            outcome,
+            finished_ms: now_ms(),
+            message,
+        };
+        let stored = record.clone();
+        match self.blocking(move |s| s.finish_command(&id, &stored)).await {
+            Some(Ok(())) => {}
+            Some(Err(error)) => tracing::warn!(%error, "cannot record a command's outcome"),
+            None => tracing::warn!("cannot record a command's outcome: store task failed"),
+        }
+        CommandResult {
+            id,
+            finished_ms: record.finished_ms,
+            outcome: record.outcome,
+            message: record.message,
+        }
+    }
+
+    async fn carry_out(&self, id: CommandId, action: CommandAction) -> (CommandOutcome, String) {
+        let failed = |message: String| (CommandOutcome::Failed, message);
+        if let CommandAction::CancelTail { command } = action {
+            let cancel = self
+                .follows
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .remove(&command);
+            return match cancel {
+                Some(cancel) => {
+                    let _ = cancel.send(());
+                    (CommandOutcome::Succeeded, "log follow cancelled".into())
+                }
+                None => failed(format!("no log follow {} is running", hex::encode(command))),
+            };
+        }
+        let component = match &action {
+            CommandAction::Restart { component }
+            | CommandAction::Stop { component }
+            | CommandAction::Start { component }
+            | CommandAction::Quarantine { component, .. }
+            | CommandAction::Resolve { component, .. }
+            | CommandAction::Pulse { component, .. }
+            | CommandAction::Rollback { component, .. }
+            | CommandAction::TailLogs { component, .. } => component.clone(),
+            CommandAction::CancelTail { .. } => String::new(),
+        };
+        let config = self.agent.view().config();
+        if config.component(&component).is_none() {
+            return failed(format!(
+                "no component {component:?} is configured on this host"
+            ));
+        }
+        let control = match action {
+            CommandAction::Restart { .. } => Control::Restart,
+            CommandAction::Stop { .. } => Control::Stop,
+            CommandAction::Start { .. } => Control::Start,
+            CommandAction::Quarantine { note, .. } => Control::Quarantine { note },
+            CommandAction::Resolve { note, .. } => Control::Resolve { note },
+            CommandAction::Pulse { budget_ms, .. } => Control::Pulse {
+                budget: Duration::from_millis(budget_ms),
+            },
+            CommandAction::Rollback { revision, .. } => {
+                return self.roll_back(&component, &revision).await;
+            }
+            CommandAction::TailLogs { lines, follow, .. } => {
+                return self.tail(id, &component, lines, follow).await;
+            }
+            CommandAction::CancelTail { .. } => return failed("unreachable".into()),
+        };
+        match self.agent.command(&component, control).await {
+            Ok(()) => (CommandOutcome::Succeeded, "done".into()),
+            Err(error) => failed(error.to_string()),
+        }
+    }
+
+    async fn roll_back(&self, component: &str, revision: &str) -> (CommandOutcome, String) {
+        // The history first holds what runs now.
+        self.record_revisions().await;
+        let current = self.agent.view().config();
+        let (name, wanted) = (component.to_owned(), revision.to_owned());
+        let planned = self
+            .blocking(move |s| revisions::roll_back(s, &current, &name, &wanted))
+            .await;
+        let (config, summary) = match planned {
+            Some(Ok(planned)) => planned,
+            Some(Err(error)) => return (CommandOutcome::Failed, error.to_string()),
+            None => return (CommandOutcome::Failed, "rollback task failed".into()),
+        };
+        match self.agent.reload_with(Some(config)).await {
+            Ok(_) => (CommandOutcome::Succeeded, format!("rolled back {summary}")),
+            Err(error) => (CommandOutcome::Failed, error.to_string()),
+        }
+    }
+
+    async fn tail(
+        &self,
+        id: CommandId,
+        component: &str,
+        lines: u32,
+        follow: bool,
+    ) -> (CommandOutcome, String) {
+        let limit = usize::try_from(lines.min(MAX_TAIL_LINES)).unwrap_or(0);
+        let tail = match self.agent.logs().tail(component, limit).await {
+            Ok(t) => t,
+            Err(error) => return (CommandOutcome::Failed, error.to_string()),
+        };
+        // Subscribe before sending the tail, so no line falls between the two.
+        let follower = if follow {
+            match self.agent.logs().follow(component) {
+                Ok(rx) => Some(rx),
+                Err(error) => return (CommandOutcome::Failed, error.to_string()),
+            }
+        } else {
+            None
+        };
+        let mut chunks: Vec<LogChunk> = Vec::new();
+        for line in tail {
+            match chunks.last_mut() {
+                Some(chunk) if chunk.stream == line.stream => chunk.lines.push(line.text),
+                _ => chunks.push(LogChunk {
+                    command: id,
+                    component: component.to_owned(),
+                    stream: line.stream,
+                    lines: vec![line.text],
+                    end: false,
+                }),
+            }
+        }
+        if let (Some(last), false) = (chunks.last_mut(), follow) {
+            last.end = true;
+        }
+        for chunk in chunks {
+            self.emit(Outbound::LogChunk(chunk));
+        }
+        let Some(mut rx) = follower else {
+            return (CommandOutcome::Succeeded, format!("tail of {component}"));
+        };
+        let (cancel, mut cancelled) = oneshot::channel();
+        self.follows
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(id, cancel);
+        let outbox = Arc::clone(&self.outbox);
+        let stats = Arc::clone(&self.stats);
+        let follows = Arc::clone(&self.follows);
+        let name = component.to_owned();
+        let limit = self.options.follow_limit;
+        tokio::spawn(async move {
+            let component = name;
+            let deadline = tokio::time::sleep(limit);
+            tokio::pin!(deadline);
+            let why = loop {
+                tokio::select! {
+                    line = rx.recv() => match line {
+                        Ok(line) => {
+                            let chunk = LogChunk {
+                                command: id,
+                                component: component.clone(),
+                                stream: line.stream,
+                                lines: vec![line.text],
+                                end: false,
+                            };
+                            if !outbox.send(Outbound::LogChunk(chunk)) {
+                                stats.outbound_dropped.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                            stats.outbound_dropped.fetch_add(n, Ordering::Relaxed);
+                        }
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                            break "the component's log closed";
+                        }
+                    },
+                    _ = &mut deadline => break "the follow reached its deadline",
+                    _ = &mut cancelled => break "cancelled",
+                }
+            };
+            follows
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .remove(&id);
+            tracing::debug!(component, why, "log follow ended");
+            let last = LogChunk {
+                command: id,
+                component,
+                stream: razar_shared::domain::LogStream::Stdout,
+                lines: Vec::new(),
+                end: true,
+            };
+            if !outbox.send(Outbound::LogChunk(last)) {
+                stats.outbound_dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+        (
+            CommandOutcome::Succeeded,
+            format!("following {component} (up to {}s)", limit.as_secs()),
+        )
+    }
+}
