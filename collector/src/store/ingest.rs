@@ -98,8 +98,8 @@ impl IngestItem<'_> {
                     seq: batch.seq,
                 });
             }
-            // The window is one range, so the batch's earliest and latest point stand
-            // for all of its points: no date arithmetic per sample or per series (this
+            // The batch's earliest and latest point stand for all of its points when
+            // they fall on one day: no date arithmetic per sample or per series (this
             // runs for every sample stored).
             let mut range: Option<(u32, u32)> = None;
             for points in &batch.series {
@@ -126,16 +126,27 @@ impl IngestItem<'_> {
                     .base_ts_ms
                     .saturating_add(i64::from(last))
                     .min(window.hi_ms);
-                // Inside the window (empty when the batch is wholly outside): offsets
-                // are u32 milliseconds, at most 50 days between first and last.
-                if first <= last {
-                    for day in day_of(first)..=day_of(last) {
-                        // Samples of a batch are nearly always on one day: skip the set.
-                        if last_day != Some(day) {
-                            days.insert(day);
-                            last_day = Some(day);
+                if first > last {
+                    // Wholly outside the window: no partition for it.
+                } else if day_of(first) == day_of(last) {
+                    // Nearly always: the batch is on one day. Skip the set.
+                    let day = day_of(first);
+                    if last_day != Some(day) {
+                        days.insert(day);
+                        last_day = Some(day);
+                    }
+                } else {
+                    // Across midnight, or a batch spread over days (its offsets reach
+                    // 50 days): only the days of points inside the window.
+                    for points in &batch.series {
+                        for &(offset, _) in &points.points {
+                            let ts = batch.base_ts_ms.saturating_add(i64::from(offset));
+                            if window.refuses(ts).is_none() {
+                                days.insert(day_of(ts));
+                            }
                         }
                     }
+                    last_day = None;
                 }
             }
         }
@@ -487,7 +498,10 @@ impl Store {
         .bind(&payload)
         .execute(&mut *tx)
         .await?;
-        sqlx::query(
+        // The event under a savepoint: should the database refuse it too (the same
+        // rule that refused the batch, say), the batch is still set aside.
+        let mut event = sqlx::Acquire::begin(&mut *tx).await?;
+        let recorded = sqlx::query(
             "INSERT INTO events (host_id, ts, severity, subject_kind, subject_id, kind, payload, message)
              VALUES ($1, now(), 'error', 'host', NULL, 'batch_rejected', $2, $3)",
         )
@@ -501,8 +515,15 @@ impl Store {
         .bind(format!(
             "batch {seq} set aside in rejected_batches ({samples} samples, {events} events): {text}"
         ))
-        .execute(&mut *tx)
-        .await?;
+        .execute(&mut *event)
+        .await;
+        match recorded {
+            Ok(_) => event.commit().await?,
+            Err(e) => {
+                tracing::warn!(host, seq, error = %e, "cannot record the batch_rejected event");
+                event.rollback().await?;
+            }
+        }
         sqlx::query(
             "UPDATE agent_cursors SET acked_seq = $2, updated_at = now() WHERE host_id = $1",
         )
@@ -775,8 +796,8 @@ mod tests {
             (now - 11 * DAY, &[0, 1_000], &[]),
             (now + 3_600_000, &[0], &[]),
             (i64::MAX - 10, &[0, 11], &[]),
-            // Straddling the lower edge: only the days inside.
-            (now - 10 * DAY - 1_000, &[0, 2_000, 3 * DAY as u32], &[19_990, 19_991, 19_992, 19_993]),
+            // Straddling the lower edge, spread over days: only the days of points inside.
+            (now - 10 * DAY - 1_000, &[0, 2_000, 3 * DAY as u32], &[19_990, 19_993]),
             // Up to the upper edge.
             (now, &[0, 300_000, 300_001], &[20_000]),
         ];
