@@ -349,7 +349,10 @@ async fn an_invalid_request_fails_alone_and_the_rest_of_its_group_commits() {
     assert!(
         matches!(
             b,
-            Err(GroupError::Refused(StoreError::UnknownSeries { series: 999, .. }))
+            Err(GroupError::Refused(StoreError::UnknownSeries {
+                series: 999,
+                ..
+            }))
         ),
         "{b:?}"
     );

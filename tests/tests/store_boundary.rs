@@ -22,8 +22,8 @@ use razar_collector::store::{IngestRules, Reason, SeriesMap, Store, REFUSED_SERI
 use razar_shared::domain::{ComponentState, Severity};
 use razar_shared::protocol::codec::{decode_payload, HEADER_LEN};
 use razar_shared::protocol::{
-    Batch, ComponentInfo, Event, EventKind, GpuInfo, Hello, SeriesDef, SeriesPoints,
-    SessionConfig, Subject,
+    Batch, ComponentInfo, Event, EventKind, GpuInfo, Hello, SeriesDef, SeriesPoints, SessionConfig,
+    Subject,
 };
 use razar_tests::ca::TestCa;
 use razar_tests::fixtures::now_ms;
@@ -99,7 +99,8 @@ async fn samples_outside_the_window_are_refused_counted_recorded_and_the_rest_st
     let store = pg.store().await.expect("store");
     let map = registered(&store, HOST, 2).await;
     let now = now_ms();
-    let partitions = "SELECT count(*) FROM pg_class WHERE relname LIKE 'samples\\_p%' AND relkind = 'r'";
+    let partitions =
+        "SELECT count(*) FROM pg_class WHERE relname LIKE 'samples\\_p%' AND relkind = 'r'";
     // 45 days back: one point too old, three inside (a day ago, an hour ago, now).
     let old_base = now - 45 * DAY_MS;
     let inside = |ago: i64| u32::try_from(now - ago - old_base).expect("offset fits");
@@ -183,14 +184,10 @@ async fn samples_outside_the_window_are_refused_counted_recorded_and_the_rest_st
 #[tokio::test]
 async fn series_past_the_host_cap_or_too_large_are_refused_and_their_samples_counted() {
     let pg = TestPg::start().await.expect("postgres");
-    let store = pg
-        .store()
-        .await
-        .expect("store")
-        .with_rules(IngestRules {
-            max_series_per_host: 3,
-            ..IngestRules::default()
-        });
+    let store = pg.store().await.expect("store").with_rules(IngestRules {
+        max_series_per_host: 3,
+        ..IngestRules::default()
+    });
     store
         .record_hello(&hello(HOST), Utc::now())
         .await
@@ -232,7 +229,11 @@ async fn series_past_the_host_cap_or_too_large_are_refused_and_their_samples_cou
     assert_eq!(outcome.samples, 6);
     assert_eq!(outcome.refusals.get(Reason::SampleOfRefusedSeries), 6);
     assert_eq!(
-        scalar(&store, "SELECT count(*) FROM series WHERE host_id = 'gpu-host-1'").await,
+        scalar(
+            &store,
+            "SELECT count(*) FROM series WHERE host_id = 'gpu-host-1'"
+        )
+        .await,
         3
     );
     let metrics = store.metrics();
@@ -296,13 +297,12 @@ async fn a_batch_the_database_refuses_is_set_aside_acknowledged_counted_and_late
         (3, 2, 1)
     );
     assert_eq!(good.expect("the other host is stored").cursor, 1);
-    let (seq, sqlstate, payload): (i64, Option<String>, Vec<u8>) = sqlx::query_as(
-        "SELECT seq, sqlstate, payload FROM rejected_batches WHERE host_id = $1",
-    )
-    .bind(HOST)
-    .fetch_one(store.pool())
-    .await
-    .expect("rejected batch");
+    let (seq, sqlstate, payload): (i64, Option<String>, Vec<u8>) =
+        sqlx::query_as("SELECT seq, sqlstate, payload FROM rejected_batches WHERE host_id = $1")
+            .bind(HOST)
+            .fetch_one(store.pool())
+            .await
+            .expect("rejected batch");
     assert_eq!((seq, sqlstate.as_deref()), (2, Some("23514")));
     let kept: Batch = decode_payload(&payload[HEADER_LEN..]).expect("raw batch decodes");
     assert_eq!(kept, batch(2, "b-o-o-m"));
@@ -363,7 +363,11 @@ fn texts() -> impl Strategy<Value = Texts> {
         (agent_text(), agent_text(), agent_text(), agent_text()),
     )
         .prop_map(
-            |((version, component, revision, gpu), (metric, k, v), (message, code, note, changed))| {
+            |(
+                (version, component, revision, gpu),
+                (metric, k, v),
+                (message, code, note, changed),
+            )| {
                 Texts {
                     version,
                     component,
@@ -558,7 +562,7 @@ async fn a_health_endpoint_answering_a_nul_status_line_does_not_stall_its_host()
         .expect("collector");
 
     let dir = tempfile::tempdir().expect("spool dir");
-    let spool = Arc::new(Spool::open(&dir.path().join("spool.redb"), 64 << 20).expect("spool"));
+    let spool = Arc::new(Spool::open(dir.path().join("spool.redb"), 64 << 20).expect("spool"));
     let mut uplink_config = UplinkConfig::new(
         format!("127.0.0.1:{port}"),
         "localhost",

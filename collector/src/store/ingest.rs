@@ -20,7 +20,9 @@ use std::collections::{BTreeSet, HashMap};
 use chrono::{DateTime, Utc};
 use razar_shared::protocol::{Batch, Event, EventKind, Subject};
 
-use super::boundary::{clean, clean_kind, Reason, Refusals, Window, MAX_MESSAGE_BYTES, MAX_NAME_BYTES};
+use super::boundary::{
+    clean, clean_kind, Reason, Refusals, Window, MAX_MESSAGE_BYTES, MAX_NAME_BYTES,
+};
 use super::copy::SampleCopy;
 use super::{day_of, from_millis, SeriesMap, Store, StoreError, REFUSED_SERIES};
 
@@ -239,7 +241,10 @@ impl Store {
                 "ingest: one check per item expected".into(),
             )));
         }
-        let mut days: Vec<i64> = checked.iter().flat_map(|c| c.days.iter().copied()).collect();
+        let mut days: Vec<i64> = checked
+            .iter()
+            .flat_map(|c| c.days.iter().copied())
+            .collect();
         days.sort_unstable();
         days.dedup();
         self.ensure_days(&days).await?;
@@ -469,12 +474,11 @@ impl Store {
         .bind(host)
         .execute(&mut *tx)
         .await?;
-        let cursor: i64 = sqlx::query_scalar(
-            "SELECT acked_seq FROM agent_cursors WHERE host_id = $1 FOR UPDATE",
-        )
-        .bind(host)
-        .fetch_one(&mut *tx)
-        .await?;
+        let cursor: i64 =
+            sqlx::query_scalar("SELECT acked_seq FROM agent_cursors WHERE host_id = $1 FOR UPDATE")
+                .bind(host)
+                .fetch_one(&mut *tx)
+                .await?;
         if seq <= cursor {
             tx.rollback().await?;
             return Ok(IngestOutcome {
@@ -797,12 +801,20 @@ mod tests {
             (now + 3_600_000, &[0], &[]),
             (i64::MAX - 10, &[0, 11], &[]),
             // Straddling the lower edge, spread over days: only the days of points inside.
-            (now - 10 * DAY - 1_000, &[0, 2_000, 3 * DAY as u32], &[19_990, 19_993]),
+            (
+                now - 10 * DAY - 1_000,
+                &[0, 2_000, 3 * DAY as u32],
+                &[19_990, 19_993],
+            ),
             // Up to the upper edge.
             (now, &[0, 300_000, 300_001], &[20_000]),
         ];
         for (base, offsets, days) in cases {
-            assert_eq!(check(&[batch(base, offsets)], now).ok(), Some(days.to_vec()), "{base}");
+            assert_eq!(
+                check(&[batch(base, offsets)], now).ok(),
+                Some(days.to_vec()),
+                "{base}"
+            );
         }
     }
 

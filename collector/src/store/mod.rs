@@ -139,7 +139,9 @@ impl StoreMetrics {
 
     /// Refused values of `reason` counted so far.
     pub fn refused(&self, reason: Reason) -> u64 {
-        self.values_refused.with_label_values(&[reason.code()]).get()
+        self.values_refused
+            .with_label_values(&[reason.code()])
+            .get()
     }
 }
 
@@ -264,7 +266,14 @@ impl Store {
         .bind(at)
         .execute(&mut *tx)
         .await?;
-        upsert_components(&mut tx, &hello.host_id, &hello.components, at, &mut refusals).await?;
+        upsert_components(
+            &mut tx,
+            &hello.host_id,
+            &hello.components,
+            at,
+            &mut refusals,
+        )
+        .await?;
         upsert_gpus(&mut tx, &hello.host_id, &hello.gpus, at, &mut refusals).await?;
         insert_refusal_event(&mut tx, &hello.host_id, at, &refusals, "hello").await?;
         let seq: i64 = sqlx::query_scalar("SELECT acked_seq FROM agent_cursors WHERE host_id = $1")
