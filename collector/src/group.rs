@@ -421,13 +421,15 @@ async fn set_aside(
             batches: std::slice::from_ref(batch),
             series: &request.series,
         };
-        let written = store
-            .ingest_checked(
-                &[item],
-                std::slice::from_ref(&request.checked),
-                Some(&writer.copy_slots),
-            )
-            .await;
+        // Checked again alone (it passed with the request): its own days and window.
+        let written = match item.check(request.checked.window) {
+            Ok(checked) => {
+                store
+                    .ingest_checked(&[item], &[checked], Some(&writer.copy_slots))
+                    .await
+            }
+            Err(e) => Err(e),
+        };
         let outcome = match written {
             Ok(commit) => commit.outcomes.into_iter().next().unwrap_or_default(),
             Err(e) if e.is_data_error() => store.reject_batch(&request.host, batch, &e).await?,
@@ -495,6 +497,7 @@ mod tests {
             checked: Checked {
                 window: IngestRules::default().window(0),
                 days: Vec::new(),
+                inside: Vec::new(),
             },
             samples,
             reply,

@@ -74,6 +74,9 @@ pub struct IngestItem<'a> {
 pub struct Checked {
     pub window: Window,
     pub days: Vec<i64>,
+    /// Per batch of the item, in order: whether every one of its samples is inside the
+    /// window (the commit then skips the check per sample).
+    pub inside: Vec<bool>,
 }
 
 /// What a group commit did, for the caller's metrics.
@@ -92,6 +95,7 @@ impl IngestItem<'_> {
     /// the window is refused at the commit and creates no partition.
     pub fn check(&self, window: Window) -> Result<Checked, StoreError> {
         let mut days = BTreeSet::new();
+        let mut inside = Vec::with_capacity(self.batches.len());
         let mut last_day = None;
         for batch in self.batches {
             if i64::try_from(batch.seq).is_err() {
@@ -119,6 +123,10 @@ impl IngestItem<'_> {
                     });
                 }
             }
+            inside.push(range.is_none_or(|(first, last)| {
+                let at = |offset: u32| batch.base_ts_ms.saturating_add(i64::from(offset));
+                window.refuses(at(first)).is_none() && window.refuses(at(last)).is_none()
+            }));
             if let Some((first, last)) = range {
                 let first = batch
                     .base_ts_ms
@@ -155,6 +163,7 @@ impl IngestItem<'_> {
         Ok(Checked {
             window,
             days: days.into_iter().collect(),
+            inside,
         })
     }
 
@@ -287,7 +296,8 @@ impl Store {
         // Duplicates per host, in item order (a later item of the same host sees the
         // cursor the earlier one left).
         let mut outcomes = Vec::with_capacity(items.len());
-        let mut fresh: Vec<(usize, &Batch)> = Vec::new();
+        // (item, batch position in the item, batch)
+        let mut fresh: Vec<(usize, usize, &Batch)> = Vec::new();
         for (index, item) in items.iter().enumerate() {
             let Some(totals) = cursors.get_mut(item.host) else {
                 return Err(StoreError::Db(sqlx::Error::RowNotFound));
@@ -296,13 +306,13 @@ impl Store {
                 cursor: totals.cursor,
                 ..IngestOutcome::default()
             };
-            for batch in item.batches {
+            for (position, batch) in item.batches.iter().enumerate() {
                 if batch.seq <= outcome.cursor {
                     outcome.batches_duplicate += 1;
                 } else {
                     outcome.cursor = batch.seq;
                     outcome.batches_stored += 1;
-                    fresh.push((index, batch));
+                    fresh.push((index, position, batch));
                 }
             }
             totals.cursor = outcome.cursor;
@@ -316,12 +326,13 @@ impl Store {
             });
         }
 
-        let rows: usize = fresh.iter().map(|(_, b)| b.sample_count()).sum();
+        let rows: usize = fresh.iter().map(|(_, _, b)| b.sample_count()).sum();
         if rows > 0 {
             let mut copy = SampleCopy::with_capacity(rows);
-            for &(index, batch) in &fresh {
+            for &(index, position, batch) in &fresh {
                 let item = &items[index];
                 let window = checked[index].window;
+                let inside = checked[index].inside.get(position) == Some(&true);
                 let refusals = &mut outcomes[index].refusals;
                 let before = copy.rows();
                 for points in &batch.series {
@@ -331,6 +342,13 @@ impl Store {
                     };
                     if id == REFUSED_SERIES {
                         refusals.add(Reason::SampleOfRefusedSeries, points.points.len() as u64);
+                        continue;
+                    }
+                    if inside {
+                        // The whole batch is inside the window (the usual case).
+                        for &(offset, value) in &points.points {
+                            copy.push(id, batch.base_ts_ms + i64::from(offset), value);
+                        }
                         continue;
                     }
                     for &(offset, value) in &points.points {
@@ -364,7 +382,7 @@ impl Store {
         }
 
         let mut events: Vec<EventRow<'_>> = Vec::new();
-        for &(index, batch) in &fresh {
+        for &(index, _, batch) in &fresh {
             let host = items[index].host;
             let window = checked[index].window;
             let outcome = &mut outcomes[index];
@@ -816,6 +834,26 @@ mod tests {
                 "{base}"
             );
         }
+    }
+
+    #[test]
+    fn check_marks_the_batches_wholly_inside_the_window() {
+        let now = 20_000 * DAY;
+        let series = SeriesMap::from_iter([(1, 10)]);
+        let batches = [
+            batch(now - 1_000, &[0, 1_000]),
+            batch(now - 1_000, &[0, 400_000]),
+            batch(now - 11 * DAY, &[0, 2 * DAY as u32]),
+            batch(now, &[]),
+        ];
+        let checked = IngestItem {
+            host: "h",
+            batches: &batches,
+            series: &series,
+        }
+        .check(window(now))
+        .map(|c| c.inside);
+        assert_eq!(checked.ok(), Some(vec![true, false, false, true]));
     }
 
     #[test]
