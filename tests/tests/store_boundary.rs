@@ -15,7 +15,7 @@ use razar_agent::config::ProbeCheck;
 use razar_agent::probe::{run_probe, ProbeOutcome};
 use razar_agent::spool::Spool;
 use razar_agent::uplink::{Backoff, Uplink, UplinkConfig};
-use razar_collector::group::{GroupConfig, GroupMetrics, GroupWriter};
+use razar_collector::group::{GroupConfig, GroupError, GroupMetrics, GroupWriter};
 use razar_collector::server::prometheus::Registry;
 use razar_collector::server::{Collector, IngestConfig};
 use razar_collector::store::{IngestRules, Reason, SeriesMap, Store, REFUSED_SERIES};
@@ -329,6 +329,53 @@ async fn a_batch_the_database_refuses_is_set_aside_acknowledged_counted_and_late
     let host_samples = "SELECT count(*) FROM samples x JOIN series s USING (series_id)
                         WHERE s.host_id = 'gpu-host-1'";
     assert_eq!(scalar(&store, host_samples).await, 4 * 3);
+}
+
+#[tokio::test]
+async fn a_transient_error_is_not_set_aside_and_the_retry_stores_the_batch() {
+    let pg = TestPg::start().await.expect("postgres");
+    // Every new connection waits at most 200 ms for a lock (55P03 past it).
+    let admin = pg.pool().await.expect("admin pool");
+    sqlx::query("ALTER DATABASE razar SET lock_timeout = '200ms'")
+        .execute(&admin)
+        .await
+        .expect("lock_timeout");
+    let store = pg.store().await.expect("store");
+    let metrics = GroupMetrics::new(&Registry::new()).expect("metrics");
+    let (writer, _tasks) = GroupWriter::start(store.clone(), GroupConfig::default(), metrics);
+    let map = Arc::new(registered(&store, HOST, 1).await);
+    let batch = Batch {
+        seq: 1,
+        base_ts_ms: now_ms() - 1_000,
+        series: vec![points(100, &[0])],
+        events: Vec::new(),
+    };
+    // Another session holds the host's cursor: the write fails on the lock.
+    let mut holder = admin.begin().await.expect("holder");
+    sqlx::query("SELECT 1 FROM agent_cursors WHERE host_id = $1 FOR UPDATE")
+        .bind(HOST)
+        .execute(&mut *holder)
+        .await
+        .expect("lock the cursor");
+    let failed = writer
+        .ingest(HOST.to_owned(), Arc::new(vec![batch.clone()]), map.clone())
+        .await;
+    match failed {
+        Err(GroupError::Failed(e)) => assert!(!e.is_data_error(), "{e}"),
+        other => panic!("a lock timeout must fail the request for a retry: {other:?}"),
+    }
+    assert_eq!(
+        scalar(&store, "SELECT count(*) FROM rejected_batches").await,
+        0
+    );
+    assert_eq!(store.cursor(HOST).await.expect("cursor"), 0);
+    holder.rollback().await.expect("release");
+    let retried = writer
+        .ingest(HOST.to_owned(), Arc::new(vec![batch]), map)
+        .await
+        .expect("the retry stores it");
+    assert_eq!((retried.cursor, retried.batches_stored), (1, 1));
+    assert_eq!(store.metrics().batches_rejected.get(), 0);
 }
 
 /// Text from raw bytes as an agent makes it (lossy UTF-8 keeps NUL), biased towards
