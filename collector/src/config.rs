@@ -38,6 +38,11 @@ pub struct CollectorConfig {
     pub retention_days: NonZeroU32,
     /// Raw samples older than this are compacted into per-series chunks.
     pub compact_after: Duration,
+    /// Samples stamped further than this ahead of the collector's clock are refused
+    /// (as are samples older than the retention).
+    pub max_clock_skew: Duration,
+    /// Series one host may define; definitions past it are refused.
+    pub max_series_per_host: NonZeroU32,
     /// A host the store has online when the collector starts is marked lost unless it
     /// reconnects within this time (it died while the collector was down).
     pub lost_after_restart: Duration,
@@ -138,6 +143,8 @@ struct RawConfig {
     #[serde(default)]
     retention: RawRetention,
     #[serde(default)]
+    ingest: RawIngest,
+    #[serde(default)]
     health: RawHealth,
 }
 
@@ -189,6 +196,13 @@ struct RawRetention {
     compact_after: Option<Spanned<String>>,
 }
 
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawIngest {
+    max_clock_skew: Option<Spanned<String>>,
+    max_series_per_host: Option<Spanned<u32>>,
+}
+
 /// Default QUIC port for agents.
 pub const DEFAULT_QUIC_PORT: u16 = 7443;
 /// Default HTTP port for the API.
@@ -217,6 +231,19 @@ impl CollectorConfig {
             compact_after: Duration::from_secs(15 * 60),
             lost_after_restart: Duration::from_secs(60),
             health: HealthLimits::default(),
+            max_clock_skew: Duration::from_secs(5 * 60),
+            max_series_per_host: NonZeroU32::new(100_000).unwrap_or(NonZeroU32::MIN),
+        }
+    }
+
+    /// What the store refuses of agents' values under this configuration: samples
+    /// outside `[now - retention.days, now + ingest.max_clock_skew]`, series past
+    /// `ingest.max_series_per_host`.
+    pub fn ingest_rules(&self) -> crate::store::IngestRules {
+        crate::store::IngestRules {
+            retention: Duration::from_secs(u64::from(self.retention_days.get()) * 86_400),
+            max_clock_skew: self.max_clock_skew,
+            max_series_per_host: self.max_series_per_host.get(),
         }
     }
 
@@ -340,6 +367,16 @@ impl CollectorConfig {
         if let Some(d) = &raw.retention.compact_after {
             if let Some(d) = v.duration("retention.compact_after", d) {
                 cfg.compact_after = d;
+            }
+        }
+        if let Some(d) = &raw.ingest.max_clock_skew {
+            if let Some(d) = v.duration("ingest.max_clock_skew", d) {
+                cfg.max_clock_skew = d;
+            }
+        }
+        if let Some(n) = &raw.ingest.max_series_per_host {
+            if let Some(n) = v.nonzero("ingest.max_series_per_host", n) {
+                cfg.max_series_per_host = n;
             }
         }
         if let Some(d) = &raw.heartbeat.lost_after_restart {
@@ -574,6 +611,33 @@ mod tests {
             &[
                 (2, "health.stuck_after", "greater than zero"),
                 (3, "health.database_slow", "not a duration"),
+            ],
+        );
+    }
+
+    #[test]
+    fn ingest_rules_default_and_bounds() {
+        let parse = |text: &str| CollectorConfig::parse(Path::new("c.toml"), text);
+        let rules = parse("").unwrap().ingest_rules();
+        assert_eq!(rules, crate::store::IngestRules::default());
+        let set = parse(
+            "[retention]\ndays = 2\n[ingest]\nmax_clock_skew = \"30s\"\nmax_series_per_host = 10\n",
+        )
+        .unwrap()
+        .ingest_rules();
+        assert_eq!(
+            set,
+            crate::store::IngestRules {
+                retention: Duration::from_secs(2 * 86_400),
+                max_clock_skew: Duration::from_secs(30),
+                max_series_per_host: 10,
+            }
+        );
+        check_err(
+            "[ingest]\nmax_clock_skew = \"soon\"\nmax_series_per_host = 0\n",
+            &[
+                (2, "ingest.max_clock_skew", "not a duration"),
+                (3, "ingest.max_series_per_host", "at least 1"),
             ],
         );
     }

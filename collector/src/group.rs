@@ -15,14 +15,20 @@
 //!   the group waits for the next group, keeping its place in the order.
 //! - A group the database refuses outright (an error answered to a statement, which
 //!   could come from one request's data) is retried request by request, so one bad
-//!   request cannot hold up the others.
+//!   request cannot hold up the others. A request the database still refuses alone
+//!   with a data error (SQLSTATE class 22, 23 or 54: the store boundary let something
+//!   through that it refuses) is written batch by batch, and each batch it refuses so
+//!   is set aside in `rejected_batches` ([`Store::reject_batch`]) and acknowledged: no
+//!   batch can stall a host. Other errors (connection, serialization, locks) fail the
+//!   request, and the connection retries it with backoff.
 //! - Back-pressure: the channel is bounded, so callers wait when the writers are behind.
 //! - At most [`GroupConfig::copy_slots`] writers run their samples' `COPY` at once; the
 //!   others meanwhile lock cursors, build their rows or commit. Every `COPY` appends to
 //!   the same day's heap, and past a few of them they mostly wait on its extension lock.
 
-use crate::store::{IngestItem, IngestOutcome, SeriesMap, Store, StoreError};
+use crate::store::{Checked, IngestItem, IngestOutcome, IngestRules, SeriesMap, Store, StoreError};
 use crate::supervise::{Beat, Tasks};
+use chrono::Utc;
 use prometheus::{Histogram, HistogramOpts, IntCounter, Registry};
 use razar_shared::protocol::Batch;
 use std::collections::{HashSet, VecDeque};
@@ -66,7 +72,7 @@ impl Default for GroupConfig {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum GroupError {
-    /// The request itself is refused (undefined series, timestamp out of range):
+    /// The request itself is refused (undefined series, sequence out of range):
     /// retrying cannot help. Nothing of it was stored.
     #[error(transparent)]
     Refused(StoreError),
@@ -137,8 +143,8 @@ struct Request {
     host: String,
     batches: Arc<Vec<Batch>>,
     series: Arc<SeriesMap>,
-    /// Days the samples fall on (from the check).
-    days: Vec<i64>,
+    /// Its window and the days of its samples (from the check).
+    checked: Checked,
     samples: usize,
     reply: oneshot::Sender<Result<IngestOutcome, GroupError>>,
 }
@@ -148,6 +154,8 @@ struct Request {
 #[derive(Debug, Clone)]
 pub struct GroupWriter {
     requests: mpsc::Sender<Request>,
+    /// The store's rules, for each request's window of sample times.
+    rules: IngestRules,
 }
 
 impl GroupWriter {
@@ -189,6 +197,7 @@ impl GroupWriter {
             rx,
             deferred: VecDeque::new(),
         }));
+        let rules = store.rules();
         let writer = Writer {
             store,
             metrics,
@@ -209,7 +218,7 @@ impl GroupWriter {
                 None => tokio::spawn(run_writer(writer.clone(), queue.clone(), limits, None)),
             })
             .collect();
-        (GroupWriter { requests }, tasks)
+        (GroupWriter { requests, rules }, tasks)
     }
 
     /// Stores `batches` of `host` in the next group commit and returns its outcome after
@@ -228,14 +237,15 @@ impl GroupWriter {
             batches: &batches,
             series: &series,
         };
-        let days = item.check().map_err(GroupError::Refused)?;
+        let window = self.rules.window(Utc::now().timestamp_millis());
+        let checked = item.check(window).map_err(GroupError::Refused)?;
         let samples = item.sample_count();
         let (reply, answer) = oneshot::channel();
         let request = Request {
             host,
             batches,
             series,
-            days,
+            checked,
             samples,
             reply,
         };
@@ -376,8 +386,7 @@ async fn run_writer(writer: Writer, queue: Arc<Mutex<Queue>>, limits: Limits, be
 
 /// Stores one group and answers each of its requests.
 async fn write_group(writer: &Writer, group: Vec<Request>) {
-    let result = commit(writer, &group).await;
-    match result {
+    match commit(writer, &group).await {
         Ok(outcomes) => {
             for (request, outcome) in group.into_iter().zip(outcomes) {
                 answer(request, Ok(outcome));
@@ -388,9 +397,14 @@ async fn write_group(writer: &Writer, group: Vec<Request>) {
             // (text it cannot store, say). Each request alone, so only that one fails.
             tracing::warn!(error = %e, requests = group.len(), "group commit refused; writing its requests one by one");
             for request in group {
-                let result = commit(writer, std::slice::from_ref(&request)).await;
-                let result = result
-                    .and_then(|mut o| o.pop().ok_or(StoreError::Db(sqlx::Error::RowNotFound)));
+                let result = write_alone(writer, &request, None).await;
+                answer(request, result.map_err(|e| GroupError::Failed(Arc::new(e))));
+            }
+        }
+        Err(e) if e.is_data_error() => {
+            // One request, refused for its data: set aside what the database refuses.
+            if let Some(request) = group.into_iter().next() {
+                let result = write_alone(writer, &request, Some(e)).await;
                 answer(request, result.map_err(|e| GroupError::Failed(Arc::new(e))));
             }
         }
@@ -404,6 +418,68 @@ async fn write_group(writer: &Writer, group: Vec<Request>) {
     }
 }
 
+/// Stores one request in a transaction of its own (unless `refused` already says how
+/// that went); if the database refuses it for its data, its batches are written one by
+/// one and each one refused so is set aside ([`set_aside`]).
+async fn write_alone(
+    writer: &Writer,
+    request: &Request,
+    refused: Option<StoreError>,
+) -> Result<IngestOutcome, StoreError> {
+    let error = match refused {
+        Some(e) => e,
+        None => match commit(writer, std::slice::from_ref(request)).await {
+            Ok(mut outcomes) => {
+                return outcomes
+                    .pop()
+                    .ok_or(StoreError::Db(sqlx::Error::RowNotFound))
+            }
+            Err(e) => e,
+        },
+    };
+    if !error.is_data_error() {
+        return Err(error);
+    }
+    set_aside(writer, request, error).await
+}
+
+/// Writes a request the database refused for its data batch by batch, in order; each
+/// batch it refuses alone with a data error goes to `rejected_batches` and the cursor
+/// moves past it. Returns the combined outcome, or the first other error (what was
+/// committed before it stays committed: a retry finds those batches duplicates).
+async fn set_aside(
+    writer: &Writer,
+    request: &Request,
+    error: StoreError,
+) -> Result<IngestOutcome, StoreError> {
+    tracing::warn!(host = %request.host, error = %error, batches = request.batches.len(), "the database refused a request's data; writing its batches one by one");
+    let store = &writer.store;
+    let mut total = IngestOutcome::default();
+    for batch in request.batches.iter() {
+        let item = IngestItem {
+            host: &request.host,
+            batches: std::slice::from_ref(batch),
+            series: &request.series,
+        };
+        // Checked again alone (it passed with the request): its own days and window.
+        let written = match item.check(request.checked.window) {
+            Ok(checked) => {
+                store
+                    .ingest_checked(&[item], &[checked], Some(&writer.copy_slots))
+                    .await
+            }
+            Err(e) => Err(e),
+        };
+        let outcome = match written {
+            Ok(commit) => commit.outcomes.into_iter().next().unwrap_or_default(),
+            Err(e) if e.is_data_error() => store.reject_batch(&request.host, batch, &e).await?,
+            Err(e) => return Err(e),
+        };
+        total.then(&outcome);
+    }
+    Ok(total)
+}
+
 /// One transaction for `group`; counts it.
 async fn commit(writer: &Writer, group: &[Request]) -> Result<Vec<IngestOutcome>, StoreError> {
     let metrics = &writer.metrics;
@@ -415,12 +491,10 @@ async fn commit(writer: &Writer, group: &[Request]) -> Result<Vec<IngestOutcome>
             series: &r.series,
         })
         .collect();
-    let mut days: Vec<i64> = group.iter().flat_map(|r| r.days.iter().copied()).collect();
-    days.sort_unstable();
-    days.dedup();
+    let checked: Vec<Checked> = group.iter().map(|r| r.checked.clone()).collect();
     match writer
         .store
-        .ingest_checked(&items, &days, Some(&writer.copy_slots))
+        .ingest_checked(&items, &checked, Some(&writer.copy_slots))
         .await
     {
         Ok(commit) => {
@@ -460,7 +534,11 @@ mod tests {
             host: host.to_owned(),
             batches: Arc::new(Vec::new()),
             series: Arc::new(SeriesMap::default()),
-            days: Vec::new(),
+            checked: Checked {
+                window: IngestRules::default().window(0),
+                days: Vec::new(),
+                inside: Vec::new(),
+            },
             samples,
             reply,
         }

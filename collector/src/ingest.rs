@@ -13,7 +13,9 @@
 //! when the database catches up (the group writer's queue is bounded too). Database
 //! errors (a failed group included) are retried with backoff, forever, while the
 //! connection lives; nothing is acknowledged before its commit. A request the store
-//! refuses (undefined series, timestamp out of range) fails alone and closes the session.
+//! refuses (undefined series, sequence out of range) fails alone and closes the session;
+//! values it will not keep are refused by rule inside a stored batch, and a batch the
+//! database refuses for its data is set aside and acknowledged ([`crate::group`]).
 
 use crate::group::GroupError;
 use crate::server::{close_code, Shared};
@@ -515,7 +517,7 @@ impl Conn {
         self.retry_at = Some(Instant::now() + self.retry_delay);
     }
 
-    /// The data itself is unacceptable (undefined series, timestamp out of range):
+    /// The data itself is unacceptable (undefined series, sequence out of range):
     /// retrying cannot help. Refuses the session; nothing of it is acknowledged.
     fn refuse_data(&mut self, error: &StoreError) {
         tracing::error!(host = %self.host, error = %error, "agent sent data the store refuses");

@@ -172,6 +172,8 @@ impl Service {
                 (Some(pg), store)
             }
         };
+        let store = store.with_rules(config.ingest_rules());
+        store.register_metrics(registry)?;
         let mut ingest = IngestConfig::new(config.quic_listen, Arc::new(tls), crls);
         ingest.group.writers = config.ingest_writers.get() as usize;
         ingest.group.copy_slots = config.ingest_copy_slots.get() as usize;

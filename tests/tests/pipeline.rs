@@ -29,7 +29,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const HOST: &str = "gpu-host-1";
-const BASE_MS: i64 = 1_700_000_000_000;
+/// The time of the first batch: six hours ago, fixed for the test binary (the collector
+/// refuses samples older than its retention or ahead of its clock).
+fn base_ms() -> i64 {
+    static BASE: std::sync::OnceLock<i64> = std::sync::OnceLock::new();
+    *BASE.get_or_init(|| {
+        let now = razar_tests::fixtures::now_ms() - 6 * 3_600_000;
+        now - now.rem_euclid(1_000)
+    })
+}
 const SERIES_PER_BATCH: u32 = 2;
 const POINTS_PER_SERIES: u32 = 5;
 
@@ -206,7 +214,7 @@ struct Produced {
 impl Produced {
     /// The content of batch number `k`: unique values and timestamps per sample.
     fn batch(k: u64, ids: &[u32]) -> (i64, Vec<SeriesPoints>, Vec<Event>) {
-        let base = BASE_MS + k as i64 * 1_000;
+        let base = base_ms() + k as i64 * 1_000;
         let series = ids
             .iter()
             .enumerate()
@@ -615,7 +623,7 @@ async fn spool_over_budget_reports_the_exact_lost_range() {
     // Batches without samples carry the pending reports (each append may drop more).
     while !spool.pending_sample_gaps().is_empty() {
         uplink
-            .publish(BASE_MS, Vec::new(), Vec::new())
+            .publish(base_ms(), Vec::new(), Vec::new())
             .await
             .expect("publish a report");
     }
@@ -761,7 +769,7 @@ fn raw_hello() -> Hello {
         components: Vec::new(),
         gpus: Vec::new(),
         last_acked_seq: 0,
-        agent_time_ms: BASE_MS,
+        agent_time_ms: base_ms(),
     }
 }
 

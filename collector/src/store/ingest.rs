@@ -6,30 +6,55 @@
 //!
 //! Cursors are locked with one `SELECT .. ORDER BY host_id FOR UPDATE`: concurrent
 //! groups over overlapping hosts take their locks in the same order and never deadlock.
-//! Validation (undefined series, timestamps out of range) is per item
+//! Validation (undefined series, sequence numbers out of range) is per item
 //! ([`IngestItem::check`]): a caller grouping independent requests checks each first, so
-//! an invalid one fails alone.
+//! an invalid one fails alone. Values the store will not keep (samples outside the
+//! [`Window`], samples of refused series) are refused by rule, counted and recorded as a
+//! `values_refused` event on the host; the rest of the batch is stored. Text is cleaned
+//! ([`super::boundary`]). A batch the database still refuses alone with a data error is
+//! set aside in `rejected_batches` ([`Store::reject_batch`]) and acknowledged.
 
+use std::borrow::Cow;
 use std::collections::{BTreeSet, HashMap};
 
 use chrono::{DateTime, Utc};
 use razar_shared::protocol::{Batch, Event, EventKind, Subject};
 
+use super::boundary::{
+    clean, clean_kind, Reason, Refusals, Window, MAX_MESSAGE_BYTES, MAX_NAME_BYTES,
+};
 use super::copy::SampleCopy;
-use super::{day_of, from_millis, SeriesMap, Store, StoreError};
+use super::{day_of, from_millis, SeriesMap, Store, StoreError, REFUSED_SERIES};
 
 /// What one agent's part of an ingest stored.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct IngestOutcome {
-    /// The agent's cursor after the commit: every batch with `seq <= cursor` is stored.
-    /// Acknowledge this value.
+    /// The agent's cursor after the commit: every batch with `seq <= cursor` is stored
+    /// (or set aside in `rejected_batches`). Acknowledge this value.
     pub cursor: u64,
     /// Batches stored by this call.
     pub batches_stored: u32,
     /// Batches skipped because they were already stored (a resend).
     pub batches_duplicate: u32,
+    /// Batches the database refused with a data error, set aside and acknowledged.
+    pub batches_rejected: u32,
     pub samples: u64,
     pub events: u64,
+    /// Values refused by rule (not stored) and text cleaned.
+    pub refusals: Refusals,
+}
+
+impl IngestOutcome {
+    /// Adds the outcome of a later write of the same agent.
+    pub(crate) fn then(&mut self, later: &IngestOutcome) {
+        self.cursor = self.cursor.max(later.cursor);
+        self.batches_stored += later.batches_stored;
+        self.batches_duplicate += later.batches_duplicate;
+        self.batches_rejected += later.batches_rejected;
+        self.samples += later.samples;
+        self.events += later.events;
+        self.refusals.merge(&later.refusals);
+    }
 }
 
 /// One agent's batches, as a part of a group commit ([`Store::ingest_group`]).
@@ -43,6 +68,17 @@ pub struct IngestItem<'a> {
     pub series: &'a SeriesMap,
 }
 
+/// What [`IngestItem::check`] found: the window its samples are judged by and the days
+/// (since the Unix epoch) of the samples inside it, sorted, for their partitions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checked {
+    pub window: Window,
+    pub days: Vec<i64>,
+    /// Per batch of the item, in order: whether every one of its samples is inside the
+    /// window (the commit then skips the check per sample).
+    pub inside: Vec<bool>,
+}
+
 /// What a group commit did, for the caller's metrics.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct GroupCommit {
@@ -54,15 +90,23 @@ pub(crate) struct GroupCommit {
 
 impl IngestItem<'_> {
     /// Checks the item without touching the database: every series id is mapped and
-    /// every timestamp is representable. Returns the days (since the Unix epoch) its
-    /// samples fall on, sorted, for their partitions.
-    pub fn check(&self) -> Result<Vec<i64>, StoreError> {
+    /// every sequence number fits the cursor. Returns the days (since the Unix epoch) its
+    /// samples inside `window` fall on, sorted, for their partitions: a sample outside
+    /// the window is refused at the commit and creates no partition.
+    pub fn check(&self, window: Window) -> Result<Checked, StoreError> {
         let mut days = BTreeSet::new();
+        let mut inside = Vec::with_capacity(self.batches.len());
         let mut last_day = None;
         for batch in self.batches {
-            // Representable timestamps form one range, so the batch's earliest and latest
-            // point stand for all of its points: no date arithmetic per sample or per
-            // series (this runs for every sample stored).
+            if i64::try_from(batch.seq).is_err() {
+                return Err(StoreError::SeqOutOfRange {
+                    host: self.host.to_owned(),
+                    seq: batch.seq,
+                });
+            }
+            // The batch's earliest and latest point stand for all of its points when
+            // they fall on one day: no date arithmetic per sample or per series (this
+            // runs for every sample stored).
             let mut range: Option<(u32, u32)> = None;
             for points in &batch.series {
                 if !self.series.contains_key(&points.series) {
@@ -79,36 +123,48 @@ impl IngestItem<'_> {
                     });
                 }
             }
+            inside.push(range.is_none_or(|(first, last)| {
+                let at = |offset: u32| batch.base_ts_ms.saturating_add(i64::from(offset));
+                window.refuses(at(first)).is_none() && window.refuses(at(last)).is_none()
+            }));
             if let Some((first, last)) = range {
-                let first = batch.base_ts_ms.saturating_add(i64::from(first));
-                let last = batch.base_ts_ms.saturating_add(i64::from(last));
-                for ts in [first, last] {
-                    if from_millis(ts).is_none() {
-                        return Err(StoreError::TimestampOutOfRange {
-                            host: self.host.to_owned(),
-                            ts_ms: ts,
-                        });
-                    }
-                }
-                // Offsets are u32 milliseconds: at most 50 days between first and last.
-                for day in day_of(first)..=day_of(last) {
-                    // Samples of a batch are nearly always on one day: skip the set.
+                let first = batch
+                    .base_ts_ms
+                    .saturating_add(i64::from(first))
+                    .max(window.lo_ms);
+                let last = batch
+                    .base_ts_ms
+                    .saturating_add(i64::from(last))
+                    .min(window.hi_ms);
+                if first > last {
+                    // Wholly outside the window: no partition for it.
+                } else if day_of(first) == day_of(last) {
+                    // Nearly always: the batch is on one day. Skip the set.
+                    let day = day_of(first);
                     if last_day != Some(day) {
                         days.insert(day);
                         last_day = Some(day);
                     }
-                }
-            }
-            for event in &batch.events {
-                if from_millis(event.ts_ms).is_none() {
-                    return Err(StoreError::TimestampOutOfRange {
-                        host: self.host.to_owned(),
-                        ts_ms: event.ts_ms,
-                    });
+                } else {
+                    // Across midnight, or a batch spread over days (its offsets reach
+                    // 50 days): only the days of points inside the window.
+                    for points in &batch.series {
+                        for &(offset, _) in &points.points {
+                            let ts = batch.base_ts_ms.saturating_add(i64::from(offset));
+                            if window.refuses(ts).is_none() {
+                                days.insert(day_of(ts));
+                            }
+                        }
+                    }
+                    last_day = None;
                 }
             }
         }
-        Ok(days.into_iter().collect())
+        Ok(Checked {
+            window,
+            days: days.into_iter().collect(),
+            inside,
+        })
     }
 
     /// Samples carried by the item's batches.
@@ -144,8 +200,8 @@ impl Store {
             batches,
             series,
         };
-        let days = item.check()?;
-        let commit = self.ingest_checked(&[item], &days, None).await?;
+        let checked = item.check(self.window_now())?;
+        let commit = self.ingest_checked(&[item], &[checked], None).await?;
         Ok(commit.outcomes.into_iter().next().unwrap_or_default())
     }
 
@@ -163,28 +219,44 @@ impl Store {
         &self,
         items: &[IngestItem<'_>],
     ) -> Result<Vec<IngestOutcome>, StoreError> {
-        let mut days = Vec::new();
-        for item in items {
-            days.extend(item.check()?);
-        }
-        days.sort_unstable();
-        days.dedup();
-        Ok(self.ingest_checked(items, &days, None).await?.outcomes)
+        let window = self.window_now();
+        let checked = items
+            .iter()
+            .map(|item| item.check(window))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(self.ingest_checked(items, &checked, None).await?.outcomes)
     }
 
-    /// [`Store::ingest_group`] for items already checked; `days` are the days their
-    /// samples fall on. With `copy_slots`, the samples' `COPY` runs only while holding
-    /// one of its permits.
+    /// The window of sample timestamps accepted now ([`super::IngestRules`]).
+    pub fn window_now(&self) -> Window {
+        self.rules.window(Utc::now().timestamp_millis())
+    }
+
+    /// [`Store::ingest_group`] for items already checked: `checked[i]` is what
+    /// [`IngestItem::check`] returned for `items[i]`. With `copy_slots`, the samples'
+    /// `COPY` runs only while holding one of its permits.
     pub(crate) async fn ingest_checked(
         &self,
         items: &[IngestItem<'_>],
-        days: &[i64],
+        checked: &[Checked],
         copy_slots: Option<&tokio::sync::Semaphore>,
     ) -> Result<GroupCommit, StoreError> {
         if items.is_empty() {
             return Ok(GroupCommit::default());
         }
-        self.ensure_days(days).await?;
+        if checked.len() != items.len() {
+            // A caller's mistake, not the data's: nothing is stored.
+            return Err(StoreError::Db(sqlx::Error::Protocol(
+                "ingest: one check per item expected".into(),
+            )));
+        }
+        let mut days: Vec<i64> = checked
+            .iter()
+            .flat_map(|c| c.days.iter().copied())
+            .collect();
+        days.sort_unstable();
+        days.dedup();
+        self.ensure_days(&days).await?;
 
         // One entry per host, sorted: new cursor rows are inserted in this order, and
         // locked in the database's order of host_id, the same in every group.
@@ -212,7 +284,7 @@ impl Store {
         let mut cursors: HashMap<&str, HostTotals> = HashMap::with_capacity(hosts.len());
         for (host, seq) in &locked {
             if let Ok(at) = hosts.binary_search(&host.as_str()) {
-                cursors.insert(hosts[at], HostTotals::at(*seq as u64));
+                cursors.insert(hosts[at], HostTotals::at(u64::try_from(*seq).unwrap_or(0)));
             }
         }
         if cursors.len() != hosts.len() {
@@ -224,7 +296,8 @@ impl Store {
         // Duplicates per host, in item order (a later item of the same host sees the
         // cursor the earlier one left).
         let mut outcomes = Vec::with_capacity(items.len());
-        let mut fresh: Vec<(usize, &Batch)> = Vec::new();
+        // (item, batch position in the item, batch)
+        let mut fresh: Vec<(usize, usize, &Batch)> = Vec::new();
         for (index, item) in items.iter().enumerate() {
             let Some(totals) = cursors.get_mut(item.host) else {
                 return Err(StoreError::Db(sqlx::Error::RowNotFound));
@@ -233,13 +306,13 @@ impl Store {
                 cursor: totals.cursor,
                 ..IngestOutcome::default()
             };
-            for batch in item.batches {
+            for (position, batch) in item.batches.iter().enumerate() {
                 if batch.seq <= outcome.cursor {
                     outcome.batches_duplicate += 1;
                 } else {
                     outcome.cursor = batch.seq;
                     outcome.batches_stored += 1;
-                    fresh.push((index, batch));
+                    fresh.push((index, position, batch));
                 }
             }
             totals.cursor = outcome.cursor;
@@ -253,19 +326,37 @@ impl Store {
             });
         }
 
-        let rows: usize = fresh.iter().map(|(_, b)| b.sample_count()).sum();
+        let rows: usize = fresh.iter().map(|(_, _, b)| b.sample_count()).sum();
         if rows > 0 {
             let mut copy = SampleCopy::with_capacity(rows);
-            for &(index, batch) in &fresh {
+            for &(index, position, batch) in &fresh {
                 let item = &items[index];
+                let window = checked[index].window;
+                let inside = checked[index].inside.get(position) == Some(&true);
+                let refusals = &mut outcomes[index].refusals;
                 let before = copy.rows();
                 for points in &batch.series {
                     // Checked: every series id is mapped.
                     let Some(&id) = item.series.get(&points.series) else {
                         continue;
                     };
+                    if id == REFUSED_SERIES {
+                        refusals.add(Reason::SampleOfRefusedSeries, points.points.len() as u64);
+                        continue;
+                    }
+                    if inside {
+                        // The whole batch is inside the window (the usual case).
+                        for &(offset, value) in &points.points {
+                            copy.push(id, batch.base_ts_ms + i64::from(offset), value);
+                        }
+                        continue;
+                    }
                     for &(offset, value) in &points.points {
-                        copy.push(id, batch.base_ts_ms + i64::from(offset), value);
+                        let ts = batch.base_ts_ms.saturating_add(i64::from(offset));
+                        match window.refuses(ts) {
+                            None => copy.push(id, ts, value),
+                            Some(reason) => refusals.add(reason, 1),
+                        }
                     }
                 }
                 outcomes[index].samples += copy.rows() - before;
@@ -290,11 +381,28 @@ impl Store {
             sink.finish().await?;
         }
 
-        let mut events: Vec<(&str, &Event)> = Vec::new();
-        for &(index, batch) in &fresh {
+        let mut events: Vec<EventRow<'_>> = Vec::new();
+        for &(index, _, batch) in &fresh {
             let host = items[index].host;
-            outcomes[index].events += batch.events.len() as u64;
-            events.extend(batch.events.iter().map(|e| (host, e)));
+            let window = checked[index].window;
+            let outcome = &mut outcomes[index];
+            outcome.events += batch.events.len() as u64;
+            events.extend(
+                batch
+                    .events
+                    .iter()
+                    .map(|e| EventRow::from_agent(host, e, window, &mut outcome.refusals)),
+            );
+        }
+        // What each item refused, as one event on its host.
+        for (index, outcome) in outcomes.iter().enumerate() {
+            if outcome.refusals.any() {
+                events.push(EventRow::refusals(
+                    items[index].host,
+                    checked[index].window,
+                    &outcome.refusals,
+                ));
+            }
         }
         if !events.is_empty() {
             insert_events(&mut tx, &events).await?;
@@ -316,9 +424,10 @@ impl Store {
         for host in &hosts {
             if let Some(totals) = cursors.get(host).filter(|t| t.stored) {
                 advanced.push(host);
-                seqs.push(totals.cursor as i64);
-                samples.push(totals.samples as i64);
-                event_counts.push(totals.events as i64);
+                // Checked: every seq fits an i64.
+                seqs.push(i64::try_from(totals.cursor).unwrap_or(i64::MAX));
+                samples.push(i64::try_from(totals.samples).unwrap_or(i64::MAX));
+                event_counts.push(i64::try_from(totals.events).unwrap_or(i64::MAX));
             }
         }
         sqlx::query(
@@ -336,9 +445,121 @@ impl Store {
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
+        for outcome in &outcomes {
+            self.metrics.count(&outcome.refusals);
+        }
         Ok(GroupCommit {
             outcomes,
             committed: true,
+        })
+    }
+}
+
+impl Store {
+    /// Sets `batch` of `host` aside for an operator after the database refused it alone
+    /// with `error` (a data error: retrying cannot help): in one transaction the batch
+    /// goes to `rejected_batches` (error and raw payload), a `batch_rejected` event is
+    /// recorded on the host and its cursor moves to the batch, so the agent's stream
+    /// goes on once it is acknowledged. A batch at or below the cursor is a duplicate.
+    pub async fn reject_batch(
+        &self,
+        host: &str,
+        batch: &Batch,
+        error: &StoreError,
+    ) -> Result<IngestOutcome, StoreError> {
+        let seq = i64::try_from(batch.seq).map_err(|_| StoreError::SeqOutOfRange {
+            host: host.to_owned(),
+            seq: batch.seq,
+        })?;
+        let mut payload = Vec::new();
+        if let Err(e) = razar_shared::protocol::codec::encode_into(batch, &mut payload) {
+            // It arrived as one frame, so it fits one; keep the reason if not.
+            tracing::warn!(host, seq, error = %e, "cannot encode a rejected batch");
+        }
+        let sqlstate = match error {
+            StoreError::Db(sqlx::Error::Database(e)) => e.code().map(|c| c.into_owned()),
+            _ => None,
+        };
+        let text = error.to_string();
+        let text = clean(&text, MAX_MESSAGE_BYTES, &mut 0);
+        let samples = i64::try_from(batch.sample_count()).unwrap_or(i64::MAX);
+        let events = i64::try_from(batch.events.len()).unwrap_or(i64::MAX);
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO agent_cursors (host_id, acked_seq, updated_at) VALUES ($1, 0, now())
+             ON CONFLICT (host_id) DO NOTHING",
+        )
+        .bind(host)
+        .execute(&mut *tx)
+        .await?;
+        let cursor: i64 =
+            sqlx::query_scalar("SELECT acked_seq FROM agent_cursors WHERE host_id = $1 FOR UPDATE")
+                .bind(host)
+                .fetch_one(&mut *tx)
+                .await?;
+        if seq <= cursor {
+            tx.rollback().await?;
+            return Ok(IngestOutcome {
+                cursor: u64::try_from(cursor).unwrap_or(0),
+                batches_duplicate: 1,
+                ..IngestOutcome::default()
+            });
+        }
+        sqlx::query(
+            "INSERT INTO rejected_batches
+                 (host_id, seq, rejected_at, sqlstate, error, samples, events, payload)
+             VALUES ($1, $2, now(), $3, $4, $5, $6, $7)
+             ON CONFLICT (host_id, seq) DO NOTHING",
+        )
+        .bind(host)
+        .bind(seq)
+        .bind(sqlstate.as_deref())
+        .bind(text.as_ref())
+        .bind(samples)
+        .bind(events)
+        .bind(&payload)
+        .execute(&mut *tx)
+        .await?;
+        // The event under a savepoint: should the database refuse it too (the same
+        // rule that refused the batch, say), the batch is still set aside.
+        let mut event = sqlx::Acquire::begin(&mut *tx).await?;
+        let recorded = sqlx::query(
+            "INSERT INTO events (host_id, ts, severity, subject_kind, subject_id, kind, payload, message)
+             VALUES ($1, now(), 'error', 'host', NULL, 'batch_rejected', $2, $3)",
+        )
+        .bind(host)
+        .bind(serde_json::json!({
+            "seq": seq,
+            "sqlstate": sqlstate,
+            "samples": samples,
+            "events": events,
+        }))
+        .bind(format!(
+            "batch {seq} set aside in rejected_batches ({samples} samples, {events} events): {text}"
+        ))
+        .execute(&mut *event)
+        .await;
+        match recorded {
+            Ok(_) => event.commit().await?,
+            Err(e) => {
+                tracing::warn!(host, seq, error = %e, "cannot record the batch_rejected event");
+                event.rollback().await?;
+            }
+        }
+        sqlx::query(
+            "UPDATE agent_cursors SET acked_seq = $2, updated_at = now() WHERE host_id = $1",
+        )
+        .bind(host)
+        .bind(seq)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        self.metrics.batches_rejected.inc();
+        tracing::warn!(host, seq, sqlstate = ?sqlstate, error = %text, "batch refused by the database set aside");
+        Ok(IngestOutcome {
+            cursor: batch.seq,
+            batches_rejected: 1,
+            ..IngestOutcome::default()
         })
     }
 }
@@ -363,32 +584,101 @@ impl HostTotals {
     }
 }
 
+/// An event row as stored: an agent's event with its text cleaned, or one the
+/// collector records (what the store refused).
+struct EventRow<'a> {
+    host: &'a str,
+    ts: DateTime<Utc>,
+    severity: &'static str,
+    subject_kind: &'static str,
+    subject_id: Option<String>,
+    kind: &'static str,
+    payload: serde_json::Value,
+    message: Cow<'a, str>,
+    /// The state a `StateChanged` event moved its component to.
+    state_to: Option<&'static str>,
+}
+
+impl<'a> EventRow<'a> {
+    /// An agent's event, made storable: text cleaned and capped, a time outside
+    /// `window` replaced by the collector's (the agent's noted in the message).
+    fn from_agent(
+        host: &'a str,
+        event: &'a Event,
+        window: Window,
+        refusals: &mut Refusals,
+    ) -> EventRow<'a> {
+        let cleaned = &mut refusals.texts_cleaned;
+        let mut message = clean(&event.message, MAX_MESSAGE_BYTES, cleaned);
+        let ts_ms = if window.keeps_event_time(event.ts_ms) {
+            event.ts_ms
+        } else {
+            refusals.add(Reason::EventTime, 1);
+            message = Cow::Owned(format!("{message} (agent clock: {} ms)", event.ts_ms));
+            window.now_ms
+        };
+        let (subject_kind, subject_id) = match &event.subject {
+            Subject::Host => ("host", None),
+            Subject::Component(name) => (
+                "component",
+                Some(clean(name, MAX_NAME_BYTES, &mut refusals.texts_cleaned).into_owned()),
+            ),
+            Subject::Gpu(index) => ("gpu", Some(index.to_string())),
+        };
+        let kind = clean_kind(&event.kind, &mut refusals.texts_cleaned);
+        let state_to = match kind.as_ref() {
+            EventKind::StateChanged { to, .. } => Some(to.as_str()),
+            _ => None,
+        };
+        EventRow {
+            host,
+            ts: from_millis(ts_ms).unwrap_or_default(),
+            severity: event.severity.as_str(),
+            subject_kind,
+            subject_id,
+            kind: kind_code(&event.kind),
+            payload: serde_json::to_value(kind.as_ref())
+                .unwrap_or_else(|e| serde_json::json!({ "unencodable": e.to_string() })),
+            message,
+            state_to,
+        }
+    }
+
+    /// The collector's record of what it refused of a host's values.
+    fn refusals(host: &'a str, window: Window, refusals: &Refusals) -> EventRow<'a> {
+        let mut payload = refusals.to_json();
+        if let Some(map) = payload.as_object_mut() {
+            map.insert("during".to_owned(), "ingest".into());
+        }
+        EventRow {
+            host,
+            ts: from_millis(window.now_ms).unwrap_or_default(),
+            severity: "warning",
+            subject_kind: "host",
+            subject_id: None,
+            kind: "values_refused",
+            payload,
+            message: Cow::Owned(format!(
+                "values refused at the store (ingest): {}",
+                refusals.summary()
+            )),
+            state_to: None,
+        }
+    }
+}
+
 async fn insert_events(
     tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
-    events: &[(&str, &Event)],
+    events: &[EventRow<'_>],
 ) -> Result<(), StoreError> {
-    let mut host = Vec::with_capacity(events.len());
-    let mut ts: Vec<DateTime<Utc>> = Vec::with_capacity(events.len());
-    let mut severity = Vec::with_capacity(events.len());
-    let mut subject_kind = Vec::with_capacity(events.len());
-    let mut subject_id: Vec<Option<String>> = Vec::with_capacity(events.len());
-    let mut kind = Vec::with_capacity(events.len());
-    let mut payload: Vec<serde_json::Value> = Vec::with_capacity(events.len());
-    let mut message = Vec::with_capacity(events.len());
-    for &(h, event) in events {
-        host.push(h);
-        ts.push(from_millis(event.ts_ms).unwrap_or_default());
-        severity.push(event.severity.as_str());
-        let (sk, sid) = subject_columns(&event.subject);
-        subject_kind.push(sk);
-        subject_id.push(sid);
-        kind.push(kind_code(&event.kind));
-        payload.push(
-            serde_json::to_value(&event.kind)
-                .unwrap_or_else(|e| serde_json::json!({ "unencodable": e.to_string() })),
-        );
-        message.push(event.message.as_str());
-    }
+    let host: Vec<&str> = events.iter().map(|e| e.host).collect();
+    let ts: Vec<DateTime<Utc>> = events.iter().map(|e| e.ts).collect();
+    let severity: Vec<&str> = events.iter().map(|e| e.severity).collect();
+    let subject_kind: Vec<&str> = events.iter().map(|e| e.subject_kind).collect();
+    let subject_id: Vec<Option<&str>> = events.iter().map(|e| e.subject_id.as_deref()).collect();
+    let kind: Vec<&str> = events.iter().map(|e| e.kind).collect();
+    let payload: Vec<&serde_json::Value> = events.iter().map(|e| &e.payload).collect();
+    let message: Vec<&str> = events.iter().map(|e| e.message.as_ref()).collect();
     sqlx::query(
         "INSERT INTO events (host_id, ts, severity, subject_kind, subject_id, kind, payload, message)
          SELECT * FROM UNNEST($1::text[], $2::timestamptz[], $3::text[], $4::text[], $5::text[],
@@ -411,19 +701,18 @@ async fn insert_events(
 /// (known components only; an older event never overwrites a newer state).
 async fn update_component_states(
     tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
-    events: &[(&str, &Event)],
+    events: &[EventRow<'_>],
 ) -> Result<(), StoreError> {
     // (host, component) → (time, state) of its latest change.
-    let mut latest: HashMap<(&str, &str), (i64, &'static str)> = HashMap::new();
-    for &(host, event) in events {
-        if let (Subject::Component(name), EventKind::StateChanged { to, .. }) =
-            (&event.subject, &event.kind)
-        {
-            let entry = latest
-                .entry((host, name.as_str()))
-                .or_insert((event.ts_ms, to.as_str()));
-            if event.ts_ms >= entry.0 {
-                *entry = (event.ts_ms, to.as_str());
+    let mut latest: HashMap<(&str, &str), (DateTime<Utc>, &'static str)> = HashMap::new();
+    for event in events {
+        if let (Some(name), Some(to)) = (event.subject_id.as_deref(), event.state_to) {
+            if event.subject_kind != "component" {
+                continue;
+            }
+            let entry = latest.entry((event.host, name)).or_insert((event.ts, to));
+            if event.ts >= entry.0 {
+                *entry = (event.ts, to);
             }
         }
     }
@@ -436,10 +725,7 @@ async fn update_component_states(
     let hosts: Vec<&str> = rows.iter().map(|r| r.0 .0).collect();
     let names: Vec<&str> = rows.iter().map(|r| r.0 .1).collect();
     let states: Vec<&str> = rows.iter().map(|r| r.1 .1).collect();
-    let ts: Vec<DateTime<Utc>> = rows
-        .iter()
-        .map(|r| from_millis(r.1 .0).unwrap_or_default())
-        .collect();
+    let ts: Vec<DateTime<Utc>> = rows.iter().map(|r| r.1 .0).collect();
     sqlx::query(
         "UPDATE components c SET state = u.state, updated_at = u.ts
          FROM UNNEST($1::text[], $2::text[], $3::text[], $4::timestamptz[])
@@ -453,14 +739,6 @@ async fn update_component_states(
     .execute(&mut **tx)
     .await?;
     Ok(())
-}
-
-fn subject_columns(subject: &Subject) -> (&'static str, Option<String>) {
-    match subject {
-        Subject::Host => ("host", None),
-        Subject::Component(name) => ("component", Some(name.clone())),
-        Subject::Gpu(index) => ("gpu", Some(index.to_string())),
-    }
 }
 
 /// Stable snake_case code of an event kind (the `kind` column).
@@ -486,7 +764,10 @@ pub fn kind_code(kind: &EventKind) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::IngestRules;
     use razar_shared::protocol::SeriesPoints;
+
+    const DAY: i64 = 86_400_000;
 
     fn batch(base_ts_ms: i64, offsets: &[u32]) -> Batch {
         Batch {
@@ -500,32 +781,87 @@ mod tests {
         }
     }
 
-    fn check(batches: &[Batch]) -> Result<Vec<i64>, StoreError> {
+    /// A window of 10 days before `now_ms` and 5 minutes after.
+    fn window(now_ms: i64) -> Window {
+        IngestRules {
+            retention: std::time::Duration::from_secs(10 * 86_400),
+            ..IngestRules::default()
+        }
+        .window(now_ms)
+    }
+
+    fn check(batches: &[Batch], now_ms: i64) -> Result<Vec<i64>, StoreError> {
         let series = SeriesMap::from_iter([(1, 10)]);
         IngestItem {
             host: "h",
             batches,
             series: &series,
         }
-        .check()
+        .check(window(now_ms))
+        .map(|c| c.days)
     }
 
     #[test]
     fn check_finds_every_day_a_series_spans_whatever_the_point_order() {
-        const DAY: i64 = 86_400_000;
         // Points out of order; the latest is in the middle and falls on the next day.
-        let days = check(&[batch(20_000 * DAY - 1_000, &[500, 2_000, 0])]);
+        let now = 20_000 * DAY + 10_000;
+        let days = check(&[batch(20_000 * DAY - 1_000, &[500, 2_000, 0])], now);
         assert_eq!(days.ok(), Some(vec![19_999, 20_000]));
-        assert_eq!(check(&[batch(5 * DAY, &[])]).ok(), Some(vec![]));
+        assert_eq!(check(&[batch(5 * DAY, &[])], now).ok(), Some(vec![]));
     }
 
     #[test]
-    fn check_refuses_a_timestamp_out_of_range_anywhere_in_a_series() {
-        // chrono's range ends in the year 262143; the middle point crosses it.
-        let edge = 8_210_266_876_799_999;
-        assert!(from_millis(edge).is_some() && from_millis(edge + 1).is_none());
-        match check(&[batch(edge - 10, &[0, 11, 5])]) {
-            Err(StoreError::TimestampOutOfRange { ts_ms, .. }) => assert_eq!(ts_ms, edge + 1),
+    fn check_gives_no_day_outside_the_window() {
+        let now = 20_000 * DAY + DAY / 2;
+        let cases: [(i64, &[u32], &[i64]); 5] = [
+            // Wholly too old, wholly in the future, past chrono's range: no partition.
+            (now - 11 * DAY, &[0, 1_000], &[]),
+            (now + 3_600_000, &[0], &[]),
+            (i64::MAX - 10, &[0, 11], &[]),
+            // Straddling the lower edge, spread over days: only the days of points inside.
+            (
+                now - 10 * DAY - 1_000,
+                &[0, 2_000, 3 * DAY as u32],
+                &[19_990, 19_993],
+            ),
+            // Up to the upper edge.
+            (now, &[0, 300_000, 300_001], &[20_000]),
+        ];
+        for (base, offsets, days) in cases {
+            assert_eq!(
+                check(&[batch(base, offsets)], now).ok(),
+                Some(days.to_vec()),
+                "{base}"
+            );
+        }
+    }
+
+    #[test]
+    fn check_marks_the_batches_wholly_inside_the_window() {
+        let now = 20_000 * DAY;
+        let series = SeriesMap::from_iter([(1, 10)]);
+        let batches = [
+            batch(now - 1_000, &[0, 1_000]),
+            batch(now - 1_000, &[0, 400_000]),
+            batch(now - 11 * DAY, &[0, 2 * DAY as u32]),
+            batch(now, &[]),
+        ];
+        let checked = IngestItem {
+            host: "h",
+            batches: &batches,
+            series: &series,
+        }
+        .check(window(now))
+        .map(|c| c.inside);
+        assert_eq!(checked.ok(), Some(vec![true, false, false, true]));
+    }
+
+    #[test]
+    fn check_refuses_a_seq_the_cursor_cannot_hold() {
+        let mut b = batch(DAY, &[0]);
+        b.seq = u64::MAX;
+        match check(&[b], DAY) {
+            Err(StoreError::SeqOutOfRange { seq, .. }) => assert_eq!(seq, u64::MAX),
             other => panic!("{other:?}"),
         }
     }

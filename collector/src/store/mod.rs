@@ -5,6 +5,7 @@
 //!
 //! Row types here are the store's own; the protocol's types are converted at this edge.
 
+mod boundary;
 mod codec;
 mod compaction;
 mod copy;
@@ -12,15 +13,20 @@ mod ingest;
 mod partitions;
 mod query;
 
+pub use boundary::{IngestRules, Reason, Refusals, Window};
 pub use codec::CodecError;
 pub use compaction::CompactionReport;
-pub use ingest::{IngestItem, IngestOutcome};
+pub use ingest::{Checked, IngestItem, IngestOutcome};
 pub use query::{Point, Rollup};
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 
+use std::borrow::Cow;
+
+use boundary::{clean, MAX_LABELS, MAX_NAME_BYTES, MAX_SERIES_KEY_BYTES};
 use chrono::{DateTime, Utc};
+use prometheus::{IntCounter, IntCounterVec, Opts, Registry};
 use razar_shared::protocol::{ComponentInfo, GpuInfo, Hello, SeriesDef, UnixMillis};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::Row;
@@ -36,6 +42,10 @@ pub type SeriesId = i64;
 /// from an authenticated agent's own definitions and only ever collide within its map.
 pub type SeriesMap = HashMap<u32, SeriesId, rustc_hash::FxBuildHasher>;
 
+/// The id a [`SeriesMap`] gives a series the store refused (over the host's cap, key too
+/// large): its samples are refused and counted. Database ids start at 1.
+pub const REFUSED_SERIES: SeriesId = 0;
+
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -46,15 +56,18 @@ pub enum StoreError {
     /// Applying the embedded migrations failed.
     #[error("database migration: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    /// The store's counters could not be created.
+    #[error("metrics: {0}")]
+    Metrics(prometheus::Error),
     /// The database URL does not parse.
     #[error("database URL: {0}")]
     Url(String),
     /// A batch references a series the agent never defined on this connection.
     #[error("host {host}: batch {seq} references undefined series {series}")]
     UnknownSeries { host: String, seq: u64, series: u32 },
-    /// A timestamp outside what PostgreSQL and chrono can represent.
-    #[error("host {host}: timestamp {ts_ms} ms out of range")]
-    TimestampOutOfRange { host: String, ts_ms: i64 },
+    /// A batch sequence number above what the cursor column holds (`i64::MAX`).
+    #[error("host {host}: batch sequence {seq} out of range")]
+    SeqOutOfRange { host: String, seq: u64 },
     /// Stored encoded samples do not decode.
     #[error("series {series_id}: {source}")]
     Corrupt {
@@ -63,12 +76,84 @@ pub enum StoreError {
     },
 }
 
+impl StoreError {
+    /// Whether the database refused the data itself (SQLSTATE class 22, 23 or 54), so
+    /// that retrying the same data cannot succeed.
+    pub fn is_data_error(&self) -> bool {
+        match self {
+            StoreError::Db(sqlx::Error::Database(e)) => e
+                .code()
+                .is_some_and(|code| boundary::is_data_error_code(&code)),
+            _ => false,
+        }
+    }
+}
+
+/// What the store boundary counts (created with the store; exported once registered
+/// with [`Store::register_metrics`]). Counted after the commit that stored the rest.
+#[derive(Debug, Clone)]
+pub struct StoreMetrics {
+    /// `razar_collector_values_refused_total{reason}`: agent values refused by rule.
+    pub values_refused: IntCounterVec,
+    /// `razar_collector_texts_cleaned_total`: agent text fields changed to be storable.
+    pub texts_cleaned: IntCounter,
+    /// `razar_collector_batches_rejected_total`: batches set aside in `rejected_batches`.
+    pub batches_rejected: IntCounter,
+}
+
+impl StoreMetrics {
+    fn new() -> Result<StoreMetrics, prometheus::Error> {
+        let m = StoreMetrics {
+            values_refused: IntCounterVec::new(
+                Opts::new(
+                    "razar_collector_values_refused_total",
+                    "Agent values the store refused by rule (by reason); the rest of their batch is stored.",
+                ),
+                &["reason"],
+            )?,
+            texts_cleaned: IntCounter::new(
+                "razar_collector_texts_cleaned_total",
+                "Agent text fields stored cleaned (NUL replaced, cut to their length cap).",
+            )?,
+            batches_rejected: IntCounter::new(
+                "razar_collector_batches_rejected_total",
+                "Batches the database refused alone with a data error: set aside in rejected_batches and acknowledged.",
+            )?,
+        };
+        // Every reason exported from the start, at zero.
+        for reason in Reason::ALL {
+            m.values_refused.with_label_values(&[reason.code()]);
+        }
+        Ok(m)
+    }
+
+    /// Counts what one committed write refused or cleaned.
+    pub(crate) fn count(&self, refusals: &Refusals) {
+        for (reason, n) in refusals.iter() {
+            self.values_refused
+                .with_label_values(&[reason.code()])
+                .inc_by(n);
+        }
+        self.texts_cleaned.inc_by(refusals.texts_cleaned);
+    }
+
+    /// Refused values of `reason` counted so far.
+    pub fn refused(&self, reason: Reason) -> u64 {
+        self.values_refused
+            .with_label_values(&[reason.code()])
+            .get()
+    }
+}
+
 /// A handle on the store; cheap to clone (a connection pool inside).
 #[derive(Debug, Clone)]
 pub struct Store {
     pool: PgPool,
     /// Days whose partitions are known to exist.
     days: std::sync::Arc<Mutex<HashSet<i64>>>,
+    /// What the store refuses of agents' values.
+    rules: IngestRules,
+    metrics: StoreMetrics,
 }
 
 /// Where a lost/back transition was recorded: `true` when the state changed.
@@ -96,7 +181,34 @@ impl Store {
         Ok(Store {
             pool,
             days: Default::default(),
+            rules: IngestRules::default(),
+            metrics: StoreMetrics::new().map_err(StoreError::Metrics)?,
         })
+    }
+
+    /// The store with these rules for agents' values (the defaults otherwise). Set it
+    /// before the ingest starts: the group writer copies the rules.
+    pub fn with_rules(mut self, rules: IngestRules) -> Store {
+        self.rules = rules;
+        self
+    }
+
+    /// The rules for agents' values.
+    pub fn rules(&self) -> IngestRules {
+        self.rules
+    }
+
+    /// The store boundary's counters.
+    pub fn metrics(&self) -> &StoreMetrics {
+        &self.metrics
+    }
+
+    /// Registers the store boundary's counters in `registry`.
+    pub fn register_metrics(&self, registry: &Registry) -> Result<(), prometheus::Error> {
+        registry.register(Box::new(self.metrics.values_refused.clone()))?;
+        registry.register(Box::new(self.metrics.texts_cleaned.clone()))?;
+        registry.register(Box::new(self.metrics.batches_rejected.clone()))?;
+        Ok(())
     }
 
     /// Applies the embedded migrations (idempotent; serialised by an advisory lock, so
@@ -123,13 +235,17 @@ impl Store {
                 .bind(host)
                 .fetch_optional(&self.pool)
                 .await?;
-        Ok(seq.map_or(0, |s| s as u64))
+        Ok(seq.and_then(|s| u64::try_from(s).ok()).unwrap_or(0))
     }
 
     /// Records an accepted `Hello`: upserts the host (online, back from lost if it was),
     /// its components and GPU inventory, creates its cursor; returns the cursor for the
     /// `Welcome`. The host id must be the one from the certificate.
     pub async fn record_hello(&self, hello: &Hello, at: DateTime<Utc>) -> Result<u64, StoreError> {
+        let mut refusals = Refusals::default();
+        let cleaned = &mut refusals.texts_cleaned;
+        let agent_version = clean(&hello.agent_version, MAX_NAME_BYTES, cleaned);
+        let profile = clean(&hello.profile, MAX_NAME_BYTES, cleaned);
         let mut tx = self.pool.begin().await?;
         sqlx::query(
             "INSERT INTO hosts (host_id, first_seen, last_seen, state, agent_version, profile)
@@ -138,8 +254,8 @@ impl Store {
         )
         .bind(&hello.host_id)
         .bind(at)
-        .bind(&hello.agent_version)
-        .bind(&hello.profile)
+        .bind(agent_version.as_ref())
+        .bind(profile.as_ref())
         .execute(&mut *tx)
         .await?;
         sqlx::query(
@@ -150,14 +266,23 @@ impl Store {
         .bind(at)
         .execute(&mut *tx)
         .await?;
-        upsert_components(&mut tx, &hello.host_id, &hello.components, at).await?;
-        upsert_gpus(&mut tx, &hello.host_id, &hello.gpus, at).await?;
+        upsert_components(
+            &mut tx,
+            &hello.host_id,
+            &hello.components,
+            at,
+            &mut refusals,
+        )
+        .await?;
+        upsert_gpus(&mut tx, &hello.host_id, &hello.gpus, at, &mut refusals).await?;
+        insert_refusal_event(&mut tx, &hello.host_id, at, &refusals, "hello").await?;
         let seq: i64 = sqlx::query_scalar("SELECT acked_seq FROM agent_cursors WHERE host_id = $1")
             .bind(&hello.host_id)
             .fetch_one(&mut *tx)
             .await?;
         tx.commit().await?;
-        Ok(seq as u64)
+        self.metrics.count(&refusals);
+        Ok(u64::try_from(seq).unwrap_or(0))
     }
 
     /// Replaces the GPU inventory entries given (upsert by index).
@@ -167,9 +292,12 @@ impl Store {
         gpus: &[GpuInfo],
         at: DateTime<Utc>,
     ) -> Result<(), StoreError> {
+        let mut refusals = Refusals::default();
         let mut tx = self.pool.begin().await?;
-        upsert_gpus(&mut tx, host, gpus, at).await?;
+        upsert_gpus(&mut tx, host, gpus, at, &mut refusals).await?;
+        insert_refusal_event(&mut tx, host, at, &refusals, "gpu inventory").await?;
         tx.commit().await?;
+        self.metrics.count(&refusals);
         Ok(())
     }
 
@@ -180,9 +308,11 @@ impl Store {
         components: &[ComponentInfo],
         at: DateTime<Utc>,
     ) -> Result<(), StoreError> {
+        let mut refusals = Refusals::default();
         let mut tx = self.pool.begin().await?;
-        upsert_components(&mut tx, host, components, at).await?;
+        upsert_components(&mut tx, host, components, at, &mut refusals).await?;
         tx.commit().await?;
+        self.metrics.count(&refusals);
         Ok(())
     }
 
@@ -323,68 +453,152 @@ impl Store {
     }
 
     /// Registers series definitions of `host` (upsert, one round trip) and returns the
-    /// mapping from the agent's ids to database series ids.
+    /// mapping from the agent's ids to database series ids. Text is cleaned first;
+    /// definitions the store refuses by rule (key too large, past the host's series
+    /// cap) map to [`REFUSED_SERIES`]: their samples are refused and counted, the rest
+    /// is stored, and a `values_refused` event records it.
     pub async fn register_series(
         &self,
         host: &str,
         defs: &[SeriesDef],
     ) -> Result<SeriesMap, StoreError> {
+        let mut refusals = Refusals::default();
         // One row per distinct (metric, labels); several agent ids may share it.
         let mut keys: Vec<(String, serde_json::Value)> = Vec::new();
         let mut index: HashMap<(String, String), usize> = HashMap::new();
-        let mut agent_ids: Vec<(u32, usize)> = Vec::with_capacity(defs.len());
+        let mut agent_ids: Vec<(u32, Option<usize>)> = Vec::with_capacity(defs.len());
         for def in defs {
-            let labels: serde_json::Map<String, serde_json::Value> = def
+            let cleaned = &mut refusals.texts_cleaned;
+            let metric = clean(&def.metric, MAX_NAME_BYTES, cleaned);
+            let labels: Vec<(Cow<'_, str>, Cow<'_, str>)> = def
                 .labels
                 .iter()
-                .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+                .take(MAX_LABELS + 1)
+                .map(|(k, v)| {
+                    (
+                        clean(k, MAX_NAME_BYTES, cleaned),
+                        clean(v, MAX_NAME_BYTES, cleaned),
+                    )
+                })
+                .collect();
+            let size = labels
+                .iter()
+                .fold(metric.len(), |n, (k, v)| n + k.len() + v.len() + 8);
+            if labels.len() > MAX_LABELS || size > MAX_SERIES_KEY_BYTES {
+                refusals.add(Reason::SeriesTooLarge, 1);
+                agent_ids.push((def.id, None));
+                continue;
+            }
+            let labels: serde_json::Map<String, serde_json::Value> = labels
+                .into_iter()
+                .map(|(k, v)| (k.into_owned(), serde_json::Value::String(v.into_owned())))
                 .collect();
             let labels = serde_json::Value::Object(labels);
-            let key = (def.metric.clone(), labels.to_string());
+            let key = (metric.to_string(), labels.to_string());
             let slot = *index.entry(key).or_insert_with(|| {
-                keys.push((def.metric.clone(), labels));
+                keys.push((metric.into_owned(), labels));
                 keys.len() - 1
             });
-            agent_ids.push((def.id, slot));
+            agent_ids.push((def.id, Some(slot)));
         }
-        if keys.is_empty() {
-            return Ok(SeriesMap::default());
-        }
-        let metrics: Vec<&str> = keys.iter().map(|k| k.0.as_str()).collect();
-        let labels: Vec<&serde_json::Value> = keys.iter().map(|k| &k.1).collect();
-        let slots: Vec<i32> = (0..keys.len() as i32).collect();
-        // The input is joined back by its position so the answer maps without parsing.
-        let rows = sqlx::query(
-            "WITH input AS (
-                 SELECT * FROM UNNEST($2::text[], $3::jsonb[], $4::int4[]) AS i(metric, labels, slot)
-             ), upserted AS (
-                 INSERT INTO series (host_id, metric, labels)
-                 SELECT $1, metric, labels FROM input
-                 ON CONFLICT (host_id, metric, labels) DO UPDATE SET metric = EXCLUDED.metric
-                 RETURNING series_id, metric, labels
-             )
-             SELECT input.slot, upserted.series_id
-             FROM input JOIN upserted USING (metric, labels)",
-        )
-        .bind(host)
-        .bind(&metrics)
-        .bind(&labels)
-        .bind(&slots)
-        .fetch_all(&self.pool)
-        .await?;
-        let mut by_slot = vec![0i64; keys.len()];
-        for row in rows {
-            let slot: i32 = row.try_get(0)?;
-            let id: i64 = row.try_get(1)?;
-            if let Some(entry) = by_slot.get_mut(slot as usize) {
-                *entry = id;
+        let mut by_slot = vec![REFUSED_SERIES; keys.len()];
+        let mut tx = self.pool.begin().await?;
+        if !keys.is_empty() {
+            let metrics: Vec<&str> = keys.iter().map(|k| k.0.as_str()).collect();
+            let labels: Vec<&serde_json::Value> = keys.iter().map(|k| &k.1).collect();
+            let slots: Vec<i32> = (0..keys.len())
+                .map(|i| i32::try_from(i).unwrap_or(i32::MAX))
+                .collect();
+            let cap = i64::from(self.rules.max_series_per_host);
+            // One registration of a host at a time, so that its cap holds.
+            sqlx::query("SELECT pg_advisory_xact_lock(7265618, hashtext($1))")
+                .bind(host)
+                .execute(&mut *tx)
+                .await?;
+            // Known series keep their ids; new ones are inserted up to the host's cap,
+            // in definition order. The input is joined back by its position so the
+            // answer maps without parsing; a slot missing from it is over the cap.
+            let rows = sqlx::query(
+                "WITH input AS (
+                     SELECT * FROM UNNEST($2::text[], $3::jsonb[], $4::int4[]) AS i(metric, labels, slot)
+                 ), known AS (
+                     SELECT input.slot, s.series_id FROM input
+                     JOIN series s
+                         ON s.host_id = $1 AND s.metric = input.metric AND s.labels = input.labels
+                 ), fresh AS (
+                     SELECT * FROM input WHERE slot NOT IN (SELECT slot FROM known)
+                     ORDER BY slot
+                     LIMIT GREATEST(0, $5 - (SELECT count(*) FROM series WHERE host_id = $1))
+                 ), upserted AS (
+                     INSERT INTO series (host_id, metric, labels)
+                     SELECT $1, metric, labels FROM fresh
+                     ON CONFLICT (host_id, metric, labels) DO UPDATE SET metric = EXCLUDED.metric
+                     RETURNING series_id, metric, labels
+                 )
+                 SELECT slot, series_id FROM known
+                 UNION ALL
+                 SELECT fresh.slot, upserted.series_id FROM fresh JOIN upserted USING (metric, labels)",
+            )
+            .bind(host)
+            .bind(&metrics)
+            .bind(&labels)
+            .bind(&slots)
+            .bind(cap)
+            .fetch_all(&mut *tx)
+            .await?;
+            for row in rows {
+                let slot: i32 = row.try_get(0)?;
+                let id: i64 = row.try_get(1)?;
+                if let Some(entry) = usize::try_from(slot).ok().and_then(|s| by_slot.get_mut(s)) {
+                    *entry = id;
+                }
             }
+            let over_cap = by_slot.iter().filter(|&&id| id == REFUSED_SERIES).count();
+            refusals.add(Reason::SeriesOverCap, over_cap as u64);
         }
+        insert_refusal_event(&mut tx, host, Utc::now(), &refusals, "series definitions").await?;
+        tx.commit().await?;
+        self.metrics.count(&refusals);
         Ok(agent_ids
             .into_iter()
-            .map(|(agent_id, slot)| (agent_id, by_slot[slot]))
+            .map(|(agent_id, slot)| {
+                let id = slot.and_then(|s| by_slot.get(s).copied());
+                (agent_id, id.unwrap_or(REFUSED_SERIES))
+            })
             .collect())
     }
+}
+
+/// Records what the store refused of a host's values as one `values_refused` event on
+/// the host (nothing when nothing was refused; cleaned text alone is only counted).
+pub(crate) async fn insert_refusal_event(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    host: &str,
+    at: DateTime<Utc>,
+    refusals: &Refusals,
+    during: &str,
+) -> Result<(), StoreError> {
+    if !refusals.any() {
+        return Ok(());
+    }
+    let mut payload = refusals.to_json();
+    if let Some(map) = payload.as_object_mut() {
+        map.insert("during".to_owned(), during.into());
+    }
+    sqlx::query(
+        "INSERT INTO events (host_id, ts, severity, subject_kind, subject_id, kind, payload, message)
+         VALUES ($1, $2, 'warning', 'host', NULL, 'values_refused', $3, $4)",
+    )
+    .bind(host)
+    .bind(at)
+    .bind(payload)
+    .bind(format!(
+        "values refused at the store ({during}): {}",
+        refusals.summary()
+    ))
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
 }
 
 async fn upsert_components(
@@ -392,14 +606,31 @@ async fn upsert_components(
     host: &str,
     components: &[ComponentInfo],
     at: DateTime<Utc>,
+    refusals: &mut Refusals,
 ) -> Result<(), StoreError> {
     if components.is_empty() {
         return Ok(());
     }
-    let names: Vec<&str> = components.iter().map(|c| c.name.as_str()).collect();
-    let states: Vec<&str> = components.iter().map(|c| c.state.as_str()).collect();
-    let revisions: Vec<&str> = components.iter().map(|c| c.revision.as_str()).collect();
-    let critical: Vec<bool> = components.iter().map(|c| c.critical).collect();
+    // One row per name (the last wins), in name order: one statement may not upsert a
+    // row twice.
+    let mut by_name: std::collections::BTreeMap<Cow<'_, str>, &ComponentInfo> =
+        std::collections::BTreeMap::new();
+    let mut revisions: HashMap<&str, Cow<'_, str>> = HashMap::new();
+    for c in components {
+        let name = clean(&c.name, MAX_NAME_BYTES, &mut refusals.texts_cleaned);
+        revisions.insert(
+            c.name.as_str(),
+            clean(&c.revision, MAX_NAME_BYTES, &mut refusals.texts_cleaned),
+        );
+        by_name.insert(name, c);
+    }
+    let names: Vec<&str> = by_name.keys().map(|n| n.as_ref()).collect();
+    let states: Vec<&str> = by_name.values().map(|c| c.state.as_str()).collect();
+    let revisions: Vec<&str> = by_name
+        .values()
+        .map(|c| revisions.get(c.name.as_str()).map_or("", |r| r.as_ref()))
+        .collect();
+    let critical: Vec<bool> = by_name.values().map(|c| c.critical).collect();
     sqlx::query(
         "INSERT INTO components (host_id, name, state, revision, critical, updated_at)
          SELECT $1, name, state, revision, critical, $6
@@ -423,16 +654,40 @@ async fn upsert_gpus(
     host: &str,
     gpus: &[GpuInfo],
     at: DateTime<Utc>,
+    refusals: &mut Refusals,
 ) -> Result<(), StoreError> {
-    if gpus.is_empty() {
+    // One row per index (the last wins); an index the column cannot hold is refused.
+    let mut by_index: std::collections::BTreeMap<i32, &GpuInfo> = std::collections::BTreeMap::new();
+    for g in gpus {
+        match i32::try_from(g.index) {
+            Ok(i) => {
+                by_index.insert(i, g);
+            }
+            Err(_) => refusals.add(Reason::GpuIndex, 1),
+        }
+    }
+    if by_index.is_empty() {
         return Ok(());
     }
-    let index: Vec<i32> = gpus.iter().map(|g| g.index as i32).collect();
-    let uuid: Vec<&str> = gpus.iter().map(|g| g.uuid.as_str()).collect();
-    let name: Vec<&str> = gpus.iter().map(|g| g.name.as_str()).collect();
-    let pci: Vec<&str> = gpus.iter().map(|g| g.pci_bus_id.as_str()).collect();
-    let memory: Vec<i64> = gpus
-        .iter()
+    let cleaned = &mut refusals.texts_cleaned;
+    let index: Vec<i32> = by_index.keys().copied().collect();
+    let uuid: Vec<Cow<'_, str>> = by_index
+        .values()
+        .map(|g| clean(&g.uuid, MAX_NAME_BYTES, cleaned))
+        .collect();
+    let name: Vec<Cow<'_, str>> = by_index
+        .values()
+        .map(|g| clean(&g.name, MAX_NAME_BYTES, cleaned))
+        .collect();
+    let pci: Vec<Cow<'_, str>> = by_index
+        .values()
+        .map(|g| clean(&g.pci_bus_id, MAX_NAME_BYTES, cleaned))
+        .collect();
+    let uuid: Vec<&str> = uuid.iter().map(|s| s.as_ref()).collect();
+    let name: Vec<&str> = name.iter().map(|s| s.as_ref()).collect();
+    let pci: Vec<&str> = pci.iter().map(|s| s.as_ref()).collect();
+    let memory: Vec<i64> = by_index
+        .values()
         .map(|g| i64::try_from(g.memory_total_bytes).unwrap_or(i64::MAX))
         .collect();
     sqlx::query(
