@@ -65,7 +65,11 @@ impl Service {
     pub async fn start(config: CollectorConfig) -> Result<Service, ServiceError> {
         razar_shared::tls::install_crypto_provider();
         // TLS first: a bad certificate refuses start before anything runs.
-        let tls = razar_shared::tls::server_config_from_files(&tls_files(&config))?;
+        // The verifier records typed refusals (expired vs not yet valid, ...) for the
+        // ingest server's counters.
+        let refusals = razar_shared::tls::HandshakeRefusals::default();
+        let tls =
+            razar_shared::tls::server_config_from_files_tracked(&tls_files(&config), &refusals)?;
         let crls = tls_files(&config)
             .crls
             .iter()
@@ -87,6 +91,7 @@ impl Service {
 
         let registry = prometheus::Registry::new();
         let mut ingest = IngestConfig::new(config.quic_listen, Arc::new(tls), crls);
+        ingest.refusals = refusals;
         ingest.group.writers = config.ingest_writers.get() as usize;
         ingest.group.copy_slots = config.ingest_copy_slots.get() as usize;
         ingest.session = SessionConfig {
