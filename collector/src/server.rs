@@ -184,9 +184,23 @@ fn quinn_server_config(
     ));
     transport.max_concurrent_bidi_streams(4u32.into());
     transport.max_concurrent_uni_streams(0u32.into());
+    // Bounded memory per connection on quinn's side too: what an agent sends and we have
+    // not read (all its streams together, not 4 × a stream's window), and what we wrote
+    // and it has not acknowledged (quinn's default is 10 MB per connection).
+    transport.stream_receive_window(STREAM_RECEIVE_WINDOW.into());
+    transport.receive_window(STREAM_RECEIVE_WINDOW.into());
+    transport.send_window(SEND_WINDOW);
     config.transport_config(Arc::new(transport));
     Ok(config)
 }
+
+/// Bytes an agent may send ahead of what the collector has read, per stream and per
+/// connection (quinn's default stream window: 100 Mbit/s over 100 ms).
+const STREAM_RECEIVE_WINDOW: u32 = 1_250_000;
+
+/// Bytes of replies quinn keeps per connection until the agent acknowledges them
+/// (replies are acks, heartbeat acks and commands: small).
+const SEND_WINDOW: u64 = 1 << 20;
 
 /// The ingest metrics, registered in the registry given to [`Collector::start`].
 #[derive(Debug, Clone)]
