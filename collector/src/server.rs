@@ -454,8 +454,12 @@ impl Shared {
     }
 
     /// Closes `conn` for `reason` and counts it: the one place the collector closes a
-    /// connection on its own.
+    /// connection on its own. A connection already closed (by either side) is left as
+    /// it is and not counted again.
     pub(crate) fn close(&self, conn: &quinn::Connection, reason: CloseReason) {
+        if conn.close_reason().is_some() {
+            return;
+        }
         conn.close(reason.code().into(), reason.message());
         self.metrics
             .closed

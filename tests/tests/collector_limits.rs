@@ -543,6 +543,104 @@ async fn crl_reload_closes_the_revoked_connection_and_counts_it() -> anyhow::Res
     Ok(())
 }
 
+/// Connects with a valid certificate for `host`; with `hello`, sends a `Hello` and reads
+/// the `Welcome`.
+async fn welcomed_peer(
+    addr: std::net::SocketAddr,
+    config: rustls::ClientConfig,
+    host: &str,
+) -> anyhow::Result<(
+    quinn::Endpoint,
+    quinn::Connection,
+    quinn::SendStream,
+    quinn::RecvStream,
+)> {
+    let endpoint = client_endpoint(config)?;
+    let conn = endpoint.connect(addr, "localhost")?.await?;
+    let (mut send, mut recv) = conn.open_bi().await?;
+    send.write_all(&encode_agent(&AgentMessage::Hello(hello(host)))?)
+        .await?;
+    let mut decoder = CollectorFrameDecoder::new();
+    loop {
+        let chunk = tokio::time::timeout(DEADLINE, recv.read_chunk(1024, true))
+            .await
+            .context("no Welcome in time")??
+            .context("stream ended before the Welcome")?;
+        let mut input = &chunk.bytes[..];
+        if let Some(message) = decoder.feed(&mut input)? {
+            anyhow::ensure!(
+                matches!(message, CollectorMessage::Welcome(_)),
+                "expected a Welcome, got {message:?}"
+            );
+            return Ok((endpoint, conn, send, recv));
+        }
+    }
+}
+
+async fn closed_in_time(conn: &quinn::Connection) -> anyhow::Result<(u64, String)> {
+    match tokio::time::timeout(DEADLINE, conn.closed())
+        .await
+        .context("the collector did not close the connection")?
+    {
+        ConnectionError::ApplicationClosed(close) => Ok((
+            close.error_code.into(),
+            String::from_utf8_lossy(&close.reason).into_owned(),
+        )),
+        other => anyhow::bail!("closed otherwise: {other}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closes_the_collector_makes_on_its_own_are_counted_by_reason() -> anyhow::Result<()> {
+    let mut ca = TestCa::new()?;
+    let mute = ca.agent("gpu-mute")?;
+    let silent = ca.agent("gpu-silent")?;
+    let trickle = ca.agent("gpu-trickle")?;
+    let running = start_collector(&ca, |c| c.hello_timeout = Duration::from_millis(500)).await?;
+    let addr = running.collector.local_addr();
+
+    // Never opens its stream: no Hello within the hello timeout.
+    let endpoint = client_endpoint(config_for(&ca, &mute)?)?;
+    let conn = endpoint.connect(addr, "localhost")?.await?;
+    let (code, reason) = closed_in_time(&conn).await?;
+    assert_eq!(
+        (code, reason.as_str()),
+        (close_code::REFUSED.into(), "hello_timeout")
+    );
+    endpoint.close(0u32.into(), b"done");
+
+    // Welcomed, then silent past the heartbeat grace.
+    let (endpoint, conn, _send, _recv) =
+        welcomed_peer(addr, config_for(&ca, &silent)?, "gpu-silent").await?;
+    let (code, _) = closed_in_time(&conn).await?;
+    assert_eq!(code, u64::from(close_code::PEER_LOST));
+    endpoint.close(0u32.into(), b"done");
+
+    // Welcomed, then stops in the middle of a frame.
+    let (endpoint, conn, mut send, _recv) =
+        welcomed_peer(addr, config_for(&ca, &trickle)?, "gpu-trickle").await?;
+    let frame = encode_agent(&AgentMessage::Heartbeat(Heartbeat {
+        agent_time_ms: now_ms(),
+        digest: StatusDigest::default(),
+    }))?;
+    send.write_all(&frame[..frame.len() / 2]).await?;
+    let (code, reason) = closed_in_time(&conn).await?;
+    assert_eq!(code, u64::from(close_code::PEER_LOST));
+    assert_eq!(reason, "partial frame past the grace");
+    endpoint.close(0u32.into(), b"done");
+
+    assert_eq!(
+        closes(&running),
+        vec![
+            ("hello_timeout".to_string(), 1),
+            ("partial_frame".to_string(), 1),
+            ("peer_lost".to_string(), 1),
+        ]
+    );
+    running.collector.shutdown(Duration::from_secs(5)).await;
+    Ok(())
+}
+
 /// The figure for BENCHMARKS.md: for 60 s, a peer that never reads connects again each
 /// time it is closed; prints how long each took to be closed and the process's RSS
 /// (collector and peer share this process) against the baseline before it came.
