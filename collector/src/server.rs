@@ -228,7 +228,7 @@ impl IngestMetrics {
             refused: IntCounterVec::new(
                 Opts::new(
                     "razar_collector_connections_refused_total",
-                    "Agent connections refused or closed by the collector, by reason.",
+                    "Agent connections refused (TLS handshake, identity or protocol), by reason.",
                 ),
                 &["reason"],
             )?,

@@ -18,7 +18,14 @@
 //!
 //! **CRL reload:** CRLs are fixed when the verifier is built. Build a new server config and
 //! hand it to `Endpoint::set_server_config`; it applies to new connections only, so close
-//! open connections whose certificate is now revoked yourself ([`is_revoked`] helps).
+//! open connections whose certificate is now revoked yourself ([`revoked_serials`] parses
+//! a CRL once into a set of serials).
+//!
+//! **Refusal reasons:** [`HandshakeRefusal`] classifies a refused handshake from rustls'
+//! typed errors. The collector builds its config with [`server_config_from_files_tracked`],
+//! whose verifier records each certificate it refuses in a [`HandshakeRefusals`]: quinn
+//! only reports the TLS alert, and an expired certificate and one not yet valid send the
+//! same one.
 
 use crate::protocol::{RefusalReason, ALPN};
 use rustls::client::danger::HandshakeSignatureValid;
