@@ -16,9 +16,15 @@
 //! refuses (undefined series, sequence out of range) fails alone and closes the session;
 //! values it will not keep are refused by rule inside a stored batch, and a batch the
 //! database refuses for its data is set aside and acknowledged ([`crate::group`]).
+//!
+//! Replies are bounded too: at most `max_pending_reply_bytes` wait to be sent; at the
+//! bound the task stops reading and taking commands until the agent takes its replies,
+//! and a peer that does not take them within `reply_stall_timeout` is closed as
+//! `slow_reader`. Writing comes before reading, so a busy stream cannot starve the
+//! replies.
 
 use crate::group::GroupError;
-use crate::server::{close_code, Shared};
+use crate::server::{CloseReason, Shared};
 use crate::store::{IngestOutcome, SeriesMap, StoreError};
 use chrono::Utc;
 use razar_shared::protocol::codec::{encode_into, AgentFrameDecoder};
@@ -37,6 +43,10 @@ use tokio::sync::{mpsc, watch};
 
 /// Most bytes taken from an agent's stream at a time.
 const READ_CHUNK_BYTES: usize = 64 * 1024;
+
+/// Capacity the reply buffer keeps once everything is sent (10,000 idle agents should
+/// not each keep the largest burst they ever had).
+const REPLY_KEEP_CAPACITY: usize = 16 * 1024;
 
 /// Database work waiting its turn, in arrival order.
 enum Op {
@@ -69,7 +79,56 @@ enum Step {
     Timer,
     Command(Option<Command>),
     Shutdown,
+    ReplyStall,
     Closed,
+}
+
+/// Replies encoded for the agent and not yet taken by its stream, bounded by the caller
+/// (see [`Replies::backlog`]); what was sent is dropped as it goes, so the buffer never
+/// holds more than the backlog plus what was sent since the last compaction (at most as
+/// much again).
+#[derive(Debug, Default)]
+struct Replies {
+    buf: Vec<u8>,
+    sent: usize,
+}
+
+impl Replies {
+    /// Bytes waiting to be sent.
+    fn backlog(&self) -> usize {
+        self.buf.len() - self.sent
+    }
+
+    fn unsent(&self) -> &[u8] {
+        &self.buf[self.sent..]
+    }
+
+    /// `n` more bytes were taken by the stream.
+    fn consumed(&mut self, n: usize) {
+        self.sent = (self.sent + n).min(self.buf.len());
+        if self.sent == self.buf.len() {
+            self.buf.clear();
+            self.sent = 0;
+            if self.buf.capacity() > REPLY_KEEP_CAPACITY {
+                self.buf.shrink_to(REPLY_KEEP_CAPACITY);
+            }
+        } else if self.sent * 2 >= self.buf.len() {
+            // Drop the sent half: amortised, one copy of what is left.
+            self.buf.drain(..self.sent);
+            self.sent = 0;
+        }
+    }
+
+    /// Where new replies are encoded.
+    fn buf_mut(&mut self) -> &mut Vec<u8> {
+        &mut self.buf
+    }
+
+    /// Bytes held (sent and not yet compacted, plus the backlog).
+    #[cfg(test)]
+    fn held(&self) -> usize {
+        self.buf.len()
+    }
 }
 
 struct Conn {
@@ -92,6 +151,10 @@ struct Conn {
     refusal: Option<&'static str>,
     /// Resends the session answered by itself (at or below the cursor it welcomed with).
     duplicates_seen: u64,
+    /// Part of a frame is buffered (for the close reason when the grace runs out).
+    partial_frame: bool,
+    /// Why the session is draining: the agent finished its stream, or shutdown.
+    drain_reason: CloseReason,
 }
 
 /// Serves one authenticated connection until it ends.
@@ -129,6 +192,8 @@ pub(crate) async fn serve(
         db_session: None,
         refusal: None,
         duplicates_seen: 0,
+        partial_frame: false,
+        drain_reason: CloseReason::Shutdown,
     };
     match stream {
         Ok(Ok((send, recv))) => c.run(send, recv, &mut commands_rx, &mut shutdown).await,
@@ -137,7 +202,7 @@ pub(crate) async fn serve(
         }
         Err(_) => {
             shared.metrics.refuse("hello_timeout");
-            conn.close(close_code::REFUSED.into(), b"hello_timeout");
+            shared.close(&conn, CloseReason::HelloTimeout);
         }
     }
     if c.paused {
@@ -163,10 +228,13 @@ impl Conn {
         shutdown: &mut watch::Receiver<bool>,
     ) {
         let mut decoder = AgentFrameDecoder::new();
-        let mut out: Vec<u8> = Vec::new();
-        let mut out_pos = 0usize;
+        let mut out = Replies::default();
         let config = &self.shared.config;
         let (max_pending, max_samples) = (config.max_pending_batches, config.max_pending_samples);
+        let (max_replies, reply_stall) =
+            (config.max_pending_reply_bytes, config.reply_stall_timeout);
+        // Since when the replies have been at their bound.
+        let mut replies_full_since: Option<Instant> = None;
         loop {
             while let Some(event) = self.session.poll_event() {
                 self.on_event(event).await;
@@ -178,46 +246,60 @@ impl Conn {
                 self.retry_at = None;
                 self.start_write();
             }
-            if out_pos == out.len() {
-                out.clear();
-                out_pos = 0;
-            }
             while let Some(msg) = self.session.poll_transmit() {
-                if let Err(e) = encode_into(&msg, &mut out) {
+                if let Err(e) = encode_into(&msg, out.buf_mut()) {
                     tracing::error!(host = %self.host, error = %e, "cannot encode a message for the agent");
                 }
             }
-            let flushed = out_pos == out.len();
+            let flushed = out.backlog() == 0;
             let idle = self.ops.is_empty() && self.writing.is_none();
             if self.session.state() == CollectorState::Closed && flushed {
                 return self.close_after_refusal(&mut send).await;
             }
             if self.draining && idle && flushed {
                 let _ = send.finish();
-                self.conn
-                    .close(close_code::SHUTDOWN.into(), b"collector shutting down");
+                self.shared.close(&self.conn, self.drain_reason);
+                return;
+            }
+            // Replies at their bound: read nothing more (no new replies) until the agent
+            // takes some; one that takes none within the stall timeout is closed.
+            let replies_full = out.backlog() >= max_replies;
+            let stall_at = if replies_full {
+                Some(*replies_full_since.get_or_insert_with(Instant::now) + reply_stall)
+            } else {
+                replies_full_since = None;
+                None
+            };
+            if stall_at.is_some_and(|at| Instant::now() >= at) {
+                tracing::warn!(host = %self.host, waiting_bytes = out.backlog(), "agent does not read its replies; closing");
+                self.shared.close(&self.conn, CloseReason::SlowReader);
                 return;
             }
             let should_pause =
                 self.pending_batches >= max_pending || self.pending_samples >= max_samples;
             self.set_paused(should_pause);
-            let reading =
-                !self.paused && !self.draining && self.session.state() != CollectorState::Closed;
-            let timeout = if self.paused {
+            let reading = !self.paused
+                && !replies_full
+                && !self.draining
+                && self.session.state() != CollectorState::Closed;
+            // The heartbeat grace does not run while this side is not reading.
+            let timeout = if self.paused || replies_full {
                 None
             } else {
                 self.session.poll_timeout()
             };
             let step = tokio::select! {
                 biased;
+                // Replies first: a stream that always has data to read cannot starve them.
+                r = send.write(out.unsent()), if !flushed => Step::Wrote(r),
                 // Chunks straight from quinn's receive buffer: no read buffer of our own per
                 // connection (10,000 idle agents would hold 64 KiB each).
                 r = recv.read_chunk(READ_CHUNK_BYTES, true), if reading => Step::Read(r.map(|c| c.map(|c| c.bytes))),
-                r = send.write(&out[out_pos..]), if out_pos < out.len() => Step::Wrote(r),
                 w = poll_write(&mut self.writing), if self.writing.is_some() => Step::Db(w),
                 _ = sleep_until(self.retry_at), if self.retry_at.is_some() && self.writing.is_none() => Step::Retry,
                 _ = sleep_until(timeout), if timeout.is_some() => Step::Timer,
-                c = commands.recv() => Step::Command(c),
+                _ = sleep_until(stall_at), if stall_at.is_some() => Step::ReplyStall,
+                c = commands.recv(), if !replies_full => Step::Command(c),
                 _ = shutdown.changed(), if !self.draining => Step::Shutdown,
                 _ = self.conn.closed() => Step::Closed,
             };
@@ -255,16 +337,18 @@ impl Conn {
                             break;
                         }
                     }
+                    self.partial_frame = decoder.buffered_len() > 0;
                 }
                 Step::Read(Ok(None)) => {
                     // The agent finished its stream: commit what we have, then close.
                     self.draining = true;
+                    self.drain_reason = CloseReason::StreamFinished;
                 }
                 Step::Read(Err(e)) => {
                     tracing::debug!(host = %self.host, error = %e, "agent stream read ended");
                     return;
                 }
-                Step::Wrote(Ok(n)) => out_pos += n,
+                Step::Wrote(Ok(n)) => out.consumed(n),
                 Step::Wrote(Err(e)) => {
                     tracing::debug!(host = %self.host, error = %e, "agent stream write ended");
                     return;
@@ -278,7 +362,12 @@ impl Conn {
                     }
                 }
                 Step::Command(None) => {}
-                Step::Shutdown => self.draining = true,
+                Step::Shutdown => {
+                    self.draining = true;
+                    self.drain_reason = CloseReason::Shutdown;
+                }
+                // Checked at the top of the loop.
+                Step::ReplyStall => {}
                 Step::Closed => return,
             }
         }
@@ -322,16 +411,20 @@ impl Conn {
                 tracing::debug!(host = %self.host, component = %chunk.component, lines = chunk.lines.len(), "log chunk");
             }
             CollectorEvent::Refused(refusal) => {
-                tracing::info!(host = %self.host, reason = refusal.reason.code(), message = %refusal.message, "agent refused");
+                if let Some(left_out) = self.shared.admit_log(refusal.reason.code()) {
+                    tracing::info!(host = %self.host, reason = refusal.reason.code(), message = %refusal.message, similar_left_out = left_out, "agent refused");
+                }
                 self.shared.metrics.refuse(refusal.reason.code());
                 self.refusal = Some(refusal.reason.code());
             }
             CollectorEvent::PeerLost => {
-                tracing::info!(host = %self.host, "agent silent past the grace; closing its connection");
-                self.conn.close(
-                    close_code::PEER_LOST.into(),
-                    b"no heartbeat within the grace",
-                );
+                let reason = if self.partial_frame {
+                    CloseReason::PartialFrame
+                } else {
+                    CloseReason::PeerLost
+                };
+                tracing::info!(host = %self.host, reason = reason.label(), "agent silent past the grace; closing its connection");
+                self.shared.close(&self.conn, reason);
             }
         }
     }
@@ -537,8 +630,7 @@ impl Conn {
         // Give the refusal frame a moment to leave; the close reason carries it anyway.
         let _ = tokio::time::timeout(Duration::from_millis(200), send.stopped()).await;
         let reason = self.refusal.unwrap_or("closed");
-        self.conn
-            .close(close_code::REFUSED.into(), reason.as_bytes());
+        self.shared.close(&self.conn, CloseReason::Refused(reason));
     }
 }
 
@@ -574,4 +666,50 @@ fn newest_data_ms(batch: &Batch) -> i64 {
 
 fn hex_id(id: &[u8; 16]) -> String {
     id.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replies_hold_at_most_twice_the_backlog_under_partial_writes() {
+        let mut out = Replies::default();
+        // A peer that takes a little less than is added each round: the backlog grows
+        // slowly, and what was sent never piles up in front of it.
+        for round in 0..10_000usize {
+            out.buf_mut().extend_from_slice(&[round as u8; 100]);
+            out.consumed(99);
+            assert!(
+                out.held() <= 2 * out.backlog() + 100,
+                "round {round}: {} held for a backlog of {}",
+                out.held(),
+                out.backlog()
+            );
+        }
+        assert_eq!(out.backlog(), 10_000);
+        // The bytes left are the newest ones, in order.
+        assert!(out.unsent().iter().rev().take(100).all(|b| *b == 15)); // 9_999 as u8
+        out.consumed(out.backlog());
+        assert_eq!(out.backlog(), 0);
+        assert_eq!(out.held(), 0);
+        assert!(out.buf.capacity() <= REPLY_KEEP_CAPACITY);
+    }
+
+    #[test]
+    fn replies_keep_order_across_compactions() {
+        let mut out = Replies::default();
+        let mut expected = Vec::new();
+        let mut received = Vec::new();
+        for i in 0..1_000u32 {
+            let bytes = i.to_le_bytes();
+            out.buf_mut().extend_from_slice(&bytes);
+            expected.extend_from_slice(&bytes);
+            let take = (i as usize % 7).min(out.backlog());
+            received.extend_from_slice(&out.unsent()[..take]);
+            out.consumed(take);
+        }
+        received.extend_from_slice(out.unsent());
+        assert_eq!(received, expected);
+    }
 }

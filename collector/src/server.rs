@@ -7,7 +7,11 @@
 //!
 //! Identity comes from the client certificate only (URI SAN `razar://host/<id>`); the
 //! `Hello` must agree with it. Every refused connection is counted in
-//! `razar_collector_connections_refused_total{reason}`.
+//! `razar_collector_connections_refused_total{reason}`; handshake refusals are classified
+//! from rustls' typed errors ([`HandshakeRefusal`]) and logged once per kind per
+//! interval, so junk from unauthenticated peers cannot flood the log. Every connection
+//! the collector closes on its own is counted in
+//! `razar_collector_connections_closed_total{reason}` ([`CloseReason`]).
 
 use crate::group::{GroupConfig, GroupMetrics, GroupWriter};
 use crate::ingest;
@@ -16,9 +20,9 @@ use crate::store::Store;
 use crate::supervise::{RestartBackoff, Tasks};
 use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 use razar_shared::protocol::{Command, SessionConfig};
-use razar_shared::tls::{self, ServerTlsFiles, TlsError};
+use razar_shared::tls::{self, HandshakeRefusal, HandshakeRefusals, ServerTlsFiles, TlsError};
 use rustls::pki_types::{CertificateDer, CertificateRevocationListDer};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -96,6 +100,21 @@ pub struct IngestConfig {
     /// A host the store has online when the collector starts is marked lost unless it
     /// reconnects within this time (it died while the collector was down).
     pub lost_after_restart: Duration,
+    /// Most bytes of replies (acks, heartbeat acks, commands) waiting to be sent to one
+    /// agent. At the bound the connection stops reading (and taking commands) until the
+    /// agent takes its replies: a peer that never reads cannot grow the collector.
+    pub max_pending_reply_bytes: usize,
+    /// A connection whose replies stay at `max_pending_reply_bytes` this long is closed
+    /// as `slow_reader` (the peer does not read its stream).
+    pub reply_stall_timeout: Duration,
+    /// Typed handshake refusals recorded by the client certificate verifier: build `tls`
+    /// with `tls::server_config_from_files_tracked(files, &config.refusals)` (reloads do
+    /// it themselves). Without it, refusals are classified from the TLS alert alone
+    /// (an expired certificate and one not yet valid then both count as expired).
+    pub refusals: HandshakeRefusals,
+    /// At most one log line per refusal kind per this interval (the rest are counted
+    /// and reported with the next line).
+    pub refusal_log_interval: Duration,
 }
 
 impl IngestConfig {
@@ -103,7 +122,9 @@ impl IngestConfig {
     /// idle timeout 10 s, hosts online at start lost after 60 s without reconnecting,
     /// 256 batches per write request, pause at 512 batches or 500,000
     /// samples pending, 8 series registrations at once, 4 group writers (groups of at
-    /// most 50,000 samples or 256 hosts), 2.5 s for the `Hello`.
+    /// most 50,000 samples or 256 hosts), 2.5 s for the `Hello`, 256 KiB of replies
+    /// waiting per connection and 5 s for a peer to start taking them, one refusal log
+    /// line per kind per 10 s.
     pub fn new(
         listen: SocketAddr,
         tls: Arc<rustls::ServerConfig>,
@@ -124,6 +145,10 @@ impl IngestConfig {
             hello_timeout: Duration::from_millis(2_500),
             reset_key: None,
             lost_after_restart: Duration::from_secs(60),
+            max_pending_reply_bytes: 256 * 1024,
+            reply_stall_timeout: Duration::from_secs(5),
+            refusals: HandshakeRefusals::default(),
+            refusal_log_interval: Duration::from_secs(10),
         }
     }
 
@@ -165,14 +190,30 @@ fn quinn_server_config(
     ));
     transport.max_concurrent_bidi_streams(4u32.into());
     transport.max_concurrent_uni_streams(0u32.into());
+    // Bounded memory per connection on quinn's side too: what an agent sends and we have
+    // not read (all its streams together, not 4 × a stream's window), and what we wrote
+    // and it has not acknowledged (quinn's default is 10 MB per connection).
+    transport.stream_receive_window(STREAM_RECEIVE_WINDOW.into());
+    transport.receive_window(STREAM_RECEIVE_WINDOW.into());
+    transport.send_window(SEND_WINDOW);
     config.transport_config(Arc::new(transport));
     Ok(config)
 }
+
+/// Bytes an agent may send ahead of what the collector has read, per stream and per
+/// connection (quinn's default stream window: 100 Mbit/s over 100 ms).
+const STREAM_RECEIVE_WINDOW: u32 = 1_250_000;
+
+/// Bytes of replies quinn keeps per connection until the agent acknowledges them
+/// (replies are acks, heartbeat acks and commands: small).
+const SEND_WINDOW: u64 = 1 << 20;
 
 /// The ingest metrics, registered in the registry given to [`Collector::start`].
 #[derive(Debug, Clone)]
 pub struct IngestMetrics {
     pub refused: IntCounterVec,
+    /// Connections the collector closed on its own, by [`CloseReason::label`].
+    pub closed: IntCounterVec,
     pub agents_connected: IntGauge,
     pub connections_accepted: IntCounter,
     pub batches_stored: IntCounter,
@@ -193,7 +234,14 @@ impl IngestMetrics {
             refused: IntCounterVec::new(
                 Opts::new(
                     "razar_collector_connections_refused_total",
-                    "Agent connections refused or closed by the collector, by reason.",
+                    "Agent connections refused (TLS handshake, identity or protocol), by reason.",
+                ),
+                &["reason"],
+            )?,
+            closed: IntCounterVec::new(
+                Opts::new(
+                    "razar_collector_connections_closed_total",
+                    "Connections the collector closed on its own, by reason.",
                 ),
                 &["reason"],
             )?,
@@ -248,6 +296,7 @@ impl IngestMetrics {
             group: GroupMetrics::new(registry)?,
         };
         registry.register(Box::new(m.refused.clone()))?;
+        registry.register(Box::new(m.closed.clone()))?;
         registry.register(Box::new(m.agents_connected.clone()))?;
         registry.register(Box::new(m.connections_accepted.clone()))?;
         registry.register(Box::new(m.batches_stored.clone()))?;
@@ -264,6 +313,109 @@ impl IngestMetrics {
     /// Counts a refusal under its stable reason code.
     pub fn refuse(&self, reason: &str) {
         self.refused.with_label_values(&[reason]).inc();
+    }
+}
+
+/// Why the collector closes a connection on its own. Every such close goes through one
+/// place, which counts it under `razar_collector_connections_closed_total{reason}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum CloseReason {
+    /// No stream (no `Hello`) within `hello_timeout`.
+    HelloTimeout,
+    /// The certificate names no host.
+    NoIdentity,
+    /// A newer connection of the same host was welcomed.
+    Superseded,
+    /// The certificate is revoked by a reloaded CRL.
+    Revoked,
+    /// The session refused the agent; the protocol's refusal code.
+    Refused(&'static str),
+    /// Nothing heard within the heartbeat grace.
+    PeerLost,
+    /// The heartbeat grace ran out in the middle of a frame (a peer trickling bytes).
+    PartialFrame,
+    /// The peer did not take its replies within `reply_stall_timeout`.
+    SlowReader,
+    /// The agent finished its stream; everything received was committed.
+    StreamFinished,
+    /// The collector is shutting down; everything received was committed.
+    Shutdown,
+}
+
+impl CloseReason {
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            CloseReason::HelloTimeout => "hello_timeout",
+            CloseReason::NoIdentity => "no_identity",
+            CloseReason::Superseded => "superseded",
+            CloseReason::Revoked => "revoked",
+            CloseReason::Refused(code) => code,
+            CloseReason::PeerLost => "peer_lost",
+            CloseReason::PartialFrame => "partial_frame",
+            CloseReason::SlowReader => "slow_reader",
+            CloseReason::StreamFinished => "stream_finished",
+            CloseReason::Shutdown => "shutdown",
+        }
+    }
+
+    /// The application close code the peer receives.
+    pub fn code(self) -> u32 {
+        match self {
+            CloseReason::PeerLost | CloseReason::PartialFrame => close_code::PEER_LOST,
+            CloseReason::StreamFinished | CloseReason::Shutdown => close_code::SHUTDOWN,
+            _ => close_code::REFUSED,
+        }
+    }
+
+    /// The close reason the peer receives (a refusal's code under `REFUSED`).
+    fn message(self) -> &'static [u8] {
+        match self {
+            CloseReason::PeerLost => b"no heartbeat within the grace",
+            CloseReason::PartialFrame => b"partial frame past the grace",
+            CloseReason::StreamFinished | CloseReason::Shutdown => b"collector shutting down",
+            other => other.label().as_bytes(),
+        }
+    }
+}
+
+/// One log line per key per interval: the first occurrence is logged, later ones within
+/// the interval are only counted and reported with the next line. Keys are static (a
+/// bounded set), so the map stays small.
+#[derive(Debug)]
+pub(crate) struct LogLimiter {
+    interval: Duration,
+    last: HashMap<&'static str, (Instant, u64)>,
+}
+
+impl LogLimiter {
+    pub(crate) fn new(interval: Duration) -> LogLimiter {
+        LogLimiter {
+            interval,
+            last: HashMap::new(),
+        }
+    }
+
+    /// `Some(suppressed)` when a line for `key` may be logged at `now` (with how many
+    /// were left out since the previous line), `None` when it is left out.
+    pub(crate) fn admit(&mut self, key: &'static str, now: Instant) -> Option<u64> {
+        match self.last.get_mut(key) {
+            Some((at, suppressed)) if now.saturating_duration_since(*at) < self.interval => {
+                *suppressed += 1;
+                None
+            }
+            Some((at, suppressed)) => {
+                let left_out = *suppressed;
+                *at = now;
+                *suppressed = 0;
+                Some(left_out)
+            }
+            None => {
+                self.last.insert(key, (now, 0));
+                Some(0)
+            }
+        }
     }
 }
 
@@ -298,12 +450,36 @@ pub(crate) struct Shared {
     pub writer: GroupWriter,
     connections: Mutex<Connections>,
     next_id: AtomicU64,
+    log_limiter: Mutex<LogLimiter>,
 }
 
 impl Shared {
     fn connections(&self) -> MutexGuard<'_, Connections> {
         // Plain maps; a panic elsewhere cannot leave them half-updated.
         self.connections.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Closes `conn` for `reason` and counts it: the one place the collector closes a
+    /// connection on its own. A connection already closed (by either side) is left as
+    /// it is and not counted again.
+    pub(crate) fn close(&self, conn: &quinn::Connection, reason: CloseReason) {
+        if conn.close_reason().is_some() {
+            return;
+        }
+        conn.close(reason.code().into(), reason.message());
+        self.metrics
+            .closed
+            .with_label_values(&[reason.label()])
+            .inc();
+    }
+
+    /// Whether a line about `kind` may be logged now (see [`LogLimiter`]); `Some` holds
+    /// how many were left out since the last one.
+    pub(crate) fn admit_log(&self, kind: &'static str) -> Option<u64> {
+        self.log_limiter
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .admit(kind, Instant::now())
     }
 
     /// Registers a connection still in its handshake; returns its id.
@@ -331,25 +507,27 @@ impl Shared {
     /// Connection `id` was welcomed: it now owns its host, and an older connection of
     /// the same host is closed as superseded.
     pub(crate) fn take_ownership(&self, id: u64) {
-        let mut c = self.connections();
-        let Some(host) = c.by_id.get_mut(&id).map(|l| {
-            l.welcomed = true;
-            l.host.clone()
-        }) else {
-            return;
+        let superseded = {
+            let mut c = self.connections();
+            let Some(host) = c.by_id.get_mut(&id).map(|l| {
+                l.welcomed = true;
+                l.host.clone()
+            }) else {
+                return;
+            };
+            let previous = match c.owner.insert(host.clone(), id) {
+                Some(old) if old != id => c.by_id.get(&old).map(|p| (host, p.conn.clone())),
+                _ => None,
+            };
+            self.metrics.agents_connected.set(c.owner.len() as i64);
+            previous
         };
-        if let Some(old) = c.owner.insert(host.clone(), id) {
-            if old != id {
-                if let Some(previous) = c.by_id.get(&old) {
-                    tracing::info!(host = %host, "newer connection supersedes the older one");
-                    previous
-                        .conn
-                        .close(close_code::REFUSED.into(), b"superseded");
-                    self.metrics.refuse("superseded");
-                }
-            }
+        // Found under the lock, closed outside it.
+        if let Some((host, previous)) = superseded {
+            tracing::info!(host = %host, "newer connection supersedes the older one");
+            self.close(&previous, CloseReason::Superseded);
+            self.metrics.refuse("superseded");
         }
-        self.metrics.agents_connected.set(c.owner.len() as i64);
     }
 
     /// Connection `id` ended.
@@ -409,6 +587,11 @@ impl Collector {
                 "batch limits and db_writers must be at least 1",
             ));
         }
+        if config.max_pending_reply_bytes == 0 || config.reply_stall_timeout.is_zero() {
+            return Err(ServerError::Invalid(
+                "max_pending_reply_bytes and reply_stall_timeout must be above zero",
+            ));
+        }
         let group = config.group;
         if group.writers == 0 || group.max_samples == 0 || group.max_hosts == 0 || group.queue == 0
         {
@@ -459,6 +642,7 @@ impl Collector {
             metrics,
             connections: Mutex::new(Connections::default()),
             next_id: AtomicU64::new(1),
+            log_limiter: Mutex::new(LogLimiter::new(config.refusal_log_interval)),
             config,
         });
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -540,6 +724,9 @@ impl Collector {
     /// Installs a new TLS config (new certificate, new CRLs) for new connections, and
     /// closes open connections whose certificate serial is listed in `crls`. Healthy
     /// connections stay up. Returns how many were closed.
+    ///
+    /// Build `tls` with the tracker in [`IngestConfig::refusals`]
+    /// (`tls::server_config_from_files_tracked`) to keep typed refusal reasons.
     pub fn reload_tls(
         &self,
         tls: Arc<rustls::ServerConfig>,
@@ -551,26 +738,39 @@ impl Collector {
             self.shared.config.idle_timeout,
         )?;
         self.endpoint.set_server_config(Some(config));
-        let c = self.shared.connections();
-        let mut closed = 0;
-        for live in c.by_id.values() {
-            let revoked = crls
-                .iter()
-                .any(|crl| tls::is_revoked(crl.as_ref(), &live.serial).unwrap_or(false));
-            if revoked {
-                tracing::warn!(host = %live.host, serial = %live.serial, "certificate revoked: closing its connection");
-                live.conn.close(close_code::REFUSED.into(), b"revoked");
-                self.shared.metrics.refuse("revoked");
-                closed += 1;
+        // Each CRL is parsed once; every connection is then one lookup.
+        let mut revoked = HashSet::new();
+        for crl in crls {
+            match tls::revoked_serials(crl.as_ref()) {
+                Ok(serials) => revoked.extend(serials),
+                // The verifier just accepted it, so this is not expected.
+                Err(error) => tracing::error!(%error, "cannot list the serials of a CRL"),
             }
         }
-        Ok(closed)
+        let to_close: Vec<(String, String, quinn::Connection)> = if revoked.is_empty() {
+            Vec::new()
+        } else {
+            self.shared
+                .connections()
+                .by_id
+                .values()
+                .filter(|live| revoked.contains(&live.serial))
+                .map(|live| (live.host.clone(), live.serial.clone(), live.conn.clone()))
+                .collect()
+        };
+        // Found under the lock, closed outside it.
+        for (host, serial, conn) in &to_close {
+            tracing::warn!(host = %host, serial = %serial, "certificate revoked: closing its connection");
+            self.shared.close(conn, CloseReason::Revoked);
+            self.shared.metrics.refuse("revoked");
+        }
+        Ok(to_close.len())
     }
 
     /// [`reload_tls`](Self::reload_tls) from files (what SIGHUP does). Nothing changes
     /// if any file fails to load.
     pub fn reload_tls_files(&self, files: &ServerTlsFiles) -> Result<usize, ServerError> {
-        let config = tls::server_config_from_files(files)?;
+        let config = tls::server_config_from_files_tracked(files, &self.shared.config.refusals)?;
         let crls = files
             .crls
             .iter()
@@ -668,15 +868,20 @@ async fn accept_loop(
             let conn = match incoming.await {
                 Ok(conn) => conn,
                 Err(e) => {
-                    let reason = handshake_refusal(&e);
-                    tracing::info!(remote = %remote, reason, error = %e, "agent handshake refused");
+                    let reason = handshake_refusal(&e, &shared.config.refusals).code();
                     shared.metrics.refuse(reason);
+                    // Unauthenticated: one line per kind per interval, never one per peer.
+                    if let Some(left_out) = shared.admit_log(reason) {
+                        tracing::info!(remote = %remote, reason, error = %e, similar_left_out = left_out, "agent handshake refused");
+                    }
                     return;
                 }
             };
             let Some((host, serial)) = identity(&conn) else {
-                tracing::warn!(remote = %remote, "client certificate names no host; closing");
-                conn.close(close_code::REFUSED.into(), b"no_identity");
+                if let Some(left_out) = shared.admit_log("no_identity") {
+                    tracing::warn!(remote = %remote, similar_left_out = left_out, "client certificate names no host; closing");
+                }
+                shared.close(&conn, CloseReason::NoIdentity);
                 shared.metrics.refuse("no_identity");
                 return;
             };
@@ -699,24 +904,32 @@ fn identity(conn: &quinn::Connection) -> Option<(String, String)> {
     Some((host, serial))
 }
 
-/// A stable reason code for a failed handshake (the metric label).
-pub fn handshake_refusal(e: &quinn::ConnectionError) -> &'static str {
-    let text = e.to_string();
-    let has = |needle: &str| text.contains(needle);
-    if matches!(e, quinn::ConnectionError::TimedOut) {
-        "handshake_timeout"
-    } else if has("Revoked") {
-        "certificate_revoked"
-    } else if has("Expired") {
-        "certificate_expired"
-    } else if has("UnknownIssuer") || has("BadSignature") {
-        "unknown_issuer"
-    } else if has("NoCertificatesPresented") || has("no certificates") {
-        "no_client_certificate"
-    } else if has("ALPN") || has("application protocol") || has("NoApplicationProtocol") {
-        "alpn_mismatch"
+/// Why a handshake failed, from its typed parts, never its text: a timeout, or the TLS
+/// alert this side sent (quinn closes with `0x100 + alert`), refined by the typed error
+/// the certificate verifier recorded in `refusals` (an expired certificate and one not
+/// yet valid send the same alert).
+pub fn handshake_refusal(
+    e: &quinn::ConnectionError,
+    refusals: &HandshakeRefusals,
+) -> HandshakeRefusal {
+    match e {
+        quinn::ConnectionError::TimedOut => HandshakeRefusal::HandshakeTimeout,
+        quinn::ConnectionError::TransportError(error) => match tls_alert(error.code.into()) {
+            Some(alert) => refusals.classify(alert),
+            None => HandshakeRefusal::HandshakeFailed,
+        },
+        // The peer gave up on us (e.g. it does not trust the collector's certificate):
+        // nothing of ours to refine.
+        _ => HandshakeRefusal::HandshakeFailed,
+    }
+}
+
+/// The TLS alert carried by a QUIC transport error code (`0x100..0x200`).
+fn tls_alert(code: u64) -> Option<u8> {
+    if (0x100..0x200).contains(&code) {
+        u8::try_from(code - 0x100).ok()
     } else {
-        "handshake_failed"
+        None
     }
 }
 
@@ -747,5 +960,91 @@ fn enlarge_socket_buffers(socket: &std::net::UdpSocket) {
         ),
         Ok(got) => tracing::debug!(bytes = got, "QUIC socket receive buffer"),
         Err(_) => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_limiter_logs_each_kind_once_per_interval_and_counts_the_rest() {
+        let start = Instant::now();
+        let mut limiter = LogLimiter::new(Duration::from_secs(10));
+        assert_eq!(limiter.admit("certificate_expired", start), Some(0));
+        for i in 1..1_000u64 {
+            let at = start + Duration::from_millis(i);
+            assert_eq!(limiter.admit("certificate_expired", at), None);
+        }
+        // Another kind has its own line.
+        assert_eq!(limiter.admit("alpn_mismatch", start), Some(0));
+        // The next interval logs again, with what was left out.
+        let later = start + Duration::from_secs(10);
+        assert_eq!(limiter.admit("certificate_expired", later), Some(999));
+        assert_eq!(limiter.admit("certificate_expired", later), None);
+        assert_eq!(
+            limiter.admit("certificate_expired", later + Duration::from_secs(10)),
+            Some(1)
+        );
+    }
+
+    #[test]
+    fn close_reasons_have_distinct_labels_and_the_agents_codes() {
+        let all = [
+            CloseReason::HelloTimeout,
+            CloseReason::NoIdentity,
+            CloseReason::Superseded,
+            CloseReason::Revoked,
+            CloseReason::Refused("host_id_mismatch"),
+            CloseReason::PeerLost,
+            CloseReason::PartialFrame,
+            CloseReason::SlowReader,
+            CloseReason::StreamFinished,
+            CloseReason::Shutdown,
+        ];
+        let labels: HashSet<&str> = all.iter().map(|r| r.label()).collect();
+        assert_eq!(labels.len(), all.len());
+        assert_eq!(CloseReason::SlowReader.code(), close_code::REFUSED);
+        assert_eq!(CloseReason::SlowReader.message(), b"slow_reader");
+        assert_eq!(
+            CloseReason::Refused("host_id_mismatch").message(),
+            b"host_id_mismatch"
+        );
+        assert_eq!(CloseReason::PartialFrame.code(), close_code::PEER_LOST);
+        assert_eq!(CloseReason::Shutdown.code(), close_code::SHUTDOWN);
+    }
+
+    #[test]
+    fn handshake_refusals_come_from_the_alert_refined_by_the_typed_error() {
+        let refusals = HandshakeRefusals::default();
+        let crypto = |alert: u8| {
+            quinn::ConnectionError::TransportError(quinn_proto::TransportError {
+                code: quinn_proto::TransportErrorCode::crypto(alert),
+                frame: None,
+                reason: "wording that changes between releases".into(),
+            })
+        };
+        // certificate_expired (45) stands for both; the verifier's record tells them apart.
+        refusals.record(45, HandshakeRefusal::CertificateNotYetValid);
+        assert_eq!(
+            handshake_refusal(&crypto(45), &refusals),
+            HandshakeRefusal::CertificateNotYetValid
+        );
+        assert_eq!(
+            handshake_refusal(&crypto(45), &refusals),
+            HandshakeRefusal::CertificateExpired
+        );
+        assert_eq!(
+            handshake_refusal(&crypto(120), &refusals),
+            HandshakeRefusal::AlpnMismatch
+        );
+        assert_eq!(
+            handshake_refusal(&crypto(116), &refusals),
+            HandshakeRefusal::NoClientCertificate
+        );
+        assert_eq!(
+            handshake_refusal(&quinn::ConnectionError::TimedOut, &refusals),
+            HandshakeRefusal::HandshakeTimeout
+        );
     }
 }

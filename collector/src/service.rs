@@ -77,7 +77,11 @@ impl Service {
     pub async fn start(config: CollectorConfig) -> Result<Service, ServiceError> {
         razar_shared::tls::install_crypto_provider();
         // TLS first: a bad certificate refuses start before anything runs.
-        let tls = razar_shared::tls::server_config_from_files(&tls_files(&config))?;
+        // The verifier records typed refusals (expired vs not yet valid, ...) for the
+        // ingest server's counters.
+        let refusals = razar_shared::tls::HandshakeRefusals::default();
+        let tls =
+            razar_shared::tls::server_config_from_files_tracked(&tls_files(&config), &refusals)?;
         let crls = tls_files(&config)
             .crls
             .iter()
@@ -116,7 +120,7 @@ impl Service {
             }
         });
         // The API answers from here on: stop it if the rest fails.
-        let started = Self::start_serving(config, tls, crls, &registry, &api_state, &stop_rx).await;
+        let started = Self::start_serving(config, (tls, refusals), crls, &registry, &api_state, &stop_rx).await;
         match started {
             Ok(Serving {
                 config,
@@ -153,7 +157,7 @@ impl Service {
     /// The database (retried while unreachable), the QUIC server and maintenance.
     async fn start_serving(
         config: CollectorConfig,
-        tls: rustls::ServerConfig,
+        (tls, refusals): (rustls::ServerConfig, razar_shared::tls::HandshakeRefusals),
         crls: Vec<rustls::pki_types::CertificateRevocationListDer<'static>>,
         registry: &prometheus::Registry,
         api: &ApiState,
@@ -175,6 +179,7 @@ impl Service {
         let store = store.with_rules(config.ingest_rules());
         store.register_metrics(registry)?;
         let mut ingest = IngestConfig::new(config.quic_listen, Arc::new(tls), crls);
+        ingest.refusals = refusals;
         ingest.group.writers = config.ingest_writers.get() as usize;
         ingest.group.copy_slots = config.ingest_copy_slots.get() as usize;
         ingest.session = SessionConfig {

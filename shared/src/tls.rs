@@ -18,16 +18,30 @@
 //!
 //! **CRL reload:** CRLs are fixed when the verifier is built. Build a new server config and
 //! hand it to `Endpoint::set_server_config`; it applies to new connections only, so close
-//! open connections whose certificate is now revoked yourself ([`is_revoked`] helps).
+//! open connections whose certificate is now revoked yourself ([`revoked_serials`] parses
+//! a CRL once into a set of serials).
+//!
+//! **Refusal reasons:** [`HandshakeRefusal`] classifies a refused handshake from rustls'
+//! typed errors. The collector builds its config with [`server_config_from_files_tracked`],
+//! whose verifier records each certificate it refuses in a [`HandshakeRefusals`]: quinn
+//! only reports the TLS alert, and an expired certificate and one not yet valid send the
+//! same one.
 
 use crate::protocol::{RefusalReason, ALPN};
+use rustls::client::danger::HandshakeSignatureValid;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::UnixTime;
 use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::WebPkiClientVerifier;
-use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use rustls::{
+    AlertDescription, CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName,
+    RootCertStore, ServerConfig, SignatureScheme,
+};
+use std::collections::{HashSet, VecDeque};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use x509_parser::certificate::X509Certificate;
 use x509_parser::extensions::GeneralName;
@@ -111,7 +125,22 @@ pub fn server_config(
     let roots = root_store(ca_pem, "CA certificate")?;
     let chain = certificates(cert_chain_pem, "certificate chain")?;
     let key = private_key(key_pem, "private key")?;
-    build_server_config(roots, chain, key, crls, "certificate chain")
+    build_server_config(roots, chain, key, crls, "certificate chain", None)
+}
+
+/// [`server_config`] whose client certificate verifier records each certificate it
+/// refuses, typed, in `refusals` (see [`HandshakeRefusals`]).
+pub fn server_config_tracked(
+    ca_pem: &[u8],
+    cert_chain_pem: &[u8],
+    key_pem: &[u8],
+    crls: Vec<CertificateRevocationListDer<'static>>,
+    refusals: &HandshakeRefusals,
+) -> Result<ServerConfig, TlsError> {
+    let roots = root_store(ca_pem, "CA certificate")?;
+    let chain = certificates(cert_chain_pem, "certificate chain")?;
+    let key = private_key(key_pem, "private key")?;
+    build_server_config(roots, chain, key, crls, "certificate chain", Some(refusals))
 }
 
 /// The agent's client config: trusts only the fleet CA in `ca_pem`, presents
@@ -154,6 +183,22 @@ pub struct ClientTlsFiles {
 /// [`server_config`] from files; every error names the file at fault. Call again (and
 /// `Endpoint::set_server_config`) to pick up a new certificate or CRL.
 pub fn server_config_from_files(files: &ServerTlsFiles) -> Result<ServerConfig, TlsError> {
+    server_config_from_files_inner(files, None)
+}
+
+/// [`server_config_from_files`] whose client certificate verifier records each
+/// certificate it refuses, typed, in `refusals` (see [`HandshakeRefusals`]).
+pub fn server_config_from_files_tracked(
+    files: &ServerTlsFiles,
+    refusals: &HandshakeRefusals,
+) -> Result<ServerConfig, TlsError> {
+    server_config_from_files_inner(files, Some(refusals))
+}
+
+fn server_config_from_files_inner(
+    files: &ServerTlsFiles,
+    refusals: Option<&HandshakeRefusals>,
+) -> Result<ServerConfig, TlsError> {
     let roots = root_store(&read_file(&files.ca)?, &display(&files.ca))?;
     let chain = certificates(&read_file(&files.cert)?, &display(&files.cert))?;
     let key = private_key(&read_file(&files.key)?, &display(&files.key))?;
@@ -162,7 +207,7 @@ pub fn server_config_from_files(files: &ServerTlsFiles) -> Result<ServerConfig, 
         .iter()
         .map(|path| load_crl_file(path))
         .collect::<Result<Vec<_>, _>>()?;
-    build_server_config(roots, chain, key, crls, &display(&files.cert))
+    build_server_config(roots, chain, key, crls, &display(&files.cert), refusals)
 }
 
 /// [`client_config`] from files; every error names the file at fault.
@@ -179,10 +224,17 @@ fn build_server_config(
     key: PrivateKeyDer<'static>,
     crls: Vec<CertificateRevocationListDer<'static>>,
     what: &str,
+    refusals: Option<&HandshakeRefusals>,
 ) -> Result<ServerConfig, TlsError> {
-    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+    let mut verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
         .with_crls(crls)
         .build()?;
+    if let Some(refusals) = refusals {
+        verifier = Arc::new(TrackingVerifier {
+            inner: verifier,
+            refusals: refusals.clone(),
+        });
+    }
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|source| TlsError::Rustls {
@@ -404,12 +456,252 @@ pub fn certificate_not_after(der: &[u8]) -> Result<SystemTime, TlsError> {
 /// it after a CRL reload to close connections whose certificate is now revoked. The CRL's
 /// signature is not checked here: pass only CRLs the verifier has accepted.
 pub fn is_revoked(crl_der: &[u8], serial_hex_value: &str) -> Result<bool, TlsError> {
+    Ok(revoked_serials(crl_der)?.contains(serial_hex_value))
+}
+
+/// Every serial the CRL (DER) lists, as [`certificate_serial_hex`] prints them: parse a
+/// CRL once, then look up each open connection's serial. Like [`is_revoked`], the CRL's
+/// signature is not checked here.
+pub fn revoked_serials(crl_der: &[u8]) -> Result<HashSet<String>, TlsError> {
     let (_, crl) = x509_parser::revocation_list::CertificateRevocationList::from_der(crl_der)
         .map_err(|e| TlsError::Certificate(format!("CRL does not parse: {e}")))?;
-    let listed = crl
+    Ok(crl
         .iter_revoked_certificates()
-        .any(|revoked| serial_hex(revoked.raw_serial()) == serial_hex_value);
-    Ok(listed)
+        .map(|revoked| serial_hex(revoked.raw_serial()))
+        .collect())
+}
+
+/// Why a TLS handshake was refused, from rustls' typed errors (or, where only the alert
+/// reached the caller, from the TLS alert code), never from message text: rustls rewords
+/// its messages between releases. [`code`](Self::code) is the stable metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[non_exhaustive]
+pub enum HandshakeRefusal {
+    /// The client presented no certificate.
+    NoClientCertificate,
+    /// The client certificate's `notAfter` has passed.
+    CertificateExpired,
+    /// The client certificate's `notBefore` is still ahead (or the peer's clock is).
+    CertificateNotYetValid,
+    /// The client certificate is listed in a CRL.
+    CertificateRevoked,
+    /// The client certificate does not chain to the fleet CA (unknown issuer, or a
+    /// signature that the fleet CA did not make).
+    UnknownIssuer,
+    /// The revocation status could not be decided (no CRL covers the issuer, or the CRL
+    /// expired where expiry is enforced).
+    RevocationUnknown,
+    /// The certificate is not for client authentication (EKU).
+    WrongPurpose,
+    /// Any other certificate problem (bad encoding, unhandled critical extension, ...).
+    BadCertificate,
+    /// No protocol in common (ALPN).
+    AlpnMismatch,
+    /// The peer offered nothing this side accepts (TLS version, cipher suites, ...).
+    Incompatible,
+    /// The handshake did not finish in time.
+    HandshakeTimeout,
+    /// Anything else.
+    HandshakeFailed,
+}
+
+impl HandshakeRefusal {
+    /// Stable code, used as the metric label.
+    pub fn code(self) -> &'static str {
+        match self {
+            HandshakeRefusal::NoClientCertificate => "no_client_certificate",
+            HandshakeRefusal::CertificateExpired => "certificate_expired",
+            HandshakeRefusal::CertificateNotYetValid => "certificate_not_yet_valid",
+            HandshakeRefusal::CertificateRevoked => "certificate_revoked",
+            HandshakeRefusal::UnknownIssuer => "unknown_issuer",
+            HandshakeRefusal::RevocationUnknown => "revocation_status_unknown",
+            HandshakeRefusal::WrongPurpose => "certificate_wrong_purpose",
+            HandshakeRefusal::BadCertificate => "bad_certificate",
+            HandshakeRefusal::AlpnMismatch => "alpn_mismatch",
+            HandshakeRefusal::Incompatible => "tls_incompatible",
+            HandshakeRefusal::HandshakeTimeout => "handshake_timeout",
+            HandshakeRefusal::HandshakeFailed => "handshake_failed",
+        }
+    }
+
+    /// The refusal a rustls error stands for.
+    pub fn from_error(error: &rustls::Error) -> HandshakeRefusal {
+        match error {
+            rustls::Error::InvalidCertificate(e) => Self::from_certificate_error(e),
+            rustls::Error::NoCertificatesPresented => HandshakeRefusal::NoClientCertificate,
+            rustls::Error::NoApplicationProtocol => HandshakeRefusal::AlpnMismatch,
+            rustls::Error::PeerIncompatible(_) => HandshakeRefusal::Incompatible,
+            _ => HandshakeRefusal::HandshakeFailed,
+        }
+    }
+
+    /// The refusal a certificate error stands for.
+    pub fn from_certificate_error(error: &CertificateError) -> HandshakeRefusal {
+        #[allow(deprecated)] // BadSignature is still what webpki reports.
+        match error {
+            CertificateError::Expired | CertificateError::ExpiredContext { .. } => {
+                HandshakeRefusal::CertificateExpired
+            }
+            CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
+                HandshakeRefusal::CertificateNotYetValid
+            }
+            CertificateError::Revoked => HandshakeRefusal::CertificateRevoked,
+            CertificateError::UnknownIssuer
+            | CertificateError::BadSignature
+            | CertificateError::UnsupportedSignatureAlgorithm
+            | CertificateError::UnsupportedSignatureAlgorithmContext { .. }
+            | CertificateError::UnsupportedSignatureAlgorithmForPublicKeyContext { .. } => {
+                HandshakeRefusal::UnknownIssuer
+            }
+            CertificateError::UnknownRevocationStatus
+            | CertificateError::ExpiredRevocationList
+            | CertificateError::ExpiredRevocationListContext { .. } => {
+                HandshakeRefusal::RevocationUnknown
+            }
+            CertificateError::InvalidPurpose | CertificateError::InvalidPurposeContext { .. } => {
+                HandshakeRefusal::WrongPurpose
+            }
+            _ => HandshakeRefusal::BadCertificate,
+        }
+    }
+
+    /// The refusal a TLS alert code (RFC 8446 §6; a QUIC close carries `0x100 + alert`)
+    /// stands for, where the typed error is out of reach. `certificate_expired` covers
+    /// "not yet valid" too there: only the typed error tells them apart.
+    pub fn from_alert(alert: u8) -> HandshakeRefusal {
+        match AlertDescription::from(alert) {
+            AlertDescription::CertificateRequired => HandshakeRefusal::NoClientCertificate,
+            AlertDescription::CertificateExpired => HandshakeRefusal::CertificateExpired,
+            AlertDescription::CertificateRevoked => HandshakeRefusal::CertificateRevoked,
+            AlertDescription::UnknownCA | AlertDescription::DecryptError => {
+                HandshakeRefusal::UnknownIssuer
+            }
+            AlertDescription::UnsupportedCertificate => HandshakeRefusal::WrongPurpose,
+            AlertDescription::BadCertificate | AlertDescription::CertificateUnknown => {
+                HandshakeRefusal::BadCertificate
+            }
+            AlertDescription::NoApplicationProtocol => HandshakeRefusal::AlpnMismatch,
+            AlertDescription::ProtocolVersion | AlertDescription::InsufficientSecurity => {
+                HandshakeRefusal::Incompatible
+            }
+            _ => HandshakeRefusal::HandshakeFailed,
+        }
+    }
+}
+
+/// Most refusals a [`HandshakeRefusals`] holds before it forgets the oldest.
+const MAX_TRACKED_REFUSALS: usize = 256;
+
+/// Typed refusals recorded by the client certificate verifier of a server config built
+/// with [`server_config_tracked`] or [`server_config_from_files_tracked`], each with the
+/// TLS alert it caused, so the accept loop, which only sees the alert in quinn's
+/// connection error, can tell an expired certificate from one not yet valid (both
+/// `certificate_expired` on the wire). Bounded: past [`MAX_TRACKED_REFUSALS`] the oldest
+/// is forgotten (the caller then falls back to [`HandshakeRefusal::from_alert`]).
+#[derive(Debug, Clone, Default)]
+pub struct HandshakeRefusals {
+    recent: Arc<Mutex<VecDeque<(u8, HandshakeRefusal)>>>,
+}
+
+impl HandshakeRefusals {
+    fn recent(&self) -> std::sync::MutexGuard<'_, VecDeque<(u8, HandshakeRefusal)>> {
+        // A plain queue: a panic elsewhere cannot leave it half-updated.
+        self.recent.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records a refusal and the alert it sends.
+    pub fn record(&self, alert: u8, refusal: HandshakeRefusal) {
+        let mut recent = self.recent();
+        if recent.len() >= MAX_TRACKED_REFUSALS {
+            recent.pop_front();
+        }
+        recent.push_back((alert, refusal));
+    }
+
+    /// Takes the oldest refusal recorded with `alert`, if any.
+    pub fn take(&self, alert: u8) -> Option<HandshakeRefusal> {
+        let mut recent = self.recent();
+        let at = recent.iter().position(|(a, _)| *a == alert)?;
+        recent.remove(at).map(|(_, refusal)| refusal)
+    }
+
+    /// The refusal behind a handshake that failed with `alert`: the typed one the
+    /// verifier recorded, else the alert's meaning.
+    pub fn classify(&self, alert: u8) -> HandshakeRefusal {
+        self.take(alert)
+            .unwrap_or_else(|| HandshakeRefusal::from_alert(alert))
+    }
+}
+
+/// The fleet's client certificate verifier, recording what it refuses.
+#[derive(Debug)]
+struct TrackingVerifier {
+    inner: Arc<dyn ClientCertVerifier>,
+    refusals: HandshakeRefusals,
+}
+
+impl TrackingVerifier {
+    fn observe<T>(&self, result: Result<T, rustls::Error>) -> Result<T, rustls::Error> {
+        if let Err(rustls::Error::InvalidCertificate(e)) = &result {
+            // The alert rustls sends for this error (`send_cert_verify_error_alert`).
+            let alert = u8::from(AlertDescription::from(e.clone()));
+            self.refusals
+                .record(alert, HandshakeRefusal::from_certificate_error(e));
+        }
+        result
+    }
+}
+
+impl ClientCertVerifier for TrackingVerifier {
+    fn offer_client_auth(&self) -> bool {
+        self.inner.offer_client_auth()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.inner.client_auth_mandatory()
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.observe(
+            self.inner
+                .verify_client_cert(end_entity, intermediates, now),
+        )
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.observe(self.inner.verify_tls12_signature(message, cert, dss))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.observe(self.inner.verify_tls13_signature(message, cert, dss))
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+
+    fn requires_raw_public_keys(&self) -> bool {
+        self.inner.requires_raw_public_keys()
+    }
 }
 
 /// Checks a `Hello`'s claimed host id against the id in the client certificate; a mismatch
@@ -510,6 +802,84 @@ mod tests {
         assert_eq!(client.alpn_protocols, vec![ALPN.to_vec()]);
         assert!(!client.enable_early_data);
         assert!(client.client_auth_cert_resolver.has_certs());
+    }
+
+    #[test]
+    fn handshake_refusals_are_classified_by_type() {
+        use HandshakeRefusal as R;
+        let cases: Vec<(rustls::Error, HandshakeRefusal)> = vec![
+            (CertificateError::Expired.into(), R::CertificateExpired),
+            (
+                CertificateError::ExpiredContext {
+                    time: UnixTime::since_unix_epoch(Duration::from_secs(2)),
+                    not_after: UnixTime::since_unix_epoch(Duration::from_secs(1)),
+                }
+                .into(),
+                R::CertificateExpired,
+            ),
+            (
+                CertificateError::NotValidYet.into(),
+                R::CertificateNotYetValid,
+            ),
+            (
+                CertificateError::NotValidYetContext {
+                    time: UnixTime::since_unix_epoch(Duration::from_secs(1)),
+                    not_before: UnixTime::since_unix_epoch(Duration::from_secs(2)),
+                }
+                .into(),
+                R::CertificateNotYetValid,
+            ),
+            (CertificateError::Revoked.into(), R::CertificateRevoked),
+            (CertificateError::UnknownIssuer.into(), R::UnknownIssuer),
+            #[allow(deprecated)]
+            (CertificateError::BadSignature.into(), R::UnknownIssuer),
+            (
+                CertificateError::UnknownRevocationStatus.into(),
+                R::RevocationUnknown,
+            ),
+            (CertificateError::InvalidPurpose.into(), R::WrongPurpose),
+            (CertificateError::BadEncoding.into(), R::BadCertificate),
+            (
+                rustls::Error::NoCertificatesPresented,
+                R::NoClientCertificate,
+            ),
+            (rustls::Error::NoApplicationProtocol, R::AlpnMismatch),
+            (
+                rustls::Error::PeerIncompatible(rustls::PeerIncompatible::Tls13RequiredForQuic),
+                R::Incompatible,
+            ),
+            (rustls::Error::DecryptError, R::HandshakeFailed),
+        ];
+        for (error, expected) in cases {
+            assert_eq!(HandshakeRefusal::from_error(&error), expected, "{error:?}");
+        }
+        // Where only the alert is known.
+        assert_eq!(HandshakeRefusal::from_alert(45), R::CertificateExpired);
+        assert_eq!(HandshakeRefusal::from_alert(44), R::CertificateRevoked);
+        assert_eq!(HandshakeRefusal::from_alert(48), R::UnknownIssuer);
+        assert_eq!(HandshakeRefusal::from_alert(116), R::NoClientCertificate);
+        assert_eq!(HandshakeRefusal::from_alert(120), R::AlpnMismatch);
+        assert_eq!(HandshakeRefusal::from_alert(40), R::HandshakeFailed);
+    }
+
+    #[test]
+    fn tracked_refusals_refine_the_alert_oldest_first_and_stay_bounded() {
+        let refusals = HandshakeRefusals::default();
+        refusals.record(45, HandshakeRefusal::CertificateNotYetValid);
+        refusals.record(44, HandshakeRefusal::CertificateRevoked);
+        refusals.record(45, HandshakeRefusal::CertificateExpired);
+        assert_eq!(
+            refusals.classify(45),
+            HandshakeRefusal::CertificateNotYetValid
+        );
+        assert_eq!(refusals.classify(45), HandshakeRefusal::CertificateExpired);
+        // Nothing recorded any more: the alert alone.
+        assert_eq!(refusals.classify(45), HandshakeRefusal::CertificateExpired);
+        assert_eq!(refusals.classify(44), HandshakeRefusal::CertificateRevoked);
+        for _ in 0..10 * MAX_TRACKED_REFUSALS {
+            refusals.record(48, HandshakeRefusal::UnknownIssuer);
+        }
+        assert_eq!(refusals.recent().len(), MAX_TRACKED_REFUSALS);
     }
 
     #[test]
