@@ -639,7 +639,7 @@ impl Supervisor {
     async fn reload(&mut self, given: Option<Config>) -> Result<Vec<String>, AgentError> {
         let new = match given {
             Some(c) => Ok(c),
-            None => Config::load(&self.config.path),
+            None => Config::load_checked(&self.config.path),
         };
         let new = match new {
             Ok(c) => c,
