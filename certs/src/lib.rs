@@ -277,14 +277,18 @@ impl Ca {
                 reason: format!("not a CA certificate: {source}"),
             })?;
         let index = Index::load(dir)?;
-        Ok(Ca {
+        let mut ca = Ca {
             dir: dir.to_path_buf(),
             issuer,
             cert_pem,
             index,
             #[cfg(test)]
             fail_after: None,
-        })
+        };
+        // What `list` shows agrees with the published CRL even after an interrupted
+        // revoke (in memory; the next change saves it).
+        ca.adopt_published_revocations();
+        Ok(ca)
     }
 
     /// Takes the directory lock and re-reads the index, so a change made by another

@@ -19,6 +19,9 @@ Files in the CA directory (--dir, or $RAZAR_CA_DIR):
   index.json                       every issued certificate, its serial and revocation
 
 Private keys are created with mode 0600. Existing files are never overwritten without --force.
+Files are replaced atomically (temporary file, fsync, rename). A revocation is published in
+the CRL before the index records it; a revocation found in the CRL but not in the index
+(an interrupted revoke) is adopted by the next command that changes the CA.
 Exit codes: 0 success, 2 a mistake on the command line or in its input, 1 anything else.";
 
 /// The Razar fleet CA: issue, revoke and list certificates, publish the CRL.
@@ -51,7 +54,8 @@ enum Command {
         #[command(subcommand)]
         what: IssueCommand,
     },
-    /// Revoke a certificate by serial (hex) or certificate file, and write a new CRL.
+    /// Revoke a certificate by serial (hex) or certificate file, publishing a new CRL that
+    /// lists it before the index records it (an interrupted revoke: run it again).
     Revoke {
         /// A serial as printed by `issue` and `list`, or the path of a certificate (PEM).
         #[arg(value_name = "SERIAL|FILE")]

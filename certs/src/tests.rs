@@ -234,6 +234,11 @@ fn an_interrupted_revoke_never_leaves_the_crl_behind_the_index() {
         // A new process: `crl` adopts the published revocation and keeps it listed with a
         // CRL number past the published one.
         let mut again = Ca::load(&dir).expect("load");
+        let listed = again.entries().iter().find(|e| e.serial == gone.serial);
+        assert!(
+            listed.is_some_and(|e| e.revoked_at.is_some()),
+            "{step:?}: what `list` shows agrees with the published CRL"
+        );
         let crl = again.write_crl(hour).expect("crl");
         assert_eq!(crl.revoked, vec![gone.serial.clone()], "{step:?}");
         assert_eq!(crl.number, 3, "{step:?}: number 2 was published already");

@@ -200,7 +200,7 @@ fn agent_check_reports_every_problem_with_file_line_and_key_path() {
                 name: "key-of-another-certificate",
                 text: "[collector]\naddress = \"localhost:7443\"\nserver_name = \"localhost\"\n\
                        ca = \"{ca}\"\ncert = \"{cert}\"\nkey = \"{other_key}\"\n",
-                errors: &[(6, "collector.key", "")],
+                errors: &[(6, "collector.key", "KeyMismatch")],
             },
             Case {
                 name: "shape",
@@ -256,7 +256,13 @@ fn collector_check_reports_every_problem_with_file_line_and_key_path() {
             Case {
                 name: "key-of-another-certificate",
                 text: "[tls]\nca = \"{ca}\"\ncert = \"{cert}\"\nkey = \"{other_key}\"\n",
-                errors: &[(4, "tls.key", "")],
+                errors: &[(4, "tls.key", "KeyMismatch")],
+            },
+            Case {
+                name: "crl-the-verifier-refuses",
+                text:
+                    "[tls]\nca = \"{ca}\"\ncert = \"{cert}\"\nkey = \"{key}\"\ncrl = \"{junk}\"\n",
+                errors: &[(5, "tls.crl", "CRL could not be parsed")],
             },
             Case {
                 name: "shape",
@@ -315,8 +321,7 @@ fn wait(child: &mut Reaped, what: &str) -> ExitStatus {
 /// (what `| head -c` does). Returns what was read, the exit status and stderr.
 fn with_stdout_closed_after(mut command: Command, keep: usize) -> (Vec<u8>, ExitStatus, String) {
     // Close-on-exec: the child must hold no read end, or the pipe never closes for it.
-    let (read_end, write_end) =
-        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).expect("pipe");
+    let (read_end, write_end) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).expect("pipe");
     nix::fcntl::fcntl(&write_end, nix::fcntl::FcntlArg::F_SETPIPE_SZ(4096))
         .expect("shrink the pipe to one page");
     command
@@ -431,7 +436,10 @@ fn agent_status_into_a_closed_pipe_exits_zero() {
             "the agent exited: {}",
             std::fs::read_to_string(dir.path().join("agent.log")).unwrap_or_default()
         );
-        assert!(start.elapsed() < DEADLINE, "the agent never answered status");
+        assert!(
+            start.elapsed() < DEADLINE,
+            "the agent never answered status"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 

@@ -234,6 +234,12 @@ fn load_checked_opens_every_named_file() {
         "{errors:#?}"
     );
     assert!(errors[0].reason.contains("No such file"), "{errors:#?}");
-    assert!(errors[1].reason.contains("no CERTIFICATE block"), "{errors:#?}");
-    assert!(errors[2].reason.contains("no PRIVATE KEY block"), "{errors:#?}");
+    assert!(
+        errors[1].reason.contains("no CERTIFICATE block"),
+        "{errors:#?}"
+    );
+    assert!(
+        errors[2].reason.contains("no PRIVATE KEY block"),
+        "{errors:#?}"
+    );
 }
