@@ -592,6 +592,14 @@ mod tests {
     }
 
     #[test]
+    fn database_url_is_parsed_as_run_parses_it() {
+        check_err(
+            "[database]\nurl = \"postgres://db.example:99999/razar\"\n",
+            &[(2, "database.url", "not a valid URL")],
+        );
+    }
+
+    #[test]
     fn tls_keys_are_required_and_named() {
         check_err(
             "[tls]\nca = \"\"\ncert = \"c.pem\"\n",
