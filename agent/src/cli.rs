@@ -8,6 +8,7 @@
 
 use clap::{Parser, Subcommand};
 use http_body_util::{BodyExt, Full};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -158,18 +159,42 @@ pub async fn request(
         })?
 }
 
-/// Validates `path`; prints "ok" or every error. Returns the exit code (0 or 2).
+/// Standard output was closed by its reader (`razar-agent status | head -c 10`): the
+/// reader has what it wanted, so the command still succeeds.
+#[derive(Debug, thiserror::Error)]
+#[error("standard output closed")]
+pub struct StdoutClosed;
+
+/// Writes `text` to standard output; [`StdoutClosed`] when the reader went away.
+pub fn print(text: &str) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Err(StdoutClosed.into()),
+        Err(e) => Err(anyhow::Error::new(e).context("writing to standard output")),
+    }
+}
+
+/// Validates `path` as `run` would (values and the files it names); prints "ok" or
+/// every error. Returns the exit code (0 or 2).
 pub fn check(path: &Path) -> i32 {
-    match razar_agent::config::Config::load(path) {
+    match razar_agent::config::Config::load_checked(path) {
         Ok(config) => {
-            println!(
-                "ok: {} components ({} on profile `{}`), sha256 {}",
+            let text = format!(
+                "ok: {} components ({} on profile `{}`), sha256 {}\n",
                 config.components.len(),
                 config.active_components().count(),
                 config.agent.profile,
                 config.hash
             );
-            0
+            match print(&text) {
+                Ok(()) => 0,
+                Err(e) if e.is::<StdoutClosed>() => 0,
+                Err(e) => {
+                    eprintln!("razar-agent: {e:#}");
+                    1
+                }
+            }
         }
         Err(errors) => {
             eprintln!("{errors}");

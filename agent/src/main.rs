@@ -33,6 +33,8 @@ fn main() {
             };
             match runtime.block_on(dispatch(other)) {
                 Ok(code) => code,
+                // `razar-agent status | head -c 10`: the reader has what it wanted.
+                Err(e) if e.is::<cli::StdoutClosed>() => 0,
                 Err(e) => {
                     eprintln!("razar-agent: {e:#}");
                     1
@@ -51,12 +53,12 @@ async fn dispatch(command: Command) -> anyhow::Result<i32> {
             let socket = cli::resolve_socket(&target)?;
             let (status, body) = cli::request(&socket, "GET", "/health", None).await?;
             if json || status != 200 {
-                println!("{body}");
+                cli::print(&format!("{body}\n"))?;
                 return Ok(if status == 200 { 0 } else { 1 });
             }
             let health: Health = serde_json::from_str(&body).context("parsing /health")?;
-            println!(
-                "agent {} {}  uptime {}s  profile {}  config {}  collector {}",
+            let mut text = format!(
+                "agent {} {}  uptime {}s  profile {}  config {}  collector {}\n",
                 health.version,
                 health.status,
                 health.uptime_seconds,
@@ -65,22 +67,23 @@ async fn dispatch(command: Command) -> anyhow::Result<i32> {
                 health.collector
             );
             if let Some(why) = &health.gpu {
-                println!("GPU telemetry off: {why}");
+                text.push_str(&format!("GPU telemetry off: {why}\n"));
             }
-            println!(
-                "{:<24} {:<12} {:>8} {:>9}  reason",
+            text.push_str(&format!(
+                "{:<24} {:<12} {:>8} {:>9}  reason\n",
                 "COMPONENT", "STATE", "PID", "RESTARTS"
-            );
+            ));
             for c in health.components {
-                println!(
-                    "{:<24} {:<12} {:>8} {:>9}  {}",
+                text.push_str(&format!(
+                    "{:<24} {:<12} {:>8} {:>9}  {}\n",
                     c.name,
                     c.state.as_str(),
                     c.pid.map_or("-".to_owned(), |p| p.to_string()),
                     c.restarts,
                     c.reason
-                );
+                ));
             }
+            cli::print(&text)?;
             Ok(0)
         }
         Command::Start { component, target } => control(&target, &component, "start", None).await,
@@ -108,7 +111,7 @@ async fn dispatch(command: Command) -> anyhow::Result<i32> {
             let socket = cli::resolve_socket(&target)?;
             let (status, body) = cli::request(&socket, "POST", "/v1/reload", None).await?;
             if status == 200 {
-                println!("{body}");
+                cli::print(&format!("{body}\n"))?;
                 return Ok(0);
             }
             // The agent's answer carries the config errors (file, line, key, reason).
@@ -131,7 +134,7 @@ async fn control(
     let path = format!("/v1/components/{component}/{action}");
     let (status, body) = cli::request(&socket, "POST", &path, body).await?;
     if status == 200 {
-        println!("ok: {action} {component}");
+        cli::print(&format!("ok: {action} {component}\n"))?;
         Ok(0)
     } else {
         eprintln!("{body}");

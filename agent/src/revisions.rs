@@ -222,11 +222,11 @@ fn overlay(
     Config::parse(path, text.as_bytes())
 }
 
-/// Loads `path` and overlays the rollback pins under its data dir: a pin whose file spec
+/// Loads `path` as `run` uses it ([`Config::load_checked`]) and overlays the rollback pins under its data dir: a pin whose file spec
 /// changed since the rollback is removed (the file wins). Returns the config and a note
 /// per pin applied or dropped.
 pub fn load_effective(path: &Path) -> Result<(Config, Vec<String>), ConfigErrors> {
-    let file = Config::load(path)?;
+    let file = Config::load_checked(path)?;
     let dir = file.agent.data_dir.join(PINS_DIR);
     let Ok(entries) = std::fs::read_dir(&dir) else {
         return Ok((file, Vec::new()));

@@ -1,5 +1,6 @@
 //! File writing with explicit modes: keys are created 0600 (never chmod-ed afterwards),
-//! nothing is overwritten unless asked, replacements are atomic.
+//! nothing is overwritten unless asked, replacements are atomic and durable (temporary
+//! file, fsync, rename, fsync of the directory).
 
 use crate::CaError;
 use nix::fcntl::{Flock, FlockArg};
@@ -85,13 +86,28 @@ pub(crate) fn write(path: &Path, bytes: &[u8], mode: u32, replace: bool) -> Resu
             .map_err(io(&temp))?;
         file.write_all(bytes).map_err(io(&temp))?;
         file.sync_all().map_err(io(&temp))?;
-        std::fs::rename(&temp, path).map_err(io(path))
+        std::fs::rename(&temp, path).map_err(io(path))?;
+        sync_parent(path)
     })();
     if result.is_err() {
         // Best effort: the temporary file is garbage either way.
         let _ = std::fs::remove_file(&temp);
     }
     result
+}
+
+/// Syncs the directory holding `path`, so a rename into it is on disk before the next
+/// file is written (the CRL before the index that depends on it).
+fn sync_parent(path: &Path) -> Result<(), CaError> {
+    let Some(dir) = path.parent() else {
+        return Ok(());
+    };
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))
 }
 
 /// Name of the lock file inside the CA directory.

@@ -160,12 +160,22 @@ pub struct CrlWritten {
     pub next_update: SystemTime,
 }
 
+/// What [`Ca::revoke`] did: the revoked entry and the CRL published with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Revocation {
+    pub entry: Entry,
+    pub crl: CrlWritten,
+}
+
 /// The fleet CA, loaded from its directory.
 pub struct Ca {
     dir: PathBuf,
     issuer: Issuer<'static, KeyPair>,
     cert_pem: String,
     index: Index,
+    /// Tests: stop the next CRL publication after this step.
+    #[cfg(test)]
+    fail_after: Option<PublishStep>,
 }
 
 impl std::fmt::Debug for Ca {
@@ -241,6 +251,8 @@ impl Ca {
             issuer: Issuer::new(params, key),
             cert_pem,
             index,
+            #[cfg(test)]
+            fail_after: None,
         })
     }
 
@@ -265,20 +277,28 @@ impl Ca {
                 reason: format!("not a CA certificate: {source}"),
             })?;
         let index = Index::load(dir)?;
-        Ok(Ca {
+        let mut ca = Ca {
             dir: dir.to_path_buf(),
             issuer,
             cert_pem,
             index,
-        })
+            #[cfg(test)]
+            fail_after: None,
+        };
+        // What `list` shows agrees with the published CRL even after an interrupted
+        // revoke (in memory; the next change saves it).
+        ca.adopt_published_revocations();
+        Ok(ca)
     }
 
     /// Takes the directory lock and re-reads the index, so a change made by another
-    /// process since [`Ca::load`] is kept. Hold the guard until the index is saved.
-    fn lock(&mut self) -> Result<files::DirLock, CaError> {
+    /// process since [`Ca::load`] is kept, adopting revocations that a published CRL
+    /// lists but the index misses (returned). Hold the guard until the index is saved.
+    fn lock(&mut self) -> Result<(files::DirLock, Vec<String>), CaError> {
         let lock = files::lock_dir(&self.dir)?;
         self.index = Index::load(&self.dir)?;
-        Ok(lock)
+        let adopted = self.adopt_published_revocations();
+        Ok((lock, adopted))
     }
 
     /// The CA directory.
@@ -403,7 +423,7 @@ impl Ca {
                 reason: "notAfter must be later than notBefore".into(),
             });
         }
-        let _lock = self.lock()?;
+        let (_lock, _adopted) = self.lock()?;
         let cert_path = self.dir.join(&subject.cert_rel);
         let key_path = self.dir.join(&subject.key_rel);
         if !subject.options.force {
@@ -494,62 +514,74 @@ impl Ca {
         }
     }
 
-    /// Marks the certificate with this serial (hex, optional `0x`, `:` separators and
-    /// upper case accepted) revoked. Write a CRL afterwards ([`Ca::write_crl`]).
-    pub fn revoke(&mut self, serial: &str) -> Result<Entry, CaError> {
+    /// Revokes the certificate with this serial (hex, optional `0x`, `:` separators and
+    /// upper case accepted) and publishes a new CRL listing it, valid for `next_update`.
+    ///
+    /// The order makes an interruption at any point safe: the CRL (`crl.der`, then
+    /// `crl.pem`, each written to a temporary file, synced and renamed) is published
+    /// first, and only then does the index record the revocation. A revoke cut short
+    /// between the two leaves a CRL that already lists the serial; the next command that
+    /// changes the CA adopts it into the index (running `revoke` again completes it).
+    pub fn revoke(&mut self, serial: &str, next_update: Duration) -> Result<Revocation, CaError> {
         let wanted = normalize_serial(serial)?;
-        let _lock = self.lock()?;
-        let now = whole_seconds(OffsetDateTime::now_utc());
-        let entry = self
-            .index
+        let times = crl_times(next_update)?;
+        let (_lock, adopted) = self.lock()?;
+        let mut index = self.index.clone();
+        let entry = index
             .certificates
             .iter_mut()
             .find(|e| e.serial == wanted)
             .ok_or_else(|| CaError::UnknownSerial {
                 serial: wanted.clone(),
             })?;
-        if let Some(at) = entry.revoked_at {
-            return Err(CaError::AlreadyRevoked { serial: wanted, at });
+        match entry.revoked_at {
+            // Revoked by an interrupted `revoke` whose CRL was published: finish it.
+            Some(_) if adopted.contains(&wanted) => {}
+            Some(at) => return Err(CaError::AlreadyRevoked { serial: wanted, at }),
+            None => entry.revoked_at = Some(times.0),
         }
-        entry.revoked_at = Some(now);
-        let revoked = entry.clone();
-        self.index.save(&self.dir)?;
-        Ok(revoked)
+        let entry = entry.clone();
+        let crl = self.publish(index, times)?;
+        Ok(Revocation { entry, crl })
     }
 
-    /// Revokes the certificate in a PEM file (its serial must be in the index).
-    pub fn revoke_file(&mut self, cert: &Path) -> Result<Entry, CaError> {
+    /// Revokes the certificate in a PEM file (its serial must be in the index) and
+    /// publishes a new CRL, as [`Ca::revoke`].
+    pub fn revoke_file(
+        &mut self,
+        cert: &Path,
+        next_update: Duration,
+    ) -> Result<Revocation, CaError> {
         let pem = files::read(cert)?;
         let der = razar_shared::tls::certificates(&pem, &cert.display().to_string())
             .map_err(|source| CaError::BadCertificate { source })?;
         let serial = razar_shared::tls::certificate_serial_hex(&der[0])
             .map_err(|source| CaError::BadCertificate { source })?;
-        self.revoke(&serial)
+        self.revoke(&serial, next_update)
     }
 
     /// Signs a CRL listing every revoked certificate, valid until `now + next_update`,
     /// with the next CRL number, and writes it to `DIR/crl.der` and `DIR/crl.pem`.
+    /// Revocations found in an already published CRL but missing from the index (an
+    /// interrupted revoke) are adopted first, so they stay listed.
     pub fn write_crl(&mut self, next_update: Duration) -> Result<CrlWritten, CaError> {
-        if next_update.is_zero() {
-            return Err(CaError::InvalidValidity {
-                reason: "the CRL's next update must be in the future".into(),
-            });
-        }
-        let now = whole_seconds(OffsetDateTime::now_utc());
-        let next = now
-            .checked_add(time::Duration::try_from(next_update).map_err(|_| {
-                CaError::InvalidValidity {
-                    reason: "the CRL's next update is too far in the future".into(),
-                }
-            })?)
-            .ok_or_else(|| CaError::InvalidValidity {
-                reason: "the CRL's next update is too far in the future".into(),
-            })?;
-        let _lock = self.lock()?;
-        let number = self.index.crl_number + 1;
+        let times = crl_times(next_update)?;
+        let (_lock, _adopted) = self.lock()?;
+        let index = self.index.clone();
+        self.publish(index, times)
+    }
+
+    /// Publishes a CRL made from `index` (the index as it will be), then saves `index`.
+    /// Call with the directory lock held.
+    fn publish(
+        &mut self,
+        mut index: Index,
+        (now, next): (OffsetDateTime, OffsetDateTime),
+    ) -> Result<CrlWritten, CaError> {
+        let number = index.crl_number + 1;
         let mut revoked_certs = Vec::new();
         let mut revoked = Vec::new();
-        for entry in &self.index.certificates {
+        for entry in &index.certificates {
             if let Some(at) = entry.revoked_at {
                 let bytes = hex::decode(&entry.serial).map_err(|_| CaError::BadFile {
                     path: self.dir.join(INDEX_FILE),
@@ -585,10 +617,15 @@ impl Ca {
         let der = crl.der().to_vec();
         let der_path = self.dir.join(CRL_DER_FILE);
         let pem_path = self.dir.join(CRL_PEM_FILE);
+        // The CRL first, the index last: the index never records a revocation that a
+        // published CRL does not list.
         files::write(&der_path, &der, files::PUBLIC_MODE, true)?;
+        self.failpoint(PublishStep::DerWritten)?;
         files::write(&pem_path, pem.as_bytes(), files::PUBLIC_MODE, true)?;
-        self.index.crl_number = number;
-        self.index.save(&self.dir)?;
+        self.failpoint(PublishStep::PemWritten)?;
+        index.crl_number = number;
+        index.save(&self.dir)?;
+        self.index = index;
         Ok(CrlWritten {
             der_path,
             pem_path,
@@ -598,6 +635,94 @@ impl Ca {
             next_update: next.into(),
         })
     }
+
+    /// Revocations listed in the published CRLs (`crl.der`, `crl.pem`) of certificates
+    /// the index still shows as valid: what an interrupted revoke leaves. Marks them
+    /// revoked in `self.index` (in memory) with the CRL's revocation time, moves the CRL
+    /// number past the published one, and returns their serials.
+    fn adopt_published_revocations(&mut self) -> Vec<String> {
+        let mut adopted = Vec::new();
+        let subject = razar_shared::tls::certificates(self.cert_pem.as_bytes(), CA_CERT_FILE)
+            .ok()
+            .and_then(|certs| certs.into_iter().next());
+        let Some(subject) = subject else {
+            return adopted;
+        };
+        let Ok((_, ca_cert)) = x509_parser::parse_x509_certificate(&subject) else {
+            return adopted;
+        };
+        for file in [CRL_DER_FILE, CRL_PEM_FILE] {
+            // A missing or unreadable CRL has nothing to adopt; the next one replaces it.
+            let Ok(bytes) = std::fs::read(self.dir.join(file)) else {
+                continue;
+            };
+            let Ok(der) = razar_shared::tls::crl_from_bytes(bytes, file) else {
+                continue;
+            };
+            let Ok((_, crl)) = x509_parser::parse_x509_crl(&der) else {
+                continue;
+            };
+            if crl.issuer().as_raw() != ca_cert.subject().as_raw() {
+                continue;
+            }
+            if let Some(number) = crl.crl_number().and_then(|n| u64::try_from(n.clone()).ok()) {
+                self.index.crl_number = self.index.crl_number.max(number);
+            }
+            for listed in crl.iter_revoked_certificates() {
+                let serial = razar_shared::tls::serial_hex(listed.raw_serial());
+                let entry = self
+                    .index
+                    .certificates
+                    .iter_mut()
+                    .find(|e| e.serial == serial && e.revoked_at.is_none());
+                if let Some(entry) = entry {
+                    entry.revoked_at = Some(listed.revocation_date.to_datetime());
+                    adopted.push(serial);
+                }
+            }
+        }
+        adopted
+    }
+
+    #[cfg(not(test))]
+    fn failpoint(&self, _step: PublishStep) -> Result<(), CaError> {
+        Ok(())
+    }
+
+    /// Tests stop a publication after `step` as a crash there would.
+    #[cfg(test)]
+    fn failpoint(&self, step: PublishStep) -> Result<(), CaError> {
+        if self.fail_after == Some(step) {
+            return Err(CaError::Io {
+                path: self.dir.clone(),
+                source: std::io::Error::other(format!("simulated interruption after {step:?}")),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Steps of a CRL publication where a test can interrupt it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PublishStep {
+    DerWritten,
+    PemWritten,
+}
+
+/// `(this_update, next_update)` of a CRL published now and valid for `next_update`.
+fn crl_times(next_update: Duration) -> Result<(OffsetDateTime, OffsetDateTime), CaError> {
+    if next_update.is_zero() {
+        return Err(CaError::InvalidValidity {
+            reason: "the CRL's next update must be in the future".into(),
+        });
+    }
+    let too_far = || CaError::InvalidValidity {
+        reason: "the CRL's next update is too far in the future".into(),
+    };
+    let now = whole_seconds(OffsetDateTime::now_utc());
+    let span = time::Duration::try_from(next_update).map_err(|_| too_far())?;
+    let next = now.checked_add(span).ok_or_else(too_far)?;
+    Ok((now, next))
 }
 
 struct Subject {

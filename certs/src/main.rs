@@ -4,6 +4,7 @@
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use razar_certs::{parse_span, Ca, CaError, Entry, InitOptions, IssueOptions, Issued};
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::SystemTime;
@@ -18,6 +19,9 @@ Files in the CA directory (--dir, or $RAZAR_CA_DIR):
   index.json                       every issued certificate, its serial and revocation
 
 Private keys are created with mode 0600. Existing files are never overwritten without --force.
+Files are replaced atomically (temporary file, fsync, rename). A revocation is published in
+the CRL before the index records it; a revocation found in the CRL but not in the index
+(an interrupted revoke) is adopted by the next command that changes the CA.
 Exit codes: 0 success, 2 a mistake on the command line or in its input, 1 anything else.";
 
 /// The Razar fleet CA: issue, revoke and list certificates, publish the CRL.
@@ -50,7 +54,8 @@ enum Command {
         #[command(subcommand)]
         what: IssueCommand,
     },
-    /// Revoke a certificate by serial (hex) or certificate file, and write a new CRL.
+    /// Revoke a certificate by serial (hex) or certificate file, publishing a new CRL that
+    /// lists it before the index records it (an interrupted revoke: run it again).
     Revoke {
         /// A serial as printed by `issue` and `list`, or the path of a certificate (PEM).
         #[arg(value_name = "SERIAL|FILE")]
@@ -127,6 +132,8 @@ fn main() -> ExitCode {
     };
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
+        // `razar-certs list | head -1`: the reader has what it wanted.
+        Err(err) if err.is::<StdoutClosed>() => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("razar-certs: error: {}", one_line(&format!("{err:#}")));
             let user_mistake = err.chain().any(|cause| {
@@ -178,10 +185,32 @@ fn one_line(text: &str) -> String {
 #[error("no CA directory: pass --dir DIR or set RAZAR_CA_DIR")]
 struct NoDir;
 
+/// Standard output was closed by its reader (e.g. `| head -1`): not an error.
+#[derive(Debug, thiserror::Error)]
+#[error("standard output closed")]
+struct StdoutClosed;
+
+/// A failed write to standard output: [`StdoutClosed`] when the reader went away.
+fn stdout_error(err: io::Error) -> anyhow::Error {
+    if err.kind() == io::ErrorKind::BrokenPipe {
+        StdoutClosed.into()
+    } else {
+        anyhow::Error::new(err).context("writing to standard output")
+    }
+}
+
+/// `writeln!` to `out`, returning [`stdout_error`] from the enclosing function on failure.
+macro_rules! say {
+    ($out:expr, $($arg:tt)*) => {
+        writeln!($out, $($arg)*).map_err(stdout_error)?
+    };
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
     let Some(dir) = cli.dir else {
         return Err(NoDir.into());
     };
+    let out = &mut io::stdout().lock();
     match cli.command {
         Command::Init { name, days, force } => {
             let ca = Ca::init(
@@ -192,14 +221,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     force,
                 },
             )?;
-            println!("initialised CA in {}", ca.dir().display());
-            println!("  certificate {}", ca.cert_path().display());
-            println!(
+            say!(out, "initialised CA in {}", ca.dir().display());
+            say!(out, "  certificate {}", ca.cert_path().display());
+            say!(
+                out,
                 "  key         {}",
                 ca.dir().join(razar_certs::CA_KEY_FILE).display()
             );
         }
-        Command::Issue { what } => issue(&dir, what)?,
+        Command::Issue { what } => issue(out, &dir, what)?,
         Command::Revoke {
             target,
             next_update,
@@ -207,25 +237,27 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let next_update = parse_span(&next_update)?;
             let mut ca = Ca::load(&dir)?;
             let as_path = Path::new(&target);
-            let entry = if looks_like_path(&target) || as_path.is_file() {
-                ca.revoke_file(as_path)?
+            // One step: the CRL listing the serial is published before the index records it.
+            let revocation = if looks_like_path(&target) || as_path.is_file() {
+                ca.revoke_file(as_path, next_update)?
             } else {
-                ca.revoke(&target)?
+                ca.revoke(&target, next_update)?
             };
-            println!(
+            let entry = &revocation.entry;
+            say!(
+                out,
                 "revoked {} {} (serial {})",
-                entry.kind, entry.name, entry.serial
+                entry.kind,
+                entry.name,
+                entry.serial
             );
-            let crl = ca
-                .write_crl(next_update)
-                .context("the certificate is revoked in the index, but the CRL was not written")?;
-            print_crl(&crl);
+            print_crl(out, &revocation.crl)?;
         }
         Command::Crl { next_update } => {
             let next_update = parse_span(&next_update)?;
             let mut ca = Ca::load(&dir)?;
             let crl = ca.write_crl(next_update)?;
-            print_crl(&crl);
+            print_crl(out, &crl)?;
         }
         Command::List { expiring, output } => {
             let ca = Ca::load(&dir)?;
@@ -238,9 +270,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 Format::Json => {
                     let text = serde_json::to_string_pretty(&entries)
                         .context("encoding the list as JSON")?;
-                    println!("{text}");
+                    say!(out, "{text}");
                 }
-                Format::Table => print_table(&entries, now),
+                Format::Table => print_table(out, &entries, now)?,
             }
         }
     }
@@ -251,7 +283,7 @@ fn looks_like_path(target: &str) -> bool {
     target.contains('/') || target.ends_with(".pem") || target.ends_with(".crt")
 }
 
-fn issue(dir: &Path, what: IssueCommand) -> anyhow::Result<()> {
+fn issue(out: &mut impl Write, dir: &Path, what: IssueCommand) -> anyhow::Result<()> {
     let (common, default_days) = match &what {
         IssueCommand::Collector { common, .. } => (common, 365),
         IssueCommand::Agent { common, .. } => (common, 90),
@@ -265,27 +297,34 @@ fn issue(dir: &Path, what: IssueCommand) -> anyhow::Result<()> {
         IssueCommand::Agent { host, .. } => ca.issue_agent(host, &options)?,
         IssueCommand::Operator { name, .. } => ca.issue_operator(name, &options)?,
     };
-    print_issued(&issued);
+    print_issued(out, &issued)
+}
+
+fn print_issued(out: &mut impl Write, issued: &Issued) -> anyhow::Result<()> {
+    say!(
+        out,
+        "issued {} certificate for {}",
+        issued.kind,
+        issued.name
+    );
+    say!(out, "  serial      {}", issued.serial);
+    say!(out, "  not after   {}", format_time(issued.not_after));
+    say!(out, "  certificate {}", issued.cert_path.display());
+    say!(out, "  key         {}", issued.key_path.display());
     Ok(())
 }
 
-fn print_issued(issued: &Issued) {
-    println!("issued {} certificate for {}", issued.kind, issued.name);
-    println!("  serial      {}", issued.serial);
-    println!("  not after   {}", format_time(issued.not_after));
-    println!("  certificate {}", issued.cert_path.display());
-    println!("  key         {}", issued.key_path.display());
-}
-
-fn print_crl(crl: &razar_certs::CrlWritten) {
-    println!(
+fn print_crl(out: &mut impl Write, crl: &razar_certs::CrlWritten) -> anyhow::Result<()> {
+    say!(
+        out,
         "wrote CRL #{} listing {} revoked certificate(s), next update {}",
         crl.number,
         crl.revoked.len(),
         format_time(crl.next_update)
     );
-    println!("  {}", crl.der_path.display());
-    println!("  {}", crl.pem_path.display());
+    say!(out, "  {}", crl.der_path.display());
+    say!(out, "  {}", crl.pem_path.display());
+    Ok(())
 }
 
 fn format_time(at: SystemTime) -> String {
@@ -306,7 +345,7 @@ fn days_left(entry: &Entry, now: SystemTime) -> i64 {
     left.whole_seconds().div_euclid(86_400)
 }
 
-fn print_table(entries: &[&Entry], now: SystemTime) {
+fn print_table(out: &mut impl Write, entries: &[&Entry], now: SystemTime) -> anyhow::Result<()> {
     let rows: Vec<[String; 6]> = entries
         .iter()
         .map(|e| {
@@ -341,25 +380,31 @@ fn print_table(entries: &[&Entry], now: SystemTime) {
         }
     }
     let line = |cells: [&str; 6]| {
-        let mut out = String::new();
+        let mut text = String::new();
         for (i, (cell, width)) in cells.iter().zip(widths).enumerate() {
             if i + 1 == cells.len() {
-                out.push_str(cell);
+                text.push_str(cell);
             } else {
-                out.push_str(&format!("{cell:<width$}  "));
+                text.push_str(&format!("{cell:<width$}  "));
             }
         }
-        println!("{}", out.trim_end());
+        text.truncate(text.trim_end().len());
+        text
     };
-    line(header);
+    say!(out, "{}", line(header));
     for row in &rows {
-        line([
-            row[0].as_str(),
-            row[1].as_str(),
-            row[2].as_str(),
-            row[3].as_str(),
-            row[4].as_str(),
-            row[5].as_str(),
-        ]);
+        say!(
+            out,
+            "{}",
+            line([
+                row[0].as_str(),
+                row[1].as_str(),
+                row[2].as_str(),
+                row[3].as_str(),
+                row[4].as_str(),
+                row[5].as_str(),
+            ])
+        );
     }
+    Ok(())
 }

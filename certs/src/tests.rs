@@ -136,41 +136,129 @@ fn load_of_an_empty_directory_is_a_user_error() {
 fn revoke_and_crl() {
     let (_tmp, mut ca) = new_ca();
     let options = IssueOptions::days(1).expect("days");
+    let hour = Duration::from_secs(3600);
     let a = ca.issue_agent("a", &options).expect("a");
     let b = ca.issue_agent("b", &options).expect("b");
-    let first = ca.write_crl(Duration::from_secs(3600)).expect("crl");
+    let first = ca.write_crl(hour).expect("crl");
     assert_eq!(first.number, 1);
     assert!(first.revoked.is_empty());
 
-    // Upper case and colons are accepted.
+    // Upper case and colons are accepted; the revocation publishes its CRL.
     let spaced: Vec<String> = a
         .serial
         .as_bytes()
         .chunks(2)
         .map(|c| String::from_utf8_lossy(c).to_uppercase())
         .collect();
-    let entry = ca.revoke(&spaced.join(":")).expect("revoke");
-    assert_eq!(entry.serial, a.serial);
-    let err = ca.revoke(&a.serial).expect_err("twice");
-    assert!(matches!(err, CaError::AlreadyRevoked { .. }), "{err}");
-    let err = ca.revoke("0123").expect_err("unknown");
-    assert!(matches!(err, CaError::UnknownSerial { .. }), "{err}");
-    let err = ca.revoke("xyz").expect_err("not hex");
-    assert!(matches!(err, CaError::InvalidSerial { .. }), "{err}");
-
-    let second = ca.write_crl(Duration::from_secs(3600)).expect("crl");
+    let revocation = ca.revoke(&spaced.join(":"), hour).expect("revoke");
+    assert_eq!(revocation.entry.serial, a.serial);
+    let second = revocation.crl;
     assert_eq!(second.number, 2);
     assert_eq!(second.revoked, vec![a.serial.clone()]);
     assert!(razar_shared::tls::is_revoked(&second.der, &a.serial).expect("parse"));
     assert!(!razar_shared::tls::is_revoked(&second.der, &b.serial).expect("parse"));
     assert_eq!(std::fs::read(&second.der_path).expect("read"), second.der);
+    let err = ca.revoke(&a.serial, hour).expect_err("twice");
+    assert!(matches!(err, CaError::AlreadyRevoked { .. }), "{err}");
+    let err = ca.revoke("0123", hour).expect_err("unknown");
+    assert!(matches!(err, CaError::UnknownSerial { .. }), "{err}");
+    let err = ca.revoke("xyz", hour).expect_err("not hex");
+    assert!(matches!(err, CaError::InvalidSerial { .. }), "{err}");
+    let err = ca
+        .revoke(&b.serial, Duration::ZERO)
+        .expect_err("no lifetime");
+    assert!(matches!(err, CaError::InvalidValidity { .. }), "{err}");
+    assert!(
+        ca.entries()[1].revoked_at.is_none(),
+        "a refused revoke changes nothing"
+    );
 
     // Revoke by file, and the CRL number survives a reload.
-    ca.revoke_file(&b.cert_path).expect("revoke file");
+    let by_file = ca.revoke_file(&b.cert_path, hour).expect("revoke file");
+    assert_eq!(by_file.crl.number, 3);
     let mut loaded = Ca::load(ca.dir()).expect("load");
-    let third = loaded.write_crl(Duration::from_secs(60)).expect("crl");
-    assert_eq!(third.number, 3);
-    assert_eq!(third.revoked.len(), 2);
+    let fourth = loaded.write_crl(Duration::from_secs(60)).expect("crl");
+    assert_eq!(fourth.number, 4);
+    assert_eq!(fourth.revoked.len(), 2);
+}
+
+/// Serials the index shows as revoked.
+fn revoked_in_index(dir: &Path) -> Vec<String> {
+    let index = Index::load(dir).expect("index");
+    index
+        .certificates
+        .iter()
+        .filter(|e| e.revoked_at.is_some())
+        .map(|e| e.serial.clone())
+        .collect()
+}
+
+/// Every serial revoked in the index is listed by both published CRL files.
+fn assert_published_covers_index(dir: &Path, step: &str) {
+    for file in [CRL_DER_FILE, CRL_PEM_FILE] {
+        let bytes = std::fs::read(dir.join(file)).expect("read CRL");
+        let der = razar_shared::tls::crl_from_bytes(bytes, file).expect("CRL");
+        for serial in revoked_in_index(dir) {
+            assert!(
+                razar_shared::tls::is_revoked(&der, &serial).expect("parse"),
+                "after {step}: {serial} is revoked in the index but missing from {file}"
+            );
+        }
+    }
+}
+
+#[test]
+fn an_interrupted_revoke_never_leaves_the_crl_behind_the_index() {
+    let hour = Duration::from_secs(3600);
+    for step in [PublishStep::DerWritten, PublishStep::PemWritten] {
+        let (_tmp, mut ca) = new_ca();
+        let options = IssueOptions::days(1).expect("days");
+        let kept = ca.issue_agent("kept", &options).expect("kept");
+        let gone = ca.issue_agent("gone", &options).expect("gone");
+        ca.write_crl(hour).expect("first CRL");
+        let dir = ca.dir().to_path_buf();
+
+        ca.fail_after = Some(step);
+        ca.revoke(&gone.serial, hour)
+            .expect_err("interrupted revoke");
+        assert_published_covers_index(&dir, &format!("{step:?}"));
+        assert!(
+            razar_shared::tls::is_revoked(
+                &std::fs::read(dir.join(CRL_DER_FILE)).expect("der"),
+                &gone.serial
+            )
+            .expect("parse"),
+            "{step:?}: crl.der, written first, already lists the serial"
+        );
+
+        // A new process: `crl` adopts the published revocation and keeps it listed with a
+        // CRL number past the published one.
+        let mut again = Ca::load(&dir).expect("load");
+        let listed = again.entries().iter().find(|e| e.serial == gone.serial);
+        assert!(
+            listed.is_some_and(|e| e.revoked_at.is_some()),
+            "{step:?}: what `list` shows agrees with the published CRL"
+        );
+        let crl = again.write_crl(hour).expect("crl");
+        assert_eq!(crl.revoked, vec![gone.serial.clone()], "{step:?}");
+        assert_eq!(crl.number, 3, "{step:?}: number 2 was published already");
+        assert_eq!(revoked_in_index(&dir), vec![gone.serial.clone()]);
+        assert_published_covers_index(&dir, "crl after the interruption");
+
+        // Running the revoke again completes it rather than refusing it.
+        let (_tmp2, mut ca2) = new_ca();
+        let other = ca2.issue_agent("x", &options).expect("x");
+        ca2.write_crl(hour).expect("first CRL");
+        ca2.fail_after = Some(step);
+        ca2.revoke(&other.serial, hour).expect_err("interrupted");
+        let mut rerun = Ca::load(ca2.dir()).expect("load");
+        let done = rerun.revoke(&other.serial, hour).expect("rerun completes");
+        assert_eq!(done.crl.revoked, vec![other.serial.clone()]);
+        assert_published_covers_index(ca2.dir(), "the rerun");
+        let err = rerun.revoke(&other.serial, hour).expect_err("now revoked");
+        assert!(matches!(err, CaError::AlreadyRevoked { .. }), "{err}");
+        assert!(!revoked_in_index(&dir).contains(&kept.serial));
+    }
 }
 
 #[test]
@@ -195,7 +283,8 @@ fn expiring_lists_soonest_first_and_skips_revoked() {
     let revoked = ca
         .issue_agent("gone", &IssueOptions::days(5).expect("days"))
         .expect("gone");
-    ca.revoke(&revoked.serial).expect("revoke");
+    ca.revoke(&revoked.serial, Duration::from_secs(60))
+        .expect("revoke");
 
     let names = |list: Vec<&Entry>| list.iter().map(|e| e.name.clone()).collect::<Vec<_>>();
     assert_eq!(names(ca.expiring(30 * day, now)), ["old", "soon"]);

@@ -1,9 +1,10 @@
 //! Collector configuration: one TOML file, parsed in two phases (raw serde structs
-//! with `deny_unknown_fields`, then a pure validation step that reports every problem
-//! at once with file, line, key and reason).
+//! with `deny_unknown_fields`, then a pure validation step) by the agent config's
+//! machinery, so errors follow its standard: every problem at once, each with file,
+//! line, column, key path and reason. [`CollectorConfig::load_checked`] (`check` and
+//! `run`) also reads and parses the TLS files the config names.
 
 use serde::Deserialize;
-use std::fmt;
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
 use std::ops::Range;
@@ -93,41 +94,11 @@ pub enum Database {
     Embedded,
 }
 
-/// One problem in a configuration file.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConfigIssue {
-    pub line: usize,
-    pub column: usize,
-    pub key: String,
-    pub reason: String,
-}
+pub use razar_agent::config::{ConfigError, ConfigErrors};
 
-/// A configuration file that cannot be used, with every problem found.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub struct ConfigError {
-    pub file: PathBuf,
-    pub issues: Vec<ConfigIssue>,
-}
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, issue) in self.issues.iter().enumerate() {
-            if i > 0 {
-                writeln!(f)?;
-            }
-            write!(
-                f,
-                "{}:{}:{}: {}: {}",
-                self.file.display(),
-                issue.line,
-                issue.column,
-                issue.key,
-                issue.reason
-            )?;
-        }
-        Ok(())
-    }
-}
+use razar_agent::config::document::parse_document;
+use razar_agent::config::files::{check_file, FileKind};
+use razar_agent::config::ErrorCollector;
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -135,7 +106,7 @@ struct RawConfig {
     data_dir: Option<Spanned<String>>,
     #[serde(default)]
     listen: RawListen,
-    tls: Option<RawTls>,
+    tls: Option<Spanned<RawTls>>,
     #[serde(default)]
     database: RawDatabase,
     #[serde(default)]
@@ -166,10 +137,10 @@ struct RawListen {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawTls {
-    ca: String,
-    cert: String,
-    key: String,
-    crl: Option<String>,
+    ca: Option<Spanned<String>>,
+    cert: Option<Spanned<String>>,
+    key: Option<Spanned<String>>,
+    crl: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -211,6 +182,20 @@ pub const DEFAULT_HTTP_PORT: u16 = 7080;
 pub const DEFAULT_INGEST_WRITERS: u32 = 8;
 /// Default `COPY`s running at once (BENCHMARKS.md, fleet load: 3 beat unlimited).
 pub const DEFAULT_INGEST_COPY_SLOTS: u32 = 3;
+/// Shortest `heartbeat.interval`: every agent sends one per interval.
+pub const MIN_HEARTBEAT_INTERVAL: Duration = Duration::from_millis(100);
+/// Longest `heartbeat.interval`: agents are told it in milliseconds, as a `u32`.
+pub const MAX_HEARTBEAT_INTERVAL: Duration = Duration::from_millis(u32::MAX as u64);
+/// Longest `retention.compact_after` (100 years): compaction computes
+/// `now - compact_after` as a date, which must stay within chrono's range.
+pub const MAX_COMPACT_AFTER: Duration = Duration::from_secs(36_500 * 86_400);
+
+/// Whether validation opens the files the config names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Files {
+    Skip,
+    Check,
+}
 
 impl CollectorConfig {
     /// Defaults for a data dir, as used by `razar-collector dev`.
@@ -247,39 +232,74 @@ impl CollectorConfig {
         }
     }
 
-    /// Reads and validates a file; every problem is reported at once.
-    pub fn load(path: &Path) -> Result<CollectorConfig, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-            file: path.to_path_buf(),
-            issues: vec![ConfigIssue {
+    /// Reads and validates a file; every problem is reported at once. The files it
+    /// names are not opened (see [`CollectorConfig::load_checked`]).
+    pub fn load(path: &Path) -> Result<CollectorConfig, ConfigErrors> {
+        CollectorConfig::load_with(path, Files::Skip)
+    }
+
+    /// Reads and validates a file as `run` uses it: [`CollectorConfig::load`], and the
+    /// TLS files (CA, certificate, key, CRL) are read, parsed and built into the server
+    /// configuration; every problem is reported at once.
+    pub fn load_checked(path: &Path) -> Result<CollectorConfig, ConfigErrors> {
+        CollectorConfig::load_with(path, Files::Check)
+    }
+
+    fn load_with(path: &Path, files: Files) -> Result<CollectorConfig, ConfigErrors> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigErrors(vec![ConfigError {
+                file: path.to_path_buf(),
                 line: 0,
                 column: 0,
-                key: "(file)".into(),
-                reason: format!("cannot read: {e}"),
-            }],
+                key: String::new(),
+                reason: format!("cannot read the file: {e}"),
+            }])
         })?;
-        CollectorConfig::parse(path, &text)
+        CollectorConfig::parse_with(path, &text, files)
     }
 
     /// Parses and validates configuration text; `path` names it in errors.
-    pub fn parse(path: &Path, text: &str) -> Result<CollectorConfig, ConfigError> {
-        let err = |issues| ConfigError {
-            file: path.to_path_buf(),
-            issues,
-        };
-        let raw: RawConfig = toml::from_str(text).map_err(|e| {
-            let (line, column) = e.span().map(|s| line_col(text, s.start)).unwrap_or((0, 0));
-            err(vec![ConfigIssue {
-                line,
-                column,
-                key: key_from_toml_message(e.message()),
-                reason: e.message().trim().to_string(),
-            }])
-        })?;
+    pub fn parse(path: &Path, text: &str) -> Result<CollectorConfig, ConfigErrors> {
+        CollectorConfig::parse_with(path, text, Files::Skip)
+    }
+
+    fn parse_with(path: &Path, text: &str, files: Files) -> Result<CollectorConfig, ConfigErrors> {
         let mut v = Validator {
-            text,
-            issues: Vec::new(),
+            c: ErrorCollector::new(path, text),
         };
+        let cfg = parse_document::<RawConfig>(text, &mut v.c).map(|raw| v.build(&raw, files));
+        v.c.finish(cfg)
+    }
+}
+
+impl TlsPaths {
+    /// The layout `razar-certs --dir DIR` writes for the collector.
+    pub fn in_dir(dir: &Path) -> TlsPaths {
+        TlsPaths {
+            ca: dir.join("ca.pem"),
+            cert: dir.join("collector.pem"),
+            key: dir.join("collector.key"),
+            crl: Some(dir.join("crl.pem")),
+        }
+    }
+}
+
+/// A TLS file the config names (or defaults to) and where.
+struct TlsFile {
+    key: &'static str,
+    span: Option<Range<usize>>,
+    path: PathBuf,
+    kind: FileKind,
+}
+
+struct Validator<'a> {
+    c: ErrorCollector<'a>,
+}
+
+impl Validator<'_> {
+    /// Every value of `raw` over the defaults; problems are recorded, not returned.
+    fn build(&mut self, raw: &RawConfig, files: Files) -> CollectorConfig {
+        let v = self;
         let data_dir = raw
             .data_dir
             .as_ref()
@@ -296,24 +316,19 @@ impl CollectorConfig {
                 cfg.http_listen = a;
             }
         }
-        if let Some(tls) = &raw.tls {
-            cfg.tls = TlsPaths {
-                ca: PathBuf::from(&tls.ca),
-                cert: PathBuf::from(&tls.cert),
-                key: PathBuf::from(&tls.key),
-                crl: tls.crl.as_ref().map(PathBuf::from),
-            };
-        }
+        let tls_files = v.tls(raw, &mut cfg);
         if let Some(url) = &raw.database.url {
             let u = url.get_ref();
-            if u.starts_with("postgres://") || u.starts_with("postgresql://") {
-                cfg.database = Database::Url(u.clone());
-            } else {
+            if !(u.starts_with("postgres://") || u.starts_with("postgresql://")) {
                 v.push(
                     "database.url",
                     url.span(),
                     "must start with postgres:// or postgresql://",
                 );
+            } else if let Err(e) = u.parse::<sqlx::postgres::PgConnectOptions>() {
+                v.push("database.url", url.span(), format!("not a valid URL: {e}"));
+            } else {
+                cfg.database = Database::Url(u.clone());
             }
         }
         if let Some(n) = &raw.database.pool_size {
@@ -350,7 +365,13 @@ impl CollectorConfig {
             }
         }
         if let Some(d) = &raw.heartbeat.interval {
-            if let Some(d) = v.duration("heartbeat.interval", d) {
+            if let Some(d) = v.duration_within(
+                "heartbeat.interval",
+                d,
+                MIN_HEARTBEAT_INTERVAL,
+                MAX_HEARTBEAT_INTERVAL,
+                "agents are told it in whole milliseconds, a 32-bit number",
+            ) {
                 cfg.heartbeat_interval = d;
             }
         }
@@ -365,7 +386,13 @@ impl CollectorConfig {
             }
         }
         if let Some(d) = &raw.retention.compact_after {
-            if let Some(d) = v.duration("retention.compact_after", d) {
+            if let Some(d) = v.duration_within(
+                "retention.compact_after",
+                d,
+                Duration::from_nanos(1),
+                MAX_COMPACT_AFTER,
+                "compaction computes now - compact_after as a date",
+            ) {
                 cfg.compact_after = d;
             }
         }
@@ -406,41 +433,99 @@ impl CollectorConfig {
                 *value = d;
             }
         }
-        if v.issues.is_empty() {
-            Ok(cfg)
-        } else {
-            v.issues.sort_by_key(|i| (i.line, i.column));
-            Err(err(v.issues))
+        if files == Files::Check {
+            v.check_tls_files(&tls_files, &cfg.tls);
+        }
+        cfg
+    }
+
+    /// `[tls]` into `cfg.tls`; returns the files to check, written or defaulted.
+    fn tls(&mut self, raw: &RawConfig, cfg: &mut CollectorConfig) -> Vec<TlsFile> {
+        let Some(tls) = &raw.tls else {
+            // Not set: the layout of `razar-certs` under data_dir/ca.
+            let t = &cfg.tls;
+            let mut files = vec![
+                TlsFile::new("tls.ca", None, &t.ca, FileKind::CaCertificates),
+                TlsFile::new("tls.cert", None, &t.cert, FileKind::Certificates),
+                TlsFile::new("tls.key", None, &t.key, FileKind::PrivateKey),
+            ];
+            if let Some(crl) = &t.crl {
+                files.push(TlsFile::new("tls.crl", None, crl, FileKind::Crl));
+            }
+            return files;
+        };
+        let table = tls.span();
+        let tls = tls.get_ref();
+        let mut files = Vec::new();
+        let mut need = |value: &Option<Spanned<String>>, key: &'static str, kind| {
+            match value {
+                Some(p) if p.get_ref().is_empty() => {
+                    self.push(key, p.span(), "must not be empty");
+                }
+                Some(p) => files.push(TlsFile::new(key, Some(p.span()), p.get_ref(), kind)),
+                None => self.push(key, table.clone(), "is required in [tls]"),
+            }
+            value
+                .as_ref()
+                .map(|p| PathBuf::from(p.get_ref()))
+                .unwrap_or_default()
+        };
+        let ca = need(&tls.ca, "tls.ca", FileKind::CaCertificates);
+        let cert = need(&tls.cert, "tls.cert", FileKind::Certificates);
+        let key = need(&tls.key, "tls.key", FileKind::PrivateKey);
+        let crl = tls
+            .crl
+            .as_ref()
+            .map(|_| need(&tls.crl, "tls.crl", FileKind::Crl))
+            .filter(|p| !p.as_os_str().is_empty());
+        cfg.tls = TlsPaths { ca, cert, key, crl };
+        files
+    }
+
+    /// Reads and parses each TLS file, then builds the server configuration from them as
+    /// `run` does (a key that does not match its certificate, or a CRL the verifier
+    /// refuses, shows only then).
+    fn check_tls_files(&mut self, files: &[TlsFile], tls: &TlsPaths) {
+        let mut usable = true;
+        for file in files {
+            if let Err(reason) = check_file(&file.path, file.kind) {
+                let reason = match file.span {
+                    Some(_) => reason,
+                    None => format!("{reason} (the default: [tls] is not set)"),
+                };
+                self.c.push(file.span.clone(), file.key, reason);
+                usable = false;
+            }
+        }
+        let named = |kind| files.iter().any(|f| f.kind == kind);
+        if !usable
+            || !named(FileKind::CaCertificates)
+            || !named(FileKind::Certificates)
+            || !named(FileKind::PrivateKey)
+        {
+            return;
+        }
+        let server = razar_shared::tls::ServerTlsFiles {
+            ca: tls.ca.clone(),
+            cert: tls.cert.clone(),
+            key: tls.key.clone(),
+            crls: tls.crl.iter().cloned().collect(),
+        };
+        if let Err(e) = razar_shared::tls::server_config_from_files(&server) {
+            let key = match e {
+                razar_shared::tls::TlsError::Verifier(_) => "tls.crl",
+                _ => "tls.key",
+            };
+            let span = files
+                .iter()
+                .find(|f| f.key == key)
+                .and_then(|f| f.span.clone());
+            self.c.push(span, key, e.to_string());
         }
     }
-}
 
-impl TlsPaths {
-    /// The layout `razar-certs --dir DIR` writes for the collector.
-    pub fn in_dir(dir: &Path) -> TlsPaths {
-        TlsPaths {
-            ca: dir.join("ca.pem"),
-            cert: dir.join("collector.pem"),
-            key: dir.join("collector.key"),
-            crl: Some(dir.join("crl.pem")),
-        }
-    }
-}
-
-struct Validator<'a> {
-    text: &'a str,
-    issues: Vec<ConfigIssue>,
-}
-
-impl Validator<'_> {
     fn push(&mut self, key: &str, span: Range<usize>, reason: impl Into<String>) {
-        let (line, column) = line_col(self.text, span.start);
-        self.issues.push(ConfigIssue {
-            line,
-            column,
-            key: key.to_string(),
-            reason: reason.into(),
-        });
+        self.c.push(Some(span), key, reason);
     }
 
     fn addr(&mut self, key: &str, value: &Spanned<String>) -> Option<SocketAddr> {
@@ -475,6 +560,38 @@ impl Validator<'_> {
         }
     }
 
+    /// A duration from `min` to `max`; `why` says what needs the bound.
+    fn duration_within(
+        &mut self,
+        key: &str,
+        value: &Spanned<String>,
+        min: Duration,
+        max: Duration,
+        why: &str,
+    ) -> Option<Duration> {
+        let d = self.duration(key, value)?;
+        if d < min {
+            self.push(
+                key,
+                value.span(),
+                format!("must be at least {}", humantime::format_duration(min)),
+            );
+            None
+        } else if d > max {
+            self.push(
+                key,
+                value.span(),
+                format!(
+                    "must be at most {} ({why})",
+                    humantime::format_duration(max)
+                ),
+            );
+            None
+        } else {
+            Some(d)
+        }
+    }
+
     fn nonzero(&mut self, key: &str, value: &Spanned<u32>) -> Option<NonZeroU32> {
         let n = NonZeroU32::new(*value.get_ref());
         if n.is_none() {
@@ -484,20 +601,20 @@ impl Validator<'_> {
     }
 }
 
-/// 1-based line and column of a byte offset.
-fn line_col(text: &str, offset: usize) -> (usize, usize) {
-    let before = &text[..offset.min(text.len())];
-    let line = before.matches('\n').count() + 1;
-    let column = before.len() - before.rfind('\n').map(|i| i + 1).unwrap_or(0) + 1;
-    (line, column)
-}
-
-/// Best-effort key name from a toml/serde message ("unknown field `x`, ...").
-fn key_from_toml_message(msg: &str) -> String {
-    msg.split('`')
-        .nth(1)
-        .map(str::to_string)
-        .unwrap_or_else(|| "(syntax)".into())
+impl TlsFile {
+    fn new(
+        key: &'static str,
+        span: Option<Range<usize>>,
+        path: impl Into<PathBuf>,
+        kind: FileKind,
+    ) -> TlsFile {
+        TlsFile {
+            key,
+            span,
+            path: path.into(),
+            kind,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -507,14 +624,14 @@ mod tests {
     fn check_err(text: &str, expected: &[(usize, &str, &str)]) {
         let err = CollectorConfig::parse(Path::new("c.toml"), text).unwrap_err();
         let got: Vec<(usize, &str, bool)> = err
-            .issues
+            .0
             .iter()
             .zip(expected)
             .map(|(i, e)| (i.line, i.key.as_str(), i.reason.contains(e.2)))
             .collect();
         let want: Vec<(usize, &str, bool)> = expected.iter().map(|e| (e.0, e.1, true)).collect();
         assert_eq!(got, want, "{err}");
-        assert_eq!(err.issues.len(), expected.len(), "{err}");
+        assert_eq!(err.0.len(), expected.len(), "{err}");
     }
 
     #[test]
@@ -538,7 +655,64 @@ mod tests {
     fn unknown_key_names_line_and_key() {
         check_err(
             "\n[listen]\nquick = \"x\"\n",
-            &[(3, "quick", "unknown field")],
+            &[(3, "listen.quick", "unknown field")],
+        );
+    }
+
+    #[test]
+    fn shape_errors_are_all_reported_with_their_key_path() {
+        // Before: the first serde error stopped parsing and its key was a token taken
+        // from the message (`quick`, or a value).
+        check_err(
+            "[listen]\nquick = \"x\"\n[heartbeat]\ninterval = 5\n[database]\npool_size = -1\n\
+             [retention]\ndays = \"30\"\n",
+            &[
+                (2, "listen.quick", "unknown field"),
+                (4, "heartbeat.interval", "string"),
+                (6, "database.pool_size", "u32"),
+                (8, "retention.days", "u32"),
+            ],
+        );
+    }
+
+    #[test]
+    fn durations_are_bounded_as_run_uses_them() {
+        check_err(
+            "[heartbeat]\ninterval = \"50ms\"\n[retention]\ncompact_after = \"1000000years\"\n",
+            &[
+                (2, "heartbeat.interval", "at least 100ms"),
+                (4, "retention.compact_after", "at most"),
+            ],
+        );
+        check_err(
+            "[heartbeat]\ninterval = \"50days\"\n",
+            &[(2, "heartbeat.interval", "32-bit")],
+        );
+        let ok = CollectorConfig::parse(
+            Path::new("c.toml"),
+            "[heartbeat]\ninterval = \"100ms\"\n[retention]\ncompact_after = \"36500days\"\n",
+        )
+        .unwrap();
+        assert_eq!(ok.heartbeat_interval, MIN_HEARTBEAT_INTERVAL);
+        assert_eq!(ok.compact_after, MAX_COMPACT_AFTER);
+    }
+
+    #[test]
+    fn database_url_is_parsed_as_run_parses_it() {
+        check_err(
+            "[database]\nurl = \"postgres://db.example:99999/razar\"\n",
+            &[(2, "database.url", "not a valid URL")],
+        );
+    }
+
+    #[test]
+    fn tls_keys_are_required_and_named() {
+        check_err(
+            "[tls]\nca = \"\"\ncert = \"c.pem\"\n",
+            &[
+                (1, "tls.key", "is required"),
+                (2, "tls.ca", "must not be empty"),
+            ],
         );
     }
 

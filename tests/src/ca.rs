@@ -136,8 +136,7 @@ impl TestCa {
 
     /// Revokes a certificate of this CA and writes the new CRL; returns the CRL (DER).
     pub fn revoke(&mut self, issued: &Issued) -> anyhow::Result<Vec<u8>> {
-        self.ca.revoke(&issued.serial)?;
-        Ok(self.ca.write_crl(CRL_LIFETIME)?.der)
+        Ok(self.ca.revoke(&issued.serial, CRL_LIFETIME)?.crl.der)
     }
 
     /// The current CRL, as the server config takes it.

@@ -53,16 +53,17 @@ impl fmt::Display for ConfigErrors {
     }
 }
 
-/// Collects errors against one source text, turning byte spans into lines.
+/// Collects errors against one source text, turning byte spans into lines. Shared by
+/// the agent's and the collector's config, so both report alike.
 #[derive(Debug)]
-pub(crate) struct Collector<'a> {
+pub struct Collector<'a> {
     file: &'a Path,
     text: &'a str,
     pub(crate) errors: Vec<ConfigError>,
 }
 
 impl<'a> Collector<'a> {
-    pub(crate) fn new(file: &'a Path, text: &'a str) -> Self {
+    pub fn new(file: &'a Path, text: &'a str) -> Self {
         Collector {
             file,
             text,
@@ -71,7 +72,7 @@ impl<'a> Collector<'a> {
     }
 
     /// Records an error at `span` (None: start of the file).
-    pub(crate) fn push(
+    pub fn push(
         &mut self,
         span: Option<Range<usize>>,
         key: impl Into<String>,
@@ -89,10 +90,28 @@ impl<'a> Collector<'a> {
             reason: reason.into(),
         });
     }
+
+    /// Whether no error was recorded.
+    pub fn is_empty(&self) -> bool {
+        self.errors.is_empty()
+    }
+
+    /// `value` when no error was recorded (and there is a value), else every error in
+    /// file order.
+    pub fn finish<T>(self, value: Option<T>) -> Result<T, ConfigErrors> {
+        match value {
+            Some(value) if self.errors.is_empty() => Ok(value),
+            _ => {
+                let mut errors = self.errors;
+                errors.sort_by_key(|e| (e.line, e.column));
+                Err(ConfigErrors(errors))
+            }
+        }
+    }
 }
 
 /// 1-based line and column of byte `offset` in `text`.
-pub(crate) fn line_column(text: &str, offset: usize) -> (usize, usize) {
+pub fn line_column(text: &str, offset: usize) -> (usize, usize) {
     let offset = offset.min(text.len());
     let before = text.get(..offset).unwrap_or(text);
     let line = before.matches('\n').count() + 1;

@@ -2,12 +2,14 @@
 //! (serde, unknown keys refused); `validate` turns it into the typed values below and
 //! reports every problem at once with file, line, key and reason.
 
+pub mod document;
 mod error;
+pub mod files;
 mod raw;
 pub mod units;
 mod validate;
 
-pub use error::{ConfigError, ConfigErrors};
+pub use error::{line_column, Collector as ErrorCollector, ConfigError, ConfigErrors};
 
 use crate::supervisor::backoff::ExponentialBackoff;
 use nix::sys::signal::Signal;
@@ -57,8 +59,22 @@ impl Config {
         }
     }
 
-    /// Validates `bytes` as if read from `path`.
+    /// Reads and validates `path` as `run` uses it: [`Config::load`], and every file the
+    /// config names (collector certificate, key and CA, GPU scenario, NVML library) is
+    /// read and parsed; all problems are reported together.
+    pub fn load_checked(path: &Path) -> Result<Config, ConfigErrors> {
+        match std::fs::read(path) {
+            Ok(bytes) => Config::parse_with(path, &bytes, Files::Check),
+            Err(_) => Config::load(path),
+        }
+    }
+
+    /// Validates `bytes` as if read from `path` (the files it names are not opened).
     pub fn parse(path: &Path, bytes: &[u8]) -> Result<Config, ConfigErrors> {
+        Config::parse_with(path, bytes, Files::Skip)
+    }
+
+    fn parse_with(path: &Path, bytes: &[u8], files: Files) -> Result<Config, ConfigErrors> {
         let hash = hex::encode(Sha256::digest(bytes));
         let text = match std::str::from_utf8(bytes) {
             Ok(text) => text,
@@ -74,7 +90,7 @@ impl Config {
                 }]));
             }
         };
-        let mut config = validate::validate(path, text, hash)?;
+        let mut config = validate::validate(path, text, hash, files)?;
         config.component_sources = crate::revisions::component_tables(text)
             .into_iter()
             .filter_map(|(name, table)| Some((name, toml::to_string(&table).ok()?)))
@@ -94,6 +110,17 @@ impl Config {
         self.active_components().find(|c| c.name.as_str() == name)
     }
 }
+
+/// Whether validation opens the files a config names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Files {
+    Skip,
+    Check,
+}
+
+/// Shortest `agent.sample_interval`: each tick samples every GPU, the host and every
+/// component's process tree on the blocking pool and spools one batch.
+pub const MIN_SAMPLE_INTERVAL: Duration = Duration::from_millis(100);
 
 /// `[agent]`: this host's settings.
 #[derive(Debug, Clone, PartialEq)]

@@ -224,3 +224,58 @@ fn command_records_and_follows_have_checked_bounds() {
         ],
     );
 }
+
+#[test]
+fn values_run_would_mishandle_are_refused() {
+    check_errors(
+        "[agent]\nsample_interval = \"1ns\"\n[collector]\naddress = \"collector-without-port\"\nserver_name = \"bad name\"\nca = \"a\"\ncert = \"b\"\nkey = \"c\"\n",
+        &[
+            (2, "agent.sample_interval", "unknown duration unit"),
+            (4, "collector.address", "not host:port"),
+            (5, "collector.server_name", "not a DNS name"),
+        ],
+    );
+    check_errors(
+        "[agent]\nsample_interval = \"99ms\"\n",
+        &[(2, "agent.sample_interval", "at least 100 ms")],
+    );
+    let config = parse("[agent]\nsample_interval = \"100ms\"\n").unwrap();
+    assert_eq!(config.agent.sample_interval, MIN_SAMPLE_INTERVAL);
+}
+
+#[test]
+fn load_checked_opens_every_named_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let junk = dir.path().join("junk.pem");
+    std::fs::write(&junk, "not PEM at all").unwrap();
+    let path = dir.path().join("agent.toml");
+    let text = format!(
+        "[collector]\naddress = \"c:7443\"\nserver_name = \"c\"\nca = \"{0}/missing-ca.pem\"\ncert = \"{1}\"\nkey = \"{1}\"\n[gpu]\nsource = \"scenario\"\nscenario = \"{0}/missing.toml\"\n",
+        dir.path().display(),
+        junk.display()
+    );
+    std::fs::write(&path, &text).unwrap();
+    // The values alone are fine: `load` does not open the files.
+    Config::load(&path).unwrap();
+    let errors = Config::load_checked(&path).unwrap_err().0;
+    let got: Vec<(usize, &str)> = errors.iter().map(|e| (e.line, e.key.as_str())).collect();
+    assert_eq!(
+        got,
+        [
+            (4, "collector.ca"),
+            (5, "collector.cert"),
+            (6, "collector.key"),
+            (9, "gpu.scenario"),
+        ],
+        "{errors:#?}"
+    );
+    assert!(errors[0].reason.contains("No such file"), "{errors:#?}");
+    assert!(
+        errors[1].reason.contains("no CERTIFICATE block"),
+        "{errors:#?}"
+    );
+    assert!(
+        errors[2].reason.contains("no PRIVATE KEY block"),
+        "{errors:#?}"
+    );
+}

@@ -1,126 +1,69 @@
 //! From raw to typed: parse the document (keeping going past unknown keys and wrong
 //! types so every one is reported), then check values, names, dependencies and cycles.
 
+use super::document::parse_document;
 use super::error::Collector;
+use super::files::{check_files, FileKind, FileRef};
 use super::raw::{RawComponent, RawConfig, RawLogs, RawProbe, S};
 use super::units::{parse_bytes, parse_duration};
 use super::*;
-use serde::Deserialize;
 use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Range;
-use toml::de::{DeTable, DeValue};
 use toml::Spanned;
 
 const DEFAULT_LISTEN: &str = "127.0.0.1:9464";
 pub(crate) const DEFAULT_DATA_DIR: &str = "/var/lib/razar-agent";
-/// How many type/unknown-key errors are collected before giving up on a document.
-const MAX_SHAPE_ERRORS: usize = 100;
 
-pub(super) fn validate(path: &Path, text: &str, hash: String) -> Result<Config, ConfigErrors> {
+pub(super) fn validate(
+    path: &Path,
+    text: &str,
+    hash: String,
+    check: Files,
+) -> Result<Config, ConfigErrors> {
     let mut c = Collector::new(path, text);
-    let raw = parse_raw(text, &mut c);
-    let config = raw.and_then(|raw| build(raw, text, hash, path, &mut c));
-    match config {
-        Some(config) if c.errors.is_empty() => Ok(config),
-        _ => {
-            let mut errors = c.errors;
-            errors.sort_by_key(|e| (e.line, e.column));
-            Err(ConfigErrors(errors))
+    let mut files = Vec::new();
+    let raw = parse_document::<RawConfig>(text, &mut c);
+    let config = raw.and_then(|raw| build(raw, text, hash, path, &mut c, &mut files));
+    if check == Files::Check {
+        check_named_files(config.as_ref(), &files, &mut c);
+    }
+    c.finish(config)
+}
+
+/// Opens and parses every file the config names, then builds the collector link's TLS
+/// configuration from them as the uplink will (a key that does not match its
+/// certificate shows only then).
+fn check_named_files(config: Option<&Config>, files: &[FileRef], c: &mut Collector<'_>) {
+    let all_usable = check_files(files, c);
+    let link = config.and_then(|config| config.collector.as_ref());
+    if let (true, Some(link)) = (all_usable, link) {
+        let tls = razar_shared::tls::ClientTlsFiles {
+            ca: link.ca.clone(),
+            cert: link.cert.clone(),
+            key: link.key.clone(),
+        };
+        if let Err(e) = razar_shared::tls::client_config_from_files(&tls) {
+            let span = files
+                .iter()
+                .find(|f| f.key == "collector.key")
+                .and_then(|f| f.span.clone());
+            c.push(span, "collector.key", e.to_string());
         }
     }
 }
 
-/// Deserializes the raw structs; each unknown key or wrongly typed value is recorded,
-/// removed from the tree, and the document tried again, so all of them are reported.
-fn parse_raw(text: &str, c: &mut Collector<'_>) -> Option<RawConfig> {
-    let (mut doc, syntax) = DeTable::parse_recoverable(text);
-    if !syntax.is_empty() {
-        for e in syntax {
-            c.push(e.span(), "", format!("TOML syntax: {}", e.message()));
-        }
-        return None;
+/// A `host:port` the uplink can resolve: a host and a port from 1 to 65535.
+fn check_address(address: &str) -> Result<(), String> {
+    let valid = address
+        .rsplit_once(':')
+        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0));
+    if address.is_empty() || valid {
+        Ok(())
+    } else {
+        Err(format!(
+            "`{address}` is not host:port (e.g. collector.example.net:7443)"
+        ))
     }
-    for _ in 0..MAX_SHAPE_ERRORS {
-        let de = toml::de::Deserializer::from(doc.clone());
-        match RawConfig::deserialize(de) {
-            Ok(raw) => return Some(raw),
-            Err(e) => {
-                let key = e.span().and_then(|span| remove_at(doc.get_mut(), &span));
-                let reason = e.message().to_owned();
-                match key {
-                    Some(key) => c.push(e.span(), key, reason),
-                    None => {
-                        c.push(e.span(), "", reason);
-                        return None;
-                    }
-                }
-            }
-        }
-    }
-    c.push(None, "", "too many errors; fix these first");
-    None
-}
-
-fn contains(outer: &Range<usize>, inner: &Range<usize>) -> bool {
-    outer.start <= inner.start && inner.end <= outer.end
-}
-
-/// Removes the table entry whose key or value is at `span` (searching the whole tree:
-/// a `[table]` header's span does not cover its body); returns its key path.
-fn remove_at(table: &mut DeTable<'_>, span: &Range<usize>) -> Option<String> {
-    let hit = table
-        .iter()
-        .find(|(key, value)| {
-            key.span() == *span
-                || value.span() == *span
-                || (contains(&value.span(), span)
-                    && !matches!(value.get_ref(), DeValue::Table(_) | DeValue::Array(_)))
-        })
-        .map(|(key, _)| key.clone());
-    if let Some(key) = hit {
-        let name = key.get_ref().to_string();
-        table.remove(&key);
-        return Some(name);
-    }
-    for (key, value) in table.iter_mut() {
-        match value.get_mut() {
-            DeValue::Table(inner) => {
-                if let Some(path) = remove_at(inner, span) {
-                    return Some(format!("{}.{path}", key.get_ref()));
-                }
-            }
-            DeValue::Array(items) => {
-                // An element of an array of scalars: remove the whole array.
-                if items.iter().any(|item| {
-                    item.span() == *span
-                        || contains(&item.span(), span)
-                            && !matches!(item.get_ref(), DeValue::Table(_))
-                }) {
-                    let k = key.clone();
-                    let name = k.get_ref().to_string();
-                    table.remove(&k);
-                    return Some(name);
-                }
-                for (i, item) in items.iter_mut().enumerate() {
-                    let label = match item
-                        .get_ref()
-                        .get("name")
-                        .and_then(|n| n.get_ref().as_str())
-                    {
-                        Some(name) => name.to_owned(),
-                        None => format!("#{}", i + 1),
-                    };
-                    if let DeValue::Table(inner) = item.get_mut() {
-                        if let Some(path) = remove_at(inner, span) {
-                            return Some(format!("{}[{label}].{path}", key.get_ref()));
-                        }
-                    }
-                }
-            }
-            _ => {}
-        }
-    }
-    None
 }
 
 /// Key paths are `component[NAME].field`.
@@ -210,6 +153,7 @@ fn build(
     hash: String,
     path: &Path,
     c: &mut Collector<'_>,
+    files: &mut Vec<FileRef>,
 ) -> Option<Config> {
     let mut x = Ctx { c };
     let whole = 0..0;
@@ -334,12 +278,16 @@ fn build(
         "agent.sample_interval".into(),
         Duration::from_secs(1),
     );
-    if sample_interval.is_zero() {
+    if sample_interval < MIN_SAMPLE_INTERVAL {
         if let Some(v) = &agent_raw.sample_interval {
             x.err(
                 v.span(),
                 "agent.sample_interval".into(),
-                "must be greater than zero",
+                format!(
+                    "must be at least {} ms (every tick samples the GPUs, the host and every \
+                     component)",
+                    MIN_SAMPLE_INTERVAL.as_millis()
+                ),
             );
         }
     }
@@ -379,13 +327,39 @@ fn build(
                 }
             }
         };
-        CollectorSettings {
+        let settings = CollectorSettings {
             address: need(&col.address, "address"),
             server_name: need(&col.server_name, "server_name"),
             ca: PathBuf::from(need(&col.ca, "ca")),
             cert: PathBuf::from(need(&col.cert, "cert")),
             key: PathBuf::from(need(&col.key, "key")),
+        };
+        if let Some(v) = &col.address {
+            if let Err(reason) = check_address(v.get_ref()) {
+                x.err(v.span(), "collector.address".into(), reason);
+            }
         }
+        if let Some(v) = &col.server_name {
+            if !v.get_ref().is_empty()
+                && rustls::pki_types::ServerName::try_from(v.get_ref().as_str()).is_err()
+            {
+                x.err(
+                    v.span(),
+                    "collector.server_name".into(),
+                    "not a DNS name or IP address",
+                );
+            }
+        }
+        for (v, key, kind) in [
+            (&col.ca, "collector.ca", FileKind::CaCertificates),
+            (&col.cert, "collector.cert", FileKind::Certificates),
+            (&col.key, "collector.key", FileKind::PrivateKey),
+        ] {
+            if let Some(v) = v.as_ref().filter(|v| !v.get_ref().is_empty()) {
+                files.push(FileRef::new(key, Some(v.span()), v.get_ref(), kind));
+            }
+        }
+        settings
     });
 
     let mut dcgm_hostname_label = razar_gpu::exposition::HostnameLabel::default();
@@ -411,13 +385,36 @@ fn build(
             let source = g.source.as_ref().map(|s| (s.get_ref().as_str(), s.span()));
             match source {
                 None | Some(("none", _)) => GpuSettings::None,
-                Some(("nvml", _)) => GpuSettings::Nvml {
-                    library: g.nvml_library.map(|p| PathBuf::from(p.into_inner())),
-                },
+                Some(("nvml", _)) => {
+                    // A bare name is searched for by the dynamic loader; a path must exist.
+                    if let Some(p) = g
+                        .nvml_library
+                        .as_ref()
+                        .filter(|p| p.get_ref().contains('/'))
+                    {
+                        files.push(FileRef::new(
+                            "gpu.nvml_library",
+                            Some(p.span()),
+                            p.get_ref(),
+                            FileKind::Library,
+                        ));
+                    }
+                    GpuSettings::Nvml {
+                        library: g.nvml_library.map(|p| PathBuf::from(p.into_inner())),
+                    }
+                }
                 Some(("scenario", s)) => match g.scenario {
-                    Some(p) => GpuSettings::Scenario {
-                        path: PathBuf::from(p.into_inner()),
-                    },
+                    Some(p) => {
+                        files.push(FileRef::new(
+                            "gpu.scenario",
+                            Some(p.span()),
+                            p.get_ref(),
+                            FileKind::GpuScenario,
+                        ));
+                        GpuSettings::Scenario {
+                            path: PathBuf::from(p.into_inner()),
+                        }
+                    }
                     None => {
                         x.err(
                             s,

@@ -12,6 +12,15 @@ use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+/// `println!` that a closed standard output (`razar-collector dev | head`) does not
+/// stop: dev mode keeps running, its banner just goes nowhere.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 /// Host id of the dev agent (its certificate's identity).
 pub const DEV_HOST: &str = "dev-host";
 
@@ -49,7 +58,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     config.http_listen = SocketAddr::from(([127, 0, 0, 1], args.http_port));
     config.quic_listen = SocketAddr::from(([127, 0, 0, 1], args.quic_port));
     config.tls = TlsPaths::in_dir(&ca_dir);
-    println!(
+    say!(
         "razar dev: starting PostgreSQL and the collector under {}",
         data_dir.display()
     );
@@ -92,33 +101,33 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     };
 
     let http = service.http_addr();
-    println!();
-    println!("Razar is running on this machine.");
-    println!("  health:     http://{http}/api/v1/health");
-    println!("  metrics:    http://{http}/metrics");
-    println!(
+    say!();
+    say!("Razar is running on this machine.");
+    say!("  health:     http://{http}/api/v1/health");
+    say!("  metrics:    http://{http}/metrics");
+    say!(
         "  agent:      http://127.0.0.1:{agent_port}/health  (host {DEV_HOST}, config {})",
         agent_toml.display()
     );
-    println!(
+    say!(
         "  agents:     QUIC {} (mTLS, CA in {})",
         service.quic_addr(),
         ca_dir.display()
     );
     if let Some(pg) = service.embedded_pg() {
-        println!(
+        say!(
             "  database:   psql \"host={} port={} user=postgres dbname=razar\"",
             pg.socket_dir().display(),
             razar_collector::embedded_pg::SOCKET_PORT
         );
     }
-    println!("Press Ctrl-C to stop everything.");
+    say!("Press Ctrl-C to stop everything.");
 
     wait_for_stop().await;
-    println!("razar dev: stopping components, agent, collector and PostgreSQL");
+    say!("razar dev: stopping components, agent, collector and PostgreSQL");
     daemon.shutdown().await;
     service.shutdown().await;
-    println!("razar dev: stopped");
+    say!("razar dev: stopped");
     Ok(())
 }
 

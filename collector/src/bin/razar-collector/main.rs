@@ -6,6 +6,7 @@ mod dev;
 
 use clap::{Parser, Subcommand};
 use razar_collector::config::CollectorConfig;
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -45,20 +46,31 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Check { config } => match CollectorConfig::load(&config) {
+        // Both check the values and the TLS files the way `run` uses them.
+        Command::Check { config } => match CollectorConfig::load_checked(&config) {
             Ok(_) => {
-                println!("{}: ok", config.display());
-                ExitCode::SUCCESS
+                let mut out = std::io::stdout().lock();
+                match writeln!(out, "{}: ok", config.display()) {
+                    Ok(()) => ExitCode::SUCCESS,
+                    // `razar-collector check ... | head -c 3`: the reader has what it wanted.
+                    Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+                    Err(e) => {
+                        eprintln!("razar-collector: error: writing to standard output: {e}");
+                        ExitCode::FAILURE
+                    }
+                }
             }
-            Err(e) => {
-                eprintln!("{e}");
+            Err(errors) => {
+                eprintln!("{errors}");
+                eprintln!("{} error(s)", errors.0.len());
                 ExitCode::from(2)
             }
         },
-        Command::Run { config } => match CollectorConfig::load(&config) {
+        Command::Run { config } => match CollectorConfig::load_checked(&config) {
             Ok(c) => block_on(run(c)),
-            Err(e) => {
-                eprintln!("{e}");
+            Err(errors) => {
+                eprintln!("{errors}");
+                eprintln!("refusing to start: {} config error(s)", errors.0.len());
                 ExitCode::from(2)
             }
         },
