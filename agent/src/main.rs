@@ -102,8 +102,8 @@ async fn dispatch(command: Command) -> anyhow::Result<i32> {
             budget_ms,
             target,
         } => {
-            let body = serde_json::json!({ "budget_ms": budget_ms }).to_string();
-            control(&target, &component, "pulse", Some(&body)).await
+            let addr = cli::resolve_addr(&target)?;
+            cli::pulse(addr, &component, budget_ms).await
         }
         Command::Reload { target } => {
             let addr = cli::resolve_addr(&target)?;

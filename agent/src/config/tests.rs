@@ -188,3 +188,32 @@ fn garbage_never_panics() {
     }
     assert!(Config::parse(Path::new("x"), &[0xff, 0xfe]).is_err());
 }
+
+#[test]
+fn component_kind_is_service_or_oneshot_and_a_oneshot_takes_no_probe() {
+    let config = parse(
+        "[[component]]\nname = \"migrate\"\nkind = \"oneshot\"\ncommand = \"x\"\n[[component]]\nname = \"app\"\ncommand = \"x\"\n",
+    )
+    .unwrap();
+    assert_eq!(config.components[0].kind, ComponentKind::Oneshot);
+    assert_eq!(config.components[1].kind, ComponentKind::Service);
+    check_errors(
+        "[[component]]\nname = \"m\"\nkind = \"oneshot\"\ncommand = \"x\"\n[component.readiness]\nkind = \"exec\"\ncommand = [\"true\"]\n[[component]]\nname = \"n\"\nkind = \"daemon\"\ncommand = \"x\"\n",
+        &[
+            (5, "component[m].readiness", "takes no probe"),
+            (10, "component[n].kind", "unknown component kind `daemon`"),
+        ],
+    );
+}
+
+#[test]
+fn probe_keys_of_another_probe_kind_are_errors_not_ignored() {
+    check_errors(
+        "[[component]]\nname = \"a\"\ncommand = \"x\"\n[component.readiness]\nkind = \"exec\"\ncommand = [\"false\"]\nurl = \"http://x/\"\n[component.liveness]\nkind = \"http\"\nurl = \"http://127.0.0.1:1/\"\naddress = \"127.0.0.1:1\"\ncommand = [\"true\"]\n",
+        &[
+            (7, "component[a].readiness.url", "not used by a exec probe"),
+            (11, "component[a].liveness.address", "not used by a http probe"),
+            (12, "component[a].liveness.command", "not used by a http probe"),
+        ],
+    );
+}
