@@ -199,9 +199,8 @@ pub async fn pulse(addr: SocketAddr, component: &str, budget_ms: u64) -> anyhow:
         return Ok(2);
     }
     // The agent decides by the budget; the slack covers a slow answer, not a slow component.
-    let deadline = tokio::time::Instant::now()
-        + Duration::from_millis(budget_ms)
-        + Duration::from_secs(30);
+    let deadline =
+        tokio::time::Instant::now() + Duration::from_millis(budget_ms) + Duration::from_secs(30);
     loop {
         let report = last_pulse(addr, component)
             .await?

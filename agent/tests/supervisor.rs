@@ -460,7 +460,14 @@ async fn independents_start_in_priority_order_lowest_number_first() {
             .iter()
             .filter_map(|e| match (&e.subject, &e.kind) {
                 (Subject::Component(name), EventKind::StateChanged { to: Ready, .. }) => {
-                    let pid = e.message.split("pid ").nth(1)?.split(' ').next()?.parse().ok()?;
+                    let pid = e
+                        .message
+                        .split("pid ")
+                        .nth(1)?
+                        .split(' ')
+                        .next()?
+                        .parse()
+                        .ok()?;
                     Some((name.clone(), pid))
                 }
                 _ => None,

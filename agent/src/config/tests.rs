@@ -35,7 +35,20 @@ fn example_config_parses_and_matches_the_code() {
         .active_components()
         .map(|c| c.name.to_string())
         .collect();
-    assert_eq!(names, ["redis", "model-server", "gateway", "batch-reindex"]);
+    assert_eq!(
+        names,
+        [
+            "redis",
+            "model-server",
+            "db-migrate",
+            "gateway",
+            "batch-reindex"
+        ]
+    );
+    assert_eq!(
+        config.component("db-migrate").unwrap().kind,
+        ComponentKind::Oneshot
+    );
     let model = config.component("model-server").unwrap();
     assert_eq!(model.depends_on[0].as_str(), "redis");
     assert_eq!(model.vram_policy, VramPolicy::Restart);

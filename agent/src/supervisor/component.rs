@@ -249,9 +249,7 @@ impl ComponentTask {
             recent_failures: u32::try_from(self.machine.recent_failures()).unwrap_or(u32::MAX),
             since_ms: self.since_ms,
             reason: match &self.waiting {
-                Some(waiting) if self.machine.state() == ComponentState::Pending => {
-                    waiting.clone()
-                }
+                Some(waiting) if self.machine.state() == ComponentState::Pending => waiting.clone(),
                 _ => self.reason.clone(),
             },
             last_pulse: self.machine.last_pulse(),

@@ -70,7 +70,11 @@ fn free_to_start<'a>(
     specs
         .iter()
         .copied()
-        .filter(|s| states.get(&s.name).is_none_or(|st| *st == ComponentState::Pending))
+        .filter(|s| {
+            states
+                .get(&s.name)
+                .is_none_or(|st| *st == ComponentState::Pending)
+        })
         .filter(|s| dependencies_ready(s, specs, states))
         .collect()
 }
@@ -88,10 +92,7 @@ pub fn startable(
     start_order(specs)
         .into_iter()
         .filter(|name| states.get(name) == Some(&ComponentState::Pending))
-        .filter(|name| {
-            free.iter()
-                .any(|s| &s.name == name && s.priority == lowest)
-        })
+        .filter(|name| free.iter().any(|s| &s.name == name && s.priority == lowest))
         .collect()
 }
 
@@ -235,7 +236,10 @@ priority = 0
             .collect();
         // Lower priority numbers start first.
         assert_eq!(names(&startable(&refs, &states)), ["db"]);
-        states.insert(ComponentName::parse("db").unwrap(), ComponentState::Starting);
+        states.insert(
+            ComponentName::parse("db").unwrap(),
+            ComponentState::Starting,
+        );
         assert_eq!(names(&startable(&refs, &states)), ["cache"]);
         for n in ["db", "cache"] {
             states.insert(ComponentName::parse(n).unwrap(), ComponentState::Starting);

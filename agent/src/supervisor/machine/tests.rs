@@ -297,7 +297,12 @@ fn pulse_measures_time_to_ready() {
     assert_eq!(result, Some((Some(55), true)));
     let report = r.m.last_pulse().expect("pulse report");
     assert_eq!(
-        (report.recovered_ms, report.done, report.passed, report.budget_ms),
+        (
+            report.recovered_ms,
+            report.done,
+            report.passed,
+            report.budget_ms
+        ),
         (Some(55), true, true, 1000)
     );
 }
@@ -477,7 +482,8 @@ fn oneshot_reload_with_a_new_spec_runs_it_again() {
     });
     assert_eq!(r.m.state(), Ready);
     let now = r.now();
-    let a = r.m.reload(spec(&format!("args = [\"v2\"]\n{ONESHOT}")), now);
+    let a =
+        r.m.reload(spec(&format!("args = [\"v2\"]\n{ONESHOT}")), now);
     r.apply(a);
     assert_eq!(r.m.state(), Pending);
     r.feed(Input::DependenciesReady);
