@@ -230,3 +230,22 @@ fn probe_keys_of_another_probe_kind_are_errors_not_ignored() {
         ],
     );
 }
+
+#[test]
+fn a_service_revision_digests_the_spec_as_before_the_kind_key() {
+    use sha2::Digest as _;
+    let config = parse("[[component]]\nname = \"a\"\ncommand = \"sleep\"\n").unwrap();
+    let a = &config.components[0];
+    let mut unlabelled = a.clone();
+    unlabelled.revision = String::new();
+    let text = format!("{unlabelled:?}");
+    assert!(text.ends_with(", kind: Service }"), "{text}");
+    // The spec's text as it was before `kind` existed: existing revisions hold, and
+    // an agent upgrade does not restart every component for a changed revision.
+    let before = text.replace(", kind: Service }", " }");
+    let digest = hex::encode(sha2::Sha256::digest(before.as_bytes()));
+    assert_eq!(a.revision, digest[..12]);
+    let oneshot =
+        parse("[[component]]\nname = \"a\"\nkind = \"oneshot\"\ncommand = \"sleep\"\n").unwrap();
+    assert_ne!(oneshot.components[0].revision, a.revision);
+}
