@@ -175,6 +175,76 @@ pub fn print(text: &str) -> anyhow::Result<()> {
     }
 }
 
+/// The latest pulse of `component` as `/health` shows it (`Ok(None)`: none yet).
+async fn last_pulse(
+    socket: &Path,
+    component: &str,
+) -> anyhow::Result<Option<razar_agent::supervisor::machine::PulseReport>> {
+    let (status, body) = request(socket, "GET", "/health", None).await?;
+    if status != 200 {
+        anyhow::bail!("/health answered {status}: {body}");
+    }
+    let health: razar_agent::local_api::Health =
+        serde_json::from_str(&body).map_err(|e| anyhow::anyhow!("parsing /health: {e}"))?;
+    Ok(health
+        .components
+        .into_iter()
+        .find(|c| c.name == component)
+        .and_then(|c| c.last_pulse))
+}
+
+/// `pulse`: kills `component` on purpose, waits for the agent's verdict and prints the
+/// measured time to ready again, or the failure. Exit code 0 passed, 1 failed, 2 refused.
+pub async fn pulse(socket: &Path, component: &str, budget_ms: u64) -> anyhow::Result<i32> {
+    let before = last_pulse(socket, component).await?;
+    let body = serde_json::json!({ "budget_ms": budget_ms }).to_string();
+    let path = format!("/v1/components/{component}/pulse");
+    let (status, answer) = request(socket, "POST", &path, Some(&body)).await?;
+    if status != 200 {
+        eprintln!("{answer}");
+        return Ok(2);
+    }
+    // The agent decides by the budget; the slack covers a slow answer, not a slow component.
+    let deadline =
+        tokio::time::Instant::now() + Duration::from_millis(budget_ms) + Duration::from_secs(30);
+    loop {
+        let report = last_pulse(socket, component)
+            .await?
+            .filter(|r| Some(r.started_ms) != before.map(|b| b.started_ms))
+            .filter(|r| r.done);
+        if let Some(r) = report {
+            return Ok(match r.recovered_ms {
+                Some(ms) if r.passed => {
+                    println!(
+                        "ok: pulse {component}: ready again after {ms} ms (budget {} ms)",
+                        r.budget_ms
+                    );
+                    0
+                }
+                Some(ms) => {
+                    println!(
+                        "failed: pulse {component}: ready again after {ms} ms, over the budget of {} ms",
+                        r.budget_ms
+                    );
+                    1
+                }
+                None => {
+                    println!(
+                        "failed: pulse {component}: not ready again within {} ms",
+                        r.budget_ms
+                    );
+                    1
+                }
+            });
+        }
+        if tokio::time::Instant::now() > deadline {
+            eprintln!("pulse {component}: no result from the agent");
+            return Ok(1);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Validates `path` as `run` would (values and the files it names); prints "ok" or
 /// every error. Returns the exit code (0 or 2).
 pub fn check(path: &Path) -> i32 {

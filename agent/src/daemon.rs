@@ -253,14 +253,23 @@ impl Daemon {
         if let Some(telemetry) = tasks.first_mut() {
             let _ = telemetry.await;
         }
-        if let Some(uplink) = self.uplink {
-            match Arc::try_unwrap(uplink) {
-                Ok(uplink) => uplink.shutdown().await,
-                Err(shared) => drop(shared),
-            }
-        }
+        // The command task holds the uplink and only ends when the uplink does: end it
+        // (and the status mirror) first, so that the uplink is ours alone to close.
         for task in tasks.iter().skip(1) {
             task.abort();
+        }
+        for task in tasks.into_iter().skip(1) {
+            let _ = task.await;
+        }
+        if let Some(uplink) = self.uplink {
+            match Arc::try_unwrap(uplink) {
+                // Closes the connection with the shutdown code and waits for it.
+                Ok(uplink) => uplink.shutdown().await,
+                Err(shared) => {
+                    tracing::warn!("the uplink is still in use at shutdown: not closed cleanly");
+                    drop(shared);
+                }
+            }
         }
     }
 }

@@ -104,8 +104,8 @@ async fn dispatch(command: Command) -> anyhow::Result<i32> {
             budget_ms,
             target,
         } => {
-            let body = serde_json::json!({ "budget_ms": budget_ms }).to_string();
-            control(&target, &component, "pulse", Some(&body)).await
+            let socket = cli::resolve_socket(&target)?;
+            cli::pulse(&socket, &component, budget_ms).await
         }
         Command::Reload { target } => {
             let socket = cli::resolve_socket(&target)?;

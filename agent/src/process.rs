@@ -703,14 +703,21 @@ pub(crate) struct ProcStat {
 
 /// Reads `/proc/<pid>/stat`; `None` if the process is gone or the file is malformed.
 pub(crate) fn read_stat(pid: u32) -> Option<ProcStat> {
-    let text = read_proc_file(&format!("/proc/{pid}/stat")).ok()?;
-    parse_stat(&text)
+    let bytes = read_proc_bytes(&format!("/proc/{pid}/stat")).ok()?;
+    parse_stat(&bytes)
 }
 
 /// Reads a small procfs file with as few system calls as it takes: no `stat` for a size
 /// hint (procfs reports 0) and no read past a short one, since procfs fills a read with
 /// everything that fits and a short read means the end. Used on every sampling tick.
 pub(crate) fn read_proc_file(path: &str) -> std::io::Result<String> {
+    let bytes = read_proc_bytes(path)?;
+    String::from_utf8(bytes).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+}
+
+/// [`read_proc_file`] as bytes: for files holding a process name, which the kernel
+/// cuts at 15 bytes, possibly inside a multi-byte character (not valid UTF-8).
+pub(crate) fn read_proc_bytes(path: &str) -> std::io::Result<Vec<u8>> {
     use std::io::Read as _;
     let mut file = std::fs::File::open(path)?;
     let mut buf = [0u8; 4096];
@@ -722,14 +729,16 @@ pub(crate) fn read_proc_file(path: &str) -> std::io::Result<String> {
             break;
         }
     }
-    String::from_utf8(text).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+    Ok(text)
 }
 
-/// Parses the text of a `/proc/<pid>/stat` file. The command name (field 2) is in
-/// parentheses and may itself hold spaces and parentheses, so fields are counted from
-/// the last `)`.
-pub(crate) fn parse_stat(text: &str) -> Option<ProcStat> {
-    let rest = &text[text.rfind(')')? + 1..];
+/// Parses a `/proc/<pid>/stat` file, as bytes. The command name (field 2) is in
+/// parentheses and may itself hold spaces, parentheses and any bytes but NUL (the
+/// kernel cuts it at 15 bytes, even inside a UTF-8 character), so fields are counted
+/// from the last `)` and only the ASCII fields after it are decoded.
+pub(crate) fn parse_stat(bytes: &[u8]) -> Option<ProcStat> {
+    let close = bytes.iter().rposition(|&b| b == b')')?;
+    let rest = std::str::from_utf8(bytes.get(close + 1..)?).ok()?;
     // After the name, field N is at index N - 3.
     let fields: Vec<&str> = rest.split_ascii_whitespace().collect();
     let field = |n: usize| -> Option<&str> { fields.get(n - 3).copied() };
@@ -1193,7 +1202,7 @@ mod tests {
     #[test]
     fn parses_stat_with_odd_names() {
         let text = "1234 (a) b (c)) S 1 1234 1234 0 -1 4194560 100 0 0 0 7 3 0 0 20 0 4 0 98765 1000000 250 18446744073709551615";
-        let stat = parse_stat(text);
+        let stat = parse_stat(text.as_bytes());
         assert_eq!(
             stat,
             Some(ProcStat {
@@ -1206,8 +1215,14 @@ mod tests {
                 rss_pages: 250,
             })
         );
-        assert_eq!(parse_stat("garbage"), None);
-        assert_eq!(parse_stat("1 (x) S 1 2"), None);
-        assert_eq!(parse_stat(""), None);
+        assert_eq!(parse_stat(b"garbage"), None);
+        assert_eq!(parse_stat(b"1 (x) S 1 2"), None);
+        assert_eq!(parse_stat(b""), None);
+        // A 15-byte name cut inside a two-byte character: the fields still parse.
+        let mut cut = b"77 (".to_vec();
+        cut.extend_from_slice(&"миграция".as_bytes()[..15]);
+        cut.extend_from_slice(b") S 1 77 77 0 -1 0 0 0 0 0 7 3 0 0 20 0 1 0 4242 0 9 0");
+        assert!(std::str::from_utf8(&cut).is_err());
+        assert_eq!(parse_stat(&cut).map(|s| s.start_time), Some(4242));
     }
 }

@@ -4,7 +4,7 @@
 mod support;
 
 use razar_agent::supervisor::machine::Control;
-use razar_agent::supervisor::runtime::AgentError;
+use razar_agent::supervisor::runtime::{Agent, AgentError, AgentOptions};
 use razar_shared::domain::ComponentState::{self, *};
 use razar_shared::protocol::{Event, EventKind, Subject};
 use std::time::{Duration, Instant};
@@ -425,4 +425,261 @@ fn check_reports_every_config_error_with_its_line() {
 fn is_component(e: &Event, name: &str, to: ComponentState) -> bool {
     e.subject == Subject::Component(name.into())
         && matches!(e.kind, EventKind::StateChanged { to: t, .. } if t == to)
+}
+
+/// Kills a process group when the test ends, however it ends (a SIGKILLed agent leaves
+/// its components behind).
+struct GroupGuard(u32);
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        if alive(self.0) {
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(self.0 as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn independents_start_in_priority_order_lowest_number_first() {
+    let dir = Dir::new();
+    let mut body = String::new();
+    for (name, priority) in [("a", 50), ("b", 40), ("c", 30), ("d", 20), ("e", 10)] {
+        body.push_str(&format!(
+            "[[component]]\nname = \"{name}\"\npriority = {priority}\ncommand = \"sleep\"\nargs = [\"1000.3{priority}\"]\n\n"
+        ));
+    }
+    let agent = start(dir.config(&body)).await;
+    let mut rx = agent.subscribe_from_start();
+    let mut events = Vec::new();
+    let starts = wait_for("all five started", || {
+        drain(&mut rx, &mut events);
+        let starts: Vec<(String, u32)> = events
+            .iter()
+            .filter_map(|e| match (&e.subject, &e.kind) {
+                (Subject::Component(name), EventKind::StateChanged { to: Ready, .. }) => {
+                    let pid = e
+                        .message
+                        .split("pid ")
+                        .nth(1)?
+                        .split(' ')
+                        .next()?
+                        .parse()
+                        .ok()?;
+                    Some((name.clone(), pid))
+                }
+                _ => None,
+            })
+            .collect();
+        (starts.len() == 5).then_some(starts)
+    })
+    .await;
+    let order: Vec<&str> = starts.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(order, ["e", "d", "c", "b", "a"], "events: {events:#?}");
+    // The processes were forked in that order too.
+    let pids: Vec<u32> = starts.iter().map(|(_, p)| *p).collect();
+    let mut sorted = pids.clone();
+    sorted.sort_unstable();
+    assert_eq!(pids, sorted, "spawn order by pid");
+    agent.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_that_never_passes_fails_the_start_and_dependents_say_why_they_wait() {
+    let dir = Dir::new();
+    let config = dir.config(&format!(
+        "[[component]]\nname = \"db\"\n{}\n[component.readiness]\nkind = \"exec\"\ncommand = [\"false\"]\ninterval = \"50ms\"\nfailure_threshold = 3\nstart_period = \"200ms\"\n[component.restart]\ninitial_backoff = \"100ms\"\njitter = 0.0\n[component.give_up]\nmax_failures = 2\nwindow = \"1m\"\n\n\
+         [[component]]\nname = \"api\"\ndepends_on = [\"db\"]\n{}\n",
+        sh("exec sleep 1000.41"),
+        sh("exec sleep 1000.42"),
+    ));
+    let agent = Agent::start(
+        config,
+        AgentOptions {
+            store: None,
+            serve_http: true,
+            listen: Some("127.0.0.1:0".parse().unwrap()),
+        },
+    )
+    .await
+    .expect("agent starts");
+    let addr = agent.local_addr().expect("listening");
+    let mut rx = agent.subscribe_from_start();
+    let mut events = Vec::new();
+    // The dependent says what it waits for, in status and /health.
+    let api = wait_for("api to say it waits for db", || {
+        status(&agent, "api").filter(|s| s.reason.contains("waiting for db"))
+    })
+    .await;
+    assert_eq!((api.state, api.pid), (Pending, None), "{api:?}");
+    let (code, health) = http(addr, "GET", "/health", "").await;
+    assert_eq!(code, 200);
+    let health: serde_json::Value = serde_json::from_str(&health).unwrap();
+    let reason = health["components"]
+        .as_array()
+        .and_then(|cs| cs.iter().find(|c| c["name"] == "api"))
+        .and_then(|c| c["reason"].as_str())
+        .unwrap_or_default()
+        .to_owned();
+    assert!(reason.contains("waiting for db"), "/health: {health}");
+    // A failed start: an event with the probe's reason, a restart, then the give-up rule.
+    let failed = wait_for("db's start failed by its readiness probe", || {
+        drain(&mut rx, &mut events);
+        events
+            .iter()
+            .find(|e| {
+                e.subject == Subject::Component("db".into())
+                    && matches!(e.kind, EventKind::StateChanged { to: Backoff, .. })
+            })
+            .cloned()
+    })
+    .await;
+    assert!(
+        failed
+            .message
+            .starts_with("readiness probe failed 3 times after the 200 ms start period:"),
+        "{failed:?}"
+    );
+    let db = wait_state(&agent, "db", Quarantined).await;
+    assert!(db.reason.contains("gave up after 2 failures"), "{db:?}");
+    let api = wait_for("api to say db is quarantined", || {
+        status(&agent, "api").filter(|s| s.reason.contains("db (quarantined"))
+    })
+    .await;
+    assert_eq!(api.state, Pending);
+    let (_, health) = http(addr, "GET", "/health", "").await;
+    let health: serde_json::Value = serde_json::from_str(&health).unwrap();
+    assert_eq!(health["status"], "degraded", "{health}");
+    agent.shutdown().await;
+}
+
+#[test]
+fn oneshot_migration_gates_the_app_and_is_not_run_again_after_an_agent_sigkill() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let dir = Dir::new();
+    let go = dir.join("go");
+    let runs = dir.join("runs");
+    let config = dir.write_config(&format!(
+        "[[component]]\nname = \"migrate\"\nkind = \"oneshot\"\n{}\n\n\
+         [[component]]\nname = \"app\"\ndepends_on = [\"migrate\"]\ncommand = \"sleep\"\nargs = [\"1000.43\"]\n",
+        sh(&format!(
+            "while [ ! -f {go} ]; do sleep 0.05; done; echo run >> {runs}",
+            go = go.display(),
+            runs = runs.display()
+        )),
+    ));
+    let lines = || {
+        std::fs::read_to_string(&runs)
+            .unwrap_or_default()
+            .lines()
+            .count()
+    };
+    let mut agent = AgentProcess::spawn(&config);
+    rt.block_on(wait_for("migrate running", || {
+        agent
+            .component("migrate")
+            .filter(|c| c.0 == "starting" && c.1.is_some())
+    }));
+    // Running is not ready for a one-shot: the app waits.
+    let (state, pid) = agent.component("app").expect("app");
+    assert_eq!((state.as_str(), pid), ("pending", None));
+    std::fs::write(&go, "").unwrap();
+    let (_, app) = rt.block_on(wait_for("app ready", || {
+        agent.component("app").filter(|c| c.0 == "ready")
+    }));
+    let app = app.expect("app pid") as u32;
+    let _group = GroupGuard(app);
+    assert_eq!(agent.component("migrate"), Some(("ready".into(), None)));
+    assert_eq!(lines(), 1);
+
+    agent.kill9();
+    let mut agent = AgentProcess::spawn(&config);
+    let (_, again) = rt.block_on(wait_for("app ready again", || {
+        agent.component("app").filter(|c| c.0 == "ready")
+    }));
+    assert_eq!(again, Some(u64::from(app)), "the app was adopted");
+    assert_eq!(agent.component("migrate"), Some(("ready".into(), None)));
+    assert_eq!(lines(), 1, "the completed migration did not run again");
+
+    // An operator asks: it runs again.
+    let (code, out, err) = agent.cli(&["restart", "migrate"]);
+    assert_eq!(code, 0, "{out}{err}");
+    rt.block_on(wait_for("migrate run a second time", || {
+        (lines() == 2).then_some(())
+    }));
+    rt.block_on(wait_for("migrate ready again", || {
+        agent.component("migrate").filter(|c| c.0 == "ready")
+    }));
+    assert_eq!(agent.terminate(), Some(0));
+}
+
+#[test]
+fn a_cyrillic_15_byte_process_name_is_adopted_after_an_agent_restart() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let dir = Dir::new();
+    // The kernel keeps 15 bytes of the name: "миграция" is 16, so the name it shows
+    // ends inside the last character.
+    let program = dir.join("миграция");
+    let sleep = ["/bin/sleep", "/usr/bin/sleep"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+        .expect("sleep binary");
+    std::fs::copy(sleep, &program).unwrap();
+    let marker = "1000.44";
+    let config = dir.write_config(&format!(
+        "[[component]]\nname = \"cyr\"\ncommand = \"{}\"\nargs = [\"{marker}\"]\n",
+        program.display()
+    ));
+    let mut agent = AgentProcess::spawn(&config);
+    let (_, pid) = rt.block_on(wait_for("cyr ready", || {
+        agent.component("cyr").filter(|c| c.0 == "ready")
+    }));
+    let pid = pid.expect("pid") as u32;
+    let _group = GroupGuard(pid);
+    let stat = std::fs::read(format!("/proc/{pid}/stat")).unwrap();
+    assert!(
+        std::str::from_utf8(&stat).is_err(),
+        "the name is cut inside a character"
+    );
+    agent.kill9();
+    assert!(alive(pid));
+
+    let mut agent = AgentProcess::spawn(&config);
+    let (_, again) = rt.block_on(wait_for("cyr ready again", || {
+        agent.component("cyr").filter(|c| c.0 == "ready")
+    }));
+    assert_eq!(again, Some(u64::from(pid)), "the live process was adopted");
+    assert_eq!(
+        processes_with(&format!("миграция {marker}")),
+        [pid],
+        "no second copy"
+    );
+    assert_eq!(agent.terminate(), Some(0));
+    rt.block_on(wait_for("adopted process stopped", || {
+        (!alive(pid)).then_some(())
+    }));
+}
+
+#[test]
+fn pulse_cli_waits_and_prints_the_recovery_time() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let dir = Dir::new();
+    let config = dir.write_config(
+        "[[component]]\nname = \"svc\"\ncommand = \"sleep\"\nargs = [\"1000.45\"]\n[component.restart]\ninitial_backoff = \"0s\"\n",
+    );
+    let agent = AgentProcess::spawn(&config);
+    rt.block_on(wait_for("svc ready", || {
+        agent.component("svc").filter(|c| c.0 == "ready")
+    }));
+    let (code, out, err) = agent.cli(&["pulse", "svc", "--budget-ms", "20000"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.starts_with("ok: pulse svc: ready again after ") && out.contains("(budget 20000 ms)"),
+        "{out}"
+    );
+    // A refused pulse says why and exits 2.
+    let (code, _, err) = agent.cli(&["pulse", "nope", "--budget-ms", "1000"]);
+    assert_eq!(code, 2, "{err}");
 }

@@ -241,6 +241,27 @@ pub enum RestartPolicy {
     Never,
 }
 
+/// What a component is: a long-running service, or a step that runs to completion.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ComponentKind {
+    /// Runs until stopped; ready when spawned, or when its readiness probe passes.
+    #[default]
+    Service,
+    /// Runs to completion (a migration, a setup step), like systemd's `Type=oneshot`
+    /// with `RemainAfterExit`: ready once it has exited 0, and stays ready with no
+    /// process. Not run again after an agent restart while its revision is unchanged.
+    Oneshot,
+}
+
+impl ComponentKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ComponentKind::Service => "service",
+            ComponentKind::Oneshot => "oneshot",
+        }
+    }
+}
+
 /// What exceeding the VRAM budget does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum VramPolicy {
@@ -332,6 +353,10 @@ pub struct ComponentSpec {
     pub backoff: ExponentialBackoff,
     pub give_up: GiveUpRule,
     pub logs: LogSettings,
+    /// `service` (the default) or `oneshot`. Kept the last field: the default revision
+    /// digests the spec's `Debug` text without it for a service, so adding the key did
+    /// not change the revision (and restart) every existing component.
+    pub kind: ComponentKind,
 }
 
 impl ComponentSpec {

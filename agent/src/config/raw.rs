@@ -61,6 +61,7 @@ pub struct RawGpu {
 #[serde(deny_unknown_fields)]
 pub struct RawComponent {
     pub name: S<String>,
+    pub kind: S<String>,
     pub command: S<String>,
     pub args: Option<Vec<String>>,
     pub env: Option<BTreeMap<String, String>>,

@@ -35,7 +35,20 @@ fn example_config_parses_and_matches_the_code() {
         .active_components()
         .map(|c| c.name.to_string())
         .collect();
-    assert_eq!(names, ["redis", "model-server", "gateway", "batch-reindex"]);
+    assert_eq!(
+        names,
+        [
+            "redis",
+            "model-server",
+            "db-migrate",
+            "gateway",
+            "batch-reindex"
+        ]
+    );
+    assert_eq!(
+        config.component("db-migrate").unwrap().kind,
+        ComponentKind::Oneshot
+    );
     let model = config.component("model-server").unwrap();
     assert_eq!(model.depends_on[0].as_str(), "redis");
     assert_eq!(model.vram_policy, VramPolicy::Restart);
@@ -226,6 +239,23 @@ fn command_records_and_follows_have_checked_bounds() {
 }
 
 #[test]
+fn component_kind_is_service_or_oneshot_and_a_oneshot_takes_no_probe() {
+    let config = parse(
+        "[[component]]\nname = \"migrate\"\nkind = \"oneshot\"\ncommand = \"x\"\n[[component]]\nname = \"app\"\ncommand = \"x\"\n",
+    )
+    .unwrap();
+    assert_eq!(config.components[0].kind, ComponentKind::Oneshot);
+    assert_eq!(config.components[1].kind, ComponentKind::Service);
+    check_errors(
+        "[[component]]\nname = \"m\"\nkind = \"oneshot\"\ncommand = \"x\"\n[component.readiness]\nkind = \"exec\"\ncommand = [\"true\"]\n[[component]]\nname = \"n\"\nkind = \"daemon\"\ncommand = \"x\"\n",
+        &[
+            (5, "component[m].readiness", "takes no probe"),
+            (10, "component[n].kind", "unknown component kind `daemon`"),
+        ],
+    );
+}
+
+#[test]
 fn values_run_would_mishandle_are_refused() {
     check_errors(
         "[agent]\nsample_interval = \"1ns\"\n[collector]\naddress = \"collector-without-port\"\nserver_name = \"bad name\"\nca = \"a\"\ncert = \"b\"\nkey = \"c\"\n",
@@ -278,4 +308,35 @@ fn load_checked_opens_every_named_file() {
         errors[2].reason.contains("no PRIVATE KEY block"),
         "{errors:#?}"
     );
+}
+
+#[test]
+fn probe_keys_of_another_probe_kind_are_errors_not_ignored() {
+    check_errors(
+        "[[component]]\nname = \"a\"\ncommand = \"x\"\n[component.readiness]\nkind = \"exec\"\ncommand = [\"false\"]\nurl = \"http://x/\"\n[component.liveness]\nkind = \"http\"\nurl = \"http://127.0.0.1:1/\"\naddress = \"127.0.0.1:1\"\ncommand = [\"true\"]\n",
+        &[
+            (7, "component[a].readiness.url", "not used by a exec probe"),
+            (11, "component[a].liveness.address", "not used by a http probe"),
+            (12, "component[a].liveness.command", "not used by a http probe"),
+        ],
+    );
+}
+
+#[test]
+fn a_service_revision_digests_the_spec_as_before_the_kind_key() {
+    use sha2::Digest as _;
+    let config = parse("[[component]]\nname = \"a\"\ncommand = \"sleep\"\n").unwrap();
+    let a = &config.components[0];
+    let mut unlabelled = a.clone();
+    unlabelled.revision = String::new();
+    let text = format!("{unlabelled:?}");
+    assert!(text.ends_with(", kind: Service }"), "{text}");
+    // The spec's text as it was before `kind` existed: existing revisions hold, and
+    // an agent upgrade does not restart every component for a changed revision.
+    let before = text.replace(", kind: Service }", " }");
+    let digest = hex::encode(sha2::Sha256::digest(before.as_bytes()));
+    assert_eq!(a.revision, digest[..12]);
+    let oneshot =
+        parse("[[component]]\nname = \"a\"\nkind = \"oneshot\"\ncommand = \"sleep\"\n").unwrap();
+    assert_ne!(oneshot.components[0].revision, a.revision);
 }

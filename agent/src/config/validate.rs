@@ -495,7 +495,7 @@ fn build(
             spec.name = name;
             if spec.revision.is_empty() {
                 // Default revision: a digest of the spec itself, so any change shows.
-                let digest = hex::encode(Sha256::digest(format!("{spec:?}").as_bytes()));
+                let digest = hex::encode(Sha256::digest(revision_text(&spec).as_bytes()));
                 spec.revision = digest.get(..12).unwrap_or("").to_owned();
             }
             components.push(spec);
@@ -709,6 +709,35 @@ fn component(
         .as_ref()
         .and_then(|p| probe(x, p, &at(label, "liveness")));
 
+    let kind = match comp.kind.as_ref().map(|k| (k.get_ref().as_str(), k.span())) {
+        None | Some(("service", _)) => ComponentKind::Service,
+        Some(("oneshot", _)) => ComponentKind::Oneshot,
+        Some((other, s)) => {
+            x.err(
+                s,
+                at(label, "kind"),
+                format!("unknown component kind `{other}` (use service or oneshot)"),
+            );
+            ComponentKind::Service
+        }
+    };
+    if kind == ComponentKind::Oneshot {
+        // A one-shot is ready when it exits 0 and then has no process: a probe would
+        // never run, and a budget never be checked. Refused rather than ignored.
+        for (key, present) in [
+            ("readiness", comp.readiness.as_ref().map(|p| p.span())),
+            ("liveness", comp.liveness.as_ref().map(|p| p.span())),
+        ] {
+            if let Some(s) = present {
+                x.err(
+                    s,
+                    at(label, key),
+                    "a oneshot component is ready once it exits 0: it takes no probe",
+                );
+            }
+        }
+    }
+
     let restart = comp.restart.map(|r| r.into_inner()).unwrap_or_default();
     let rl = at(label, "restart");
     let restart_policy = match restart
@@ -841,6 +870,7 @@ fn component(
         backoff: backoff?,
         give_up,
         logs,
+        kind,
     })
 }
 
@@ -918,6 +948,23 @@ fn probe(x: &mut Ctx<'_, '_>, p: &Spanned<RawProbe>, label: &str) -> Option<Prob
             None
         }
     };
+    // Keys of another probe kind would be silently ignored: refuse them.
+    let kind_name = p.kind.as_ref().map(|k| k.get_ref().as_str());
+    for (key, span, owner) in [
+        ("url", p.url.as_ref().map(|v| v.span()), "http"),
+        ("address", p.address.as_ref().map(|v| v.span()), "tcp"),
+        ("command", p.command.as_ref().map(|v| v.span()), "exec"),
+    ] {
+        if let (Some(s), Some(k)) = (span, kind_name) {
+            if k != owner && matches!(k, "http" | "tcp" | "exec") {
+                x.err(
+                    s,
+                    at(label, key),
+                    format!("is not used by a {k} probe (only by {owner})"),
+                );
+            }
+        }
+    }
     let interval = x.duration(&p.interval, at(label, "interval"), Duration::from_secs(1));
     if interval.is_zero() {
         if let Some(v) = &p.interval {
@@ -938,6 +985,19 @@ fn probe(x: &mut Ctx<'_, '_>, p: &Spanned<RawProbe>, label: &str) -> Option<Prob
         success_threshold: x.count(&p.success_threshold, at(label, "success_threshold"), 1),
         start_period: x.duration(&p.start_period, at(label, "start_period"), Duration::ZERO),
     })
+}
+
+/// The text the default revision digests: the spec's `Debug` form, without the
+/// `kind` field for a service, so that revisions did not change when the key came in.
+fn revision_text(spec: &ComponentSpec) -> String {
+    let text = format!("{spec:?}");
+    if spec.kind != ComponentKind::Service {
+        return text;
+    }
+    match text.strip_suffix(", kind: Service }") {
+        Some(head) => format!("{head} }}"),
+        None => text,
+    }
 }
 
 /// A dependency cycle among `components`, as names ending where it started.

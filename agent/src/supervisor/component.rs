@@ -2,9 +2,9 @@
 //! exit, its two timers and its probe, feeding the pure [`Machine`] and carrying out
 //! the actions it returns with real processes.
 
-use super::machine::{Action, Control, Input, Machine, Now, ProbeRole, TimerKind};
+use super::machine::{Action, Control, Input, Machine, Now, ProbeRole, PulseReport, TimerKind};
 use super::state_store::StateStore;
-use crate::config::{Argv, ComponentSpec};
+use crate::config::{Argv, ComponentKind, ComponentSpec};
 use crate::logs::{LogPolicy, Logs};
 use crate::probe::{run_probe, ProbeOutcome};
 use crate::process::{self, AdoptedProcess, ComponentProcess, Exit, SpawnSpec};
@@ -42,8 +42,11 @@ pub struct ComponentStatus {
     pub recent_failures: u32,
     /// When the current state was entered.
     pub since_ms: UnixMillis,
-    /// Why it is in this state.
+    /// Why it is in this state; for a pending component, what it waits for.
     pub reason: String,
+    /// The latest failure pulse (`razar-agent pulse` waits for its result).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_pulse: Option<PulseReport>,
 }
 
 /// Component states as their stable lower-case names in JSON.
@@ -71,6 +74,9 @@ pub(crate) enum ToComponent {
     Command(Control, oneshot::Sender<Result<(), String>>),
     /// New spec; answered once the machine took it (e.g. the stop has begun).
     Reload(Box<ComponentSpec>, oneshot::Sender<()>),
+    /// What a pending component waits for (dependencies not ready, components of a lower
+    /// priority number still to start); shown as its reason while it is pending.
+    Waiting(Option<String>),
     /// End the task (the component is down).
     Exit,
 }
@@ -193,6 +199,10 @@ pub(crate) struct ComponentTask {
     spawns: u64,
     since_ms: UnixMillis,
     reason: String,
+    waiting: Option<String>,
+    /// The status last published: an unchanged one is not sent again (the supervisor
+    /// plans on every change).
+    published: Option<ComponentStatus>,
 }
 
 fn slot(kind: TimerKind) -> usize {
@@ -223,6 +233,8 @@ impl ComponentTask {
             spawns: 0,
             since_ms: unix_ms(),
             reason: "configured".into(),
+            waiting: None,
+            published: None,
         }
     }
 
@@ -236,12 +248,20 @@ impl ComponentTask {
             restarts: self.spawns.saturating_sub(1),
             recent_failures: u32::try_from(self.machine.recent_failures()).unwrap_or(u32::MAX),
             since_ms: self.since_ms,
-            reason: self.reason.clone(),
+            reason: match &self.waiting {
+                Some(waiting) if self.machine.state() == ComponentState::Pending => waiting.clone(),
+                _ => self.reason.clone(),
+            },
+            last_pulse: self.machine.last_pulse(),
         }
     }
 
-    fn publish_status(&self) {
+    fn publish_status(&mut self) {
         let status = self.status();
+        if self.published.as_ref() == Some(&status) {
+            return;
+        }
+        self.published = Some(status.clone());
         self.shared.metrics.component(&status);
         self.shared.statuses.send_modify(|m| {
             m.insert(self.name.clone(), status);
@@ -273,6 +293,9 @@ impl ComponentTask {
         if let Some((id, revision)) = previous {
             self.take_over(id, revision).await;
         }
+        if self.machine.spec().kind == ComponentKind::Oneshot {
+            self.restore_completion().await;
+        }
         self.publish_status();
         loop {
             self.sync_probe();
@@ -291,6 +314,7 @@ impl ComponentTask {
                     break;
                 }
                 Wake::Mail(Some(ToComponent::Input(input))) => self.step(input).await,
+                Wake::Mail(Some(ToComponent::Waiting(waiting))) => self.waiting = waiting,
                 Wake::Mail(Some(ToComponent::Command(control, reply))) => {
                     match self.machine.command(control, now()) {
                         Ok(actions) => {
@@ -387,6 +411,25 @@ impl ComponentTask {
             self.probe = Some(Box::pin(async move {
                 (role, run_probe(&spec.check, spec.timeout).await)
             }));
+        }
+    }
+
+    /// A one-shot that completed with this revision before the agent restarted is ready
+    /// without running again; a completion of another revision is forgotten.
+    async fn restore_completion(&mut self) {
+        match self.shared.store.completed(&self.name) {
+            Ok(Some(revision)) if revision == self.machine.spec().revision => {
+                self.step(Input::RestoreCompleted { revision }).await;
+            }
+            Ok(Some(_)) => {
+                if let Err(error) = self.shared.store.clear_completed(&self.name) {
+                    tracing::error!(component = %self.name, %error, "cannot clear one-shot completion");
+                }
+            }
+            Ok(None) => {}
+            Err(error) => {
+                tracing::error!(component = %self.name, %error, "cannot read one-shot completion: it runs again");
+            }
         }
     }
 
@@ -563,6 +606,13 @@ impl ComponentTask {
                     }
                     None
                 }
+                Action::PersistCompleted => {
+                    let revision = self.machine.spec().revision.clone();
+                    if let Err(error) = self.shared.store.set_completed(&self.name, &revision) {
+                        tracing::error!(component = %self.name, %error, "cannot persist one-shot completion");
+                    }
+                    None
+                }
                 Action::Emit(event) => {
                     if let EventKind::StateChanged { .. } = event.kind {
                         self.since_ms = event.ts_ms;
@@ -583,6 +633,13 @@ impl ComponentTask {
 
     fn spawn(&mut self) -> Input {
         let spec = self.machine.spec();
+        if spec.kind == ComponentKind::Oneshot {
+            // Running again: until it exits 0, it has not completed (an agent restart
+            // in between must not take it as done).
+            if let Err(error) = self.shared.store.clear_completed(&self.name) {
+                tracing::error!(component = %self.name, %error, "cannot clear one-shot completion");
+            }
+        }
         let spawn_spec = SpawnSpec::from_component(spec);
         let spawned = match &self.shared.stdio_dir {
             Some(dir) => process::spawn_with_fifos(&spawn_spec, &self.shared.logs, dir),

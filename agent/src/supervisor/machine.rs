@@ -6,11 +6,11 @@
 //! plus `stopping` and `stopped`. Every state change is an `Emit` of a
 //! `StateChanged` event with a reason and a timestamp.
 
-use crate::config::{ComponentSpec, RestartPolicy, VramPolicy};
+use crate::config::{ComponentKind, ComponentSpec, RestartPolicy, VramPolicy};
 use nix::sys::signal::Signal;
 use razar_shared::domain::{ComponentState, Severity};
 use razar_shared::protocol::{Event, EventKind, Subject, UnixMillis};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
@@ -64,6 +64,8 @@ pub enum Input {
     Timer { kind: TimerKind, token: u64 },
     /// The component was quarantined before the agent restarted.
     RestoreQuarantine { reason: String },
+    /// A one-shot completed (exited 0) with `revision` before the agent restarted.
+    RestoreCompleted { revision: String },
     /// The GPU sampler saw this component use more VRAM than its budget.
     VramExceeded { used_bytes: u64, budget_bytes: u64 },
     /// The memory sampler saw this component use more memory than its budget.
@@ -125,6 +127,8 @@ pub enum Action {
     PersistQuarantine { reason: String },
     /// Remove the durable quarantine.
     ClearQuarantine,
+    /// Record durably that this one-shot completed with its current revision.
+    PersistCompleted,
     /// Publish an event.
     Emit(Event),
 }
@@ -143,6 +147,21 @@ enum AfterStop {
 struct Pulse {
     started: Instant,
     budget: Duration,
+}
+
+/// The latest failure pulse of a component, as `status` and `/health` show it (the CLI's
+/// `pulse` waits for it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PulseReport {
+    /// When the process was killed.
+    pub started_ms: UnixMillis,
+    pub budget_ms: u64,
+    /// Kill to ready again, once it was.
+    pub recovered_ms: Option<u64>,
+    /// The result is in: ready again, or the budget ran out first.
+    pub done: bool,
+    /// Ready again within the budget.
+    pub passed: bool,
 }
 
 /// One component's lifecycle.
@@ -164,6 +183,7 @@ pub struct Machine {
     timers: [Option<u64>; 2],
     pulse: Option<Pulse>,
     pulse_kill: bool,
+    last_pulse: Option<PulseReport>,
     last_exit: (Option<i32>, Option<i32>),
     rng: u64,
 }
@@ -200,6 +220,7 @@ impl Machine {
             timers: [None, None],
             pulse: None,
             pulse_kill: false,
+            last_pulse: None,
             last_exit: (None, None),
             rng: seed | 1,
         }
@@ -221,6 +242,11 @@ impl Machine {
     /// Restarts counted towards the backoff.
     pub fn attempt(&self) -> u32 {
         self.attempt
+    }
+
+    /// The latest failure pulse, if any ran.
+    pub fn last_pulse(&self) -> Option<PulseReport> {
+        self.last_pulse
     }
 
     /// Failures inside the give-up window, as last counted.
@@ -299,6 +325,11 @@ impl Machine {
                 self.timers[timer_slot(TimerKind::Pulse)] = None;
                 let took = now.at.saturating_duration_since(pulse.started);
                 let passed = took <= pulse.budget;
+                if let Some(report) = &mut self.last_pulse {
+                    report.recovered_ms = Some(duration_ms(took));
+                    report.done = true;
+                    report.passed = passed;
+                }
                 out.push(self.event(
                     now,
                     if passed {
@@ -343,13 +374,21 @@ impl Machine {
         out.push(Action::Spawn);
     }
 
-    /// The process is up: ready at once without a readiness probe.
+    /// The process is up: ready at once without a readiness probe; a one-shot only
+    /// once it has exited 0.
     fn running(&mut self, pid: u32, reason: &str, now: Now, out: &mut Vec<Action>) {
         self.pid = Some(pid);
         self.spawned_at = Some(now.at);
         self.probe_passes = 0;
         self.probe_fails = 0;
-        if self.spec.readiness.is_none() {
+        if self.spec.kind == ComponentKind::Oneshot {
+            self.go(
+                ComponentState::Starting,
+                format!("{reason} (one-shot: ready once it exits 0)"),
+                now,
+                out,
+            );
+        } else if self.spec.readiness.is_none() {
             self.go(
                 ComponentState::Ready,
                 format!("{reason} (no readiness probe)"),
@@ -560,7 +599,15 @@ impl Machine {
                     (Some(c), None) => format!("exited with code {c}"),
                     (None, None) => "exited".to_owned(),
                 };
-                let severity = if self.state == ComponentState::Stopping {
+                let clean = code == Some(0) && signal.is_none();
+                let oneshot = self.spec.kind == ComponentKind::Oneshot;
+                // An exit the policy does not hold against the component is news, not
+                // a warning: asked for, a one-shot's success, or 0 under on-failure/never.
+                let severity = if self.state == ComponentState::Stopping
+                    || (clean
+                        && !self.pulse_kill
+                        && (oneshot || self.spec.restart_policy != RestartPolicy::Always))
+                {
                     Severity::Info
                 } else {
                     Severity::Warning
@@ -576,8 +623,17 @@ impl Machine {
                     self.clear_timer(TimerKind::State, &mut out);
                     let after = self.after_stop.take().unwrap_or(AfterStop::Stop);
                     self.after_stopped(after, &format!("stopped ({how})"), now, &mut out);
+                } else if oneshot && clean && !self.pulse_kill {
+                    self.pid = None;
+                    self.clear_timer(TimerKind::State, &mut out);
+                    out.push(Action::PersistCompleted);
+                    self.go(
+                        ComponentState::Ready,
+                        format!("completed ({how})"),
+                        now,
+                        &mut out,
+                    );
                 } else {
-                    let clean = code == Some(0) && signal.is_none();
                     self.fail(how, clean, now, &mut out);
                 }
             }
@@ -614,6 +670,10 @@ impl Machine {
                     }
                     (TimerKind::Pulse, _) => {
                         if let Some(pulse) = self.pulse.take() {
+                            if let Some(report) = &mut self.last_pulse {
+                                report.done = true;
+                                report.passed = false;
+                            }
                             out.push(self.event(
                                 now,
                                 Severity::Critical,
@@ -635,6 +695,20 @@ impl Machine {
                     self.go(
                         ComponentState::Quarantined,
                         format!("still quarantined from before the agent restarted: {reason}"),
+                        now,
+                        &mut out,
+                    );
+                }
+            }
+            Input::RestoreCompleted { revision } => {
+                if self.spec.kind == ComponentKind::Oneshot
+                    && self.state == ComponentState::Pending
+                    && self.pid.is_none()
+                    && revision == self.spec.revision
+                {
+                    self.go(
+                        ComponentState::Ready,
+                        format!("completed in an earlier agent run (revision {revision})"),
                         now,
                         &mut out,
                     );
@@ -717,9 +791,6 @@ impl Machine {
             return;
         }
         self.probe_passes = 0;
-        if role == ProbeRole::Readiness {
-            return;
-        }
         let in_start_period = self
             .spawned_at
             .is_some_and(|t| now.at.saturating_duration_since(t) < spec.start_period);
@@ -728,6 +799,18 @@ impl Machine {
         }
         self.probe_fails = self.probe_fails.saturating_add(1);
         let threshold = spec.failure_threshold.get();
+        if role == ProbeRole::Readiness {
+            // A start that never becomes ready is a failed start: stopped, then the
+            // restart policy and the give-up rule decide, like a crash.
+            if self.probe_fails >= threshold {
+                let reason = format!(
+                    "readiness probe failed {threshold} times after the {} ms start period: {detail}",
+                    duration_ms(spec.start_period)
+                );
+                self.begin_stop(AfterStop::Fail(reason.clone()), &reason, now, out);
+            }
+            return;
+        }
         if self.probe_fails >= threshold {
             let reason = format!("liveness probe failed {threshold} times: {detail}");
             self.begin_stop(AfterStop::Fail(reason.clone()), &reason, now, out);
@@ -813,6 +896,13 @@ impl Machine {
                 self.pulse = Some(Pulse {
                     started: now.at,
                     budget,
+                });
+                self.last_pulse = Some(PulseReport {
+                    started_ms: now.unix_ms,
+                    budget_ms: duration_ms(budget),
+                    recovered_ms: None,
+                    done: false,
+                    passed: false,
                 });
                 self.pulse_kill = true;
                 out.push(self.event(

@@ -1,6 +1,12 @@
-//! The start planner: which components may start now (all dependencies ready), in
-//! what order (topological by `depends_on`, then `priority`, then name), and which may
-//! stop now during a shutdown (everything depending on them is down). Pure functions.
+//! The start planner: which components may start now, what the others wait for, and
+//! which may stop now during a shutdown (everything depending on them is down). Pure
+//! functions.
+//!
+//! The start rule: a `pending` component starts once every dependency is `ready` and
+//! no other pending component whose dependencies are ready has a lower `priority`
+//! number. So among components free to start, lower numbers are *started* (spawned)
+//! first; those of equal number start together; a higher number waits only for the
+//! lower ones to be started, not to be ready (that is what `depends_on` is for).
 
 use crate::config::{ComponentName, ComponentSpec};
 use razar_shared::domain::ComponentState;
@@ -55,21 +61,81 @@ pub fn start_order(specs: &[&ComponentSpec]) -> Vec<ComponentName> {
     order
 }
 
-/// Components in `pending` whose dependencies are all `ready`, in start order.
+/// Pending components whose dependencies are all ready. A component whose state is
+/// not known yet (its task has not reported) counts as pending: it may be about to start.
+fn free_to_start<'a>(
+    specs: &[&'a ComponentSpec],
+    states: &BTreeMap<ComponentName, ComponentState>,
+) -> Vec<&'a ComponentSpec> {
+    specs
+        .iter()
+        .copied()
+        .filter(|s| {
+            states
+                .get(&s.name)
+                .is_none_or(|st| *st == ComponentState::Pending)
+        })
+        .filter(|s| dependencies_ready(s, specs, states))
+        .collect()
+}
+
+/// Components that may start now, in start order: pending, every dependency ready, and
+/// no other such component with a lower priority number (see the module docs).
 pub fn startable(
     specs: &[&ComponentSpec],
     states: &BTreeMap<ComponentName, ComponentState>,
 ) -> Vec<ComponentName> {
+    let free = free_to_start(specs, states);
+    let Some(lowest) = free.iter().map(|s| s.priority).min() else {
+        return Vec::new();
+    };
     start_order(specs)
         .into_iter()
         .filter(|name| states.get(name) == Some(&ComponentState::Pending))
-        .filter(|name| {
-            specs
-                .iter()
-                .find(|s| &s.name == name)
-                .is_some_and(|s| dependencies_ready(s, specs, states))
-        })
+        .filter(|name| free.iter().any(|s| &s.name == name && s.priority == lowest))
         .collect()
+}
+
+/// What a pending component waits for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Wait {
+    /// Dependencies not ready yet, with their state (`None`: not reported yet).
+    Dependencies(Vec<(ComponentName, Option<ComponentState>)>),
+    /// Components free to start with a lower priority number, started first.
+    Priority(Vec<ComponentName>),
+}
+
+/// What each pending component that cannot start now waits for.
+pub fn waiting(
+    specs: &[&ComponentSpec],
+    states: &BTreeMap<ComponentName, ComponentState>,
+) -> BTreeMap<ComponentName, Wait> {
+    let free = free_to_start(specs, states);
+    let lowest = free.iter().map(|s| s.priority).min();
+    let mut out = BTreeMap::new();
+    for spec in specs {
+        if states.get(&spec.name) != Some(&ComponentState::Pending) {
+            continue;
+        }
+        let unready: Vec<(ComponentName, Option<ComponentState>)> = spec
+            .depends_on
+            .iter()
+            .filter(|d| specs.iter().any(|s| &s.name == *d))
+            .filter(|d| states.get(d) != Some(&ComponentState::Ready))
+            .map(|d| (d.clone(), states.get(d).copied()))
+            .collect();
+        if !unready.is_empty() {
+            out.insert(spec.name.clone(), Wait::Dependencies(unready));
+        } else if lowest.is_some_and(|l| spec.priority > l) {
+            let first = free
+                .iter()
+                .filter(|s| s.priority < spec.priority)
+                .map(|s| s.name.clone())
+                .collect();
+            out.insert(spec.name.clone(), Wait::Priority(first));
+        }
+    }
+    out
 }
 
 /// Whether every dependency of `spec` (within `specs`) is ready.
@@ -168,14 +234,124 @@ priority = 0
             .iter()
             .map(|s| (s.name.clone(), ComponentState::Pending))
             .collect();
-        // Independents start together.
-        assert_eq!(names(&startable(&refs, &states)), ["db", "cache"]);
+        // Lower priority numbers start first.
+        assert_eq!(names(&startable(&refs, &states)), ["db"]);
+        states.insert(
+            ComponentName::parse("db").unwrap(),
+            ComponentState::Starting,
+        );
+        assert_eq!(names(&startable(&refs, &states)), ["cache"]);
         for n in ["db", "cache"] {
             states.insert(ComponentName::parse(n).unwrap(), ComponentState::Starting);
         }
         assert!(startable(&refs, &states).is_empty());
         states.insert(ComponentName::parse("db").unwrap(), ComponentState::Ready);
         assert_eq!(names(&startable(&refs, &states)), ["model"]);
+    }
+
+    fn pending(all: &[ComponentSpec]) -> BTreeMap<ComponentName, ComponentState> {
+        all.iter()
+            .map(|s| (s.name.clone(), ComponentState::Pending))
+            .collect()
+    }
+
+    fn set(states: &mut BTreeMap<ComponentName, ComponentState>, n: &str, st: ComponentState) {
+        states.insert(ComponentName::parse(n).unwrap(), st);
+    }
+
+    const PRIORITIES: &str = "
+[[component]]
+name = \"a\"
+command = \"x\"
+priority = 50
+[[component]]
+name = \"b\"
+command = \"x\"
+priority = 40
+[[component]]
+name = \"c\"
+command = \"x\"
+priority = 30
+[[component]]
+name = \"d\"
+command = \"x\"
+priority = 20
+[[component]]
+name = \"e\"
+command = \"x\"
+priority = 10
+[[component]]
+name = \"e2\"
+command = \"x\"
+priority = 10
+";
+
+    #[test]
+    fn lower_priority_numbers_are_started_first_equal_ones_together() {
+        let all = specs(PRIORITIES);
+        let refs: Vec<&ComponentSpec> = all.iter().collect();
+        let mut states = pending(&all);
+        let mut started = Vec::new();
+        loop {
+            let now = startable(&refs, &states);
+            if now.is_empty() {
+                break;
+            }
+            started.push(names(&now).join(","));
+            for n in &now {
+                // Started, not ready: that is enough for the next priority.
+                states.insert(n.clone(), ComponentState::Starting);
+            }
+        }
+        assert_eq!(started, ["e,e2", "d", "c", "b", "a"]);
+    }
+
+    #[test]
+    fn a_component_not_reported_yet_holds_back_higher_numbers() {
+        let all = specs(PRIORITIES);
+        let refs: Vec<&ComponentSpec> = all.iter().collect();
+        let mut states = pending(&all);
+        states.remove(&ComponentName::parse("e").unwrap());
+        states.remove(&ComponentName::parse("e2").unwrap());
+        assert!(startable(&refs, &states).is_empty());
+        let waits = waiting(&refs, &states);
+        assert_eq!(
+            waits.get(&ComponentName::parse("a").unwrap()),
+            Some(&Wait::Priority(
+                ["b", "c", "d", "e", "e2"]
+                    .iter()
+                    .map(|n| ComponentName::parse(n).unwrap())
+                    .collect()
+            ))
+        );
+        set(&mut states, "e", ComponentState::Pending);
+        set(&mut states, "e2", ComponentState::Stopped);
+        assert_eq!(names(&startable(&refs, &states)), ["e"]);
+    }
+
+    #[test]
+    fn priority_does_not_wait_for_components_whose_dependencies_are_not_ready() {
+        let all = specs(FLEET);
+        let refs: Vec<&ComponentSpec> = all.iter().collect();
+        let mut states = pending(&all);
+        // db (0) first, then cache (1); model (5) waits for db's readiness, not priority.
+        assert_eq!(names(&startable(&refs, &states)), ["db"]);
+        set(&mut states, "db", ComponentState::Starting);
+        assert_eq!(names(&startable(&refs, &states)), ["cache"]);
+        set(&mut states, "cache", ComponentState::Ready);
+        assert!(startable(&refs, &states).is_empty());
+        let waits = waiting(&refs, &states);
+        let db = ComponentName::parse("db").unwrap();
+        assert_eq!(
+            waits.get(&ComponentName::parse("model").unwrap()),
+            Some(&Wait::Dependencies(vec![(
+                db.clone(),
+                Some(ComponentState::Starting)
+            )]))
+        );
+        set(&mut states, "db", ComponentState::Ready);
+        assert_eq!(names(&startable(&refs, &states)), ["model"]);
+        assert!(!waiting(&refs, &states).contains_key(&ComponentName::parse("model").unwrap()));
     }
 
     #[test]

@@ -248,6 +248,7 @@ impl Agent {
             removing: BTreeSet::new(),
             vram_over: BTreeMap::new(),
             memory_over: BTreeMap::new(),
+            waiting: BTreeMap::new(),
         };
         let done = tokio::spawn(supervisor.run(rx));
         tokio::spawn(sample(Arc::clone(&view), requests.downgrade()));
@@ -445,6 +446,8 @@ struct Supervisor {
     vram_over: BTreeMap<String, Option<u32>>,
     /// Like `vram_over`: per process, so a new process over budget is a new breach.
     memory_over: BTreeMap<String, Option<u32>>,
+    /// What each pending component was last told it waits for.
+    waiting: BTreeMap<String, String>,
 }
 
 fn host_event(severity: Severity, kind: EventKind, message: String) -> Event {
@@ -484,6 +487,7 @@ impl Supervisor {
             quarantines.get(&name).cloned(),
             previous.get(&name).cloned(),
         ));
+        self.waiting.remove(&name);
         self.tasks.insert(name, tx);
     }
 
@@ -567,13 +571,35 @@ impl Supervisor {
         }
     }
 
-    /// Starts what may start; ends tasks of removed components once they are down.
+    /// Starts what may start, tells the pending what they wait for; ends tasks of
+    /// removed components once they are down.
     async fn plan(&mut self) {
         let states = self.states();
         let active = self.active();
         for name in plan::startable(&active, &states) {
             if let Some(tx) = self.tasks.get(name.as_str()) {
                 let _ = tx.try_send(ToComponent::Input(Input::DependenciesReady));
+            }
+        }
+        let waits = plan::waiting(&active, &states);
+        let statuses = self.shared.statuses.borrow().clone();
+        let names: Vec<String> = self.tasks.keys().cloned().collect();
+        for name in names {
+            let text = ComponentName::parse(&name)
+                .ok()
+                .and_then(|n| waits.get(&n))
+                .map(|w| describe_wait(w, &statuses));
+            if self.waiting.get(&name) == text.as_ref() {
+                continue;
+            }
+            let Some(tx) = self.tasks.get(&name) else {
+                continue;
+            };
+            if tx.try_send(ToComponent::Waiting(text.clone())).is_ok() {
+                match text {
+                    Some(t) => self.waiting.insert(name, t),
+                    None => self.waiting.remove(&name),
+                };
             }
         }
         let done: Vec<String> = self
@@ -702,8 +728,15 @@ impl Supervisor {
                 return Err(AgentError::Config(errors));
             }
         };
-        if new.agent != self.config.agent {
-            tracing::warn!("[agent] settings changed; they take effect at the next agent restart");
+        let (now_applied, at_restart) = agent_changes(&self.config.agent, &new.agent);
+        for change in &now_applied {
+            tracing::info!("[agent] {change}: in effect now");
+        }
+        if !at_restart.is_empty() {
+            tracing::warn!(
+                "[agent] {} changed; takes effect at the next agent restart",
+                at_restart.join(", ")
+            );
         }
         let old: BTreeMap<String, ComponentSpec> = self
             .active()
@@ -779,11 +812,23 @@ impl Supervisor {
                     changed: changed.clone(),
                 },
                 format!(
-                    "configuration reloaded; changed: {}",
+                    "configuration reloaded; changed: {}{}{}",
                     if changed.is_empty() {
                         "none".to_owned()
                     } else {
                         changed.join(", ")
+                    },
+                    now_applied
+                        .iter()
+                        .map(|c| format!("; {c} (in effect now)"))
+                        .collect::<String>(),
+                    if at_restart.is_empty() {
+                        String::new()
+                    } else {
+                        format!(
+                            "; [agent] {} changed: takes effect at the next agent restart",
+                            at_restart.join(", ")
+                        )
                     }
                 ),
             ),
@@ -857,6 +902,66 @@ impl Supervisor {
     }
 }
 
+/// Splits a change of `[agent]` settings on reload into what applies at once (the
+/// profile picks the active components; sampling reads its interval every tick) and the
+/// keys that only a restart applies.
+fn agent_changes(
+    old: &crate::config::AgentSettings,
+    new: &crate::config::AgentSettings,
+) -> (Vec<String>, Vec<&'static str>) {
+    let mut now = Vec::new();
+    if old.profile != new.profile {
+        now.push(format!(
+            "profile switched from `{}` to `{}`",
+            old.profile, new.profile
+        ));
+    }
+    if old.sample_interval != new.sample_interval {
+        now.push(format!(
+            "sample_interval {:?} → {:?}",
+            old.sample_interval, new.sample_interval
+        ));
+    }
+    let mut later = Vec::new();
+    if old.host_id != new.host_id {
+        later.push("host_id");
+    }
+    if old.data_dir != new.data_dir {
+        later.push("data_dir");
+    }
+    if old.listen != new.listen {
+        later.push("listen");
+    }
+    (now, later)
+}
+
+/// A pending component's reason: what it waits for, with each dependency's own state
+/// and reason (a dependency failing its readiness says why).
+fn describe_wait(wait: &plan::Wait, statuses: &BTreeMap<String, ComponentStatus>) -> String {
+    match wait {
+        plan::Wait::Dependencies(deps) => {
+            let list: Vec<String> = deps
+                .iter()
+                .map(|(name, state)| match (state, statuses.get(name.as_str())) {
+                    (Some(state), Some(s)) if !s.reason.is_empty() => {
+                        format!("{name} ({state}: {})", s.reason)
+                    }
+                    (Some(state), _) => format!("{name} ({state})"),
+                    (None, _) => format!("{name} (not started yet)"),
+                })
+                .collect();
+            format!("waiting for {} to be ready", list.join(", "))
+        }
+        plan::Wait::Priority(first) => {
+            let list: Vec<&str> = first.iter().map(|n| n.as_str()).collect();
+            format!(
+                "waiting for {} (lower priority numbers) to start first",
+                list.join(", ")
+            )
+        }
+    }
+}
+
 /// Samples every component's process tree and every watched process each
 /// `sample_interval`, exports them as metrics, and checks memory budgets. Ends with the agent.
 async fn sample(view: Arc<AgentView>, requests: mpsc::WeakSender<Request>) {
@@ -919,5 +1024,29 @@ async fn sample(view: Arc<AgentView>, requests: mpsc::WeakSender<Request>) {
         known = now;
         view.usage.send_replace(usage);
         view.trees.send_replace(trees);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn agent(profile: &str, listen: &str) -> crate::config::AgentSettings {
+        let text = format!("[agent]\nprofile = \"{profile}\"\nlisten = \"{listen}\"\n");
+        Config::parse(Path::new("t.toml"), text.as_bytes())
+            .unwrap_or_else(|e| panic!("{e}"))
+            .agent
+    }
+
+    #[test]
+    fn a_profile_switch_applies_at_once_a_listen_change_at_restart() {
+        let old = agent("core", "127.0.0.1:9100");
+        let (now, later) = agent_changes(&old, &agent("vision", "127.0.0.1:9100"));
+        assert_eq!(now, ["profile switched from `core` to `vision`"]);
+        assert!(later.is_empty());
+        let (now, later) = agent_changes(&old, &agent("core", "127.0.0.1:9101"));
+        assert!(now.is_empty());
+        assert_eq!(later, ["listen"]);
     }
 }

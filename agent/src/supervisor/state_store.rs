@@ -17,6 +17,10 @@ pub trait StateStore: Send + Sync + 'static {
     fn processes(&self) -> Result<BTreeMap<String, (ProcessId, String)>, String>;
     fn set_process(&self, component: &str, id: ProcessId, revision: &str) -> Result<(), String>;
     fn clear_process(&self, component: &str) -> Result<(), String>;
+    /// The revision a one-shot component last completed (exited 0) with, if any.
+    fn completed(&self, component: &str) -> Result<Option<String>, String>;
+    fn set_completed(&self, component: &str, revision: &str) -> Result<(), String>;
+    fn clear_completed(&self, component: &str) -> Result<(), String>;
 }
 
 /// An in-memory store (nothing survives the process).
@@ -24,6 +28,7 @@ pub trait StateStore: Send + Sync + 'static {
 pub struct MemoryStore {
     quarantines: Mutex<BTreeMap<String, String>>,
     processes: Mutex<BTreeMap<String, (ProcessId, String)>>,
+    completed: Mutex<BTreeMap<String, String>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -53,6 +58,22 @@ impl StateStore for MemoryStore {
         lock(&self.processes).remove(component);
         Ok(())
     }
+    fn completed(&self, component: &str) -> Result<Option<String>, String> {
+        Ok(lock(&self.completed).get(component).cloned())
+    }
+    fn set_completed(&self, component: &str, revision: &str) -> Result<(), String> {
+        lock(&self.completed).insert(component.into(), revision.into());
+        Ok(())
+    }
+    fn clear_completed(&self, component: &str) -> Result<(), String> {
+        lock(&self.completed).remove(component);
+        Ok(())
+    }
+}
+
+/// The store's key/value key under which a one-shot's completed revision is kept.
+fn completed_key(component: &str) -> String {
+    format!("oneshot_completed/{component}")
 }
 
 impl StateStore for crate::store::Store {
@@ -96,5 +117,22 @@ impl StateStore for crate::store::Store {
     }
     fn clear_process(&self, component: &str) -> Result<(), String> {
         crate::store::Store::clear_process(self, component).map_err(|e| e.to_string())
+    }
+    fn completed(&self, component: &str) -> Result<Option<String>, String> {
+        match self.value(&completed_key(component)) {
+            Ok(Some(bytes)) => String::from_utf8(bytes)
+                .map(Some)
+                .map_err(|e| format!("stored one-shot revision of `{component}`: {e}")),
+            Ok(None) => Ok(None),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+    fn set_completed(&self, component: &str, revision: &str) -> Result<(), String> {
+        self.set_value(&completed_key(component), revision.as_bytes())
+            .map_err(|e| e.to_string())
+    }
+    fn clear_completed(&self, component: &str) -> Result<(), String> {
+        self.remove_value(&completed_key(component))
+            .map_err(|e| e.to_string())
     }
 }

@@ -86,12 +86,15 @@ pub async fn start(config: Config) -> Agent {
     .expect("agent starts")
 }
 
-/// Whether `pid` names a live (non-zombie) process.
+/// Whether `pid` names a live (non-zombie) process. Read as bytes: a process name cut
+/// at 15 bytes may end inside a UTF-8 character.
 pub fn alive(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+    match std::fs::read(format!("/proc/{pid}/stat")) {
         Ok(stat) => stat
-            .rsplit_once(") ")
-            .is_some_and(|(_, rest)| !rest.starts_with('Z')),
+            .iter()
+            .rposition(|&b| b == b')')
+            .and_then(|close| stat.get(close + 2))
+            .is_some_and(|state| *state != b'Z'),
         Err(_) => false,
     }
 }

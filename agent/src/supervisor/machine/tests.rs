@@ -295,6 +295,200 @@ fn pulse_measures_time_to_ready() {
         _ => None,
     });
     assert_eq!(result, Some((Some(55), true)));
+    let report = r.m.last_pulse().expect("pulse report");
+    assert_eq!(
+        (
+            report.recovered_ms,
+            report.done,
+            report.passed,
+            report.budget_ms
+        ),
+        (Some(55), true, true, 1000)
+    );
+}
+
+/// The severity of the `ProcessExited` event in the log.
+fn exit_severity(r: &Rig) -> Option<Severity> {
+    r.log.iter().find_map(|a| match a {
+        Action::Emit(Event {
+            kind: EventKind::ProcessExited { .. },
+            severity,
+            ..
+        }) => Some(*severity),
+        _ => None,
+    })
+}
+
+#[test]
+fn a_clean_exit_the_policy_accepts_is_info_a_restart_is_a_warning() {
+    for (policy, code, severity) in [
+        ("on-failure", 0, Severity::Info),
+        ("never", 0, Severity::Info),
+        ("on-failure", 1, Severity::Warning),
+        ("always", 0, Severity::Warning),
+    ] {
+        let mut r = Rig::new(&format!("[component.restart]\npolicy = \"{policy}\"\n"));
+        r.feed(Input::DependenciesReady);
+        let pid = r.spawned();
+        r.feed(Input::Exited {
+            pid,
+            code: Some(code),
+            signal: None,
+        });
+        assert_eq!(exit_severity(&r), Some(severity), "{policy} exit {code}");
+    }
+}
+
+fn probe(r: &mut Rig, passed: bool) {
+    r.feed(Input::Probe {
+        role: ProbeRole::Readiness,
+        passed,
+        detail: "exit status 1".into(),
+    });
+}
+
+#[test]
+fn readiness_that_never_passes_is_a_failed_start_after_the_start_period() {
+    let mut r = Rig::new(
+        "[component.readiness]\nkind = \"exec\"\ncommand = [\"false\"]\nsuccess_threshold = 2\nfailure_threshold = 2\nstart_period = \"1s\"\n[component.restart]\ninitial_backoff = \"100ms\"\njitter = 0.0\n[component.give_up]\nmax_failures = 2\n",
+    );
+    r.feed(Input::DependenciesReady);
+    let pid = r.spawned();
+    // Inside the start period failures do not count.
+    for _ in 0..5 {
+        r.ms += 100;
+        probe(&mut r, false);
+    }
+    assert_eq!(r.m.state(), Starting);
+    r.ms = 1000;
+    probe(&mut r, false);
+    // A pass (one of the two needed) resets the count.
+    probe(&mut r, true);
+    probe(&mut r, false);
+    assert_eq!(r.m.state(), Starting);
+    probe(&mut r, false);
+    assert_eq!(r.m.state(), Stopping);
+    assert!(r.log.contains(&Action::SignalTree {
+        pid,
+        signal: Signal::SIGTERM
+    }));
+    r.feed(Input::Exited {
+        pid,
+        code: None,
+        signal: Some(15),
+    });
+    assert_eq!(r.m.state(), Backoff);
+    let reason = r
+        .log
+        .iter()
+        .rev()
+        .find_map(|a| match a {
+            Action::Emit(Event {
+                kind: EventKind::StateChanged { to: Backoff, .. },
+                message,
+                ..
+            }) => Some(message.clone()),
+            _ => None,
+        })
+        .expect("backoff event");
+    assert!(
+        reason.starts_with("readiness probe failed 2 times after the 1000 ms start period: exit status 1; restart in 100 ms"),
+        "{reason}"
+    );
+    // Restarted, fails again: the give-up rule applies.
+    r.fire(TimerKind::State);
+    let pid = r.spawned();
+    r.ms += 1000;
+    probe(&mut r, false);
+    probe(&mut r, false);
+    r.feed(Input::Exited {
+        pid,
+        code: None,
+        signal: Some(15),
+    });
+    assert_eq!(r.m.state(), Quarantined);
+}
+
+const ONESHOT: &str = "kind = \"oneshot\"\n[component.restart]\ninitial_backoff = \"0s\"\n";
+
+#[test]
+fn oneshot_is_ready_once_it_exits_zero_and_stays_ready_without_a_process() {
+    let mut r = Rig::new(ONESHOT);
+    r.feed(Input::DependenciesReady);
+    let pid = r.spawned();
+    assert_eq!(r.m.state(), Starting, "running is not ready for a one-shot");
+    // A failure restarts it.
+    r.feed(Input::Exited {
+        pid,
+        code: Some(1),
+        signal: None,
+    });
+    assert_eq!(r.m.state(), Backoff);
+    r.fire(TimerKind::State);
+    let pid = r.spawned();
+    r.feed(Input::Exited {
+        pid,
+        code: Some(0),
+        signal: None,
+    });
+    assert_eq!((r.m.state(), r.m.pid()), (Ready, None));
+    assert!(r.log.contains(&Action::PersistCompleted));
+    assert_eq!(exit_severity(&r), Some(Severity::Warning), "the failed run");
+    assert_eq!(r.log.iter().filter(|a| **a == Action::Spawn).count(), 2);
+    // An operator restart runs it again.
+    r.log.clear();
+    r.cmd(Control::Restart).unwrap();
+    let pid = r.spawned();
+    assert_eq!(r.m.state(), Starting);
+    r.feed(Input::Exited {
+        pid,
+        code: Some(0),
+        signal: None,
+    });
+    assert_eq!(r.m.state(), Ready);
+    assert_eq!(exit_severity(&r), Some(Severity::Info));
+    // A stop leaves it stopped, with nothing to signal.
+    r.cmd(Control::Stop).unwrap();
+    assert_eq!(r.m.state(), Stopped);
+}
+
+#[test]
+fn oneshot_completed_before_an_agent_restart_is_ready_unless_its_revision_changed() {
+    let mut r = Rig::new(ONESHOT);
+    let revision = r.m.spec().revision.clone();
+    r.feed(Input::RestoreCompleted {
+        revision: "other".into(),
+    });
+    assert_eq!(r.m.state(), Pending, "another revision runs again");
+    r.feed(Input::RestoreCompleted { revision });
+    assert_eq!((r.m.state(), r.m.pid()), (Ready, None));
+    assert!(!r.log.contains(&Action::Spawn));
+    // A service ignores it.
+    let mut r = Rig::new("");
+    let revision = r.m.spec().revision.clone();
+    r.feed(Input::RestoreCompleted { revision });
+    assert_eq!(r.m.state(), Pending);
+}
+
+#[test]
+fn oneshot_reload_with_a_new_spec_runs_it_again() {
+    let mut r = Rig::new(ONESHOT);
+    r.feed(Input::DependenciesReady);
+    let pid = r.spawned();
+    r.feed(Input::Exited {
+        pid,
+        code: Some(0),
+        signal: None,
+    });
+    assert_eq!(r.m.state(), Ready);
+    let now = r.now();
+    let a =
+        r.m.reload(spec(&format!("args = [\"v2\"]\n{ONESHOT}")), now);
+    r.apply(a);
+    assert_eq!(r.m.state(), Pending);
+    r.feed(Input::DependenciesReady);
+    r.spawned();
+    assert_eq!(r.m.state(), Starting);
 }
 
 #[test]
