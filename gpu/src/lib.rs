@@ -15,7 +15,8 @@ pub mod reading;
 pub mod scenario;
 pub mod scenario_source;
 pub mod xid;
-pub mod xid_catalog;
+/// NVIDIA's XID catalog (it lives in `razar-shared`, so the pure decision engine uses it too).
+pub use razar_shared::xid_catalog;
 
 pub use nvml::{NvmlOptions, NvmlSource};
 pub use reading::{

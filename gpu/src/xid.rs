@@ -113,10 +113,10 @@ mod catalog_tests {
         assert_eq!(lookup(u32::MAX), None);
     }
 
-    /// The catalog as data (`gpu/data/xid-catalog.csv`) and the table agree row for row.
+    /// The catalog as data (`shared/data/xid-catalog.csv`) and the table agree row for row.
     #[test]
     fn table_matches_the_catalog_file() {
-        let text = include_str!("../data/xid-catalog.csv");
+        let text = include_str!("../../shared/data/xid-catalog.csv");
         let mut rows = 0;
         for line in text.lines().skip(1) {
             let fields: Vec<&str> = line.split(',').collect();

@@ -9,3 +9,4 @@
 pub mod domain;
 pub mod protocol;
 pub mod tls;
+pub mod xid_catalog;

@@ -1,6 +1,6 @@
 //! NVIDIA's XID catalog as data: every code 1-172 with its mnemonic and its two
 //! resolution buckets (Immediate and Investigatory action), exactly as the catalog writes
-//! them. Generated from `gpu/data/xid-catalog.csv` (NVIDIA's `Xid-Catalog.xlsx`, last
+//! them. Generated from `shared/data/xid-catalog.csv` (NVIDIA's `Xid-Catalog.xlsx`, last
 //! modified 2025-09-30; gpud's generated catalog of 2025-10-29 agrees on every code).
 //! Decisions record [`CATALOG_REVISION`] so a rule can be replayed against the catalog it
 //! used. Codes outside the table are "unknown", never dropped.
