@@ -398,7 +398,7 @@ fn agent_status_into_a_closed_pipe_exits_zero() {
         "[agent]\ndata_dir = \"{0}/data\"\nlog_dir = \"{0}/logs\"\nlisten = \"127.0.0.1:0\"\n",
         dir.path().display()
     );
-    for i in 0..150 {
+    for i in 0..400 {
         text.push_str(&format!(
             "\n[[component]]\nname = \"idle-component-{i:03}\"\ncommand = \"true\"\nautostart = false\n"
         ));
@@ -427,7 +427,7 @@ fn agent_status_into_a_closed_pipe_exits_zero() {
     loop {
         let output = status_command().output().expect("run status");
         let text = String::from_utf8_lossy(&output.stdout);
-        if output.status.success() && text.contains("idle-component-149") {
+        if output.status.success() && text.contains("idle-component-399") {
             assert!(text.len() > 8192, "status must not fit in the pipe");
             break;
         }

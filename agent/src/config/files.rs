@@ -20,8 +20,6 @@ pub enum FileKind {
     Crl,
     /// A fake-GPU scenario (TOML).
     GpuScenario,
-    /// A shared library to load (only readability is checked).
-    Library,
 }
 
 /// A file named by a config, with where it is named.
@@ -72,9 +70,6 @@ pub fn check_file(path: &Path, kind: FileKind) -> Result<(), String> {
         FileKind::GpuScenario => razar_gpu::Scenario::load(path)
             .map(drop)
             .map_err(|e| e.to_string()),
-        FileKind::Library => std::fs::File::open(path)
-            .map(drop)
-            .map_err(|e| format!("cannot read {what}: {e}")),
     }
 }
 

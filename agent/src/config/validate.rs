@@ -386,19 +386,8 @@ fn build(
             match source {
                 None | Some(("none", _)) => GpuSettings::None,
                 Some(("nvml", _)) => {
-                    // A bare name is searched for by the dynamic loader; a path must exist.
-                    if let Some(p) = g
-                        .nvml_library
-                        .as_ref()
-                        .filter(|p| p.get_ref().contains('/'))
-                    {
-                        files.push(FileRef::new(
-                            "gpu.nvml_library",
-                            Some(p.span()),
-                            p.get_ref(),
-                            FileKind::Library,
-                        ));
-                    }
+                    // No file check: a host without the library (or the driver) runs
+                    // without GPU telemetry and says why, as `run` does.
                     GpuSettings::Nvml {
                         library: g.nvml_library.map(|p| PathBuf::from(p.into_inner())),
                     }
