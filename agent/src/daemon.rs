@@ -14,8 +14,8 @@ use std::sync::Arc;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-/// Default spool budget on disk.
-pub const DEFAULT_SPOOL_BUDGET_BYTES: u64 = 512 << 20;
+/// Default spool budget on disk (`agent.spool_budget`).
+pub use crate::config::DEFAULT_SPOOL_BUDGET_BYTES;
 
 /// Why the agent could not start.
 #[derive(Debug, thiserror::Error)]
@@ -61,7 +61,7 @@ fn local_hostname() -> String {
 pub struct DaemonOptions {
     /// Override the local endpoint's address (e.g. port 0).
     pub listen: Option<SocketAddr>,
-    /// Spool budget on disk; default [`DEFAULT_SPOOL_BUDGET_BYTES`].
+    /// Spool budget on disk, over `agent.spool_budget` from the config.
     pub spool_budget_bytes: Option<u64>,
 }
 
@@ -129,7 +129,7 @@ impl Daemon {
                     &spool_path,
                     options
                         .spool_budget_bytes
-                        .unwrap_or(DEFAULT_SPOOL_BUDGET_BYTES),
+                        .unwrap_or(config.agent.spool_budget_bytes),
                 )
                 .map_err(|e| DaemonError::Spool {
                     path: spool_path.display().to_string(),
@@ -174,7 +174,12 @@ impl Daemon {
             .register(Box::new(exposition.clone()))
             .map_err(AgentError::Metrics)?;
         let (uplink, host_id) = match link {
-            Some((uplink_config, spool, host_id)) => {
+            Some((mut uplink_config, spool, host_id)) => {
+                // The first Hello carries the inventory as it is now (the supervisor
+                // has started, the GPUs are known), not the empty one before the first
+                // sampling tick.
+                uplink_config.hello.components = component_inventory(&agent);
+                uplink_config.hello.gpus = gpu.inventory().iter().map(|g| g.to_info()).collect();
                 let (uplink, commands) = Uplink::spawn(uplink_config, spool)?;
                 let uplink = Arc::new(uplink);
                 tasks.push(tokio::spawn(mirror_link_status(
@@ -258,6 +263,20 @@ impl Daemon {
             task.abort();
         }
     }
+}
+
+/// Every supervised component as the collector's inventory lists it.
+pub(crate) fn component_inventory(agent: &Agent) -> Vec<razar_shared::protocol::ComponentInfo> {
+    agent
+        .statuses()
+        .values()
+        .map(|s| razar_shared::protocol::ComponentInfo {
+            name: s.name.clone(),
+            revision: s.revision.clone(),
+            state: s.state,
+            critical: s.critical,
+        })
+        .collect()
 }
 
 /// Keeps `/health`'s `collector` field in step with the uplink: the state, and why the

@@ -83,6 +83,9 @@ impl Config {
     }
 }
 
+/// Default of `agent.spool_budget`.
+pub const DEFAULT_SPOOL_BUDGET_BYTES: u64 = 512 << 20;
+
 /// `[agent]`: this host's settings.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AgentSettings {
@@ -96,6 +99,10 @@ pub struct AgentSettings {
     pub listen: SocketAddr,
     /// Resource sampling period.
     pub sample_interval: Duration,
+    /// `agent.spool_budget`: disk budget of the telemetry spool (encoded batches); over
+    /// it the oldest batches lose samples, then events, each loss reported as a gap
+    /// event. Default 512 MiB.
+    pub spool_budget_bytes: u64,
 }
 
 /// `[collector]`: where telemetry goes (used by the uplink).

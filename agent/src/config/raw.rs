@@ -29,6 +29,7 @@ pub struct RawAgent {
     pub data_dir: S<String>,
     pub listen: S<String>,
     pub sample_interval: S<String>,
+    pub spool_budget: S<String>,
     pub log_dir: S<String>,
     pub log_max_size: S<String>,
     pub log_max_files: S<i64>,

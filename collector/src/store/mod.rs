@@ -21,7 +21,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 
 use chrono::{DateTime, Utc};
-use razar_shared::protocol::{ComponentInfo, GpuInfo, Hello, SeriesDef, UnixMillis};
+use razar_shared::protocol::{ComponentInfo, GpuInfo, Hello, Inventory, SeriesDef, UnixMillis};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::Row;
 
@@ -158,6 +158,21 @@ impl Store {
             .await?;
         tx.commit().await?;
         Ok(seq as u64)
+    }
+
+    /// Records an inventory update of a connected host: its components and GPUs as
+    /// they are now (upserts, one transaction).
+    pub async fn record_inventory(
+        &self,
+        host: &str,
+        inventory: &Inventory,
+        at: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        upsert_components(&mut tx, host, &inventory.components, at).await?;
+        upsert_gpus(&mut tx, host, &inventory.gpus, at).await?;
+        tx.commit().await?;
+        Ok(())
     }
 
     /// Replaces the GPU inventory entries given (upsert by index).
