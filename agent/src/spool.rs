@@ -514,7 +514,7 @@ impl Spool {
         // older ones lost theirs may have kept its own).
         let mut samples: Option<Gap> = None;
         let mut events: Vec<Gap> = Vec::new();
-        let mut extend = |gap: &mut Gap, s: u64, count: u64| {
+        let extend = |gap: &mut Gap, s: u64, count: u64| {
             gap.last_seq = s;
             gap.count += count;
         };

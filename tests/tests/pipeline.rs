@@ -906,7 +906,16 @@ async fn cut_under_budget_reports_exactly_what_is_missing(events_too: bool) {
     let uplink = f.uplink(spool.clone());
     let mut produced = Produced::default();
     produced.publish(&uplink, 20).await;
-    assert_stored_exactly_once(&f.pool, &produced, Duration::from_secs(60)).await;
+    // (Under the tight budget even these may lose some: the final check covers all.)
+    wait_until(
+        "the first batches acknowledged",
+        Duration::from_secs(60),
+        || {
+            let spool = spool.clone();
+            async move { spool.is_empty() }
+        },
+    )
+    .await;
 
     kill_collector(collector).await;
     produced.publish(&uplink, 150).await;
@@ -963,10 +972,12 @@ async fn cut_under_budget_reports_exactly_what_is_missing(events_too: bool) {
         missing_samples.len() as u64 * per_batch,
         "samples counted in the reports"
     );
+    // The cut's losses are one contiguous range: one report (before the cut, under the
+    // tight budget, acks and sends break the losses into several ranges).
     assert_eq!(
-        sample_reports.len(),
+        sample_reports.iter().filter(|r| r.0 > 20).count(),
         1,
-        "one report for one contiguous range"
+        "one report for the cut's contiguous range"
     );
     assert_eq!(
         reported_seqs(&event_reports),
