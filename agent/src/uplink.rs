@@ -5,8 +5,13 @@
 //! batches, outbound command results and the shutdown signal. Batches come from the
 //! [`Spool`] (they are durable before they get here) and are fed to the session lazily,
 //! a bounded number at a time, so a long backlog never sits in memory and live batches
-//! keep flowing behind it. Acks delete from the spool. Connections are retried with
-//! exponential backoff and jitter.
+//! keep flowing behind it. Every batch goes through [`Spool::prepare`] on its way to the
+//! socket, so the copy held here never carries samples the spool's budget dropped, and
+//! loss reports ride in the batches they describe. Acks delete from the spool. The first
+//! `Welcome` of a new (wiped) spool may renumber it above the collector's cursor
+//! ([`Spool::welcome`]); the session then forgets its copies and reads them again.
+//! Inventory changes go out at once to a collector of protocol version 2. Connections
+//! are retried with exponential backoff and jitter.
 //!
 //! **Acceptance:** with TLS 1.3 the client finishes its handshake before the server has
 //! checked the client certificate, so the link counts as connected only once the
