@@ -385,3 +385,48 @@ impl Metrics {
         String::from_utf8(buf).unwrap_or_default()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flow_is_exported_and_counters_only_go_up() {
+        let metrics = match Metrics::new("test") {
+            Ok(m) => m,
+            Err(e) => panic!("metrics: {e}"),
+        };
+        let mut flow = Flow {
+            spool_batches: 7,
+            spool_bytes: 700,
+            spool_budget_bytes: 1000,
+            spool_dropped_samples_total: 40,
+            spool_dropped_events_total: 2,
+            uplink_connected: true,
+            uplink_commands_dropped_total: 1,
+            uplink_outbound_dropped_total: 3,
+            log_lines_dropped_total: 5,
+        };
+        metrics.flow(&flow);
+        flow.spool_dropped_samples_total = 50;
+        flow.uplink_connected = false;
+        metrics.flow(&flow);
+        let text = metrics.render();
+        for line in [
+            "razar_spool_batches 7",
+            "razar_spool_bytes 700",
+            "razar_spool_budget_bytes 1000",
+            "razar_spool_dropped_samples_total 50",
+            "razar_spool_dropped_events_total 2",
+            "razar_uplink_connected 0",
+            "razar_uplink_commands_dropped_total 1",
+            "razar_uplink_outbound_dropped_total 3",
+            "razar_log_lines_dropped_total 5",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "{line} missing from:\n{text}"
+            );
+        }
+    }
+}

@@ -211,7 +211,7 @@ pub async fn run_telemetry(
         for event in tick.events.drain(..) {
             agent.emit(event);
         }
-        let batch_events = drain(&mut events, &agent);
+        let batch_events = drain(&mut events, agent.view().metrics());
         agent
             .view()
             .metrics()
@@ -290,14 +290,14 @@ pub const EVENTS_LAGGED_CODE: &str = "events_dropped";
 
 /// Every event received since the last call. Events lost by lagging become one event
 /// saying how many (and are counted), so a loss is never silent.
-fn drain(events: &mut broadcast::Receiver<Event>, agent: &Agent) -> Vec<Event> {
+fn drain(events: &mut broadcast::Receiver<Event>, metrics: &crate::metrics::Metrics) -> Vec<Event> {
     let mut out = Vec::new();
     loop {
         match events.try_recv() {
             Ok(e) => out.push(e),
             Err(broadcast::error::TryRecvError::Lagged(n)) => {
                 tracing::warn!(lost = n, "event subscription lagged");
-                agent.view().metrics().events_dropped("telemetry", n);
+                metrics.events_dropped("telemetry", n);
                 out.push(lagged_event(now_ms(), n));
             }
             Err(_) => return out,
@@ -524,4 +524,48 @@ async fn tail_logs(
         }
     }
     result(CommandOutcome::Succeeded, format!("tail of {component}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(i: i64) -> Event {
+        Event {
+            ts_ms: i,
+            severity: razar_shared::domain::Severity::Info,
+            subject: razar_shared::protocol::Subject::Host,
+            kind: razar_shared::protocol::EventKind::Other { code: "t".into() },
+            message: i.to_string(),
+        }
+    }
+
+    #[test]
+    fn events_lost_by_lagging_become_an_event_and_are_counted() {
+        let metrics = match crate::metrics::Metrics::new("test") {
+            Ok(m) => m,
+            Err(e) => panic!("metrics: {e}"),
+        };
+        let (tx, mut rx) = broadcast::channel(2);
+        for i in 0..5 {
+            let _ = tx.send(event(i));
+        }
+        let out = drain(&mut rx, &metrics);
+        let codes: Vec<String> = out
+            .iter()
+            .map(|e| match &e.kind {
+                razar_shared::protocol::EventKind::Other { code } => code.clone(),
+                other => format!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(codes, vec![EVENTS_LAGGED_CODE, "t", "t"]);
+        assert!(
+            out[0].message.starts_with("3 agent events lost"),
+            "{}",
+            out[0].message
+        );
+        assert!(metrics
+            .render()
+            .contains("razar_agent_events_dropped_total{receiver=\"telemetry\"} 3"));
+    }
 }
