@@ -178,7 +178,7 @@ impl Daemon {
                 // The first Hello carries the inventory as it is now (the supervisor
                 // has started, the GPUs are known), not the empty one before the first
                 // sampling tick.
-                uplink_config.hello.components = component_inventory(&agent);
+                uplink_config.hello.components = started_inventory(&agent, &config_arc).await;
                 uplink_config.hello.gpus = gpu.inventory().iter().map(|g| g.to_info()).collect();
                 let (uplink, commands) = Uplink::spawn(uplink_config, spool)?;
                 let uplink = Arc::new(uplink);
@@ -263,6 +263,32 @@ impl Daemon {
             task.abort();
         }
     }
+}
+
+/// The component inventory once every active component has published its first status
+/// (component tasks start asynchronously), or after 5 s with what is there.
+async fn started_inventory(
+    agent: &Agent,
+    config: &Config,
+) -> Vec<razar_shared::protocol::ComponentInfo> {
+    let expected: Vec<String> = config
+        .active_components()
+        .map(|c| c.name.to_string())
+        .collect();
+    let mut statuses = agent.watch_statuses();
+    let all_known = async {
+        loop {
+            let known = {
+                let s = statuses.borrow_and_update();
+                expected.iter().all(|name| s.contains_key(name))
+            };
+            if known || statuses.changed().await.is_err() {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), all_known).await;
+    component_inventory(agent)
 }
 
 /// Every supervised component as the collector's inventory lists it.

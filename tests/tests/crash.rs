@@ -1243,7 +1243,7 @@ async fn wiped_agent_state_renumbers_above_the_cursor_and_loses_nothing() {
 /// The collector knows the host's GPUs and components from the first `Hello` (the
 /// inventory used to be empty there: it went out before the first sampling tick), and
 /// follows changes on the open connection: a component added by a reload appears, a
-/// stopped one shows `stopped`.
+/// stopped one shows `stopped`, a removed one goes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn inventory_is_in_the_database_from_the_first_hello_and_follows_changes() {
     let mut f = Fixture::new("inventory").await;
@@ -1340,6 +1340,32 @@ stop_grace = "3s"
                 .then_some(())
         }
     })
+    .await;
+    // Removed by a reload: gone from the database.
+    std::fs::write(f.path("agent.toml"), &config).expect("agent.toml");
+    let reload = f
+        .http
+        .post(format!("http://{}/v1/reload", addr.trim()))
+        .send()
+        .await
+        .expect("reload");
+    assert!(reload.status().is_success(), "reload: {}", reload.status());
+    wait_for(
+        "the removed component gone from the database",
+        Duration::from_secs(30),
+        || {
+            let pool = &f.pool;
+            async move {
+                (scalar(
+                    pool,
+                    "SELECT count(*) FROM components WHERE host_id = $1 AND name = 'sleeper'",
+                )
+                .await
+                    == 0)
+                    .then_some(())
+            }
+        },
+    )
     .await;
     assert_eq!(
         f.collector_metric("razar_collector_connections_accepted_total")

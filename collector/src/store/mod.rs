@@ -161,7 +161,9 @@ impl Store {
     }
 
     /// Records an inventory update of a connected host: its components and GPUs as
-    /// they are now (upserts, one transaction).
+    /// they are now, in one transaction. The update is the whole inventory, so
+    /// components and GPUs it no longer lists (removed by a reload, gone from the bus)
+    /// are deleted.
     pub async fn record_inventory(
         &self,
         host: &str,
@@ -169,6 +171,26 @@ impl Store {
         at: DateTime<Utc>,
     ) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
+        let names: Vec<&str> = inventory
+            .components
+            .iter()
+            .map(|c| c.name.as_str())
+            .collect();
+        sqlx::query("DELETE FROM components WHERE host_id = $1 AND NOT (name = ANY($2::text[]))")
+            .bind(host)
+            .bind(&names)
+            .execute(&mut *tx)
+            .await?;
+        let indexes: Vec<i32> = inventory
+            .gpus
+            .iter()
+            .map(|g| i32::try_from(g.index).unwrap_or(i32::MAX))
+            .collect();
+        sqlx::query("DELETE FROM gpus WHERE host_id = $1 AND NOT (gpu_index = ANY($2::int4[]))")
+            .bind(host)
+            .bind(&indexes)
+            .execute(&mut *tx)
+            .await?;
         upsert_components(&mut tx, host, &inventory.components, at).await?;
         upsert_gpus(&mut tx, host, &inventory.gpus, at).await?;
         tx.commit().await?;
