@@ -15,8 +15,8 @@ use std::sync::Arc;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-/// Default spool budget on disk.
-pub const DEFAULT_SPOOL_BUDGET_BYTES: u64 = 512 << 20;
+/// Default spool budget on disk (`agent.spool_budget`).
+pub use crate::config::DEFAULT_SPOOL_BUDGET_BYTES;
 
 /// Why the agent could not start.
 #[derive(Debug, thiserror::Error)]
@@ -62,7 +62,7 @@ fn local_hostname() -> String {
 pub struct DaemonOptions {
     /// Override the local endpoint's address (e.g. port 0).
     pub listen: Option<SocketAddr>,
-    /// Spool budget on disk; default [`DEFAULT_SPOOL_BUDGET_BYTES`].
+    /// Spool budget on disk, over `agent.spool_budget` from the config.
     pub spool_budget_bytes: Option<u64>,
 }
 
@@ -130,7 +130,7 @@ impl Daemon {
                     &spool_path,
                     options
                         .spool_budget_bytes
-                        .unwrap_or(DEFAULT_SPOOL_BUDGET_BYTES),
+                        .unwrap_or(config.agent.spool_budget_bytes),
                 )
                 .map_err(|e| DaemonError::Spool {
                     path: spool_path.display().to_string(),
@@ -176,7 +176,12 @@ impl Daemon {
             .register(Box::new(exposition.clone()))
             .map_err(AgentError::Metrics)?;
         let (uplink, host_id) = match link {
-            Some((uplink_config, spool, host_id)) => {
+            Some((mut uplink_config, spool, host_id)) => {
+                // The first Hello carries the inventory as it is now (the supervisor
+                // has started, the GPUs are known), not the empty one before the first
+                // sampling tick.
+                uplink_config.hello.components = started_inventory(&agent, &config_arc).await;
+                uplink_config.hello.gpus = gpu.inventory().iter().map(|g| g.to_info()).collect();
                 let (uplink, commands) = Uplink::spawn(uplink_config, spool)?;
                 let uplink = Arc::new(uplink);
                 tasks.push(tokio::spawn(mirror_link_status(
@@ -272,6 +277,46 @@ impl Daemon {
             }
         }
     }
+}
+
+/// The component inventory once every active component has published its first status
+/// (component tasks start asynchronously), or after 5 s with what is there.
+async fn started_inventory(
+    agent: &Agent,
+    config: &Config,
+) -> Vec<razar_shared::protocol::ComponentInfo> {
+    let expected: Vec<String> = config
+        .active_components()
+        .map(|c| c.name.to_string())
+        .collect();
+    let mut statuses = agent.watch_statuses();
+    let all_known = async {
+        loop {
+            let known = {
+                let s = statuses.borrow_and_update();
+                expected.iter().all(|name| s.contains_key(name))
+            };
+            if known || statuses.changed().await.is_err() {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), all_known).await;
+    component_inventory(agent)
+}
+
+/// Every supervised component as the collector's inventory lists it.
+pub(crate) fn component_inventory(agent: &Agent) -> Vec<razar_shared::protocol::ComponentInfo> {
+    agent
+        .statuses()
+        .values()
+        .map(|s| razar_shared::protocol::ComponentInfo {
+            name: s.name.clone(),
+            revision: s.revision.clone(),
+            state: s.state,
+            critical: s.critical,
+        })
+        .collect()
 }
 
 /// Keeps `/health`'s `collector` field in step with the uplink: the state, and why the

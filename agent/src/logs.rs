@@ -111,6 +111,8 @@ struct Inner {
     queue: SyncSender<WriterMsg>,
     components: Mutex<HashMap<Arc<str>, Channel>>,
     dropped: AtomicU64,
+    /// Lines a follower (`tail --follow`) lost by lagging.
+    follow_dropped: AtomicU64,
     write_errors: Arc<AtomicU64>,
 }
 
@@ -145,6 +147,7 @@ impl Logs {
                 queue,
                 components: Mutex::new(HashMap::new()),
                 dropped: AtomicU64::new(0),
+                follow_dropped: AtomicU64::new(0),
                 write_errors,
             }),
         })
@@ -245,6 +248,16 @@ impl Logs {
     /// Lines dropped from the files because the writer fell behind.
     pub fn dropped_lines_total(&self) -> u64 {
         self.inner.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Counts `n` lines a follower lost by lagging behind [`follow`](Self::follow).
+    pub fn follow_lagged(&self, n: u64) {
+        self.inner.follow_dropped.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Lines followers lost by lagging.
+    pub fn dropped_follow_lines_total(&self) -> u64 {
+        self.inner.follow_dropped.load(Ordering::Relaxed)
     }
 
     /// Lines lost to file errors (disk full, permissions); each is also logged once per file.

@@ -4,7 +4,8 @@
 
 use crate::supervisor::component::ComponentStatus;
 use prometheus::{
-    Encoder, Gauge, GaugeVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, Gauge, GaugeVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 use razar_shared::domain::ComponentState;
 use razar_shared::protocol::{Event, EventKind};
@@ -29,6 +30,88 @@ pub struct Metrics {
     pub uptime: Gauge,
     pub reloads: IntCounterVec,
     pub components: IntGauge,
+    events_dropped: IntCounterVec,
+    flow: FlowMetrics,
+}
+
+/// Queues and budgets that can drop, as read from the spool, the uplink and the logs.
+/// Totals are cumulative; [`Metrics::flow`] turns them into counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Flow {
+    pub spool_batches: u64,
+    pub spool_bytes: u64,
+    pub spool_budget_bytes: u64,
+    pub spool_dropped_samples_total: u64,
+    pub spool_dropped_events_total: u64,
+    pub uplink_connected: bool,
+    pub uplink_commands_dropped_total: u64,
+    pub uplink_outbound_dropped_total: u64,
+    pub log_lines_dropped_total: u64,
+}
+
+struct FlowMetrics {
+    spool_batches: IntGauge,
+    spool_bytes: IntGauge,
+    spool_budget_bytes: IntGauge,
+    spool_dropped_samples: IntCounter,
+    spool_dropped_events: IntCounter,
+    uplink_connected: IntGauge,
+    uplink_commands_dropped: IntCounter,
+    uplink_outbound_dropped: IntCounter,
+    log_lines_dropped: IntCounter,
+}
+
+impl FlowMetrics {
+    fn new(registry: &Registry) -> Result<FlowMetrics, prometheus::Error> {
+        let gauge = |name: &str, help: &str| -> Result<IntGauge, prometheus::Error> {
+            let g = IntGauge::new(name, help)?;
+            registry.register(Box::new(g.clone()))?;
+            Ok(g)
+        };
+        let counter = |name: &str, help: &str| -> Result<IntCounter, prometheus::Error> {
+            let c = IntCounter::new(name, help)?;
+            registry.register(Box::new(c.clone()))?;
+            Ok(c)
+        };
+        Ok(FlowMetrics {
+            spool_batches: gauge("razar_spool_batches", "Batches in the spool awaiting the collector's ack.")?,
+            spool_bytes: gauge("razar_spool_bytes", "Encoded size of the batches in the spool.")?,
+            spool_budget_bytes: gauge("razar_spool_budget_bytes", "Disk budget of the spool (agent.spool_budget).")?,
+            spool_dropped_samples: counter(
+                "razar_spool_dropped_samples_total",
+                "Samples dropped from the spool over its budget (each reported as a gap event).",
+            )?,
+            spool_dropped_events: counter(
+                "razar_spool_dropped_events_total",
+                "Events dropped from the spool over its budget, after every sample (each reported).",
+            )?,
+            uplink_connected: gauge("razar_uplink_connected", "1 while the collector has welcomed this agent.")?,
+            uplink_commands_dropped: counter(
+                "razar_uplink_commands_dropped_total",
+                "Commands from the collector dropped because the executor's queue was full (redelivered).",
+            )?,
+            uplink_outbound_dropped: counter(
+                "razar_uplink_outbound_dropped_total",
+                "Command results and log chunks dropped (link down or outbound queue full).",
+            )?,
+            log_lines_dropped: counter(
+                "razar_log_lines_dropped_total",
+                "Component log lines not written to their files (writer behind) or lost by a follower.",
+            )?,
+        })
+    }
+}
+
+/// Raises `counter` to `total` (counters only go up).
+fn raise(counter: &IntCounter, total: u64) {
+    let seen = counter.get();
+    if total > seen {
+        counter.inc_by(total - seen);
+    }
+}
+
+fn gauge_u64(gauge: &IntGauge, value: u64) {
+    gauge.set(i64::try_from(value).unwrap_or(i64::MAX));
 }
 
 impl std::fmt::Debug for Metrics {
@@ -144,6 +227,15 @@ impl Metrics {
         registry.register(Box::new(reloads.clone()))?;
         registry.register(Box::new(components.clone()))?;
         registry.register(Box::new(component_vram.clone()))?;
+        let events_dropped = IntCounterVec::new(
+            Opts::new(
+                "razar_agent_events_dropped_total",
+                "Events a receiver of the agent's event bus lost by lagging, by receiver (telemetry: each loss also becomes an event).",
+            ),
+            &["receiver"],
+        )?;
+        registry.register(Box::new(events_dropped.clone()))?;
+        let flow = FlowMetrics::new(&registry)?;
         Ok(Metrics {
             registry,
             state,
@@ -160,7 +252,34 @@ impl Metrics {
             uptime,
             reloads,
             components,
+            events_dropped,
+            flow,
         })
+    }
+
+    /// Counts `n` events lost by the event-bus receiver `receiver`.
+    pub fn events_dropped(&self, receiver: &str, n: u64) {
+        self.events_dropped.with_label_values(&[receiver]).inc_by(n);
+    }
+
+    /// Mirrors the spool, uplink and log queues.
+    pub fn flow(&self, flow: &Flow) {
+        let m = &self.flow;
+        gauge_u64(&m.spool_batches, flow.spool_batches);
+        gauge_u64(&m.spool_bytes, flow.spool_bytes);
+        gauge_u64(&m.spool_budget_bytes, flow.spool_budget_bytes);
+        raise(&m.spool_dropped_samples, flow.spool_dropped_samples_total);
+        raise(&m.spool_dropped_events, flow.spool_dropped_events_total);
+        m.uplink_connected.set(i64::from(flow.uplink_connected));
+        raise(
+            &m.uplink_commands_dropped,
+            flow.uplink_commands_dropped_total,
+        );
+        raise(
+            &m.uplink_outbound_dropped,
+            flow.uplink_outbound_dropped_total,
+        );
+        raise(&m.log_lines_dropped, flow.log_lines_dropped_total);
     }
 
     pub fn registry(&self) -> &Registry {
@@ -264,5 +383,50 @@ impl Metrics {
         let mut buf = Vec::new();
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
         String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flow_is_exported_and_counters_only_go_up() {
+        let metrics = match Metrics::new("test") {
+            Ok(m) => m,
+            Err(e) => panic!("metrics: {e}"),
+        };
+        let mut flow = Flow {
+            spool_batches: 7,
+            spool_bytes: 700,
+            spool_budget_bytes: 1000,
+            spool_dropped_samples_total: 40,
+            spool_dropped_events_total: 2,
+            uplink_connected: true,
+            uplink_commands_dropped_total: 1,
+            uplink_outbound_dropped_total: 3,
+            log_lines_dropped_total: 5,
+        };
+        metrics.flow(&flow);
+        flow.spool_dropped_samples_total = 50;
+        flow.uplink_connected = false;
+        metrics.flow(&flow);
+        let text = metrics.render();
+        for line in [
+            "razar_spool_batches 7",
+            "razar_spool_bytes 700",
+            "razar_spool_budget_bytes 1000",
+            "razar_spool_dropped_samples_total 50",
+            "razar_spool_dropped_events_total 2",
+            "razar_uplink_connected 0",
+            "razar_uplink_commands_dropped_total 1",
+            "razar_uplink_outbound_dropped_total 3",
+            "razar_log_lines_dropped_total 5",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "{line} missing from:\n{text}"
+            );
+        }
     }
 }

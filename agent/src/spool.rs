@@ -6,12 +6,28 @@
 //! series dictionary, so series ids stay stable across restarts.
 //!
 //! **Disk budget.** When the stored batches exceed the budget, the oldest batches lose
-//! their *samples* first (their events are kept); only when no samples are left are
-//! whole batches (their events) dropped. Every loss is counted and reported exactly once
-//! as an event attached to the next appended batch: `EventKind::SpoolGap` for samples,
-//! `EventKind::Other { code: "spool_events_dropped" }` for events. Never silently.
-//! The batches of the append in progress are never dropped whole (they carry the
-//! reports), so the budget can be exceeded by at most one append's events.
+//! their *samples* first (their events are kept); only when no samples are left do the
+//! oldest batches lose their events too. A batch that lost everything stays as an empty
+//! tombstone (a few bytes) until it is acknowledged, so every sequence number is still
+//! sent. The batches of the append in progress never lose their events, so the budget
+//! can be exceeded by at most one append's events (plus the tombstones).
+//!
+//! **Loss reports ride with the loss.** What a batch lost is recorded durably per
+//! sequence number (table `losses`). The report is made when the batch goes on the wire:
+//! [`Spool::prepare`] turns the uplink's copy (which may still be whole in memory) into
+//! what the spool kept, and the last batch of a run of consecutive lossy batches carries
+//! one merged report for the whole run: `EventKind::SpoolGap` for samples,
+//! `EventKind::Other { code: "spool_events_dropped" }` for events. So a report is stored
+//! by the collector exactly when the stripped batches it names are (acknowledgements are
+//! cumulative), a batch whose whole copy reached the collector before it was stripped is
+//! never reported lost, and no report can sit in a batch that is dropped later.
+//!
+//! **A new spool meets an old cursor.** A spool created empty (a wiped state directory
+//! on a host that keeps its certificate) numbers from 1, while the collector may already
+//! hold this host's batches up to a higher cursor. The first `Welcome` settles it
+//! ([`Spool::welcome`]): a spool that never met a collector renumbers its batches above
+//! the cursor and records a `spool_reset` event, instead of letting the cursor
+//! acknowledge (delete) batches the collector never saw.
 //!
 //! **Sequence numbers** start at 1 and are never reused: the next one is committed with
 //! each batch, and an ack beyond it (a collector that remembers more than this disk does)
@@ -23,7 +39,7 @@ use razar_shared::protocol::{
 };
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
@@ -33,11 +49,21 @@ const BATCHES: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("batches")
 const META: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("meta");
 /// Series dictionary: id → postcard-encoded (metric, labels).
 const SERIES: TableDefinition<'_, u32, &[u8]> = TableDefinition::new("series");
+/// What each stored (or recently acknowledged) batch lost to the budget and that is not
+/// yet reported: seq → (samples, events).
+const LOSSES: TableDefinition<'_, u64, (u64, u64)> = TableDefinition::new("losses");
 
 const META_KEY: &str = "meta";
+/// Whether this spool has met a collector (`true`) or was created empty and has not yet
+/// (`false`), postcard-encoded `bool`. Absent in spools of older versions (which had met
+/// one).
+const MET_COLLECTOR_KEY: &str = "met_collector";
 
 /// Stable code of the event reporting batches whose events had to be dropped.
 pub const EVENTS_DROPPED_CODE: &str = "spool_events_dropped";
+/// Stable code of the event recording that a new (wiped) spool renumbered its batches
+/// above the collector's cursor.
+pub const SPOOL_RESET_CODE: &str = "spool_reset";
 
 /// Errors of the spool.
 #[derive(Debug, thiserror::Error)]
@@ -78,34 +104,32 @@ storage_from!(
     redb::SetDurabilityError
 );
 
-/// A contiguous range of sequence numbers whose data was lost, not yet reported.
+/// What one batch lost to the budget.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Loss {
+    pub samples: u64,
+    pub events: u64,
+}
+
+/// A new spool renumbered above the collector's cursor ([`Spool::welcome`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Renumbered {
+    /// The collector's cursor.
+    pub cursor: u64,
+    /// Added to every stored seq; new batches are numbered above `offset`.
+    pub offset: u64,
+    /// Batches renumbered.
+    pub batches: u64,
+}
+
+/// A contiguous range of sequence numbers whose data was lost, not yet reported
+/// (spools of older versions; new losses are in the `losses` table).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Gap {
     pub first_seq: u64,
     pub last_seq: u64,
     /// Samples (or events, for an event gap) lost in the range.
     pub count: u64,
-}
-
-impl Gap {
-    /// Records the loss of `count` items of batch `seq` in `gaps`. The last range grows
-    /// only while it stays exact: no batch between its end and `seq` may have been
-    /// acknowledged (delivered intact) — the losses run oldest first, so every
-    /// unacknowledged batch in between was itself dropped or carried nothing to lose.
-    fn record(gaps: &mut Vec<Gap>, seq: u64, count: u64, acked: u64) {
-        if let Some(last) = gaps.last_mut() {
-            if seq > last.last_seq && acked <= last.last_seq {
-                last.last_seq = seq;
-                last.count += count;
-                return;
-            }
-        }
-        gaps.push(Gap {
-            first_seq: seq,
-            last_seq: seq,
-            count,
-        });
-    }
 }
 
 /// Bookkeeping committed with every change.
@@ -121,9 +145,10 @@ struct Meta {
     stripped_upto: u64,
     dropped_samples_total: u64,
     dropped_events_total: u64,
-    /// Samples dropped but not yet reported, one entry per exact range.
+    /// Samples dropped but not yet reported, one entry per exact range (written by
+    /// older versions only; reported with the next append).
     sample_gaps: Vec<Gap>,
-    /// Events dropped but not yet reported, one entry per exact range.
+    /// Events dropped but not yet reported (older versions only, as above).
     event_gaps: Vec<Gap>,
     /// Next series id to assign.
     next_series_id: u32,
@@ -135,6 +160,19 @@ struct Inner {
     len: u64,
     series_by_key: HashMap<(String, Vec<(String, String)>), u32>,
     series: Vec<SeriesDef>,
+    /// Mirror of the `losses` table.
+    losses: BTreeMap<u64, Loss>,
+    /// Batches that carried a loss report on the current connection: carrier seq →
+    /// first seq of the range it reported. Consumed by acks, cleared by a `Welcome`.
+    carried: BTreeMap<u64, u64>,
+    /// What each batch sent on the current connection (and not yet acknowledged) had
+    /// lost when it went out (`Loss::default()`: whole). If the budget takes more from
+    /// it later, the collector still gets the copy that went out: this is its loss.
+    sent: BTreeMap<u64, Loss>,
+    /// Every stored batch with `seq <= emptied_upto` has no events left or belongs to
+    /// an append in progress (scan start of the events phase; not persisted).
+    emptied_upto: u64,
+    met_collector: bool,
 }
 
 /// The durable spool. Cheap to share behind an `Arc`; every method takes `&self`.
@@ -190,18 +228,40 @@ impl Spool {
             source,
         })?;
         let txn = db.begin_write()?;
-        let (meta, len, series) = {
-            let meta_table = txn.open_table(META)?;
+        let (meta, len, series, losses, met_collector) = {
+            let mut meta_table = txn.open_table(META)?;
             let batches = txn.open_table(BATCHES)?;
             let series_table = txn.open_table(SERIES)?;
-            let meta = match meta_table.get(META_KEY)? {
-                Some(v) => decode::<Meta>(v.value(), || "meta".into())?,
-                None => Meta {
-                    next_seq: 1,
-                    next_series_id: 1,
-                    ..Meta::default()
-                },
+            let losses_table = txn.open_table(LOSSES)?;
+            let (meta, fresh) = match meta_table.get(META_KEY)? {
+                Some(v) => (decode::<Meta>(v.value(), || "meta".into())?, false),
+                None => (
+                    Meta {
+                        next_seq: 1,
+                        next_series_id: 1,
+                        ..Meta::default()
+                    },
+                    true,
+                ),
             };
+            let met = meta_table
+                .get(MET_COLLECTOR_KEY)?
+                .map(|v| decode::<bool>(v.value(), || MET_COLLECTOR_KEY.into()))
+                .transpose()?;
+            let met_collector = match met {
+                Some(met) => met,
+                None => {
+                    // Older spools had met a collector; a new one has not.
+                    meta_table.insert(MET_COLLECTOR_KEY, encode(&!fresh)?.as_slice())?;
+                    !fresh
+                }
+            };
+            let mut losses = BTreeMap::new();
+            for entry in losses_table.iter()? {
+                let (seq, value) = entry?;
+                let (samples, events) = value.value();
+                losses.insert(seq.value(), Loss { samples, events });
+            }
             let len = redb::ReadableTableMetadata::len(&batches)?;
             let mut series = Vec::new();
             for entry in series_table.iter()? {
@@ -211,9 +271,10 @@ impl Spool {
                     decode(value.value(), || format!("series {id}"))?;
                 series.push(SeriesDef { id, metric, labels });
             }
-            (meta, len, series)
+            (meta, len, series, losses, met_collector)
         };
         txn.commit()?;
+        let emptied_upto = meta.acked;
         let series_by_key = series
             .iter()
             .map(|d| ((d.metric.clone(), d.labels.clone()), d.id))
@@ -227,6 +288,11 @@ impl Spool {
                 len,
                 series_by_key,
                 series,
+                losses,
+                carried: BTreeMap::new(),
+                sent: BTreeMap::new(),
+                emptied_upto,
+                met_collector,
             }),
         })
     }
@@ -261,8 +327,8 @@ impl Spool {
     }
 
     /// Appends several batches in one durable commit (group commit: one fsync for
-    /// all). Each gets the next sequence number, in order; pending loss reports go with
-    /// the first. Returns the batches as stored.
+    /// all). Each gets the next sequence number, in order. Returns the batches as
+    /// stored.
     pub fn append_many(
         &self,
         batches: Vec<(UnixMillis, Vec<SeriesPoints>, Vec<Event>)>,
@@ -274,6 +340,8 @@ impl Spool {
         let mut meta = inner.meta.clone();
         let mut len = inner.len;
         let mut out = Vec::with_capacity(batches.len());
+        let mut new_losses = BTreeMap::new();
+        let mut emptied_upto = inner.emptied_upto;
         let txn = self.db.begin_write()?;
         {
             let mut table = txn.open_table(BATCHES)?;
@@ -295,11 +363,25 @@ impl Spool {
             }
             if meta.stored_bytes > self.budget_bytes {
                 let first_new = out.first().map_or(meta.next_seq, |b| b.seq);
-                let outcome = self.enforce_budget(&mut table, &mut meta, &mut len, first_new)?;
-                if let Some(stripped) = outcome.stripped_upto {
-                    for batch in out.iter_mut().filter(|b| b.seq <= stripped) {
-                        batch.series.clear();
+                let mut enforcement = Enforcement {
+                    meta: &mut meta,
+                    losses: &mut new_losses,
+                    known: &inner.losses,
+                    emptied_upto: &mut emptied_upto,
+                };
+                self.enforce_budget(&mut table, &mut enforcement, first_new)?;
+                for batch in out.iter_mut() {
+                    if let Some(loss) = new_losses.get(&batch.seq) {
+                        if loss.samples > 0 {
+                            batch.series.clear();
+                        }
                     }
+                }
+            }
+            if !new_losses.is_empty() {
+                let mut losses = txn.open_table(LOSSES)?;
+                for (seq, loss) in &new_losses {
+                    losses.insert(*seq, (loss.samples, loss.events))?;
                 }
             }
             let mut meta_table = txn.open_table(META)?;
@@ -308,99 +390,75 @@ impl Spool {
         txn.commit()?;
         inner.meta = meta;
         inner.len = len;
+        inner.emptied_upto = emptied_upto;
+        inner.losses.extend(new_losses);
         Ok(out)
     }
 
-    /// Moves the pending loss reports into `events` (as events of this batch).
+    /// Moves loss reports pending from older versions into `events`.
     fn attach_reports(&self, meta: &mut Meta, ts_ms: UnixMillis, events: &mut Vec<Event>) {
         for gap in std::mem::take(&mut meta.sample_gaps) {
-            events.push(Event {
-                ts_ms,
-                severity: Severity::Warning,
-                subject: Subject::Host,
-                kind: EventKind::SpoolGap {
-                    first_seq: gap.first_seq,
-                    last_seq: gap.last_seq,
-                    samples_lost: gap.count,
-                },
-                message: format!(
-                    "spool over budget: {} samples of batches {}..={} dropped",
-                    gap.count, gap.first_seq, gap.last_seq
-                ),
-            });
+            events.push(sample_gap_event(ts_ms, gap));
         }
         for gap in std::mem::take(&mut meta.event_gaps) {
-            events.push(Event {
-                ts_ms,
-                severity: Severity::Warning,
-                subject: Subject::Host,
-                kind: EventKind::Other {
-                    code: EVENTS_DROPPED_CODE.into(),
-                },
-                message: format!(
-                    "spool over budget: dropped {} events of batches {}..={}",
-                    gap.count, gap.first_seq, gap.last_seq
-                ),
-            });
+            events.push(event_gap_event(ts_ms, gap));
         }
     }
 
-    /// Drops samples, then whole batches, oldest first, until within budget.
+    /// Drops samples, then events, oldest first, until within budget. Every loss goes to
+    /// `e.losses` (merged with what the batch lost before).
     fn enforce_budget(
         &self,
         table: &mut redb::Table<'_, u64, &[u8]>,
-        meta: &mut Meta,
-        len: &mut u64,
+        e: &mut Enforcement<'_>,
         first_new: u64,
-    ) -> Result<Enforcement, SpoolError> {
-        let mut out = Enforcement::default();
+    ) -> Result<(), SpoolError> {
         // Phase 1: strip samples, oldest first.
-        let mut cursor = meta.stripped_upto.saturating_add(1);
-        while meta.stored_bytes > self.budget_bytes {
-            let next = table
-                .range(cursor..)?
-                .next()
-                .transpose()?
-                .map(|(k, v)| (k.value(), v.value().to_vec()));
-            let Some((seq, old)) = next else { break };
+        let mut cursor = e.meta.stripped_upto.saturating_add(1);
+        while e.meta.stored_bytes > self.budget_bytes {
+            let Some((seq, old)) = next_from(table, cursor)? else {
+                break;
+            };
             cursor = seq + 1;
-            meta.stripped_upto = seq;
+            e.meta.stripped_upto = seq;
             let mut batch: Batch = decode(&old, batch_what(seq))?;
             let samples = batch.sample_count() as u64;
             if samples == 0 {
                 continue;
             }
             batch.series.clear();
-            meta.stored_bytes -= old.len() as u64;
-            if batch.events.is_empty() {
-                table.remove(seq)?;
-                *len -= 1;
-            } else {
-                let new = encode(&batch)?;
-                meta.stored_bytes += new.len() as u64;
-                table.insert(seq, new.as_slice())?;
-            }
-            meta.dropped_samples_total += samples;
-            Gap::record(&mut meta.sample_gaps, seq, samples, meta.acked);
-            out.stripped_upto = Some(seq);
+            replace(table, e.meta, seq, old.len(), &batch)?;
+            e.meta.dropped_samples_total += samples;
+            e.loss(seq).samples += samples;
         }
-        // Phase 2: no samples left anywhere; drop whole batches (their events). The
-        // batches being appended stay even over budget: they carry the loss reports.
-        while meta.stored_bytes > self.budget_bytes {
-            let first = table.first()?.map(|(k, v)| (k.value(), v.value().to_vec()));
-            let Some((seq, old)) = first else { break };
+        // Phase 2: no samples left anywhere; the oldest batches lose their events and
+        // stay as tombstones. The batches being appended keep theirs even over budget.
+        let mut cursor = (*e.emptied_upto).max(e.meta.acked).saturating_add(1);
+        while e.meta.stored_bytes > self.budget_bytes && cursor < first_new {
+            let Some((seq, old)) = next_from(table, cursor)? else {
+                break;
+            };
             if seq >= first_new {
                 break;
             }
-            let batch: Batch = decode(&old, batch_what(seq))?;
-            table.remove(seq)?;
-            *len -= 1;
-            meta.stored_bytes -= old.len() as u64;
+            cursor = seq + 1;
+            *e.emptied_upto = seq;
+            let mut batch: Batch = decode(&old, batch_what(seq))?;
             let events = batch.events.len() as u64;
-            meta.dropped_events_total += events;
-            Gap::record(&mut meta.event_gaps, seq, events, meta.acked);
+            let samples = batch.sample_count() as u64;
+            if events == 0 && samples == 0 {
+                continue;
+            }
+            batch.events.clear();
+            batch.series.clear();
+            replace(table, e.meta, seq, old.len(), &batch)?;
+            e.meta.dropped_events_total += events;
+            e.meta.dropped_samples_total += samples;
+            let loss = e.loss(seq);
+            loss.events += events;
+            loss.samples += samples;
         }
-        Ok(out)
+        Ok(())
     }
 
     /// Stored batches with `seq > after`, oldest first, at most `limit`.
@@ -418,12 +476,201 @@ impl Spool {
         Ok(out)
     }
 
+    /// Turns the uplink's copy of a batch into what goes on the wire: what the budget
+    /// took from it since it was read is taken from the copy too, and the last batch of
+    /// a run of lossy batches carries one report for the run (see the module docs).
+    /// Call it for every batch written to a connection, in seq order; no I/O.
+    pub fn prepare(&self, batch: &mut Batch, ts_ms: UnixMillis) {
+        let mut inner = self.lock();
+        let seq = batch.seq;
+        let Some(own) = inner.losses.get(&seq).copied() else {
+            inner.sent.insert(seq, Loss::default());
+            return;
+        };
+        inner.sent.insert(seq, own);
+        if own.samples > 0 {
+            batch.series.clear();
+        }
+        if own.events > 0 {
+            batch.events.clear();
+        }
+        if inner.losses.contains_key(&(seq + 1)) {
+            // Not the end of its run: the last batch reports for all.
+            return;
+        }
+        // The run: lossy batches before this one, back to one whose whole copy went
+        // out on this connection (not lost if it arrives) or one that already carried
+        // a report for the part before it.
+        let mut first = seq;
+        while first > 1
+            && inner.effective_loss(first - 1).is_some()
+            && !inner.carried.contains_key(&(first - 1))
+        {
+            first -= 1;
+        }
+        // Samples: one range, from the first to the last batch that lost samples (they
+        // go oldest first; a batch in between without a sample loss had none). Events:
+        // one range per stretch of batches that lost events (a batch in flight while
+        // older ones lost theirs may have kept its own).
+        let mut samples: Option<Gap> = None;
+        let mut events: Vec<Gap> = Vec::new();
+        let extend = |gap: &mut Gap, s: u64, count: u64| {
+            gap.last_seq = s;
+            gap.count += count;
+        };
+        for s in first..=seq {
+            let Some(loss) = inner.effective_loss(s) else {
+                continue;
+            };
+            if loss.samples > 0 {
+                let g = samples.get_or_insert(Gap {
+                    first_seq: s,
+                    last_seq: s,
+                    count: 0,
+                });
+                extend(g, s, loss.samples);
+            }
+            if loss.events > 0 {
+                match events.last_mut() {
+                    Some(g) if g.last_seq + 1 == s => extend(g, s, loss.events),
+                    _ => events.push(Gap {
+                        first_seq: s,
+                        last_seq: s,
+                        count: loss.events,
+                    }),
+                }
+            }
+        }
+        inner.carried.insert(seq, first);
+        if let Some(gap) = samples {
+            batch.events.push(sample_gap_event(ts_ms, gap));
+        }
+        for gap in events {
+            batch.events.push(event_gap_event(ts_ms, gap));
+        }
+    }
+
+    /// The collector welcomed the agent with its cursor. A spool that never met a
+    /// collector and finds a cursor above zero belongs to a host whose state was wiped:
+    /// its batches are renumbered above the cursor (and above every seq it used, so a
+    /// batch handed out under an old number is never mistaken for a new one) and a
+    /// `spool_reset` event is appended. Then the cursor acknowledges as [`ack`] does,
+    /// and reports made on the previous connection that the cursor does not cover are
+    /// forgotten (they will be made again).
+    ///
+    /// [`ack`]: Self::ack
+    pub fn welcome(
+        &self,
+        cursor: u64,
+        ts_ms: UnixMillis,
+    ) -> Result<Option<Renumbered>, SpoolError> {
+        let renumbered = {
+            let mut inner = self.lock();
+            if inner.met_collector {
+                None
+            } else {
+                let renumbered = if cursor > 0 {
+                    Some(self.renumber(&mut inner, cursor)?)
+                } else {
+                    let txn = self.db.begin_write()?;
+                    txn.open_table(META)?
+                        .insert(MET_COLLECTOR_KEY, encode(&true)?.as_slice())?;
+                    txn.commit()?;
+                    None
+                };
+                inner.met_collector = true;
+                renumbered
+            }
+        };
+        if let Some(r) = renumbered {
+            self.append(
+                ts_ms,
+                Vec::new(),
+                vec![Event {
+                    ts_ms,
+                    severity: Severity::Warning,
+                    subject: Subject::Host,
+                    kind: EventKind::Other {
+                        code: SPOOL_RESET_CODE.into(),
+                    },
+                    message: format!(
+                        "agent state was new but the collector holds this host's batches up to {}: \
+                         {} unsent batches renumbered above {}",
+                        r.cursor, r.batches, r.offset
+                    ),
+                }],
+            )?;
+        } else {
+            self.ack(cursor)?;
+        }
+        let mut inner = self.lock();
+        inner.carried.clear();
+        inner.sent.clear();
+        Ok(renumbered)
+    }
+
+    /// Renumbers every stored batch (and its loss record) by `max(cursor, last seq)`.
+    fn renumber(&self, inner: &mut Inner, cursor: u64) -> Result<Renumbered, SpoolError> {
+        let mut meta = inner.meta.clone();
+        let offset = cursor.max(meta.next_seq.saturating_sub(1));
+        let mut batches = 0;
+        let txn = self.db.begin_write()?;
+        {
+            let mut table = txn.open_table(BATCHES)?;
+            let mut stored = Vec::new();
+            for entry in table.extract_from_if(0u64.., |_, _| true)? {
+                let (k, v) = entry?;
+                stored.push((k.value(), v.value().to_vec()));
+            }
+            meta.stored_bytes = 0;
+            for (seq, bytes) in stored {
+                let mut batch: Batch = decode(&bytes, batch_what(seq))?;
+                batch.seq = seq + offset;
+                let bytes = encode(&batch)?;
+                meta.stored_bytes += bytes.len() as u64;
+                table.insert(batch.seq, bytes.as_slice())?;
+                batches += 1;
+            }
+            let mut losses = txn.open_table(LOSSES)?;
+            losses.extract_from_if(0u64.., |_, _| true)?.for_each(drop);
+            for (seq, loss) in &inner.losses {
+                losses.insert(seq + offset, (loss.samples, loss.events))?;
+            }
+            meta.next_seq += offset;
+            meta.acked = cursor;
+            if meta.stripped_upto > 0 {
+                meta.stripped_upto += offset;
+            }
+            let mut meta_table = txn.open_table(META)?;
+            meta_table.insert(META_KEY, encode(&meta)?.as_slice())?;
+            meta_table.insert(MET_COLLECTOR_KEY, encode(&true)?.as_slice())?;
+        }
+        txn.commit()?;
+        inner.losses = std::mem::take(&mut inner.losses)
+            .into_iter()
+            .map(|(seq, loss)| (seq + offset, loss))
+            .collect();
+        inner.emptied_upto = cursor;
+        inner.meta = meta;
+        Ok(Renumbered {
+            cursor,
+            offset,
+            batches,
+        })
+    }
+
     /// Cumulative acknowledgement: every batch with `seq <= upto` is stored by the
     /// collector and leaves the spool. An ack beyond the last assigned sequence number
-    /// moves the next one past it, so numbers are never reused.
+    /// moves the next one past it, so numbers are never reused. Loss records of acked
+    /// batches go too, except a run that goes on past `upto` and is not yet reported.
     pub fn ack(&self, upto: u64) -> Result<(), SpoolError> {
         let mut inner = self.lock();
-        if upto <= inner.meta.acked && upto < inner.meta.next_seq {
+        let (settled, corrected) = settle_losses(&inner, upto);
+        if upto <= inner.meta.acked
+            && upto < inner.meta.next_seq
+            && settled.is_empty()
+            && corrected.is_empty()
+        {
             return Ok(());
         }
         let mut meta = inner.meta.clone();
@@ -440,6 +687,15 @@ impl Spool {
                 meta.stored_bytes -= v.value().len() as u64;
                 len -= 1;
             }
+            if !settled.is_empty() || !corrected.is_empty() {
+                let mut losses = txn.open_table(LOSSES)?;
+                for seq in &settled {
+                    losses.remove(*seq)?;
+                }
+                for (seq, loss) in &corrected {
+                    losses.insert(*seq, (loss.samples, loss.events))?;
+                }
+            }
             meta.acked = meta.acked.max(upto);
             meta.next_seq = meta.next_seq.max(upto.saturating_add(1));
             let mut meta_table = txn.open_table(META)?;
@@ -448,6 +704,13 @@ impl Spool {
         txn.commit()?;
         inner.meta = meta;
         inner.len = len;
+        for seq in &settled {
+            inner.losses.remove(seq);
+        }
+        inner.losses.extend(corrected);
+        inner.carried = inner.carried.split_off(&upto.saturating_add(1));
+        inner.sent = inner.sent.split_off(&upto.saturating_add(1));
+        inner.emptied_upto = inner.emptied_upto.max(upto);
         Ok(())
     }
 
@@ -532,20 +795,143 @@ impl Spool {
         self.lock().meta.dropped_events_total
     }
 
-    /// Sample losses not yet reported (reported in the next appended batch).
+    /// Loss records not yet reported and acknowledged, by seq.
+    pub fn losses(&self) -> BTreeMap<u64, Loss> {
+        self.lock().losses.clone()
+    }
+
+    /// False until this spool (created empty) has met a collector's `Welcome`.
+    pub fn met_collector(&self) -> bool {
+        self.lock().met_collector
+    }
+
+    /// Sample losses of older versions not yet reported (reported in the next appended
+    /// batch).
     pub fn pending_sample_gaps(&self) -> Vec<Gap> {
         self.lock().meta.sample_gaps.clone()
     }
 
-    /// Event losses not yet reported (reported in the next appended batch).
+    /// Event losses of older versions not yet reported (as above).
     pub fn pending_event_gaps(&self) -> Vec<Gap> {
         self.lock().meta.event_gaps.clone()
     }
 }
 
-#[derive(Default)]
-struct Enforcement {
-    stripped_upto: Option<u64>,
+/// What a budget enforcement works on.
+struct Enforcement<'a> {
+    meta: &'a mut Meta,
+    /// Losses of this enforcement, merged with earlier ones of the same batches.
+    losses: &'a mut BTreeMap<u64, Loss>,
+    /// Losses recorded before.
+    known: &'a BTreeMap<u64, Loss>,
+    emptied_upto: &'a mut u64,
+}
+
+impl Enforcement<'_> {
+    fn loss(&mut self, seq: u64) -> &mut Loss {
+        let known = self.known.get(&seq).copied().unwrap_or_default();
+        self.losses.entry(seq).or_insert(known)
+    }
+}
+
+/// The first stored batch with `seq >= from`.
+fn next_from(
+    table: &redb::Table<'_, u64, &[u8]>,
+    from: u64,
+) -> Result<Option<(u64, Vec<u8>)>, SpoolError> {
+    Ok(table
+        .range(from..)?
+        .next()
+        .transpose()?
+        .map(|(k, v)| (k.value(), v.value().to_vec())))
+}
+
+/// Stores `batch` in place of the `old_len` bytes stored under `seq`.
+fn replace(
+    table: &mut redb::Table<'_, u64, &[u8]>,
+    meta: &mut Meta,
+    seq: u64,
+    old_len: usize,
+    batch: &Batch,
+) -> Result<(), SpoolError> {
+    let new = encode(batch)?;
+    meta.stored_bytes = meta.stored_bytes - old_len as u64 + new.len() as u64;
+    table.insert(seq, new.as_slice())?;
+    Ok(())
+}
+
+/// What an ack of `upto` does to the loss records: the records it settles (reported,
+/// or no loss because the collector got the copy that went out whole), and the records
+/// kept with what the collector really lacks: the acked part of a run that goes on
+/// past `upto` (its report rides on the run's last batch, not yet acknowledged), each
+/// with the loss of the copy that went out.
+fn settle_losses(inner: &Inner, upto: u64) -> (Vec<u64>, Vec<(u64, Loss)>) {
+    let mut keep_from = upto.saturating_add(1);
+    if inner.losses.contains_key(&keep_from) {
+        while keep_from > 1
+            && inner.effective_loss(keep_from - 1).is_some()
+            && !inner.carried.contains_key(&(keep_from - 1))
+        {
+            keep_from -= 1;
+        }
+    }
+    let mut settled = Vec::new();
+    let mut corrected = Vec::new();
+    for (seq, loss) in inner.losses.range(..=upto) {
+        match inner.effective_loss(*seq) {
+            Some(lacks) if *seq >= keep_from => {
+                if lacks != *loss {
+                    corrected.push((*seq, lacks));
+                }
+            }
+            _ => settled.push(*seq),
+        }
+    }
+    (settled, corrected)
+}
+
+impl Inner {
+    /// What batch `seq` lacks where it is going: the copy sent on this connection if
+    /// one was, else the spool's copy. `None`: nothing.
+    fn effective_loss(&self, seq: u64) -> Option<Loss> {
+        match self.sent.get(&seq) {
+            Some(sent) if *sent == Loss::default() => None,
+            Some(sent) => Some(*sent),
+            None => self.losses.get(&seq).copied(),
+        }
+    }
+}
+
+fn sample_gap_event(ts_ms: UnixMillis, gap: Gap) -> Event {
+    Event {
+        ts_ms,
+        severity: Severity::Warning,
+        subject: Subject::Host,
+        kind: EventKind::SpoolGap {
+            first_seq: gap.first_seq,
+            last_seq: gap.last_seq,
+            samples_lost: gap.count,
+        },
+        message: format!(
+            "spool over budget: {} samples of batches {}..={} dropped",
+            gap.count, gap.first_seq, gap.last_seq
+        ),
+    }
+}
+
+fn event_gap_event(ts_ms: UnixMillis, gap: Gap) -> Event {
+    Event {
+        ts_ms,
+        severity: Severity::Warning,
+        subject: Subject::Host,
+        kind: EventKind::Other {
+            code: EVENTS_DROPPED_CODE.into(),
+        },
+        message: format!(
+            "spool over budget: dropped {} events of batches {}..={}",
+            gap.count, gap.first_seq, gap.last_seq
+        ),
+    }
 }
 
 #[cfg(test)]

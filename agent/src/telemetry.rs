@@ -205,7 +205,11 @@ pub async fn run_telemetry(
         for event in tick.events.drain(..) {
             agent.emit(event);
         }
-        let batch_events = drain(&mut events);
+        let batch_events = drain(&mut events, agent.view().metrics());
+        agent
+            .view()
+            .metrics()
+            .flow(&flow(&agent, uplink.as_deref()));
         let Some(uplink) = &uplink else {
             if stopping {
                 break;
@@ -274,17 +278,60 @@ fn count(statuses: &BTreeMap<String, ComponentStatus>, f: impl Fn(ComponentState
     u32::try_from(statuses.values().filter(|s| f(s.state)).count()).unwrap_or(u32::MAX)
 }
 
-fn drain(events: &mut broadcast::Receiver<Event>) -> Vec<Event> {
+/// Stable code of the event recording events the telemetry loop lost by lagging behind
+/// the agent's event bus.
+pub const EVENTS_LAGGED_CODE: &str = "events_dropped";
+
+/// Every event received since the last call. Events lost by lagging become one event
+/// saying how many (and are counted), so a loss is never silent.
+fn drain(events: &mut broadcast::Receiver<Event>, metrics: &crate::metrics::Metrics) -> Vec<Event> {
     let mut out = Vec::new();
     loop {
         match events.try_recv() {
             Ok(e) => out.push(e),
             Err(broadcast::error::TryRecvError::Lagged(n)) => {
                 tracing::warn!(lost = n, "event subscription lagged");
+                metrics.events_dropped("telemetry", n);
+                out.push(lagged_event(now_ms(), n));
             }
             Err(_) => return out,
         }
     }
+}
+
+/// The event standing for `lost` events the telemetry loop never received.
+fn lagged_event(ts_ms: UnixMillis, lost: u64) -> Event {
+    Event {
+        ts_ms,
+        severity: razar_shared::domain::Severity::Warning,
+        subject: razar_shared::protocol::Subject::Host,
+        kind: razar_shared::protocol::EventKind::Other {
+            code: EVENTS_LAGGED_CODE.into(),
+        },
+        message: format!("{lost} agent events lost: the telemetry loop fell behind the event bus"),
+    }
+}
+
+/// The spool, uplink and log queues as `/metrics` shows them.
+fn flow(agent: &Agent, uplink: Option<&Uplink>) -> crate::metrics::Flow {
+    let logs = agent.logs();
+    let mut flow = crate::metrics::Flow {
+        log_lines_dropped_total: logs.dropped_lines_total() + logs.dropped_follow_lines_total(),
+        ..crate::metrics::Flow::default()
+    };
+    if let Some(uplink) = uplink {
+        let spool = uplink.spool();
+        let status = uplink.status();
+        flow.spool_batches = spool.len();
+        flow.spool_bytes = spool.bytes();
+        flow.spool_budget_bytes = spool.budget_bytes();
+        flow.spool_dropped_samples_total = spool.dropped_samples_total();
+        flow.spool_dropped_events_total = spool.dropped_events_total();
+        flow.uplink_connected = status.state == crate::uplink::LinkState::Connected;
+        flow.uplink_commands_dropped_total = status.commands_dropped_total;
+        flow.uplink_outbound_dropped_total = status.outbound_dropped_total;
+    }
+    flow
 }
 
 /// Each component's process tree (leader plus descendants), for GPU memory mapping.

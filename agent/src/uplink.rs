@@ -5,8 +5,13 @@
 //! batches, outbound command results and the shutdown signal. Batches come from the
 //! [`Spool`] (they are durable before they get here) and are fed to the session lazily,
 //! a bounded number at a time, so a long backlog never sits in memory and live batches
-//! keep flowing behind it. Acks delete from the spool. Connections are retried with
-//! exponential backoff and jitter.
+//! keep flowing behind it. Every batch goes through [`Spool::prepare`] on its way to the
+//! socket, so the copy held here never carries samples the spool's budget dropped, and
+//! loss reports ride in the batches they describe. Acks delete from the spool. The first
+//! `Welcome` of a new (wiped) spool may renumber it above the collector's cursor
+//! ([`Spool::welcome`]); the session then forgets its copies and reads them again.
+//! Inventory changes go out at once to a collector of protocol version 2. Connections
+//! are retried with exponential backoff and jitter.
 //!
 //! **Acceptance:** with TLS 1.3 the client finishes its handshake before the server has
 //! checked the client certificate, so the link counts as connected only once the
@@ -17,11 +22,12 @@ use crate::spool::{Spool, SpoolError};
 use razar_shared::protocol::codec::{encode_into, CollectorFrameDecoder};
 use razar_shared::protocol::session::{AgentEvent, AgentSession};
 use razar_shared::protocol::{
-    Batch, Command, CommandResult, ComponentInfo, Event, GpuInfo, Hello, LogChunk, SeriesPoints,
-    StatusDigest, UnixMillis, PROTOCOL_MAX, PROTOCOL_MIN,
+    AgentMessage, Batch, Command, CommandResult, ComponentInfo, Event, GpuInfo, Hello, LogChunk,
+    SeriesPoints, StatusDigest, UnixMillis, PROTOCOL_MAX, PROTOCOL_MIN,
 };
 use std::collections::HashSet;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, watch};
@@ -214,7 +220,8 @@ pub struct LinkStatus {
     /// Commands dropped because the agent did not take them fast enough (the collector
     /// redelivers them).
     pub commands_dropped_total: u64,
-    /// Command results or log chunks dropped because the link was down.
+    /// Command results or log chunks dropped because the link was down or the queue
+    /// full.
     pub outbound_dropped_total: u64,
 }
 
@@ -233,6 +240,8 @@ pub struct Uplink {
     digest: watch::Sender<StatusDigest>,
     inventory: watch::Sender<(Vec<ComponentInfo>, Vec<GpuInfo>)>,
     status: watch::Receiver<LinkStatus>,
+    /// Outbound messages refused because the queue was full or the link gone.
+    outbound_full: AtomicU64,
     shutdown: watch::Sender<bool>,
     task: JoinHandle<()>,
 }
@@ -307,6 +316,7 @@ impl Uplink {
                 digest: digest_tx,
                 inventory: inventory_tx,
                 status: status_rx,
+                outbound_full: AtomicU64::new(0),
                 shutdown: shutdown_tx,
                 task,
             },
@@ -349,7 +359,11 @@ impl Uplink {
     /// Queues a command result or log chunk for the collector. Returns false when it
     /// had to be dropped (link down or queue full; counted in the status).
     pub fn send(&self, message: Outbound) -> bool {
-        self.outbound.try_send(message).is_ok()
+        let sent = self.outbound.try_send(message).is_ok();
+        if !sent {
+            self.outbound_full.fetch_add(1, Ordering::Relaxed);
+        }
+        sent
     }
 
     /// Sets the digest carried by heartbeats (the spool size is filled in by the link).
@@ -357,14 +371,17 @@ impl Uplink {
         self.digest.send_replace(digest);
     }
 
-    /// Sets the inventory sent in the next `Hello`.
+    /// Sets the inventory: sent in the next `Hello`, and at once to a collector that
+    /// speaks protocol version 2.
     pub fn set_inventory(&self, components: Vec<ComponentInfo>, gpus: Vec<GpuInfo>) {
         self.inventory.send_replace((components, gpus));
     }
 
     /// The link's current status.
     pub fn status(&self) -> LinkStatus {
-        self.status.borrow().clone()
+        let mut status = self.status.borrow().clone();
+        status.outbound_dropped_total += self.outbound_full.load(Ordering::Relaxed);
+        status
     }
 
     /// A receiver that sees every status change.
@@ -408,6 +425,8 @@ enum Step {
     Timer,
     Batch(Option<Batch>),
     Outbound(Option<Outbound>),
+    /// The inventory changed (false: its sender is gone).
+    Inventory(bool),
 }
 
 struct Link {
@@ -535,7 +554,7 @@ impl Link {
         mut send: quinn::SendStream,
         mut recv: quinn::RecvStream,
     ) -> Ending {
-        let (components, gpus) = self.inventory.borrow().clone();
+        let (components, gpus) = self.inventory.borrow_and_update().clone();
         session.set_inventory(components, gpus);
         let now = Instant::now();
         session.set_wall_clock(now, unix_ms());
@@ -559,7 +578,7 @@ impl Link {
             digest.spool_batches = self.spool.len();
             session.set_digest(digest);
             while let Some(event) = session.poll_event() {
-                if let Some(ending) = self.on_event(event, &mut welcomed, conn).await {
+                if let Some(ending) = self.on_event(event, session, &mut welcomed, conn).await {
                     return ending;
                 }
             }
@@ -568,9 +587,14 @@ impl Link {
                 out_pos = 0;
             }
             while out.len() < 1024 * 1024 {
-                let Some(msg) = session.poll_transmit() else {
+                let Some(mut msg) = session.poll_transmit() else {
                     break;
                 };
+                if let AgentMessage::Batch(batch) = &mut msg {
+                    // What the budget took since the copy was read goes, and a run of
+                    // lossy batches gets its report (exactly what the spool kept).
+                    self.spool.prepare(batch, unix_ms());
+                }
                 if let Err(e) = encode_into(&msg, &mut out) {
                     // Only an oversized batch can fail; the producer bounds batch sizes.
                     tracing::error!(error = %e, "cannot encode a message for the collector; dropped");
@@ -584,6 +608,7 @@ impl Link {
                 _ = sleep_until(timeout), if timeout.is_some() => Step::Timer,
                 b = self.batches.recv() => Step::Batch(b),
                 m = self.outbound.recv() => Step::Outbound(m),
+                r = self.inventory.changed() => Step::Inventory(r.is_ok()),
             };
             match step {
                 Step::Shutdown => return Ending::Shutdown,
@@ -640,6 +665,12 @@ impl Link {
                     }
                 }
                 Step::Outbound(None) => return Ending::Shutdown,
+                Step::Inventory(true) => {
+                    let (components, gpus) = self.inventory.borrow_and_update().clone();
+                    session.set_inventory(components, gpus);
+                }
+                // The handle is gone: the agent is stopping.
+                Step::Inventory(false) => return Ending::Shutdown,
             }
         }
     }
@@ -647,6 +678,7 @@ impl Link {
     async fn on_event(
         &mut self,
         event: AgentEvent,
+        session: &mut AgentSession,
         welcomed: &mut bool,
         conn: &quinn::Connection,
     ) -> Option<Ending> {
@@ -658,6 +690,33 @@ impl Link {
             } => {
                 *welcomed = true;
                 let spool_acked = self.spool.acked();
+                let spool = self.spool.clone();
+                let now_ms = unix_ms();
+                match tokio::task::spawn_blocking(move || {
+                    spool.welcome(collector_acked_seq, now_ms)
+                })
+                .await
+                {
+                    Ok(Ok(Some(renumbered))) => {
+                        tracing::warn!(
+                            collector_acked_seq,
+                            offset = renumbered.offset,
+                            batches = renumbered.batches,
+                            "agent state is new but the collector knows this host: unsent batches renumbered above its cursor"
+                        );
+                        // The held copies carry the old numbers: read them again.
+                        session.restart_numbering(renumbered.offset);
+                    }
+                    Ok(Ok(None)) => {}
+                    Ok(Err(e)) => {
+                        return Some(Ending::Closed {
+                            welcomed: true,
+                            reason: format!("spool: {e}"),
+                            code: close_code::SHUTDOWN,
+                        })
+                    }
+                    Err(_) => return Some(Ending::Shutdown),
+                }
                 if collector_acked_seq < spool_acked {
                     tracing::warn!(
                         collector_acked_seq,

@@ -410,6 +410,18 @@ impl Conn {
             CollectorEvent::LogChunk(chunk) => {
                 tracing::debug!(host = %self.host, component = %chunk.component, lines = chunk.lines.len(), "log chunk");
             }
+            CollectorEvent::Inventory(inventory) => {
+                // Rare (a component changed state, a reload, a GPU change) and small.
+                let at = Utc::now();
+                if let Err(e) = self
+                    .shared
+                    .store
+                    .record_inventory(&self.host, &inventory, at)
+                    .await
+                {
+                    tracing::warn!(host = %self.host, error = %e, "cannot record the inventory; the next change or Hello brings it again");
+                }
+            }
             CollectorEvent::Refused(refusal) => {
                 if let Some(left_out) = self.shared.admit_log(refusal.reason.code()) {
                     tracing::info!(host = %self.host, reason = refusal.reason.code(), message = %refusal.message, similar_left_out = left_out, "agent refused");

@@ -224,6 +224,9 @@ pub struct IngestMetrics {
     pub connections_paused: IntGauge,
     pub ack_latency: Histogram,
     pub host_transitions: IntCounterVec,
+    /// Transitions not handed to the consumer of `take_transitions` (nobody took the
+    /// stream, or it fell behind).
+    pub host_transitions_dropped: IntCounter,
     /// Group commit: commits, hosts and samples per commit, failed groups.
     pub group: GroupMetrics,
 }
@@ -293,8 +296,13 @@ impl IngestMetrics {
                 ),
                 &["to"],
             )?,
+            host_transitions_dropped: IntCounter::new(
+                "razar_collector_host_transitions_dropped_total",
+                "Lost/back transitions not delivered to their consumer (none, or behind).",
+            )?,
             group: GroupMetrics::new(registry)?,
         };
+        registry.register(Box::new(m.host_transitions_dropped.clone()))?;
         registry.register(Box::new(m.refused.clone()))?;
         registry.register(Box::new(m.closed.clone()))?;
         registry.register(Box::new(m.agents_connected.clone()))?;
@@ -552,7 +560,7 @@ pub struct Collector {
     lost_task: JoinHandle<()>,
     writer_tasks: Vec<JoinHandle<()>>,
     tasks: Arc<Tasks>,
-    transitions: Mutex<Option<mpsc::UnboundedReceiver<HostTransition>>>,
+    transitions: Mutex<Option<mpsc::Receiver<HostTransition>>>,
     started: Instant,
 }
 
@@ -646,7 +654,7 @@ impl Collector {
             config,
         });
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
-        let (transitions_tx, transitions_rx) = mpsc::unbounded_channel();
+        let (transitions_tx, transitions_rx) = mpsc::channel(TRANSITIONS_CAPACITY);
         let (counted_tx, mut counted_rx) = mpsc::unbounded_channel::<HostTransition>();
         let counter = {
             let shared = shared.clone();
@@ -661,8 +669,11 @@ impl Collector {
                         .host_transitions
                         .with_label_values(&[to])
                         .inc();
-                    // Nobody listening is fine.
-                    let _ = transitions_tx.send(t);
+                    // Nobody listening (or a consumer behind) only costs the
+                    // stream: the store has every transition.
+                    if transitions_tx.try_send(t).is_err() {
+                        shared.metrics.host_transitions_dropped.inc();
+                    }
                 }
             }
         };
@@ -825,7 +836,7 @@ impl Collector {
     }
 
     /// The stream of lost/back transitions, once (for the decision engine).
-    pub fn take_transitions(&self) -> Option<mpsc::UnboundedReceiver<HostTransition>> {
+    pub fn take_transitions(&self) -> Option<mpsc::Receiver<HostTransition>> {
         self.transitions
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -938,6 +949,9 @@ fn tls_alert(code: u64) -> Option<u8> {
 /// (measured: 100k+ drops connecting 10,000 agents, and connections lost to missed
 /// heartbeats; none with 8 MiB).
 const SOCKET_BUFFER: usize = 8 << 20;
+
+/// Lost/back transitions queued for the consumer of `take_transitions`.
+const TRANSITIONS_CAPACITY: usize = 1024;
 
 /// Asks for [`SOCKET_BUFFER`] on the collector's UDP socket; the kernel caps it at
 /// `net.core.rmem_max` / `wmem_max`, which is logged when it is much smaller.

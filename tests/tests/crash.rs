@@ -1149,3 +1149,232 @@ async fn startup_events_reach_the_collector() {
     );
     f.pool.close().await;
 }
+
+/// Samples stored per timestamp (ms) for the host at or after `from_ms`.
+async fn samples_by_ts(pool: &PgPool, from_ms: i64) -> BTreeMap<i64, i64> {
+    let rows: Vec<(i64, i64)> = sqlx::query_as(
+        "SELECT (extract(epoch FROM x.ts) * 1000)::int8 AS ms, count(*)
+         FROM samples x JOIN series s ON s.series_id = x.series_id
+         WHERE s.host_id = $1 AND x.ts >= to_timestamp($2::float8 / 1000)
+         GROUP BY 1",
+    )
+    .bind(HOST)
+    .bind(from_ms)
+    .fetch_all(pool)
+    .await
+    .expect("samples by timestamp");
+    rows.into_iter().collect()
+}
+
+/// An agent whose state directory was wiped but which keeps its certificate (a
+/// re-imaged host) starts numbering from 1 again while the collector's cursor for the
+/// host is far above. Everything the agent produces afterwards must be stored, the
+/// batches it spooled before meeting the collector included, and the reset recorded as
+/// an event.
+///
+/// Before the fix, the first `Welcome` carried the old cursor and the agent deleted its
+/// unsent batches at or below it as acknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wiped_agent_state_renumbers_above_the_cursor_and_loses_nothing() {
+    let mut f = Fixture::new("wiped").await;
+    f.start_collector().await;
+    f.start_agent().await;
+    let old_cursor = f.wait_progress("the first life's batches", 0, 12).await;
+    let mut agent = f.agent.take().expect("agent running");
+    let status = agent.terminate(Duration::from_secs(60)).await;
+    assert!(status.success(), "agent exit: {status}");
+    drop(agent);
+    // The collector is away while the new agent starts: it spools before it meets it.
+    f.kill_collector();
+    std::fs::remove_dir_all(f.agent_data_dir()).expect("wipe the agent's state");
+    let first_life = spooled_batches(&f.agent_log()).len();
+    f.start_agent().await;
+    wait_for(
+        "the new agent to spool a few batches",
+        Duration::from_secs(30),
+        || {
+            let n = spooled_batches(&f.agent_log()).len();
+            async move { (n >= first_life + 4).then_some(()) }
+        },
+    )
+    .await;
+    f.start_collector().await;
+    f.wait_progress("the new life's batches", old_cursor, 8)
+        .await;
+    // Everything the new agent spooled up to now is stored, sample for sample.
+    let new_life: Vec<Spooled> = spooled_batches(&f.agent_log())
+        .into_iter()
+        .skip(first_life)
+        .collect();
+    let since = new_life.first().map_or(0, |b| b.base_ts_ms);
+    let expected: BTreeMap<i64, i64> = new_life
+        .iter()
+        .filter(|b| b.samples > 0)
+        .map(|b| (b.base_ts_ms, b.samples as i64))
+        .collect();
+    wait_for(
+        "every sample of the new life stored",
+        Duration::from_secs(60),
+        || {
+            let pool = &f.pool;
+            let expected = &expected;
+            async move {
+                let got = samples_by_ts(pool, since).await;
+                expected
+                    .iter()
+                    .all(|(ts, n)| got.get(ts) == Some(n))
+                    .then_some(())
+            }
+        },
+    )
+    .await;
+    let resets = scalar(
+        &f.pool,
+        "SELECT count(*) FROM events WHERE host_id = $1 AND kind = 'other'
+           AND payload::text LIKE '%spool_reset%'",
+    )
+    .await;
+    assert_eq!(resets, 1, "one reset event recorded");
+    let mut agent = f.agent.take().expect("agent running");
+    agent.terminate(Duration::from_secs(60)).await;
+    f.pool.close().await;
+}
+
+/// The collector knows the host's GPUs and components from the first `Hello` (the
+/// inventory used to be empty there: it went out before the first sampling tick), and
+/// follows changes on the open connection: a component added by a reload appears, a
+/// stopped one shows `stopped`, a removed one goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inventory_is_in_the_database_from_the_first_hello_and_follows_changes() {
+    let mut f = Fixture::new("inventory").await;
+    f.start_collector().await;
+    f.start_agent().await;
+    // The Hello's host row, GPUs and components are written in one transaction.
+    wait_for("the host recorded", Duration::from_secs(30), || {
+        let pool = &f.pool;
+        async move {
+            (scalar(pool, "SELECT count(*) FROM hosts WHERE host_id = $1").await > 0).then_some(())
+        }
+    })
+    .await;
+    assert_eq!(
+        scalar(&f.pool, "SELECT count(*) FROM gpus WHERE host_id = $1").await,
+        2,
+        "both GPUs from the first Hello"
+    );
+    assert_eq!(
+        scalar(
+            &f.pool,
+            &format!("SELECT count(*) FROM components WHERE host_id = $1 AND name = '{COMPONENT}'")
+        )
+        .await,
+        1,
+        "the component from the first Hello"
+    );
+    let connections = f
+        .collector_metric("razar_collector_connections_accepted_total")
+        .await
+        .expect("collector /metrics");
+
+    // A component added by a reload: only an inventory update can tell the collector.
+    let config = std::fs::read_to_string(f.path("agent.toml")).expect("agent.toml");
+    let added = format!(
+        r#"{config}
+[[component]]
+name = "sleeper"
+command = "/bin/sh"
+args = ["-c", "while :; do sleep 1; done", {marker}]
+stop_grace = "3s"
+"#,
+        marker = toml_str(&f.components.marker)
+    );
+    std::fs::write(f.path("agent.toml"), added).expect("agent.toml");
+    let addr = std::fs::read_to_string(f.agent_data_dir().join("agent.addr")).expect("agent.addr");
+    let reload = f
+        .http
+        .post(format!("http://{}/v1/reload", addr.trim()))
+        .send()
+        .await
+        .expect("reload");
+    assert!(reload.status().is_success(), "reload: {}", reload.status());
+    wait_for(
+        "the added component in the database",
+        Duration::from_secs(30),
+        || {
+            let pool = &f.pool;
+            async move {
+                (scalar(
+                    pool,
+                    "SELECT count(*) FROM components WHERE host_id = $1 AND name = 'sleeper'",
+                )
+                .await
+                    == 1)
+                    .then_some(())
+            }
+        },
+    )
+    .await;
+
+    // A state change.
+    let stop = f
+        .http
+        .post(format!(
+            "http://{}/v1/components/{COMPONENT}/stop",
+            addr.trim()
+        ))
+        .send()
+        .await
+        .expect("stop");
+    assert!(stop.status().is_success(), "stop: {}", stop.status());
+    wait_for("the stopped state in the database", Duration::from_secs(30), || {
+        let pool = &f.pool;
+        async move {
+            (scalar(
+                pool,
+                &format!(
+                    "SELECT count(*) FROM components WHERE host_id = $1 AND name = '{COMPONENT}' AND state = 'stopped'"
+                ),
+            )
+            .await
+                == 1)
+                .then_some(())
+        }
+    })
+    .await;
+    // Removed by a reload: gone from the database.
+    std::fs::write(f.path("agent.toml"), &config).expect("agent.toml");
+    let reload = f
+        .http
+        .post(format!("http://{}/v1/reload", addr.trim()))
+        .send()
+        .await
+        .expect("reload");
+    assert!(reload.status().is_success(), "reload: {}", reload.status());
+    wait_for(
+        "the removed component gone from the database",
+        Duration::from_secs(30),
+        || {
+            let pool = &f.pool;
+            async move {
+                (scalar(
+                    pool,
+                    "SELECT count(*) FROM components WHERE host_id = $1 AND name = 'sleeper'",
+                )
+                .await
+                    == 0)
+                    .then_some(())
+            }
+        },
+    )
+    .await;
+    assert_eq!(
+        f.collector_metric("razar_collector_connections_accepted_total")
+            .await
+            .expect("collector /metrics"),
+        connections,
+        "the same connection carried the changes (no new Hello)"
+    );
+    let mut agent = f.agent.take().expect("agent running");
+    agent.terminate(Duration::from_secs(60)).await;
+    f.pool.close().await;
+}

@@ -111,6 +111,9 @@ impl Config {
     }
 }
 
+/// Default of `agent.spool_budget`.
+pub const DEFAULT_SPOOL_BUDGET_BYTES: u64 = 512 << 20;
+
 /// Whether validation opens the files a config names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Files {
@@ -135,6 +138,10 @@ pub struct AgentSettings {
     pub listen: SocketAddr,
     /// Resource sampling period.
     pub sample_interval: Duration,
+    /// `agent.spool_budget`: disk budget of the telemetry spool (encoded batches); over
+    /// it the oldest batches lose samples, then events, each loss reported as a gap
+    /// event. Default 512 MiB.
+    pub spool_budget_bytes: u64,
     /// `agent.control_socket`: the unix socket of the control API (start, stop, restart,
     /// resolve, quarantine, pulse, reload), mode 0660; default `<data_dir>/control.sock`.
     pub control_socket: PathBuf,

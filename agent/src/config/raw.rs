@@ -33,6 +33,7 @@ pub struct RawAgent {
     pub command_retention: S<String>,
     pub log_follow_limit: S<String>,
     pub sample_interval: S<String>,
+    pub spool_budget: S<String>,
     pub log_dir: S<String>,
     pub log_max_size: S<String>,
     pub log_max_files: S<i64>,

@@ -301,6 +301,9 @@ fn build(
         None => data_dir.join("logs"),
     };
     let default_log_size = x.bytes(&log_defaults.max_size, "agent.log_max_size".into());
+    let spool_budget_bytes = x
+        .bytes(&agent_raw.spool_budget, "agent.spool_budget".into())
+        .map_or(DEFAULT_SPOOL_BUDGET_BYTES, NonZeroU64::get);
     let default_log_files = x.count(&log_defaults.max_files, "agent.log_max_files".into(), 5);
 
     let collector = raw.collector.map(|col| {
@@ -592,6 +595,7 @@ fn build(
             control_group,
             command_retention,
             log_follow_limit,
+            spool_budget_bytes,
         },
         collector,
         gpu,

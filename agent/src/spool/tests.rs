@@ -36,21 +36,6 @@ fn spool_in(dir: &tempfile::TempDir, budget: u64) -> Spool {
     }
 }
 
-fn gaps_in(batch: &Batch) -> Vec<(u64, u64, u64)> {
-    batch
-        .events
-        .iter()
-        .filter_map(|e| match e.kind {
-            EventKind::SpoolGap {
-                first_seq,
-                last_seq,
-                samples_lost,
-            } => Some((first_seq, last_seq, samples_lost)),
-            _ => None,
-        })
-        .collect()
-}
-
 #[test]
 fn appends_number_batches_and_acks_remove_them() -> Result<(), SpoolError> {
     let dir = tempfile::tempdir().map_err(|e| SpoolError::Corrupt {
@@ -118,12 +103,44 @@ fn reopen_keeps_batches_series_and_never_reuses_seqs() -> Result<(), SpoolError>
     Ok(())
 }
 
-#[test]
-fn over_budget_drops_oldest_samples_and_reports_one_exact_gap() -> Result<(), SpoolError> {
-    let dir = tempfile::tempdir().map_err(|e| SpoolError::Corrupt {
+/// The loss reports a delivered batch carries: (first, last, count, is_sample_report).
+fn reports_in(batch: &Batch) -> Vec<(u64, u64, u64, bool)> {
+    batch
+        .events
+        .iter()
+        .filter_map(|e| match &e.kind {
+            EventKind::SpoolGap {
+                first_seq,
+                last_seq,
+                samples_lost,
+            } => Some((*first_seq, *last_seq, *samples_lost, true)),
+            EventKind::Other { code } if code == EVENTS_DROPPED_CODE => {
+                let range = e.message.rsplit(' ').next().unwrap_or_default();
+                let (a, b) = range.split_once("..=").unwrap_or(("", ""));
+                let count = e
+                    .message
+                    .split("dropped ")
+                    .nth(1)
+                    .and_then(|r| r.split(' ').next())
+                    .and_then(|c| c.parse().ok())
+                    .unwrap_or(u64::MAX);
+                Some((a.parse().unwrap_or(0), b.parse().unwrap_or(0), count, false))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+fn tempdir() -> Result<tempfile::TempDir, SpoolError> {
+    tempfile::tempdir().map_err(|e| SpoolError::Corrupt {
         what: "tempdir".into(),
         reason: e.to_string(),
-    })?;
+    })
+}
+
+#[test]
+fn over_budget_drops_oldest_samples_and_one_report_names_the_run() -> Result<(), SpoolError> {
+    let dir = tempdir()?;
     // Measure one batch, then allow about ten of them.
     let probe = encode(&Batch {
         seq: 1,
@@ -134,17 +151,11 @@ fn over_budget_drops_oldest_samples_and_reports_one_exact_gap() -> Result<(), Sp
     .len() as u64;
     // Tags of two digits make later batches a few bytes longer: leave slack.
     let spool = spool_in(&dir, probe * 10 + 40);
-    for i in 1..=10u64 {
-        spool.append(7, samples(1, 50), events(1, i))?;
-    }
-    assert_eq!(spool.dropped_samples_total(), 0);
-    // Three more: the oldest batches lose their samples, their events stay. Each loss
-    // is reported in the batch appended after it.
-    let mut reported = Vec::new();
-    for i in 11..=13u64 {
+    let mut held = Vec::new();
+    for i in 1..=13u64 {
         let b = spool.append(7, samples(1, 50), events(1, i))?;
-        assert!(b.events.starts_with(&events(1, i)));
-        reported.extend(gaps_in(&b));
+        assert_eq!(b.events, events(1, i), "nothing attached at append");
+        held.push(b);
     }
     let dropped = spool.dropped_samples_total();
     assert!(
@@ -152,40 +163,169 @@ fn over_budget_drops_oldest_samples_and_reports_one_exact_gap() -> Result<(), Sp
         "dropped {dropped}"
     );
     let lost = dropped / 50;
-    let all = spool.pending_after(0, 100)?;
-    assert_eq!(all.len(), 13, "events keep every batch");
-    for b in &all {
+    let stored = spool.pending_after(0, 100)?;
+    assert_eq!(stored.len(), 13, "events keep every batch");
+    for b in &stored {
         assert!(
             b.events.starts_with(&events(1, b.seq)),
-            "events of {} kept",
+            "events of {}",
             b.seq
         );
         assert_eq!(b.series.is_empty(), b.seq <= lost, "samples of {}", b.seq);
     }
-    // The next batch reports what is still pending; then nothing more.
-    let next = spool.append(7, Vec::new(), Vec::new())?;
-    reported.extend(gaps_in(&next));
-    assert!(spool.pending_sample_gaps().is_empty());
-    let after = spool.append(7, Vec::new(), Vec::new())?;
-    assert!(gaps_in(&after).is_empty());
-    // Together the reports cover exactly 1..=lost, each seq once, with every sample.
-    reported.sort();
-    let mut expect_next = 1;
-    for (first, last, n) in &reported {
-        assert_eq!(*first, expect_next, "reports {reported:?}");
-        assert_eq!(*n, (last - first + 1) * 50);
-        expect_next = last + 1;
+    // The uplink's copies were read before the budget struck (whole, in memory): on
+    // the wire they become what the spool kept, and only the run's last batch
+    // carries the report, for the whole run.
+    let mut reports = Vec::new();
+    for mut b in held.iter().cloned() {
+        spool.prepare(&mut b, 9);
+        assert_eq!(b.series.is_empty(), b.seq <= lost, "wire copy of {}", b.seq);
+        for r in reports_in(&b) {
+            reports.push((b.seq, r));
+        }
     }
-    assert_eq!(expect_next, lost + 1, "reports {reported:?}");
+    assert_eq!(reports, vec![(lost, (1, lost, lost * 50, true))]);
+    spool.ack(13)?;
+    assert!(spool.losses().is_empty(), "reported and acked");
+    Ok(())
+}
+
+#[test]
+fn a_whole_copy_acknowledged_before_the_strip_is_not_reported_lost() -> Result<(), SpoolError> {
+    let dir = tempdir()?;
+    let probe = encode(&Batch {
+        seq: 1,
+        base_ts_ms: 7,
+        series: samples(1, 50),
+        events: events(1, 1),
+    })?
+    .len() as u64;
+    let spool = spool_in(&dir, probe * 10 + 40);
+    spool.welcome(0, 1)?;
+    let mut held = Vec::new();
+    for i in 1..=10u64 {
+        held.push(spool.append(7, samples(1, 50), events(1, i))?);
+    }
+    // Batches 1..=4 go out whole; the link is cut before their ack.
+    for b in held.iter_mut().take(4) {
+        spool.prepare(b, 9);
+        assert_eq!(b.series, samples(1, 50));
+    }
+    // More appends over budget strip the oldest, 1..=4 among them.
+    for i in 11..=16u64 {
+        held.push(spool.append(7, samples(1, 50), events(1, i))?);
+    }
+    let lost = spool.dropped_samples_total() / 50;
+    assert!(lost > 4, "stripped {lost}");
+    // They had arrived: the next Welcome's cursor acknowledges them. Everything else
+    // goes out again from the held copies.
+    spool.welcome(4, 10)?;
+    let mut reports = Vec::new();
+    for mut b in held.iter().skip(4).cloned() {
+        spool.prepare(&mut b, 11);
+        reports.extend(reports_in(&b));
+    }
+    assert_eq!(reports, vec![(5, lost, (lost - 4) * 50, true)]);
+    Ok(())
+}
+
+#[test]
+fn a_report_on_a_lost_connection_is_made_again_and_only_once() -> Result<(), SpoolError> {
+    let dir = tempdir()?;
+    let spool = spool_in(&dir, 1);
+    spool.welcome(0, 1)?;
+    // Budget of one byte: every batch loses its samples at once, and events of all
+    // but the newest append.
+    let mut held = Vec::new();
+    for i in 1..=6u64 {
+        held.push(spool.append(7, samples(1, 5), events(1, i))?);
+    }
+    // First connection: everything sent, the report rides on 6 (whose events the
+    // budget left), then the link dies before any ack.
+    let mut first = Vec::new();
+    for mut b in held.iter().cloned() {
+        spool.prepare(&mut b, 9);
+        first.extend(reports_in(&b).into_iter().map(|r| (b.seq, r)));
+    }
+    assert_eq!(
+        first,
+        vec![(6, (1, 6, 30, true)), (6, (1, 5, 5, false))],
+        "one report per kind for the run"
+    );
+    // Second connection: the collector had 1..=3 (stripped, no report with them).
+    spool.welcome(3, 10)?;
+    let mut second = Vec::new();
+    for mut b in held.iter().skip(3).cloned() {
+        spool.prepare(&mut b, 11);
+        second.extend(reports_in(&b).into_iter().map(|r| (b.seq, r)));
+    }
+    // The whole run is reported once, by the batch that will be stored with it.
+    assert_eq!(second, vec![(6, (1, 6, 30, true)), (6, (1, 5, 5, false))]);
+    spool.ack(6)?;
+    assert!(spool.losses().is_empty());
+    Ok(())
+}
+
+#[test]
+fn a_new_spool_renumbers_above_the_collectors_cursor() -> Result<(), SpoolError> {
+    let dir = tempdir()?;
+    {
+        let spool = spool_in(&dir, u64::MAX);
+        assert!(!spool.met_collector());
+        for i in 1..=3u64 {
+            spool.append(7, samples(1, 2), events(1, i))?;
+        }
+        // Reopened before it met a collector: still new.
+    }
+    let spool = spool_in(&dir, u64::MAX);
+    assert!(!spool.met_collector());
+    let renumbered = spool.welcome(500, 42)?;
+    assert_eq!(
+        renumbered,
+        Some(Renumbered {
+            cursor: 500,
+            offset: 500,
+            batches: 3
+        })
+    );
+    let stored = spool.pending_after(0, 100)?;
+    let seqs: Vec<u64> = stored.iter().map(|b| b.seq).collect();
+    assert_eq!(seqs, vec![501, 502, 503, 504]);
+    for (i, b) in stored.iter().take(3).enumerate() {
+        assert_eq!(b.events, events(1, i as u64 + 1), "content of {}", b.seq);
+        assert_eq!(b.series, samples(1, 2));
+    }
+    let reset = &stored[3];
+    assert!(
+        matches!(&reset.events[..], [e] if e.kind == EventKind::Other { code: SPOOL_RESET_CODE.into() })
+    );
+    // The collector's Ack of its own cursor deletes nothing.
+    spool.ack(500)?;
+    assert_eq!(spool.len(), 4);
+    assert_eq!(spool.append(7, Vec::new(), Vec::new())?.seq, 505);
+    // Met now, durably: a later Welcome never renumbers.
+    drop(spool);
+    let spool = spool_in(&dir, u64::MAX);
+    assert!(spool.met_collector());
+    assert_eq!(spool.welcome(503, 43)?, None);
+    assert_eq!(spool.len(), 2);
+    Ok(())
+}
+
+#[test]
+fn a_new_spool_meeting_a_new_host_keeps_its_numbers() -> Result<(), SpoolError> {
+    let dir = tempdir()?;
+    let spool = spool_in(&dir, u64::MAX);
+    spool.append(7, samples(1, 2), Vec::new())?;
+    assert_eq!(spool.welcome(0, 1)?, None);
+    assert!(spool.met_collector());
+    assert_eq!(spool.pending_after(0, 10)?.len(), 1);
     Ok(())
 }
 
 #[test]
 fn events_are_dropped_only_after_every_sample() -> Result<(), SpoolError> {
-    let dir = tempfile::tempdir().map_err(|e| SpoolError::Corrupt {
-        what: "tempdir".into(),
-        reason: e.to_string(),
-    })?;
+    let dir = tempdir()?;
     let spool = spool_in(&dir, 400);
     for i in 1..=40u64 {
         spool.append(7, samples(1, 5), events(1, i))?;
@@ -195,10 +335,9 @@ fn events_are_dropped_only_after_every_sample() -> Result<(), SpoolError> {
             // Once events go, no stored batch but possibly the newest holds samples.
             assert!(first_with_samples.is_none_or(|s| s == i), "batch {i}");
         }
-        assert!(spool.bytes() <= 400 || spool.len() == 1);
     }
     assert!(spool.dropped_events_total() > 0);
-    assert!(!spool.pending_event_gaps().is_empty());
+    assert!(spool.losses().values().any(|l| l.events > 0));
     Ok(())
 }
 
@@ -212,13 +351,20 @@ enum Op {
     },
     /// Several batches in one commit.
     AppendMany(Vec<(usize, usize)>),
-    /// Ack `back` batches short of the newest.
-    Ack {
+    /// Send everything up to `back` batches short of the newest and ack it.
+    Deliver {
         back: u64,
     },
-    /// Ack beyond the newest (a collector whose cursor is ahead).
-    AckBeyond {
-        ahead: u64,
+    /// Send everything, the link dies, and the next Welcome says the collector stored
+    /// up to `back` batches short of the newest.
+    Cut {
+        back: u64,
+    },
+    /// The collector got whole copies sent before the budget struck: send the first
+    /// `n` held batches, let the budget act, then a Welcome acknowledges them.
+    WholeThenStripped {
+        n: u64,
+        appends: usize,
     },
     Reopen,
 }
@@ -227,8 +373,9 @@ fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         6 => (0usize..12, 0usize..3).prop_map(|(samples, events)| Op::Append { samples, events }),
         2 => proptest::collection::vec((0usize..12, 0usize..3), 1..5).prop_map(Op::AppendMany),
-        2 => (0u64..6).prop_map(|back| Op::Ack { back }),
-        1 => (1u64..3).prop_map(|ahead| Op::AckBeyond { ahead }),
+        2 => (0u64..6).prop_map(|back| Op::Deliver { back }),
+        2 => (0u64..6).prop_map(|back| Op::Cut { back }),
+        1 => (1u64..4, 1usize..4).prop_map(|(n, appends)| Op::WholeThenStripped { n, appends }),
         1 => Just(Op::Reopen),
     ]
 }
@@ -237,31 +384,40 @@ fn op() -> impl Strategy<Value = Op> {
 struct Model {
     last_seq: u64,
     acked: u64,
-    /// Every appended batch as returned by the spool (original samples, all events).
-    batches: BTreeMap<u64, Batch>,
-    /// Seqs whose samples were seen dropped while unacknowledged.
-    samples_lost: BTreeSet<u64>,
-    /// Seqs whose events were seen dropped while unacknowledged.
-    events_lost: BTreeSet<u64>,
+    /// Every appended batch as the caller handed it in (the uplink's held copy).
+    held: BTreeMap<u64, Batch>,
+    /// What the collector stored, per seq.
+    stored: BTreeMap<u64, Batch>,
     /// Seqs of the most recent append.
     last_group: BTreeSet<u64>,
-    /// Reported sample gaps and event gaps.
-    sample_reports: Vec<Gap>,
-    event_reports: Vec<Gap>,
 }
 
-fn covered(gaps: &[Gap]) -> Result<BTreeSet<u64>, TestCaseError> {
-    let mut set = BTreeSet::new();
-    for g in gaps {
-        prop_assert!(g.first_seq <= g.last_seq);
-        for s in g.first_seq..=g.last_seq {
-            prop_assert!(set.insert(s), "seq {} reported twice", s);
+impl Model {
+    /// Sends every held batch above the cursor up to `upto` as the uplink would.
+    fn send(&self, spool: &Spool, upto: u64) -> Vec<Batch> {
+        if upto <= self.acked {
+            return Vec::new();
         }
+        self.held
+            .range(self.acked + 1..=upto)
+            .map(|(_, b)| {
+                let mut b = b.clone();
+                spool.prepare(&mut b, 1);
+                b
+            })
+            .collect()
     }
-    Ok(set)
+
+    /// The collector commits `sent` up to `upto`.
+    fn commit(&mut self, sent: Vec<Batch>, upto: u64) {
+        for b in sent.into_iter().filter(|b| b.seq <= upto) {
+            self.stored.insert(b.seq, b);
+        }
+        self.acked = self.acked.max(upto);
+    }
 }
 
-fn check(spool: &Spool, model: &mut Model) -> Result<(), TestCaseError> {
+fn check(spool: &Spool, model: &Model) -> Result<(), TestCaseError> {
     let stored: BTreeMap<u64, Batch> = spool
         .pending_after(0, usize::MAX)
         .map_err(|e| TestCaseError::fail(e.to_string()))?
@@ -269,132 +425,117 @@ fn check(spool: &Spool, model: &mut Model) -> Result<(), TestCaseError> {
         .map(|b| (b.seq, b))
         .collect();
     prop_assert_eq!(spool.len(), stored.len() as u64);
-    prop_assert!(stored
-        .keys()
-        .all(|s| *s > model.acked && *s <= model.last_seq));
-    for (seq, original) in model.batches.range(model.acked + 1..) {
-        match stored.get(seq) {
-            Some(b) => {
-                if b.series != original.series {
-                    prop_assert!(b.series.is_empty(), "seq {} altered", seq);
-                    model.samples_lost.insert(*seq);
-                }
-                prop_assert_eq!(&b.events, &original.events);
-            }
-            None => {
-                if original.sample_count() > 0 {
-                    model.samples_lost.insert(*seq);
-                }
-                if !original.events.is_empty() {
-                    model.events_lost.insert(*seq);
-                }
-            }
-        }
-    }
-    let mut sample_gaps = model.sample_reports.clone();
-    sample_gaps.extend(spool.pending_sample_gaps());
-    let mut event_gaps = model.event_reports.clone();
-    event_gaps.extend(spool.pending_event_gaps());
-    let sample_cov = covered(&sample_gaps)?;
-    let event_cov = covered(&event_gaps)?;
-    // Exact: a covered seq either lost its samples or had none; every loss is covered.
-    for s in &sample_cov {
-        let had = model.batches.get(s).map_or(0, Batch::sample_count);
+    // Every unacknowledged batch is still there (a tombstone at worst), as kept or
+    // emptied: never altered otherwise.
+    let unacked: Vec<u64> = model
+        .held
+        .range(model.acked + 1..)
+        .map(|(s, _)| *s)
+        .collect();
+    prop_assert_eq!(stored.keys().copied().collect::<Vec<_>>(), unacked);
+    for (seq, b) in &stored {
+        let original = &model.held[seq];
         prop_assert!(
-            had == 0 || model.samples_lost.contains(s),
-            "seq {} reported but intact",
-            s
+            b.series == original.series || b.series.is_empty(),
+            "seq {} altered",
+            seq
         );
-    }
-    for s in &model.samples_lost {
-        prop_assert!(sample_cov.contains(s), "samples of {} lost silently", s);
-    }
-    for s in &event_cov {
-        let had = model.batches.get(s).map_or(0, |b| b.events.len());
         prop_assert!(
-            had == 0 || model.events_lost.contains(s),
-            "seq {} reported but intact",
-            s
+            b.events == original.events || b.events.is_empty(),
+            "seq {} altered",
+            seq
         );
-    }
-    for s in &model.events_lost {
-        prop_assert!(event_cov.contains(s), "events of {} lost silently", s);
-    }
-    let reported: u64 = sample_gaps.iter().map(|g| g.count).sum();
-    let expected: u64 = sample_cov
-        .iter()
-        .map(|s| model.batches.get(s).map_or(0, Batch::sample_count) as u64)
-        .sum();
-    prop_assert_eq!(reported, expected);
-    prop_assert_eq!(spool.dropped_samples_total(), expected);
-    let reported: u64 = event_gaps.iter().map(|g| g.count).sum();
-    let expected: u64 = event_cov
-        .iter()
-        .map(|s| model.batches.get(s).map_or(0, |b| b.events.len()) as u64)
-        .sum();
-    prop_assert_eq!(reported, expected);
-    prop_assert_eq!(spool.dropped_events_total(), expected);
-    if spool.bytes() > spool.budget_bytes() {
-        // Only the last append's batches may keep the spool over budget, and only with
-        // their events: every sample is gone by then.
-        for (seq, b) in &stored {
+        if b.events.is_empty() && !original.events.is_empty() {
             prop_assert!(
-                model.last_group.contains(seq),
-                "old batch {} kept over budget",
+                b.series.is_empty(),
+                "events of {} dropped before its samples",
                 seq
             );
+        }
+    }
+    if spool.bytes() > spool.budget_bytes() {
+        // Over budget: no samples anywhere, and only the last append keeps events.
+        for (seq, b) in &stored {
             prop_assert!(b.series.is_empty(), "samples of {} kept over budget", seq);
+            prop_assert!(
+                b.events.is_empty() || model.last_group.contains(seq),
+                "events of old batch {} kept over budget",
+                seq
+            );
         }
     }
     Ok(())
 }
 
-/// Checks one batch returned by an append and records it in the model.
-fn observe(
-    model: &mut Model,
-    batch: Batch,
-    sent: Vec<SeriesPoints>,
-    own: Vec<Event>,
-) -> Result<(), TestCaseError> {
-    prop_assert_eq!(batch.seq, model.last_seq + 1, "seq reused or skipped");
-    model.last_seq = batch.seq;
-    model.last_group.insert(batch.seq);
-    // What the caller handed in, plus the loss reports the spool attached.
-    prop_assert!(batch.events.starts_with(&own));
-    prop_assert!(batch.series == sent || batch.series.is_empty());
-    for ev in &batch.events[own.len()..] {
-        match &ev.kind {
-            EventKind::SpoolGap {
-                first_seq,
-                last_seq,
-                samples_lost,
-            } => model.sample_reports.push(Gap {
-                first_seq: *first_seq,
-                last_seq: *last_seq,
-                count: *samples_lost,
-            }),
-            EventKind::Other { code } if code == EVENTS_DROPPED_CODE => {
-                let range = ev.message.rsplit(' ').next().unwrap_or_default();
-                let (a, b) = range.split_once("..=").unwrap_or(("", ""));
-                let count = ev
-                    .message
-                    .split("dropped ")
-                    .nth(1)
-                    .and_then(|r| r.split(' ').next())
-                    .and_then(|c| c.parse().ok())
-                    .unwrap_or(u64::MAX);
-                model.event_reports.push(Gap {
-                    first_seq: a.parse().unwrap_or(0),
-                    last_seq: b.parse().unwrap_or(0),
-                    count,
-                });
+/// Once everything is delivered: the reports the collector stored name exactly what it
+/// does not have, each seq once, with exact counts.
+fn check_reports(model: &Model) -> Result<(), TestCaseError> {
+    let mut sample_cov = BTreeMap::new();
+    let mut event_cov = BTreeMap::new();
+    let mut sample_total = 0;
+    let mut event_total = 0;
+    for b in model.stored.values() {
+        for (first, last, count, samples) in reports_in(b) {
+            prop_assert!(
+                first <= last && last <= b.seq,
+                "report {}..={} in {}",
+                first,
+                last,
+                b.seq
+            );
+            let cov = if samples {
+                &mut sample_cov
+            } else {
+                &mut event_cov
+            };
+            for s in first..=last {
+                prop_assert!(cov.insert(s, b.seq).is_none(), "seq {} reported twice", s);
             }
-            other => prop_assert!(false, "unexpected attached event {:?}", other),
+            if samples {
+                sample_total += count;
+            } else {
+                event_total += count;
+            }
         }
     }
-    let mut original = batch;
-    original.series = sent;
-    model.batches.insert(original.seq, original);
+    let mut missing_samples = 0;
+    let mut missing_events = 0;
+    for (seq, original) in &model.held {
+        let Some(got) = model.stored.get(seq) else {
+            continue;
+        };
+        let own_events = got
+            .events
+            .iter()
+            .filter(|e| match &e.kind {
+                EventKind::SpoolGap { .. } => false,
+                EventKind::Other { code } => code != EVENTS_DROPPED_CODE,
+                _ => true,
+            })
+            .count();
+        let samples_lost = got.series.is_empty() && original.sample_count() > 0;
+        let events_lost = own_events == 0 && !original.events.is_empty();
+        prop_assert_eq!(
+            samples_lost,
+            sample_cov.contains_key(seq) && original.sample_count() > 0,
+            "samples of {}",
+            seq
+        );
+        prop_assert_eq!(
+            events_lost,
+            event_cov.contains_key(seq) && !original.events.is_empty(),
+            "events of {}",
+            seq
+        );
+        if samples_lost {
+            missing_samples += original.sample_count() as u64;
+        }
+        if events_lost {
+            missing_events += original.events.len() as u64;
+        }
+    }
+    prop_assert_eq!(sample_total, missing_samples);
+    prop_assert_eq!(event_total, missing_events);
     Ok(())
 }
 
@@ -402,56 +543,84 @@ fn run_model(budget: u64, ops: Vec<Op>) -> Result<(), TestCaseError> {
     let dir = tempfile::tempdir().map_err(|e| TestCaseError::fail(e.to_string()))?;
     let path = dir.path().join("spool.redb");
     let open = || Spool::open(&path, budget).map_err(|e| TestCaseError::fail(e.to_string()));
-    let mut spool = open()?;
-    let mut model = Model::default();
     let fail = |e: SpoolError| TestCaseError::fail(e.to_string());
-    for (n, op) in ops.into_iter().enumerate() {
+    let mut spool = open()?;
+    spool.welcome(0, 0).map_err(fail)?;
+    let mut model = Model::default();
+    let mut tag = 0u64;
+    let mut append =
+        |spool: &Spool, model: &mut Model, specs: &[(usize, usize)]| -> Result<(), TestCaseError> {
+            let mut input = Vec::new();
+            for (s, e) in specs {
+                tag += 1;
+                input.push((tag as i64, samples(3, *s), events(*e, tag)));
+            }
+            let out = spool.append_many(input.clone()).map_err(fail)?;
+            model.last_group.clear();
+            prop_assert_eq!(out.len(), input.len());
+            for (b, (ts, series, events)) in out.into_iter().zip(input) {
+                prop_assert_eq!(b.seq, model.last_seq + 1, "seq reused or skipped");
+                prop_assert_eq!(&b.events, &events, "nothing attached at append");
+                model.last_seq = b.seq;
+                model.last_group.insert(b.seq);
+                model.held.insert(
+                    b.seq,
+                    Batch {
+                        seq: b.seq,
+                        base_ts_ms: ts,
+                        series,
+                        events,
+                    },
+                );
+            }
+            Ok(())
+        };
+    for op in ops {
         match op {
             Op::Append {
                 samples: s,
                 events: e,
-            } => {
-                let tag = n as u64 * 10;
-                let sent = samples(3, s);
-                let batch = spool
-                    .append(tag as i64, sent.clone(), events(e, tag))
-                    .map_err(fail)?;
-                model.last_group.clear();
-                observe(&mut model, batch, sent, events(e, tag))?;
-            }
-            Op::AppendMany(specs) => {
-                let mut input = Vec::new();
-                let mut expected = Vec::new();
-                for (i, (s, e)) in specs.iter().enumerate() {
-                    let tag = n as u64 * 10 + i as u64;
-                    input.push((tag as i64, samples(3, *s), events(*e, tag)));
-                    expected.push((samples(3, *s), events(*e, tag)));
-                }
-                let batches = spool.append_many(input).map_err(fail)?;
-                model.last_group.clear();
-                prop_assert_eq!(batches.len(), expected.len());
-                for (batch, (sent, own)) in batches.into_iter().zip(expected) {
-                    observe(&mut model, batch, sent, own)?;
-                }
-            }
-            Op::Ack { back } => {
-                let upto = model.last_seq.saturating_sub(back);
+            } => append(&spool, &mut model, &[(s, e)])?,
+            Op::AppendMany(specs) => append(&spool, &mut model, &specs)?,
+            Op::Deliver { back } => {
+                let upto = model.last_seq.saturating_sub(back).max(model.acked);
+                let sent = model.send(&spool, upto);
+                model.commit(sent, upto);
                 spool.ack(upto).map_err(fail)?;
-                model.acked = model.acked.max(upto);
             }
-            Op::AckBeyond { ahead } => {
-                let upto = model.last_seq + ahead;
-                spool.ack(upto).map_err(fail)?;
-                model.acked = upto;
-                model.last_seq = upto;
+            Op::Cut { back } => {
+                let sent = model.send(&spool, model.last_seq);
+                let upto = model.last_seq.saturating_sub(back).max(model.acked);
+                model.commit(sent, upto);
+                spool.welcome(upto, 0).map_err(fail)?;
+            }
+            Op::WholeThenStripped { n, appends } => {
+                let upto = (model.acked + n).min(model.last_seq);
+                let sent = model.send(&spool, upto);
+                for _ in 0..appends {
+                    append(&spool, &mut model, &[(8, 1)])?;
+                }
+                model.commit(sent, upto);
+                spool.welcome(upto, 0).map_err(fail)?;
             }
             Op::Reopen => {
                 drop(spool);
                 spool = open()?;
             }
         }
-        check(&spool, &mut model)?;
+        check(&spool, &model)?;
     }
+    // Deliver the rest: then every loss is reported exactly.
+    let sent = model.send(&spool, model.last_seq);
+    let upto = model.last_seq;
+    model.commit(sent, upto);
+    spool.ack(upto).map_err(fail)?;
+    check_reports(&model)?;
+    prop_assert!(
+        spool.losses().is_empty(),
+        "loss records left: {:?}",
+        spool.losses()
+    );
     Ok(())
 }
 

@@ -27,7 +27,7 @@ use std::borrow::Cow;
 use boundary::{clean, MAX_LABELS, MAX_NAME_BYTES, MAX_SERIES_KEY_BYTES};
 use chrono::{DateTime, Utc};
 use prometheus::{IntCounter, IntCounterVec, Opts, Registry};
-use razar_shared::protocol::{ComponentInfo, GpuInfo, Hello, SeriesDef, UnixMillis};
+use razar_shared::protocol::{ComponentInfo, GpuInfo, Hello, Inventory, SeriesDef, UnixMillis};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::Row;
 
@@ -283,6 +283,48 @@ impl Store {
         tx.commit().await?;
         self.metrics.count(&refusals);
         Ok(u64::try_from(seq).unwrap_or(0))
+    }
+
+    /// Records an inventory update of a connected host: its components and GPUs as
+    /// they are now, in one transaction. The update is the whole inventory, so
+    /// components and GPUs it no longer lists (removed by a reload, gone from the bus)
+    /// are deleted.
+    pub async fn record_inventory(
+        &self,
+        host: &str,
+        inventory: &Inventory,
+        at: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        let mut refusals = Refusals::default();
+        let mut tx = self.pool.begin().await?;
+        // Cleaned as the upserts clean them, so a name with a NUL is neither refused by
+        // PostgreSQL here nor deleted by mistake.
+        let names: Vec<String> = inventory
+            .components
+            .iter()
+            .map(|c| clean(&c.name, MAX_NAME_BYTES, &mut refusals.texts_cleaned).into_owned())
+            .collect();
+        sqlx::query("DELETE FROM components WHERE host_id = $1 AND NOT (name = ANY($2::text[]))")
+            .bind(host)
+            .bind(&names)
+            .execute(&mut *tx)
+            .await?;
+        let indexes: Vec<i32> = inventory
+            .gpus
+            .iter()
+            .map(|g| i32::try_from(g.index).unwrap_or(i32::MAX))
+            .collect();
+        sqlx::query("DELETE FROM gpus WHERE host_id = $1 AND NOT (gpu_index = ANY($2::int4[]))")
+            .bind(host)
+            .bind(&indexes)
+            .execute(&mut *tx)
+            .await?;
+        upsert_components(&mut tx, host, &inventory.components, at, &mut refusals).await?;
+        upsert_gpus(&mut tx, host, &inventory.gpus, at, &mut refusals).await?;
+        insert_refusal_event(&mut tx, host, at, &refusals, "inventory").await?;
+        tx.commit().await?;
+        self.metrics.count(&refusals);
+        Ok(())
     }
 
     /// Replaces the GPU inventory entries given (upsert by index).

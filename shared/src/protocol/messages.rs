@@ -29,6 +29,9 @@ pub enum AgentMessage {
     CommandResult(CommandResult),
     /// A piece of a component's log (answer to a log-tail command).
     LogChunk(LogChunk),
+    /// The host's inventory changed since the `Hello` (protocol version 2 and later):
+    /// the whole current list of components and GPUs.
+    Inventory(Inventory),
 }
 
 /// Everything the collector sends to an agent.
@@ -360,4 +363,11 @@ pub struct LogChunk {
     pub lines: Vec<String>,
     /// Last chunk of a non-follow tail, or the follow ended.
     pub end: bool,
+}
+
+/// A host's components and GPUs as they are now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Inventory {
+    pub components: Vec<ComponentInfo>,
+    pub gpus: Vec<GpuInfo>,
 }

@@ -2,10 +2,12 @@
 
 use crate::support::pair::{hello, Pair, HOST};
 use proptest::prelude::*;
+use razar_shared::domain::ComponentState;
 use razar_shared::protocol::{
     AgentEvent, AgentMessage, AgentSession, AgentState, Batch, CollectorEvent, CollectorMessage,
     CollectorSession, CollectorState, Command, CommandAction, CommandOutcome, CommandResult,
-    LogChunk, RefusalReason, SeriesPoints, SessionError, PROTOCOL_MAX, PROTOCOL_MIN,
+    ComponentInfo, GpuInfo, Inventory, LogChunk, RefusalReason, SeriesPoints, SessionError,
+    PROTOCOL_MAX, PROTOCOL_MIN,
 };
 use std::time::Duration;
 
@@ -682,4 +684,95 @@ proptest! {
         prop_assert_eq!(pair.agent.acked_seq(), pushed);
         prop_assert_eq!(pair.db_cursor, pushed);
     }
+}
+
+fn inventory(state: ComponentState) -> (Vec<ComponentInfo>, Vec<GpuInfo>) {
+    (
+        vec![ComponentInfo {
+            name: "trainer".into(),
+            revision: "r1".into(),
+            state,
+            critical: true,
+        }],
+        vec![GpuInfo {
+            index: 0,
+            uuid: "GPU-0".into(),
+            name: "H100".into(),
+            pci_bus_id: "0000:01:00.0".into(),
+            memory_total_bytes: 80 << 30,
+        }],
+    )
+}
+
+fn inventories(pair: &Pair) -> Vec<Inventory> {
+    pair.collector_events_where(|e| matches!(e, CollectorEvent::Inventory(_)))
+        .into_iter()
+        .filter_map(|(_, e)| match e {
+            CollectorEvent::Inventory(i) => Some(i),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_changed_inventory_reaches_the_collector_on_the_open_connection() {
+    let mut pair = Pair::new();
+    pair.connect();
+    // Changed before the Welcome: the Hello on its way has the old one.
+    let (components, gpus) = inventory(ComponentState::Starting);
+    pair.agent.set_inventory(components.clone(), gpus.clone());
+    pair.drive();
+    assert_eq!(
+        inventories(&pair),
+        vec![Inventory {
+            components: components.clone(),
+            gpus: gpus.clone()
+        }]
+    );
+    // Unchanged: nothing sent. Changed: sent at once.
+    pair.agent.set_inventory(components, gpus.clone());
+    pair.drive();
+    assert_eq!(inventories(&pair).len(), 1);
+    let (ready, _) = inventory(ComponentState::Ready);
+    pair.agent.set_inventory(ready.clone(), gpus.clone());
+    pair.drive();
+    assert_eq!(
+        inventories(&pair).last(),
+        Some(&Inventory {
+            components: ready,
+            gpus
+        })
+    );
+    assert_eq!(inventories(&pair).len(), 2);
+}
+
+#[test]
+fn a_version_1_collector_gets_no_inventory_message() {
+    let mut pair = Pair::new();
+    pair.collector_versions = (1, 1);
+    pair.connect();
+    pair.drive();
+    assert_eq!(pair.agent.state(), AgentState::Established { version: 1 });
+    let (components, gpus) = inventory(ComponentState::Ready);
+    pair.agent.set_inventory(components, gpus);
+    pair.drive();
+    assert!(inventories(&pair).is_empty());
+    assert_eq!(pair.agent.state(), AgentState::Established { version: 1 });
+}
+
+#[test]
+fn restarted_numbering_forgets_held_batches_and_takes_higher_seqs() {
+    let mut pair = Pair::new();
+    pair.push_batches(3);
+    pair.agent.restart_numbering(500);
+    assert_eq!(pair.agent.queued_batches(), 0);
+    assert_eq!(pair.agent.highest_seq(), 500);
+    assert!(pair.agent.poll_transmit().is_none());
+    pair.next_seq = 501;
+    pair.spool.clear();
+    pair.db_cursor = 400;
+    pair.connect();
+    pair.push_batches(2);
+    pair.drive();
+    assert_eq!(pair.stored, seqs(501..=502));
 }

@@ -5,7 +5,8 @@
 use super::{heartbeat_interval, lost_after, validate_config, SessionError, WallClock};
 use crate::protocol::{
     AgentMessage, Batch, CollectorMessage, Command, CommandResult, ComponentInfo, GpuInfo,
-    Heartbeat, Hello, LogChunk, Refusal, SeriesDef, SessionConfig, StatusDigest, UnixMillis,
+    Heartbeat, Hello, Inventory, LogChunk, Refusal, SeriesDef, SessionConfig, StatusDigest,
+    UnixMillis, PROTOCOL_INVENTORY,
 };
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::Instant;
@@ -91,6 +92,8 @@ pub struct AgentSession {
     last_received: Instant,
     next_heartbeat: Option<Instant>,
     digest: StatusDigest,
+    /// The inventory changed after the `Hello` of this connection was queued.
+    inventory_changed: bool,
 }
 
 impl AgentSession {
@@ -119,6 +122,7 @@ impl AgentSession {
             last_received: now,
             next_heartbeat: None,
             digest: StatusDigest::default(),
+            inventory_changed: false,
         }
     }
 
@@ -127,10 +131,32 @@ impl AgentSession {
         self.clock = WallClock { at: now, unix_ms };
     }
 
-    /// Replaces the inventory sent in the next `Hello`.
+    /// Replaces the inventory sent in the next `Hello`. On an established connection
+    /// of version 2 or later, a changed inventory is also sent at once.
     pub fn set_inventory(&mut self, components: Vec<ComponentInfo>, gpus: Vec<GpuInfo>) {
+        if self.hello.components == components && self.hello.gpus == gpus {
+            return;
+        }
         self.hello.components = components;
         self.hello.gpus = gpus;
+        match self.state {
+            AgentState::Established { .. } => self.send_inventory(),
+            // The Hello on its way has the old one: send this after the Welcome.
+            AgentState::AwaitingWelcome => self.inventory_changed = true,
+            AgentState::Disconnected | AgentState::Closed => {}
+        }
+    }
+
+    fn send_inventory(&mut self) {
+        self.inventory_changed = false;
+        if matches!(self.state, AgentState::Established { version } if version >= PROTOCOL_INVENTORY)
+        {
+            self.transmit
+                .push_back(Outgoing::Message(AgentMessage::Inventory(Inventory {
+                    components: self.hello.components.clone(),
+                    gpus: self.hello.gpus.clone(),
+                })));
+        }
     }
 
     /// Sets the status digest carried by the following heartbeats.
@@ -173,11 +199,23 @@ impl AgentSession {
         Ok(())
     }
 
+    /// The driver's store renumbered its batches (a new agent state met a collector
+    /// cursor): every held batch carries an old number and is forgotten, unsent, and the
+    /// next pushed batch must be above `highest`. The driver pushes them again, renumbered.
+    pub fn restart_numbering(&mut self, highest: u64) {
+        self.unsent.clear();
+        self.in_flight.clear();
+        self.transmit
+            .retain(|out| !matches!(out, Outgoing::Batch(_)));
+        self.highest_seq = self.highest_seq.max(highest);
+    }
+
     /// A new connection is open: queues `Hello` and starts the handshake timer.
     /// Anything left of a previous connection is treated as disconnected first.
     pub fn connected(&mut self, now: Instant) {
         self.disconnected();
         self.state = AgentState::AwaitingWelcome;
+        self.inventory_changed = false;
         self.last_received = now;
         let mut hello = self.hello.clone();
         hello.last_acked_seq = self.acked_seq;
@@ -230,6 +268,9 @@ impl AgentSession {
                     config: welcome.config,
                 });
                 self.acknowledge(welcome.acked_seq);
+                if self.inventory_changed {
+                    self.send_inventory();
+                }
                 self.next_heartbeat = now.checked_add(heartbeat_interval(&self.config));
                 self.fill_window();
             }

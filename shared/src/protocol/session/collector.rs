@@ -4,8 +4,8 @@
 
 use super::{lost_after, negotiate_version, validate_config, SessionError, WallClock};
 use crate::protocol::{
-    AgentMessage, Batch, CollectorMessage, Command, CommandResult, Heartbeat, Hello, LogChunk,
-    Refusal, RefusalReason, SeriesDef, SessionConfig, UnixMillis, Welcome, PROTOCOL_MAX,
+    AgentMessage, Batch, CollectorMessage, Command, CommandResult, Heartbeat, Hello, Inventory,
+    LogChunk, Refusal, RefusalReason, SeriesDef, SessionConfig, UnixMillis, Welcome, PROTOCOL_MAX,
     PROTOCOL_MIN,
 };
 use rustc_hash::FxHashMap;
@@ -44,6 +44,8 @@ pub enum CollectorEvent {
     CommandResult(CommandResult),
     /// A piece of a log tail.
     LogChunk(LogChunk),
+    /// The agent's inventory changed (protocol version 2 and later).
+    Inventory(Inventory),
     /// The session refused the agent, by itself or through `refuse`; the refusal is
     /// queued for sending.
     Refused(Refusal),
@@ -138,6 +140,9 @@ impl CollectorSession {
             }
             (CollectorState::Established { .. }, AgentMessage::LogChunk(chunk)) => {
                 self.events.push_back(CollectorEvent::LogChunk(chunk));
+            }
+            (CollectorState::Established { .. }, AgentMessage::Inventory(inventory)) => {
+                self.events.push_back(CollectorEvent::Inventory(inventory));
             }
             (CollectorState::Closed, _) => {}
         }

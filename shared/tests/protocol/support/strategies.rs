@@ -6,8 +6,8 @@ use proptest::sample::select;
 use razar_shared::domain::{ComponentState, LogStream, Severity, XidClass};
 use razar_shared::protocol::{
     AgentMessage, Batch, CollectorMessage, Command, CommandAction, CommandOutcome, CommandResult,
-    ComponentInfo, Event, EventKind, GpuInfo, Heartbeat, Hello, LogChunk, Refusal, RefusalReason,
-    SeriesDef, SeriesPoints, SessionConfig, StatusDigest, Subject, Welcome,
+    ComponentInfo, Event, EventKind, GpuInfo, Heartbeat, Hello, Inventory, LogChunk, Refusal,
+    RefusalReason, SeriesDef, SeriesPoints, SessionConfig, StatusDigest, Subject, Welcome,
 };
 
 /// Short strings with arbitrary Unicode (multi-byte UTF-8 included).
@@ -321,6 +321,9 @@ pub fn agent_message() -> impl Strategy<Value = AgentMessage> {
                     end,
                 })
             }),
+        (vec(component_info(), 0..3), vec(gpu_info(), 0..3)).prop_map(|(components, gpus)| {
+            AgentMessage::Inventory(Inventory { components, gpus })
+        }),
     ]
 }
 
@@ -353,10 +356,11 @@ pub fn agent_variant(msg: &AgentMessage) -> usize {
         AgentMessage::Heartbeat(_) => 3,
         AgentMessage::CommandResult(_) => 4,
         AgentMessage::LogChunk(_) => 5,
+        AgentMessage::Inventory(_) => 6,
     }
 }
 
-pub const AGENT_VARIANTS: usize = 6;
+pub const AGENT_VARIANTS: usize = 7;
 
 /// See [`agent_variant`].
 pub fn collector_variant(msg: &CollectorMessage) -> usize {
