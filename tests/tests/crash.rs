@@ -1289,14 +1289,22 @@ stop_grace = "3s"
         marker = toml_str(&f.components.marker)
     );
     std::fs::write(f.path("agent.toml"), added).expect("agent.toml");
-    let addr = std::fs::read_to_string(f.agent_data_dir().join("agent.addr")).expect("agent.addr");
-    let reload = f
-        .http
-        .post(format!("http://{}/v1/reload", addr.trim()))
-        .send()
-        .await
-        .expect("reload");
-    assert!(reload.status().is_success(), "reload: {}", reload.status());
+    // The control API is the agent's unix socket; its CLI finds it from the config.
+    let agent_cli = |args: &[&str]| {
+        let out = std::process::Command::new(binary("razar-agent"))
+            .args(args)
+            .arg("--config")
+            .arg(f.path("agent.toml"))
+            .output()
+            .expect("razar-agent cli");
+        assert!(
+            out.status.success(),
+            "razar-agent {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    agent_cli(&["reload"]);
     wait_for(
         "the added component in the database",
         Duration::from_secs(30),
@@ -1316,16 +1324,7 @@ stop_grace = "3s"
     .await;
 
     // A state change.
-    let stop = f
-        .http
-        .post(format!(
-            "http://{}/v1/components/{COMPONENT}/stop",
-            addr.trim()
-        ))
-        .send()
-        .await
-        .expect("stop");
-    assert!(stop.status().is_success(), "stop: {}", stop.status());
+    agent_cli(&["stop", COMPONENT]);
     wait_for("the stopped state in the database", Duration::from_secs(30), || {
         let pool = &f.pool;
         async move {
@@ -1343,13 +1342,7 @@ stop_grace = "3s"
     .await;
     // Removed by a reload: gone from the database.
     std::fs::write(f.path("agent.toml"), &config).expect("agent.toml");
-    let reload = f
-        .http
-        .post(format!("http://{}/v1/reload", addr.trim()))
-        .send()
-        .await
-        .expect("reload");
-    assert!(reload.status().is_success(), "reload: {}", reload.status());
+    agent_cli(&["reload"]);
     wait_for(
         "the removed component gone from the database",
         Duration::from_secs(30),
