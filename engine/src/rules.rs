@@ -212,13 +212,28 @@ pub(crate) fn decide(view: &mut FleetView, input: &Input, now: UnixMillis) -> Ve
             }
             ctxs.push(ctx);
         }
-        Input::Tick => on_tick(view, &mut ctxs, now),
+        Input::Tick => {
+            // Each step sees what the previous one decided (a GPU returned to service
+            // has its escalation resolved before re-notification looks).
+            let mut out = Vec::new();
+            probation_tick(view, &mut ctxs, now);
+            flush(view, &mut ctxs, now, &mut out);
+            breaker_tick(view, &mut ctxs, now);
+            flush(view, &mut ctxs, now, &mut out);
+            renotify_tick(view, &mut ctxs, now);
+            flush(view, &mut ctxs, now, &mut out);
+            return out;
+        }
     }
     let mut out = Vec::new();
-    for ctx in ctxs {
+    flush(view, &mut ctxs, now, &mut out);
+    out
+}
+
+fn flush(view: &mut FleetView, ctxs: &mut Vec<Ctx>, now: UnixMillis, out: &mut Vec<Action>) {
+    for ctx in ctxs.drain(..) {
         out.extend(finish(view, ctx, now));
     }
-    out
 }
 
 fn sorted(revisions: &[(String, String)]) -> Vec<(String, String)> {
@@ -285,6 +300,8 @@ fn on_xid(
         _ => Rule::XidBucket,
     };
     let mut ctx = Ctx::new(rule, Some(rec.event));
+    // Decisions that follow from this one (blame) are recorded after it.
+    let mut follow = Vec::new();
     ctx.fact(describe);
     ctx.fact(format!(
         "revisions on the GPU: {}",
@@ -349,10 +366,10 @@ fn on_xid(
                         "seen {seen} time(s) on {name} within the window (threshold {threshold}), under one revision"
                     ),
                 );
-                application(view, ctxs, &mut ctx, &rec, now);
+                application(view, &mut follow, &mut ctx, &rec, now);
             }
         }
-        XidPlan::Application => application(view, ctxs, &mut ctx, &rec, now),
+        XidPlan::Application => application(view, &mut follow, &mut ctx, &rec, now),
         XidPlan::ResetGpu => hardware(view, &mut ctx, host, gpu, Rung::Reset, true, now),
         XidPlan::RebootHost => hardware(view, &mut ctx, host, gpu, Rung::Reboot, true, now),
         XidPlan::Report => {
@@ -445,6 +462,7 @@ fn on_xid(
         ),
     }
     ctxs.push(ctx);
+    ctxs.extend(follow);
 }
 
 fn drain_action(view: &FleetView, host: &str, gpu: &str) -> Action {
@@ -975,8 +993,8 @@ fn blame(view: &mut FleetView, ctxs: &mut Vec<Ctx>, failure: &FailureRecord, now
 
 // ------------------------------------------------------------------------ tick
 
-fn on_tick(view: &mut FleetView, ctxs: &mut Vec<Ctx>, now: UnixMillis) {
-    // Probation over without a fault: back to service.
+/// Probation over without a fault: back to service.
+fn probation_tick(view: &mut FleetView, ctxs: &mut Vec<Ctx>, now: UnixMillis) {
     let mut due = Vec::new();
     for (host, h) in &view.hosts {
         for (uuid, g) in &h.gpus {
@@ -1003,8 +1021,10 @@ fn on_tick(view: &mut FleetView, ctxs: &mut Vec<Ctx>, now: UnixMillis) {
         });
         ctxs.push(ctx);
     }
-    breaker_tick(view, ctxs, now);
-    // Re-notify what nobody acknowledged.
+}
+
+/// Re-notifies, one level up, what nobody acknowledged in time.
+fn renotify_tick(view: &mut FleetView, ctxs: &mut Vec<Ctx>, now: UnixMillis) {
     let after = view.config.renotify_after_ms;
     let mut renotify = Ctx::new(Rule::EscalationLifecycle, None);
     renotify.always_record = false;
