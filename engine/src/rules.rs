@@ -853,8 +853,13 @@ fn blame(view: &mut FleetView, ctxs: &mut Vec<Ctx>, failure: &FailureRecord, now
         ctxs.push(ctx);
         return;
     }
-    // 2. Not while the GPU it was seen on has a hardware-class fault.
-    if let Some(gpu) = &failure.gpu {
+    // 2. Not while the GPU it was seen on (or, for a component failure, a GPU the
+    //    component uses: draining it makes the component fail) has a hardware fault.
+    let suspects: Vec<&String> = match &failure.gpu {
+        Some(gpu) => vec![gpu],
+        None => comp.gpus.iter().collect(),
+    };
+    for gpu in suspects {
         if let Some(g) = view.gpu(&failure.host, gpu) {
             if g.health != GpuHealth::Healthy {
                 let name = view.gpu_name(&failure.host, gpu);
@@ -866,6 +871,8 @@ fn blame(view: &mut FleetView, ctxs: &mut Vec<Ctx>, failure: &FailureRecord, now
                 return;
             }
         }
+    }
+    if let Some(gpu) = &failure.gpu {
         // 3. Not when the same failure repeats on this one GPU across revisions.
         if let Some(other) = view.failures.iter().find(|f| {
             f.gpu.as_ref() == Some(gpu)

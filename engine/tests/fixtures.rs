@@ -994,6 +994,38 @@ fn a_failure_on_a_quarantined_gpu_is_hardware_not_the_revision() {
     );
 }
 
+#[test]
+fn a_component_failing_on_a_quarantined_gpu_is_not_blamed_on_its_revision() {
+    let v = check(
+        fleet(EngineConfig {
+            blame_min_places: 1,
+            ..config()
+        }),
+        vec![
+            (1000, started("h1", "llm", "v2", "h1-g0", 1), vec![]),
+            (
+                1500,
+                xid("h1", "h1-g0", 119, &[], 2),
+                hardware_reset("h1", "h1-g0", &["llm"]),
+            ),
+            // Drained with its GPU, it fails its liveness probe: not v2's fault.
+            (
+                2000,
+                failed("h1", "llm", "v2", FailureKind::Liveness, 3),
+                vec![],
+            ),
+        ],
+    );
+    let d = last(&v);
+    assert_eq!(d.rule, Rule::Blame);
+    assert!(
+        d.rejected[0]
+            .reason
+            .starts_with("hardware-class fault: h1/GPU 0"),
+        "{d:?}"
+    );
+}
+
 // ----------------------------------------------------------------------- silence
 
 #[test]
