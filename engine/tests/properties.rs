@@ -5,8 +5,7 @@
 use proptest::prelude::*;
 use razar_engine::model::EscalationState;
 use razar_engine::{
-    decide, Action, BreakerConfig, EngineConfig, EscalationKey, FailureKind, FleetView, GpuHealth,
-    Input,
+    decide, Action, BreakerConfig, EngineConfig, EscalationKey, FailureKind, FleetView, Input,
 };
 
 const HOSTS: [&str; 3] = ["h1", "h2", "h3"];
