@@ -31,12 +31,23 @@
 //! | `silence.pulse_missed` | a pulse not recovered in budget → escalation |
 //! | `breaker` | see [`breaker`]: per-scope limits on disruptive actions, half-open trial, held actions re-evaluated |
 //! | `escalation.lifecycle` | open → acknowledged → resolved, de-duplicated by (host, subject, kind); unacknowledged ones re-notified a level higher after `renotify_after_ms` |
+//!
+//! Every rule records a [`Decision`]: rule id and version, catalog revision, the events
+//! it rests on, the facts it saw, the alternatives it rejected and why (for example
+//! "not a revision fault: same XID 13 on h1/GPU 0 under revisions llm@v1 and llm@v2"),
+//! the actions, what the breaker held and the breaker's state. The collector adds the
+//! leader term when it stores them.
+//!
+//! [`deployment`] is the pure wave machine for rollouts (canaries, max parallel, min
+//! healthy time, healthy deadline, auto-revert without re-running canaries, manual
+//! promote, pause/resume); the engine's `PauseDeployment` and `RollBack` feed it.
 #![forbid(unsafe_code)]
 
 pub mod action;
 pub mod breaker;
 pub mod config;
 pub mod decision;
+pub mod deployment;
 pub mod input;
 pub mod model;
 mod rules;
