@@ -290,10 +290,13 @@ fn on_xid(
         },
     );
     let plan = xid::plan(xid);
+    // 63/64 after a 48 on the same GPU: the 48 workflow's "with 63/64" branch.
+    let after_48 = matches!(xid, 63 | 64) && prior.iter().any(|p| p.xid == 48);
     let rule = match (plan, xid) {
+        _ if after_48 => Rule::Xid48,
         (XidPlan::Application, 13 | 31) => Rule::Xid13And31,
         (XidPlan::Xid45, _) => Rule::Xid45,
-        (XidPlan::Xid48, _) | (_, 63 | 64) => Rule::Xid48,
+        (XidPlan::Xid48, _) => Rule::Xid48,
         (XidPlan::NvLink, _) => Rule::XidNvlink,
         (XidPlan::RecoveryAction, _) => Rule::Xid154,
         (XidPlan::Unknown, _) => Rule::XidUnknown,
@@ -319,8 +322,7 @@ fn on_xid(
     }
     let (host, gpu) = (rec.host.as_str(), rec.gpu.as_str());
     match plan {
-        // 63/64 after a 48 on the same GPU: the 48 workflow's "with 63/64" branch.
-        _ if matches!(xid, 63 | 64) && prior.iter().any(|p| p.xid == 48) => {
+        _ if after_48 => {
             ctx.fact(format!(
                 "XID 48 on {name} within the window: drain and reset"
             ));

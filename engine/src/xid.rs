@@ -1,6 +1,6 @@
 //! XID classification from NVIDIA's catalog ([`razar_shared::xid_catalog`]) and the
 //! decoding of XID 154's recovery action. Pure functions; the workflows that look at
-//! history live in [`crate::rules`].
+//! history live in the engine's rules (see the crate docs).
 
 use razar_shared::xid_catalog::{self, Bucket};
 use serde::{Deserialize, Serialize};

@@ -267,8 +267,9 @@ fn xid_48_with_63_or_64_drains_and_resets() {
         ],
     );
     assert_eq!(last(&v).evidence, vec![1, 2]);
+    assert_eq!(v.decisions[0].rule, Rule::XidBucket, "63 alone is IGNORE");
     // 64 after the 48: the drain follows.
-    check(
+    let v = check(
         fleet(config()),
         vec![
             (
@@ -287,6 +288,7 @@ fn xid_48_with_63_or_64_drains_and_resets() {
             ),
         ],
     );
+    assert_eq!(last(&v).rule, Rule::Xid48);
     // A 63 outside the window does not count.
     check(
         fleet(config()),
