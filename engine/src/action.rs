@@ -107,14 +107,15 @@ pub enum Action {
 }
 
 impl Action {
-    /// Whether the breaker may hold it back: actions that disrupt work on hosts. Recovery
-    /// (returning a GPU, resolving) and talking to people are never held back.
+    /// Whether the breaker may hold it back: actions that take working GPUs, hosts or
+    /// components out of service. Recovery (returning a GPU, resolving), restarting a
+    /// component whose GPU context is already dead (the catalog's RESTART_APP) and
+    /// talking to people are never held back.
     pub fn is_disruptive(&self) -> bool {
         matches!(
             self,
             Action::QuarantineGpu { .. }
                 | Action::DrainComponents { .. }
-                | Action::RestartComponents { .. }
                 | Action::ResetGpu { .. }
                 | Action::RequestReboot { .. }
                 | Action::RollBack { .. }

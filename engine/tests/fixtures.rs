@@ -1344,15 +1344,75 @@ fn the_breaker_opens_per_gpu_model_scope() {
 }
 
 #[test]
-fn decisions_serialize_for_the_store() {
-    let mut v = fleet(config());
+fn decisions_round_trip_through_json_for_the_store() {
+    let mut v = fleet(breaker_config(1));
     decide(&mut v, &xid("h1", "h1-g0", 48, &[], 1), 1000);
+    decide(&mut v, &xid("h2", "h2-g0", 48, &[], 2), 1001);
     let d = v.take_decisions();
-    assert_eq!(d.len(), 1);
+    assert_eq!(d.len(), 2);
     assert!(v.decisions.is_empty());
-    // Round trip through serde's data model (the collector stores JSON).
-    let debug = format!("{:?}", d[0]);
-    assert!(debug.contains("Xid48"));
-    fn assert_serde<T: serde::Serialize + for<'de> serde::Deserialize<'de>>() {}
-    assert_serde::<Decision>();
+    assert!(!d[1].held.is_empty(), "{:?}", d[1]);
+    for decision in &d {
+        let json = serde_json::to_string(decision).expect("serialize");
+        let back: Decision = serde_json::from_str(&json).expect("deserialize");
+        assert_eq!(&back, decision);
+    }
+    let json = serde_json::to_value(&d[0]).expect("serialize");
+    assert_eq!(json["rule_id"], "xid.48");
+    assert_eq!(json["rule_version"], 1);
+}
+
+#[test]
+fn the_breaker_opens_per_revision_scope() {
+    // Share limits: 50 % of a scope with at least 2 hosts. llm@v2 runs on 2 of 6
+    // hosts; quarantining both of its GPUs opens that scope, not the fleet.
+    let mut c = breaker_config(100);
+    c.breaker.max_share_percent = 50;
+    c.breaker.share_min_population = 2;
+    c.breaker.max_gpus = 100;
+    let mut v = fleet(c);
+    for h in ["h4", "h5", "h6"] {
+        add_host(&mut v, h, "H100");
+    }
+    v.add_component("h1", "llm", "v2", Some("v1"), 0, &["h1-g0"]);
+    v.add_component("h2", "llm", "v2", Some("v1"), 0, &["h2-g0"]);
+    let v = check(
+        v,
+        vec![
+            (
+                0,
+                xid("h1", "h1-g1", 95, &[], 1),
+                hardware_reset("h1", "h1-g1", &["embed"]),
+            ),
+            (
+                1,
+                xid("h1", "h1-g0", 95, &[], 2),
+                hardware_reset("h1", "h1-g0", &["llm"]),
+            ),
+            (
+                2,
+                xid("h2", "h2-g0", 95, &[], 3),
+                vec![
+                    gpu_fault("h2", "h2-g0", Severity::Warning),
+                    esc(
+                        None,
+                        "revision:llm@v2",
+                        EscalationKind::BreakerOpen,
+                        Severity::Critical,
+                    ),
+                ],
+            ),
+            // Another GPU of h2, outside that revision, is not held.
+            (
+                3,
+                xid("h2", "h2-g1", 95, &[], 4),
+                hardware_reset("h2", "h2-g1", &["embed"]),
+            ),
+        ],
+    );
+    assert!(v.breaker.scopes.contains_key(&Scope::Revision {
+        component: "llm".into(),
+        revision: "v2".into()
+    }));
+    assert_eq!(v.breaker.scopes.len(), 1);
 }

@@ -163,10 +163,13 @@ proptest! {
             }
         }
         for d in &view.decisions {
-            // Recovery is never held back.
+            // Recovery, restarts of dead applications and escalations are never held.
             prop_assert!(!d.held.iter().any(|a| matches!(
                 a,
-                Action::ReturnGpuToService { .. } | Action::ResolveEscalation { .. } | Action::Escalate { .. }
+                Action::ReturnGpuToService { .. }
+                    | Action::ResolveEscalation { .. }
+                    | Action::Escalate { .. }
+                    | Action::RestartComponents { .. }
             )), "recovery held: {:?}", d);
             // An XID decision touches only its own GPU.
             if let (Some(ev), true) = (d.evidence.first(), d.rule_id.starts_with("xid.")) {
