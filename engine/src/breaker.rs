@@ -300,6 +300,18 @@ impl Breaker {
         Verdict::Pass
     }
 
+    /// Whether a scope of `action` other than `except` is open (or half-open with its
+    /// trial spent).
+    pub(crate) fn open_elsewhere(&self, view: &FleetView, action: &Action, except: &Scope) -> bool {
+        let (_, scopes) = reach(view, action);
+        scopes.iter().filter(|s| *s != except).any(|s| {
+            matches!(
+                self.scopes.get(s).map(|b| &b.mode),
+                Some(Mode::Open { .. }) | Some(Mode::HalfOpen { trial_used: true })
+            )
+        })
+    }
+
     /// Counts an action that goes through without being judged (a half-open trial).
     pub(crate) fn count(&mut self, view: &FleetView, action: &Action, now: UnixMillis) {
         if action.is_disruptive() {

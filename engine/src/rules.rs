@@ -7,7 +7,7 @@ use razar_shared::protocol::UnixMillis;
 use razar_shared::xid_catalog::{self, CATALOG_REVISION};
 
 use crate::action::{Action, EscalationKey, EscalationKind};
-use crate::breaker::{still_valid, Mode, Scope, Verdict};
+use crate::breaker::{still_valid, Held, Mode, Scope, ScopeBreaker, Verdict};
 use crate::decision::{Decision, Rejected, Rule};
 use crate::input::{EventId, FailureKind, Input};
 use crate::model::{
@@ -1075,26 +1075,12 @@ fn breaker_tick(view: &mut FleetView, ctxs: &mut Vec<Ctx>, now: UnixMillis) {
         }
         match b.mode {
             Mode::Open { since } if now.saturating_sub(since) >= cooldown => {
-                ctx.fact(format!("{}: cool-down over, half-open", scope.name()));
-                let mut rest = valid.into_iter();
-                let trial = rest.next();
-                let trial_used = trial.is_some();
-                if let Some(t) = trial {
-                    ctx.fact(format!("half-open trial: {}", t.action.describe()));
-                    ctx.act(t.action.clone());
-                    // Counted like any admitted action.
-                    let mut breaker = std::mem::take(&mut view.breaker);
-                    breaker.count(view, &t.action, now);
-                    view.breaker = breaker;
-                }
-                view.breaker.scopes.insert(
-                    scope.clone(),
-                    crate::breaker::ScopeBreaker {
-                        mode: Mode::HalfOpen { trial_used },
-                        held: rest.collect(),
-                    },
-                );
-                ctxs.push(ctx);
+                half_open(view, ctxs, ctx, &scope, valid, true, now);
+            }
+            // Half-open with no trial yet (what it held was stale, or held back by
+            // another open scope): try again.
+            Mode::HalfOpen { trial_used: false } if !b.held.is_empty() => {
+                half_open(view, ctxs, ctx, &scope, valid, false, now);
             }
             Mode::HalfOpen { trial_used: true } => {
                 ctx.fact(format!("{}: trial went through, closed", scope.name()));
@@ -1117,7 +1103,7 @@ fn breaker_tick(view: &mut FleetView, ctxs: &mut Vec<Ctx>, now: UnixMillis) {
                 if !ctx.rejected.is_empty() {
                     view.breaker.scopes.insert(
                         scope.clone(),
-                        crate::breaker::ScopeBreaker {
+                        ScopeBreaker {
                             mode: b.mode.clone(),
                             held: valid,
                         },
@@ -1126,6 +1112,50 @@ fn breaker_tick(view: &mut FleetView, ctxs: &mut Vec<Ctx>, now: UnixMillis) {
                 }
             }
         }
+    }
+}
+
+/// A half-open scope lets its first held action through that no other open scope
+/// holds back (the trial); the rest stay held until the next tick closes it.
+fn half_open(
+    view: &mut FleetView,
+    ctxs: &mut Vec<Ctx>,
+    mut ctx: Ctx,
+    scope: &Scope,
+    mut valid: Vec<Held>,
+    cooled: bool,
+    now: UnixMillis,
+) {
+    if cooled {
+        ctx.fact(format!("{}: cool-down over, half-open", scope.name()));
+    }
+    let trial = valid
+        .iter()
+        .position(|h| !view.breaker.open_elsewhere(view, &h.action, scope))
+        .map(|i| valid.remove(i));
+    let trial_used = trial.is_some();
+    if let Some(t) = trial {
+        ctx.fact(format!("half-open trial: {}", t.action.describe()));
+        // Counted like any admitted action.
+        let mut breaker = std::mem::take(&mut view.breaker);
+        breaker.count(view, &t.action, now);
+        view.breaker = breaker;
+        ctx.act(t.action);
+    } else if !valid.is_empty() {
+        ctx.fact(format!(
+            "{}: no trial yet, what it holds is held by another open scope too",
+            scope.name()
+        ));
+    }
+    view.breaker.scopes.insert(
+        scope.clone(),
+        ScopeBreaker {
+            mode: Mode::HalfOpen { trial_used },
+            held: valid,
+        },
+    );
+    if cooled || trial_used || !ctx.rejected.is_empty() {
+        ctxs.push(ctx);
     }
 }
 

@@ -1416,3 +1416,92 @@ fn the_breaker_opens_per_revision_scope() {
     }));
     assert_eq!(v.breaker.scopes.len(), 1);
 }
+
+#[test]
+fn a_half_open_trial_waits_for_every_open_scope_of_its_action() {
+    let cooldown = config().breaker.cooldown_ms;
+    let mut c = breaker_config(100);
+    c.breaker.max_gpus = 100;
+    c.breaker.max_share_percent = 50;
+    c.breaker.share_min_population = 3;
+    let mut v = fleet(c);
+    for h in ["h4", "h5", "h6"] {
+        add_host(&mut v, h, "H100");
+    }
+    for h in ["b1", "b2", "b3"] {
+        add_host(&mut v, h, "B200");
+    }
+    let b200 = "model:B200";
+    check(
+        v,
+        vec![
+            (
+                0,
+                xid("b1", "b1-g0", 95, &[], 1),
+                hardware_reset("b1", "b1-g0", &["llm"]),
+            ),
+            // 2 of 3 B200 hosts: that scope opens.
+            (
+                1,
+                xid("b2", "b2-g0", 95, &[], 2),
+                vec![
+                    gpu_fault("b2", "b2-g0", Severity::Warning),
+                    esc(None, b200, EscalationKind::BreakerOpen, Severity::Critical),
+                ],
+            ),
+            (
+                2,
+                xid("h1", "h1-g0", 95, &[], 3),
+                hardware_reset("h1", "h1-g0", &["llm"]),
+            ),
+            (
+                3,
+                xid("h2", "h2-g0", 95, &[], 4),
+                hardware_reset("h2", "h2-g0", &["llm"]),
+            ),
+            (
+                4,
+                xid("h3", "h3-g0", 95, &[], 5),
+                hardware_reset("h3", "h3-g0", &["llm"]),
+            ),
+            // 5 of 9 hosts: the fleet opens too.
+            (
+                5,
+                xid("h4", "h4-g0", 95, &[], 6),
+                vec![
+                    gpu_fault("h4", "h4-g0", Severity::Warning),
+                    esc(
+                        None,
+                        "fleet",
+                        EscalationKind::BreakerOpen,
+                        Severity::Critical,
+                    ),
+                ],
+            ),
+            // B200 cooled down, but its held actions are in the open fleet scope too.
+            (1 + cooldown, Input::Tick, vec![]),
+            // The fleet cooled down: its trial; B200 still waits (fleet trial spent).
+            (5 + cooldown, Input::Tick, vec![quarantine("h4", "h4-g0")]),
+            // The fleet closes; now B200's trial.
+            (
+                6 + cooldown,
+                Input::Tick,
+                vec![
+                    resolve(None, "fleet", EscalationKind::BreakerOpen),
+                    drain("h4", "h4-g0", &["llm"]),
+                    reset("h4", "h4-g0"),
+                    quarantine("b2", "b2-g0"),
+                ],
+            ),
+            (
+                7 + cooldown,
+                Input::Tick,
+                vec![
+                    resolve(None, b200, EscalationKind::BreakerOpen),
+                    drain("b2", "b2-g0", &["llm"]),
+                    reset("b2", "b2-g0"),
+                ],
+            ),
+        ],
+    );
+}
