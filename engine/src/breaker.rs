@@ -1,10 +1,14 @@
 //! The circuit breaker: automatic, disruptive actions are counted per scope (the fleet,
 //! a GPU model, a component revision) over a sliding window; a scope that touches more
 //! hosts or GPUs than allowed opens, holds every further disruptive action in it and
-//! raises one escalation listing them. After a cool-down it is half-open: one action
-//! goes through; at the next tick it closes and what it still holds is re-evaluated
-//! against the current view (stale actions are dropped, never replayed). Recovery
-//! (returning GPUs, resolving escalations) and talking to people are never held.
+//! raises one escalation listing them. After a cool-down it is half-open: one held
+//! action that no other open scope holds back goes through (the trial); at the next
+//! tick it closes (there is no success signal beyond "nothing tripped meanwhile") and
+//! what it still holds is re-evaluated against the current view: stale actions are
+//! dropped with the reason, never replayed, the rest are judged under the normal
+//! limits again. Recovery (returning GPUs, resolving escalations), restarts of
+//! applications whose GPU context is already dead, and talking to people are never
+//! held.
 
 use std::collections::{BTreeMap, BTreeSet};
 

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::action::EscalationKey;
 use crate::breaker::Breaker;
-use crate::config::EngineConfig;
+use crate::config::{ConfigError, EngineConfig};
 use crate::decision::Decision;
 use crate::input::{EventId, FailureKind};
 
@@ -213,8 +213,11 @@ pub struct FleetView {
 }
 
 impl FleetView {
-    pub fn new(config: EngineConfig) -> Self {
-        FleetView {
+    /// An empty fleet under `config`, refused when the configuration is invalid
+    /// ([`EngineConfig::validate`]).
+    pub fn new(config: EngineConfig) -> Result<Self, ConfigError> {
+        config.validate()?;
+        Ok(FleetView {
             config,
             hosts: BTreeMap::new(),
             escalations: BTreeMap::new(),
@@ -224,7 +227,7 @@ impl FleetView {
             breaker: Breaker::default(),
             decisions: Vec::new(),
             next_decision: 1,
-        }
+        })
     }
 
     /// Adds (or replaces) a host, online, with no GPUs or components.

@@ -16,7 +16,7 @@ const MIN: i64 = 60_000;
 /// h1, h2, h3 with two H100s each (`hN-g0`, `hN-g1`); `llm` on g0 and `embed` on g1,
 /// both at v1 since t=0.
 fn fleet(config: EngineConfig) -> FleetView {
-    let mut v = FleetView::new(config);
+    let mut v = FleetView::new(config).expect("valid config");
     for h in ["h1", "h2", "h3"] {
         add_host(&mut v, h, "H100");
     }
@@ -1341,6 +1341,16 @@ fn the_breaker_opens_per_gpu_model_scope() {
         .scopes
         .contains_key(&Scope::GpuModel("H100".into())));
     assert!(!v.breaker.scopes.contains_key(&Scope::Fleet));
+}
+
+#[test]
+fn an_invalid_configuration_is_refused() {
+    let err = FleetView::new(EngineConfig {
+        lemon_cycles: 0,
+        ..config()
+    })
+    .expect_err("invalid");
+    assert!(err.to_string().contains("lemon_cycles"), "{err}");
 }
 
 #[test]

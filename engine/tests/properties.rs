@@ -25,7 +25,8 @@ fn fleet() -> FleetView {
             ..BreakerConfig::default()
         },
         ..EngineConfig::default()
-    });
+    })
+    .expect("valid config");
     for h in HOSTS {
         let g0 = format!("{h}-g0");
         let g1 = format!("{h}-g1");
