@@ -414,9 +414,15 @@ fn check_reports_every_config_error_with_its_line() {
     // `check` opens as `run` would: on this machine those are its only errors.
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
-    let errors: Vec<&str> = stderr.lines().filter(|l| l.contains(": collector.")).collect();
+    let errors: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains(": collector."))
+        .collect();
     assert_eq!(errors.len(), 3, "{stderr}");
-    assert!(errors.iter().all(|l| l.contains("cannot read /etc/razar/")), "{stderr}");
+    assert!(
+        errors.iter().all(|l| l.contains("cannot read /etc/razar/")),
+        "{stderr}"
+    );
     assert!(stderr.contains("3 error(s)"), "{stderr}");
     // A refused config never half-starts the agent.
     let out = std::process::Command::new(bin())

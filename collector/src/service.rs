@@ -120,7 +120,15 @@ impl Service {
             }
         });
         // The API answers from here on: stop it if the rest fails.
-        let started = Self::start_serving(config, (tls, refusals), crls, &registry, &api_state, &stop_rx).await;
+        let started = Self::start_serving(
+            config,
+            (tls, refusals),
+            crls,
+            &registry,
+            &api_state,
+            &stop_rx,
+        )
+        .await;
         match started {
             Ok(Serving {
                 config,

@@ -433,7 +433,11 @@ fn agent_status_into_a_closed_pipe_exits_zero() {
             .filter(|l| l.starts_with("idle-component-"))
             .count();
         if output.status.success() && listed == 400 {
-            assert!(text.len() > 8192, "status must not fit in the pipe: {} bytes:\n{text}", text.len());
+            assert!(
+                text.len() > 8192,
+                "status must not fit in the pipe: {} bytes:\n{text}",
+                text.len()
+            );
             break;
         }
         assert!(
