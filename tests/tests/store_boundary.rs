@@ -474,6 +474,15 @@ async fn store_everything(store: &Store, seq: u64, t: &Texts) -> Result<(), Stri
         .record_hello(&hello, Utc::now())
         .await
         .map_err(|e| format!("hello: {e}"))?;
+    // The same texts in an inventory update on an open connection (protocol 2).
+    let inventory = razar_shared::protocol::Inventory {
+        components: hello.components.clone(),
+        gpus: hello.gpus.clone(),
+    };
+    store
+        .record_inventory(HOST, &inventory, Utc::now())
+        .await
+        .map_err(|e| format!("inventory: {e}"))?;
     let defs = vec![
         SeriesDef {
             id: 1,
