@@ -31,6 +31,7 @@ pub struct Ledger {
     queue: VecDeque<GpuEvent>,
     dropped: u64,
     twins: u64,
+    coalesced: u64,
 }
 
 impl Ledger {
@@ -46,6 +47,7 @@ impl Ledger {
             queue: VecDeque::new(),
             dropped: 0,
             twins: 0,
+            coalesced: 0,
         }
     }
 
@@ -87,6 +89,23 @@ impl Ledger {
                 at: now,
             });
         }
+        // A storm: the same XID on the same GPU while the first is still queued is
+        // folded into it (counted, last time kept) instead of queueing another event.
+        let queued = self.queue.iter_mut().rev().find_map(|e| match &mut e.kind {
+            GpuEventKind::Xid {
+                xid: x,
+                count,
+                last_ts_ms,
+                ..
+            } if e.gpu_index == gpu && *x == xid => Some((count, last_ts_ms)),
+            _ => None,
+        });
+        if let Some((count, last_ts_ms)) = queued {
+            *count += 1;
+            *last_ts_ms = (*last_ts_ms).max(ts_ms);
+            self.coalesced += 1;
+            return true;
+        }
         let class = xid::classify(xid);
         self.push(GpuEvent {
             ts_ms,
@@ -96,9 +115,16 @@ impl Ledger {
                 class,
                 action: xid::recommended_action(class),
                 origin,
+                count: 1,
+                last_ts_ms: ts_ms,
             },
         });
         true
+    }
+
+    /// XIDs folded into an event already queued for the same GPU and XID.
+    pub fn coalesced(&self) -> u64 {
+        self.coalesced
     }
 
     pub fn record_double_bit_ecc(&mut self, gpu: u32, ts_ms: UnixMillis) {
@@ -174,11 +200,57 @@ mod tests {
         }
         let expected: BTreeMap<u32, u64> = expected.iter().copied().collect();
         assert_eq!(ledger.xid_counts(0), expected, "{sightings:?}");
+        let counted: u64 = ledger
+            .drain()
+            .iter()
+            .map(|e| match e.kind {
+                GpuEventKind::Xid { count, .. } => count,
+                _ => 0,
+            })
+            .sum();
         assert_eq!(
-            ledger.drain().len() as u64,
+            counted,
             expected.values().sum::<u64>(),
-            "one event per counted XID"
+            "every counted XID is in an event's count"
         );
+    }
+
+    #[test]
+    fn a_storm_is_coalesced_per_gpu_and_xid_and_counted_exactly() {
+        let mut ledger = Ledger::new(2, Duration::ZERO);
+        let t0 = Instant::now();
+        for i in 0..10_000i64 {
+            ledger.record_xid(0, 31, XidOrigin::Scenario, t0, 1_000 + i);
+            ledger.record_xid(1, 31, XidOrigin::Scenario, t0, 1_000 + i);
+            ledger.record_xid(0, 13, XidOrigin::Scenario, t0, 1_000 + i);
+        }
+        assert_eq!(ledger.xid_counts(0), BTreeMap::from([(13, 10_000), (31, 10_000)]));
+        assert_eq!(ledger.dropped(), 0, "nothing dropped from the queue");
+        let events = ledger.drain();
+        let summary: Vec<_> = events
+            .iter()
+            .map(|e| match e.kind {
+                GpuEventKind::Xid {
+                    xid,
+                    count,
+                    last_ts_ms,
+                    ..
+                } => (e.gpu_index, xid, count, e.ts_ms, last_ts_ms),
+                _ => panic!("{e:?}"),
+            })
+            .collect();
+        assert_eq!(
+            summary,
+            vec![
+                (0, 31, 10_000, 1_000, 10_999),
+                (1, 31, 10_000, 1_000, 10_999),
+                (0, 13, 10_000, 1_000, 10_999),
+            ]
+        );
+        assert_eq!(ledger.coalesced(), 3 * 9_999);
+        // Once drained, the next XID is a new event.
+        ledger.record_xid(0, 31, XidOrigin::Scenario, t0, 20_000);
+        assert_eq!(ledger.drain().len(), 1);
     }
 
     #[test]

@@ -186,12 +186,16 @@ pub enum XidOrigin {
 /// What happened to a GPU.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub enum GpuEventKind {
-    /// An XID, classified, with the recommended action.
+    /// An XID, classified, with the recommended action. Repeats of the same XID on the
+    /// same GPU seen before the agent drained the first are coalesced into it: `count`
+    /// XIDs from the event's `ts_ms` to `last_ts_ms` (the ledger's counter counts each).
     Xid {
         xid: u32,
         class: XidClass,
         action: &'static str,
         origin: XidOrigin,
+        count: u64,
+        last_ts_ms: UnixMillis,
     },
     /// A double-bit ECC error.
     DoubleBitEcc,
@@ -212,14 +216,27 @@ impl GpuEvent {
     pub fn to_event(&self) -> Event {
         let (severity, kind, message) = match &self.kind {
             GpuEventKind::Xid {
-                xid, class, action, ..
+                xid,
+                class,
+                action,
+                count,
+                last_ts_ms,
+                ..
             } => (
                 crate::xid::severity(*class),
                 EventKind::Xid {
                     xid: *xid,
                     class: *class,
                 },
-                format!("XID {xid} ({}): {action}", class.as_str()),
+                if *count > 1 {
+                    format!(
+                        "XID {xid} ({}) x{count} from {} to {last_ts_ms} ms: {action}",
+                        class.as_str(),
+                        self.ts_ms
+                    )
+                } else {
+                    format!("XID {xid} ({}): {action}", class.as_str())
+                },
             ),
             GpuEventKind::DoubleBitEcc => (
                 Severity::Critical,
