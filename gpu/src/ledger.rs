@@ -2,7 +2,7 @@
 //! NVML event set and the kernel log so it is counted once, reports a lost GPU once,
 //! and queues events until the agent drains them.
 
-use crate::reading::{GpuEvent, GpuEventKind, XidOrigin};
+use crate::reading::{GpuEvent, GpuEventKind, XidOrigin, XID_SOURCE_BOTH};
 use crate::xid;
 use razar_shared::protocol::UnixMillis;
 use std::collections::{BTreeMap, VecDeque};
@@ -24,6 +24,9 @@ struct Sighting {
 pub struct Ledger {
     window: Duration,
     counts: Vec<BTreeMap<u32, u64>>,
+    /// XIDs per GPU by the source that saw them (a paired one counts in both
+    /// origins and in `both`).
+    sources: Vec<BTreeMap<&'static str, u64>>,
     last_xid: Vec<Option<u32>>,
     lost: Vec<bool>,
     /// XIDs counted from one origin and not yet matched by the other.
@@ -41,6 +44,7 @@ impl Ledger {
         Ledger {
             window,
             counts: vec![BTreeMap::new(); gpus],
+            sources: vec![BTreeMap::new(); gpus],
             last_xid: vec![None; gpus],
             lost: vec![false; gpus],
             unmatched: VecDeque::new(),
@@ -76,10 +80,17 @@ impl Ledger {
         });
         if let Some(pos) = twin {
             self.unmatched.remove(pos);
+            if let Some(sources) = self.sources.get_mut(gpu as usize) {
+                *sources.entry(origin.as_str()).or_insert(0) += 1;
+                *sources.entry(XID_SOURCE_BOTH).or_insert(0) += 1;
+            }
             self.twins += 1;
             return false;
         }
         *slot.entry(xid).or_insert(0) += 1;
+        if let Some(sources) = self.sources.get_mut(gpu as usize) {
+            *sources.entry(origin.as_str()).or_insert(0) += 1;
+        }
         self.last_xid[gpu as usize] = Some(xid);
         if origin != XidOrigin::Scenario {
             self.unmatched.push_back(Sighting {
@@ -160,6 +171,14 @@ impl Ledger {
         self.counts.get(gpu as usize).cloned().unwrap_or_default()
     }
 
+    /// XIDs of a GPU by the source that saw them: `nvml`, `kernel_log`, `scenario`, and
+    /// `both` for an NVML event and a kernel log line paired as one XID (counted in both
+    /// origins too). Seen by NVML alone: `nvml - both`; by the kernel log alone:
+    /// `kernel_log - both`. Every value only grows (Prometheus counters).
+    pub fn xid_sources(&self, gpu: u32) -> BTreeMap<&'static str, u64> {
+        self.sources.get(gpu as usize).cloned().unwrap_or_default()
+    }
+
     pub fn last_xid(&self, gpu: u32) -> Option<u32> {
         self.last_xid.get(gpu as usize).copied().flatten()
     }
@@ -200,6 +219,13 @@ mod tests {
         }
         let expected: BTreeMap<u32, u64> = expected.iter().copied().collect();
         assert_eq!(ledger.xid_counts(0), expected, "{sightings:?}");
+        let s = ledger.xid_sources(0);
+        let get = |k: &str| s.get(k).copied().unwrap_or(0);
+        assert_eq!(
+            get("nvml") + get("kernel_log") + get("scenario") - get("both"),
+            expected.values().sum::<u64>(),
+            "sources add up to the count: {sightings:?}"
+        );
         let counted: u64 = ledger
             .drain()
             .iter()
@@ -212,6 +238,24 @@ mod tests {
             counted,
             expected.values().sum::<u64>(),
             "every counted XID is in an event's count"
+        );
+    }
+
+    #[test]
+    fn xids_are_counted_by_the_source_that_saw_them() {
+        use XidOrigin::{KernelLog as K, Nvml as N};
+        let mut ledger = Ledger::new(1, Duration::from_secs(5));
+        let t0 = Instant::now();
+        // 79 seen by both; 31 by the kernel log alone (NVML keeps only the latest); 13
+        // by NVML alone.
+        for (xid, origin, ms) in [(31, K, 0), (79, K, 1), (79, N, 2), (13, N, 3)] {
+            ledger.record_xid(0, xid, origin, t0 + Duration::from_millis(ms), 0);
+        }
+        // nvml 2 (79, 13), kernel_log 2 (31, 79), both 1 (79): NVML alone 1, kernel
+        // log alone 1.
+        assert_eq!(
+            ledger.xid_sources(0),
+            BTreeMap::from([("both", 1), ("kernel_log", 2), ("nvml", 2)])
         );
     }
 

@@ -308,6 +308,7 @@ impl NvmlSource {
         }
         let ledger = lock(ledger);
         reading.xid_errors_total = ledger.xid_counts(index);
+        reading.xid_sources_total = ledger.xid_sources(index);
         reading.last_xid = ledger.last_xid(index);
         reading
     }

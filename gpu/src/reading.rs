@@ -97,6 +97,9 @@ pub struct GpuReading {
     pub remapped_rows_failure: Option<u64>,
     /// XIDs counted since the source opened, per XID (a counter, not the last value).
     pub xid_errors_total: BTreeMap<u32, u64>,
+    /// XIDs by the source that saw them (`nvml`, `kernel_log`, `scenario`; `both`: an
+    /// NVML event and a kernel log line paired as one XID, also counted in each).
+    pub xid_sources_total: BTreeMap<&'static str, u64>,
     /// The most recent XID (what dcgm-exporter's XID_ERRORS gauge shows).
     pub last_xid: Option<u32>,
 }
@@ -136,6 +139,7 @@ impl GpuReading {
             remapped_rows_pending: None,
             remapped_rows_failure: None,
             xid_errors_total: BTreeMap::new(),
+            xid_sources_total: BTreeMap::new(),
             last_xid: None,
         }
     }
@@ -182,6 +186,20 @@ pub enum XidOrigin {
     /// A scenario (tests, demo).
     Scenario,
 }
+
+impl XidOrigin {
+    /// The `source` label of an XID counted from this origin alone.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            XidOrigin::Nvml => "nvml",
+            XidOrigin::KernelLog => "kernel_log",
+            XidOrigin::Scenario => "scenario",
+        }
+    }
+}
+
+/// The `source` label of an XID seen both as an NVML event and a kernel log line.
+pub const XID_SOURCE_BOTH: &str = "both";
 
 /// What happened to a GPU.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
