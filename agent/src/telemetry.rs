@@ -388,7 +388,11 @@ fn degraded_event(ts_ms: UnixMillis, now: Option<&str>) -> Event {
     let (severity, code, message) = match now {
         Some(reason) => {
             tracing::warn!(reason, "GPU events can be lost");
-            (Severity::Warning, GPU_EVENTS_DEGRADED_CODE, reason.to_owned())
+            (
+                Severity::Warning,
+                GPU_EVENTS_DEGRADED_CODE,
+                reason.to_owned(),
+            )
         }
         None => {
             tracing::info!("kernel log readable again: GPU events are complete");

@@ -11,6 +11,9 @@ use std::time::{Duration, Instant};
 /// Events kept for the agent at most; older ones are dropped and counted.
 pub const MAX_QUEUED_EVENTS: usize = 4_096;
 
+/// Sightings kept waiting for their twin from the other origin at most.
+const MAX_UNMATCHED: usize = 1_024;
+
 #[derive(Debug)]
 struct Sighting {
     gpu: u32,
@@ -93,6 +96,11 @@ impl Ledger {
         }
         self.last_xid[gpu as usize] = Some(xid);
         if origin != XidOrigin::Scenario {
+            // Bounded: in a storm every kernel log line waits here; the oldest go first
+            // (an NVML event still pairs with a newer line of the same XID).
+            if self.unmatched.len() >= MAX_UNMATCHED {
+                self.unmatched.pop_front();
+            }
             self.unmatched.push_back(Sighting {
                 gpu,
                 xid,
@@ -268,7 +276,10 @@ mod tests {
             ledger.record_xid(1, 31, XidOrigin::Scenario, t0, 1_000 + i);
             ledger.record_xid(0, 13, XidOrigin::Scenario, t0, 1_000 + i);
         }
-        assert_eq!(ledger.xid_counts(0), BTreeMap::from([(13, 10_000), (31, 10_000)]));
+        assert_eq!(
+            ledger.xid_counts(0),
+            BTreeMap::from([(13, 10_000), (31, 10_000)])
+        );
         assert_eq!(ledger.dropped(), 0, "nothing dropped from the queue");
         let events = ledger.drain();
         let summary: Vec<_> = events

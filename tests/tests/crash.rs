@@ -1442,7 +1442,10 @@ async fn an_xid_storm_is_coalesced_and_counted_exactly() {
     );
     for i in 0..STORM {
         // 5,000 XIDs 31 within one second, from t = 3 s.
-        scenario.push_str(&format!("  {{ at = {:.4}, xid = 31 }},\n", 3.0 + i as f64 * 0.0002));
+        scenario.push_str(&format!(
+            "  {{ at = {:.4}, xid = 31 }},\n",
+            3.0 + i as f64 * 0.0002
+        ));
     }
     scenario.push_str("  { at = 3.5, xid = 79 },\n]\n");
     let mut f = Fixture::with("storm", SAMPLE_INTERVAL, &scenario).await;
@@ -1461,9 +1464,11 @@ async fn an_xid_storm_is_coalesced_and_counted_exactly() {
                    JOIN series s ON s.series_id = x.series_id
                    WHERE s.host_id = $1 AND s.metric = 'razar_gpu_xid_errors_total'
                      AND s.labels->>'xid' = '31'";
-    wait_for("the XID counter stored", Duration::from_secs(60), || async move {
-        (scalar(pool, counter).await >= STORM as i64).then_some(())
-    })
+    wait_for(
+        "the XID counter stored",
+        Duration::from_secs(60),
+        || async move { (scalar(pool, counter).await >= STORM as i64).then_some(()) },
+    )
     .await;
     f.stop_and_verify(&BTreeSet::new()).await;
     let xids = stored_xids(&f.pool).await;
@@ -1474,6 +1479,10 @@ async fn an_xid_storm_is_coalesced_and_counted_exactly() {
         events_31 <= STORM / 50,
         "{STORM} XIDs coalesced into {events_31} events"
     );
-    assert_eq!(scalar(&f.pool, counter).await, STORM as i64, "the counter is exact");
+    assert_eq!(
+        scalar(&f.pool, counter).await,
+        STORM as i64,
+        "the counter is exact"
+    );
     f.pool.close().await;
 }

@@ -374,7 +374,9 @@ impl Agent {
     /// is `degraded` with this reason meanwhile.
     pub fn set_gpu_degraded(&self, reason: Option<&str>) {
         self.view.metrics.gpu_events_degraded(reason.is_some());
-        self.view.gpu_degraded.send_replace(reason.map(str::to_owned));
+        self.view
+            .gpu_degraded
+            .send_replace(reason.map(str::to_owned));
     }
 
     /// Log capture, for the uplink's log tails.
