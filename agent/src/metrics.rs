@@ -238,7 +238,7 @@ impl Metrics {
         )?;
         registry.register(Box::new(events_dropped.clone()))?;
         let gpu_events_degraded = IntGauge::new(
-            "razar_gpu_events_degraded",
+            "razar_agent_gpu_events_degraded",
             "1 while GPU events can be lost: the kernel log cannot be read, so XIDs that arrive together are lost (NVML's event set keeps only the latest); 0 otherwise.",
         )?;
         registry.register(Box::new(gpu_events_degraded.clone()))?;

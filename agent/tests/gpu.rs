@@ -568,7 +568,7 @@ async fn vram_restart_policy_applies_to_each_new_process_over_budget() {
 
 /// `gpu.kernel_log` names a file that cannot be read: NVML's event set alone loses XIDs
 /// that arrive together, so the agent says so: `/health` is degraded with the reason,
-/// `/metrics` has `razar_gpu_events_degraded 1`, and an event is raised. Once the file
+/// `/metrics` has `razar_agent_gpu_events_degraded 1`, and an event is raised. Once the file
 /// can be read, all of it turns back (health ok, gauge 0, a `kernel_log_readable` event).
 ///
 /// Before the fix this was one INFO log line; `/health` stayed `ok`.
@@ -592,7 +592,7 @@ async fn unreadable_kernel_log_degrades_health_with_an_event_and_a_metric() {
     let mut rx = agent.subscribe();
     let addr = agent.local_addr().expect("local endpoint");
 
-    let degraded = "razar_gpu_events_degraded";
+    let degraded = "razar_agent_gpu_events_degraded";
     let text = wait_metrics(addr, "GPU events degraded", |t| {
         (series(t, degraded, &[]) == Some(1.0)).then(|| t.to_owned())
     })
