@@ -23,7 +23,8 @@ pub const DEFAULT_PULSE_BUDGET: Duration = Duration::from_secs(30);
 /// `/health` body.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Health {
-    /// `ok` when no component is quarantined, else `degraded`.
+    /// `ok` when no component is quarantined and GPU events cannot be lost, else
+    /// `degraded`.
     pub status: String,
     pub version: String,
     pub uptime_seconds: u64,
@@ -35,6 +36,9 @@ pub struct Health {
     /// "none"`); `null` while GPUs are sampled.
     #[serde(default)]
     pub gpu: Option<String>,
+    /// Why GPU events can be lost now (the kernel log cannot be read); `null` otherwise.
+    #[serde(default)]
+    pub gpu_events: Option<String>,
     /// Count of components per state.
     pub components_by_state: BTreeMap<String, u32>,
     pub components: Vec<crate::supervisor::component::ComponentStatus>,
@@ -119,14 +123,21 @@ pub fn health_of(agent: &Agent) -> Health {
     }
     let quarantined = by_state.get("quarantined").copied().unwrap_or(0);
     let config = view.config();
+    let gpu_events = view.gpu_degraded.borrow().clone();
     Health {
-        status: if quarantined == 0 { "ok" } else { "degraded" }.to_owned(),
+        status: if quarantined == 0 && gpu_events.is_none() {
+            "ok"
+        } else {
+            "degraded"
+        }
+        .to_owned(),
         version: VERSION.to_owned(),
         uptime_seconds: view.uptime().as_secs(),
         config_hash: config.hash.clone(),
         profile: config.agent.profile.clone(),
         collector: view.link.borrow().clone(),
         gpu: view.gpu.borrow().clone(),
+        gpu_events,
         components_by_state: by_state,
         components: statuses.into_values().collect(),
     }

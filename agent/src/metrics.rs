@@ -31,6 +31,8 @@ pub struct Metrics {
     pub reloads: IntCounterVec,
     pub components: IntGauge,
     events_dropped: IntCounterVec,
+    /// 1 while GPU events can be lost (the kernel log cannot be read), else 0.
+    gpu_events_degraded: IntGauge,
     flow: FlowMetrics,
 }
 
@@ -235,6 +237,11 @@ impl Metrics {
             &["receiver"],
         )?;
         registry.register(Box::new(events_dropped.clone()))?;
+        let gpu_events_degraded = IntGauge::new(
+            "razar_agent_gpu_events_degraded",
+            "1 while GPU events can be lost: the kernel log cannot be read, so XIDs that arrive together are lost (NVML's event set keeps only the latest); 0 otherwise.",
+        )?;
+        registry.register(Box::new(gpu_events_degraded.clone()))?;
         let flow = FlowMetrics::new(&registry)?;
         Ok(Metrics {
             registry,
@@ -253,8 +260,14 @@ impl Metrics {
             reloads,
             components,
             events_dropped,
+            gpu_events_degraded,
             flow,
         })
+    }
+
+    /// Sets whether GPU events can be lost now (see [`crate::telemetry`]).
+    pub fn gpu_events_degraded(&self, degraded: bool) {
+        self.gpu_events_degraded.set(i64::from(degraded));
     }
 
     /// Counts `n` events lost by the event-bus receiver `receiver`.

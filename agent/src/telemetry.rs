@@ -28,6 +28,20 @@ const GHOST_SAMPLES: u32 = 5;
 /// A series as the samplers name it: metric and labels.
 type SeriesKey = (&'static str, Vec<(String, String)>);
 
+/// How often the GPU source is asked for events between sampling ticks: a fault
+/// reaches the spool (and the collector) within this, whatever the sampling interval.
+const FAULT_POLL: Duration = Duration::from_millis(100);
+
+/// What woke the telemetry loop.
+enum Wake {
+    /// The sampling tick (or shutdown: one last tick).
+    Tick,
+    /// Time to ask the GPU source for events.
+    Faults,
+    /// An event on the agent's bus.
+    Event(Result<Event, broadcast::error::RecvError>),
+}
+
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> UnixMillis {
     SystemTime::now()
@@ -41,8 +55,12 @@ pub fn now_ms() -> UnixMillis {
 pub fn open_gpu_source(settings: &GpuSettings) -> (Box<dyn GpuSource>, Option<String>) {
     match settings {
         GpuSettings::None => (Box::new(NoGpus), Some("GPU sampling disabled".into())),
-        GpuSettings::Nvml { library } => razar_gpu::open_nvml_or_none(&NvmlOptions {
+        GpuSettings::Nvml {
+            library,
+            kernel_log,
+        } => razar_gpu::open_nvml_or_none(&NvmlOptions {
             library_path: library.clone(),
+            kernel_log: Some(kernel_log.clone()),
             ..NvmlOptions::default()
         }),
         GpuSettings::Scenario { path } => match ScenarioSource::load(path) {
@@ -62,6 +80,8 @@ struct Tick {
     events: Vec<Event>,
     vram: BTreeMap<String, u64>,
     gpus: Vec<GpuInfo>,
+    /// Why GPU events can be lost now ([`GpuSource::degraded`]).
+    degraded: Option<String>,
 }
 
 /// State of the hardware samplers, moved to a blocking thread for each tick.
@@ -115,6 +135,7 @@ impl Samplers {
             events,
             vram,
             gpus,
+            degraded: self.gpu.degraded(),
         }
     }
 }
@@ -144,12 +165,62 @@ pub async fn run_telemetry(
     let mut last_inventory: Option<(Vec<ComponentInfo>, Vec<GpuInfo>)> = None;
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut fault_poll = tokio::time::interval(FAULT_POLL.min(interval));
+    fault_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut bus_open = true;
+    let mut degraded: Option<String> = None;
     loop {
-        tokio::select! {
-            _ = ticker.tick() => {}
-            _ = shutdown.changed() => {}
-        }
+        let wake = tokio::select! {
+            _ = ticker.tick() => Wake::Tick,
+            _ = shutdown.changed() => Wake::Tick,
+            _ = fault_poll.tick() => Wake::Faults,
+            received = events.recv(), if bus_open => Wake::Event(received),
+        };
         let stopping = *shutdown.borrow();
+        // The fast path: events leave as soon as they are spooled, samples keep the tick.
+        let mut first = Vec::new();
+        if !matches!(wake, Wake::Tick) {
+            match wake {
+                Wake::Event(Ok(event)) => first.push(event),
+                Wake::Event(Err(broadcast::error::RecvError::Lagged(n))) => {
+                    tracing::warn!(lost = n, "event subscription lagged");
+                    agent.view().metrics().events_dropped("telemetry", n);
+                    first.push(lagged_event(now_ms(), n));
+                }
+                Wake::Event(Err(broadcast::error::RecvError::Closed)) => bus_open = false,
+                Wake::Faults => {
+                    let Some(mut s) = samplers.take() else { break };
+                    if s.gpu.inventory().is_empty() {
+                        samplers = Some(s);
+                    } else {
+                        let joined = tokio::task::spawn_blocking(move || {
+                            let found = s.gpu.poll_events();
+                            (s, found)
+                        })
+                        .await;
+                        let Ok((s, found)) = joined else {
+                            tracing::error!("GPU event poll thread failed; telemetry stops");
+                            break;
+                        };
+                        samplers = Some(s);
+                        for event in found {
+                            agent.emit(event.to_event());
+                        }
+                    }
+                }
+                Wake::Tick => {}
+            }
+            // Stopping: what was taken goes with the last tick's batch.
+            if !stopping {
+                first.extend(drain(&mut events, agent.view().metrics()));
+                if let (Some(uplink), false) = (&uplink, first.is_empty()) {
+                    if let Err(error) = uplink.publish(now_ms(), Vec::new(), first).await {
+                        tracing::error!(%error, "cannot spool an event batch");
+                    }
+                }
+                continue;
+            }
+        }
         let Some(mut s) = samplers.take() else { break };
         let sampled = agent.clone();
         let joined = tokio::task::spawn_blocking(move || {
@@ -200,12 +271,18 @@ pub async fn run_telemetry(
             agent.report_vram(component, *used).await;
         }
 
+        if tick.degraded != degraded {
+            agent.emit(degraded_event(base, tick.degraded.as_deref()));
+            agent.set_gpu_degraded(tick.degraded.as_deref());
+            degraded = tick.degraded.take();
+        }
         // GPU findings go through the agent's event bus (metrics, local subscribers) and
         // come back to us there, with the supervisor's events since the last tick.
         for event in tick.events.drain(..) {
             agent.emit(event);
         }
-        let batch_events = drain(&mut events, agent.view().metrics());
+        let mut batch_events = first;
+        batch_events.extend(drain(&mut events, agent.view().metrics()));
         agent
             .view()
             .metrics()
@@ -296,6 +373,42 @@ fn drain(events: &mut broadcast::Receiver<Event>, metrics: &crate::metrics::Metr
             }
             Err(_) => return out,
         }
+    }
+}
+
+/// Stable code of the event saying GPU events can be lost (the kernel log cannot be read).
+pub const GPU_EVENTS_DEGRADED_CODE: &str = "kernel_log_unreadable";
+/// Stable code of the event saying the kernel log is read again.
+pub const GPU_EVENTS_RESTORED_CODE: &str = "kernel_log_readable";
+
+/// The event for a change of [`GpuSource::degraded`] to `now`, logged here too.
+fn degraded_event(ts_ms: UnixMillis, now: Option<&str>) -> Event {
+    use razar_shared::domain::Severity;
+    use razar_shared::protocol::{EventKind, Subject};
+    let (severity, code, message) = match now {
+        Some(reason) => {
+            tracing::warn!(reason, "GPU events can be lost");
+            (
+                Severity::Warning,
+                GPU_EVENTS_DEGRADED_CODE,
+                reason.to_owned(),
+            )
+        }
+        None => {
+            tracing::info!("kernel log readable again: GPU events are complete");
+            (
+                Severity::Info,
+                GPU_EVENTS_RESTORED_CODE,
+                "kernel log readable again".to_owned(),
+            )
+        }
+    };
+    Event {
+        ts_ms,
+        severity,
+        subject: Subject::Host,
+        kind: EventKind::Other { code: code.into() },
+        message,
     }
 }
 

@@ -565,3 +565,70 @@ async fn vram_restart_policy_applies_to_each_new_process_over_budget() {
         assert!(!alive(pid), "no hog process is left running");
     }
 }
+
+/// `gpu.kernel_log` names a file that cannot be read: NVML's event set alone loses XIDs
+/// that arrive together, so the agent says so: `/health` is degraded with the reason,
+/// `/metrics` has `razar_agent_gpu_events_degraded 1`, and an event is raised. Once the file
+/// can be read, all of it turns back (health ok, gauge 0, a `kernel_log_readable` event).
+///
+/// Before the fix this was one INFO log line; `/health` stayed `ok`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreadable_kernel_log_degrades_health_with_an_event_and_a_metric() {
+    let dir = Dir::new();
+    let host = dir.join("gpu-host");
+    let library = fake_gpu_host(&host, "driver_version = \"550.54.15\"\n\n[[gpu]]\n");
+    let kernel_log = dir.join("no-such-dir/kmsg");
+    let daemon = start_daemon(
+        &dir,
+        &format!(
+            "sample_interval = \"100ms\"\n\n[gpu]\nsource = \"nvml\"\nnvml_library = \"{}\"\nkernel_log = \"{}\"\n",
+            library.display(),
+            kernel_log.display()
+        ),
+    )
+    .await;
+    assert_eq!(daemon.gpu_status(), None, "the fake library loads");
+    let agent = daemon.agent().clone();
+    let mut rx = agent.subscribe();
+    let addr = agent.local_addr().expect("local endpoint");
+
+    let degraded = "razar_agent_gpu_events_degraded";
+    let text = wait_metrics(addr, "GPU events degraded", |t| {
+        (series(t, degraded, &[]) == Some(1.0)).then(|| t.to_owned())
+    })
+    .await;
+    let raised = series(&text, "razar_events_total", &[("kind", "other")]).unwrap_or(0.0);
+    assert!(raised >= 1.0, "the degraded event was raised:\n{text}");
+    let h = health(addr).await;
+    assert_eq!(h["status"], "degraded", "{h}");
+    let reason = h["gpu_events"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("kernel log") && reason.contains("no-such-dir/kmsg"),
+        "{h}"
+    );
+
+    std::fs::create_dir_all(dir.join("no-such-dir")).expect("mkdir");
+    std::fs::write(&kernel_log, "").expect("create the kernel log");
+    wait_metrics(addr, "GPU events complete again", |t| {
+        (series(t, degraded, &[]) == Some(0.0)).then_some(())
+    })
+    .await;
+    let h = health(addr).await;
+    assert_eq!(h["status"], "ok", "{h}");
+    assert!(h["gpu_events"].is_null(), "{h}");
+    let mut events = Vec::new();
+    wait_for("the kernel_log_readable event", || {
+        collect(&mut rx, &mut events);
+        events
+            .iter()
+            .any(|e| {
+                e.kind
+                    == EventKind::Other {
+                        code: razar_agent::telemetry::GPU_EVENTS_RESTORED_CODE.into(),
+                    }
+            })
+            .then_some(())
+    })
+    .await;
+    daemon.shutdown().await;
+}

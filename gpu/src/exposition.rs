@@ -191,6 +191,13 @@ family!(
     "XID errors seen since the agent started, per XID; class is NVIDIA's immediate resolution bucket (RESTART_APP, RESET_GPU, ...; UNKNOWN outside the catalog)."
 );
 family!(
+    N_XID_SOURCES,
+    "razar_gpu_xid_sources_total",
+    Counter,
+    ["source"],
+    "XIDs seen since the agent started, by source: nvml, kernel_log, scenario; both: an NVML event and a kernel log line paired as one XID (also counted in each). Seen by one source alone: nvml - both, kernel_log - both."
+);
+family!(
     N_LOST,
     "razar_gpu_lost",
     Gauge,
@@ -221,6 +228,7 @@ pub const NATIVE_GPU_FAMILIES: &[&Family] = &[
     &N_REMAP_PENDING,
     &N_REMAP_FAILED,
     &N_XID,
+    &N_XID_SOURCES,
     &N_LOST,
 ];
 
@@ -616,6 +624,9 @@ fn native(r: &GpuReading, emit: &mut Emit<'_>) {
             &[&xid.to_string(), crate::xid_catalog::bucket_name(*xid)],
             *count as f64,
         );
+    }
+    for (source, count) in &r.xid_sources_total {
+        emit(&N_XID_SOURCES, &[source], *count as f64);
     }
     opt(emit, &N_MEM_TOTAL, &[], u64f(r.memory_total_bytes));
     opt(emit, &N_MEM_USED, &[], u64f(r.memory_used_bytes));

@@ -69,6 +69,8 @@ pub struct KernelLogTail {
     partial: Vec<u8>,
     buf: Vec<u8>,
     open_error_logged: bool,
+    /// Why the log cannot be read now (`None` while it can).
+    problem: Option<String>,
 }
 
 impl KernelLogTail {
@@ -81,6 +83,7 @@ impl KernelLogTail {
             partial: Vec::new(),
             buf: vec![0; 16 * 1024],
             open_error_logged: false,
+            problem: None,
         };
         tail.open(true);
         tail
@@ -99,13 +102,21 @@ impl KernelLogTail {
                     0
                 };
                 self.file = Some(file);
+                self.problem = None;
             }
-            Err(error) if !self.open_error_logged => {
-                self.open_error_logged = true;
-                tracing::info!(path = %self.path.display(), %error, "kernel log not readable yet; XIDs come from NVML events only");
+            Err(error) => {
+                if !self.open_error_logged {
+                    self.open_error_logged = true;
+                    tracing::warn!(path = %self.path.display(), %error, "kernel log not readable; XIDs come from NVML events only (XIDs that arrive together can be lost)");
+                }
+                self.problem = Some(format!("{}: {error}", self.path.display()));
             }
-            Err(_) => {}
         }
+    }
+
+    /// Why the kernel log cannot be read now; `None` while it can.
+    pub fn problem(&self) -> Option<&str> {
+        self.problem.as_deref()
     }
 
     /// Reads what arrived since the last call and hands each complete line to `line`.
@@ -144,6 +155,7 @@ impl KernelLogTail {
                 Err(e) if e.raw_os_error() == Some(libc::EPIPE) => {}
                 Err(error) => {
                     tracing::warn!(path = %self.path.display(), %error, "reading kernel log");
+                    self.problem = Some(format!("{}: {error}", self.path.display()));
                     self.file = None;
                     break;
                 }

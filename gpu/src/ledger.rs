@@ -2,7 +2,7 @@
 //! NVML event set and the kernel log so it is counted once, reports a lost GPU once,
 //! and queues events until the agent drains them.
 
-use crate::reading::{GpuEvent, GpuEventKind, XidOrigin};
+use crate::reading::{GpuEvent, GpuEventKind, XidOrigin, XID_SOURCE_BOTH};
 use crate::xid;
 use razar_shared::protocol::UnixMillis;
 use std::collections::{BTreeMap, VecDeque};
@@ -10,6 +10,9 @@ use std::time::{Duration, Instant};
 
 /// Events kept for the agent at most; older ones are dropped and counted.
 pub const MAX_QUEUED_EVENTS: usize = 4_096;
+
+/// Sightings kept waiting for their twin from the other origin at most.
+const MAX_UNMATCHED: usize = 1_024;
 
 #[derive(Debug)]
 struct Sighting {
@@ -24,6 +27,9 @@ struct Sighting {
 pub struct Ledger {
     window: Duration,
     counts: Vec<BTreeMap<u32, u64>>,
+    /// XIDs per GPU by the source that saw them (a paired one counts in both
+    /// origins and in `both`).
+    sources: Vec<BTreeMap<&'static str, u64>>,
     last_xid: Vec<Option<u32>>,
     lost: Vec<bool>,
     /// XIDs counted from one origin and not yet matched by the other.
@@ -31,6 +37,7 @@ pub struct Ledger {
     queue: VecDeque<GpuEvent>,
     dropped: u64,
     twins: u64,
+    coalesced: u64,
 }
 
 impl Ledger {
@@ -40,12 +47,14 @@ impl Ledger {
         Ledger {
             window,
             counts: vec![BTreeMap::new(); gpus],
+            sources: vec![BTreeMap::new(); gpus],
             last_xid: vec![None; gpus],
             lost: vec![false; gpus],
             unmatched: VecDeque::new(),
             queue: VecDeque::new(),
             dropped: 0,
             twins: 0,
+            coalesced: 0,
         }
     }
 
@@ -74,18 +83,47 @@ impl Ledger {
         });
         if let Some(pos) = twin {
             self.unmatched.remove(pos);
+            if let Some(sources) = self.sources.get_mut(gpu as usize) {
+                *sources.entry(origin.as_str()).or_insert(0) += 1;
+                *sources.entry(XID_SOURCE_BOTH).or_insert(0) += 1;
+            }
             self.twins += 1;
             return false;
         }
         *slot.entry(xid).or_insert(0) += 1;
+        if let Some(sources) = self.sources.get_mut(gpu as usize) {
+            *sources.entry(origin.as_str()).or_insert(0) += 1;
+        }
         self.last_xid[gpu as usize] = Some(xid);
         if origin != XidOrigin::Scenario {
+            // Bounded: in a storm every kernel log line waits here; the oldest go first
+            // (an NVML event still pairs with a newer line of the same XID).
+            if self.unmatched.len() >= MAX_UNMATCHED {
+                self.unmatched.pop_front();
+            }
             self.unmatched.push_back(Sighting {
                 gpu,
                 xid,
                 origin,
                 at: now,
             });
+        }
+        // A storm: the same XID on the same GPU while the first is still queued is
+        // folded into it (counted, last time kept) instead of queueing another event.
+        let queued = self.queue.iter_mut().rev().find_map(|e| match &mut e.kind {
+            GpuEventKind::Xid {
+                xid: x,
+                count,
+                last_ts_ms,
+                ..
+            } if e.gpu_index == gpu && *x == xid => Some((count, last_ts_ms)),
+            _ => None,
+        });
+        if let Some((count, last_ts_ms)) = queued {
+            *count += 1;
+            *last_ts_ms = (*last_ts_ms).max(ts_ms);
+            self.coalesced += 1;
+            return true;
         }
         let class = xid::classify(xid);
         self.push(GpuEvent {
@@ -96,9 +134,16 @@ impl Ledger {
                 class,
                 action: xid::recommended_action(class),
                 origin,
+                count: 1,
+                last_ts_ms: ts_ms,
             },
         });
         true
+    }
+
+    /// XIDs folded into an event already queued for the same GPU and XID.
+    pub fn coalesced(&self) -> u64 {
+        self.coalesced
     }
 
     pub fn record_double_bit_ecc(&mut self, gpu: u32, ts_ms: UnixMillis) {
@@ -132,6 +177,14 @@ impl Ledger {
     /// XID counts of a GPU since the ledger was created.
     pub fn xid_counts(&self, gpu: u32) -> BTreeMap<u32, u64> {
         self.counts.get(gpu as usize).cloned().unwrap_or_default()
+    }
+
+    /// XIDs of a GPU by the source that saw them: `nvml`, `kernel_log`, `scenario`, and
+    /// `both` for an NVML event and a kernel log line paired as one XID (counted in both
+    /// origins too). Seen by NVML alone: `nvml - both`; by the kernel log alone:
+    /// `kernel_log - both`. Every value only grows (Prometheus counters).
+    pub fn xid_sources(&self, gpu: u32) -> BTreeMap<&'static str, u64> {
+        self.sources.get(gpu as usize).cloned().unwrap_or_default()
     }
 
     pub fn last_xid(&self, gpu: u32) -> Option<u32> {
@@ -174,11 +227,85 @@ mod tests {
         }
         let expected: BTreeMap<u32, u64> = expected.iter().copied().collect();
         assert_eq!(ledger.xid_counts(0), expected, "{sightings:?}");
+        let s = ledger.xid_sources(0);
+        let get = |k: &str| s.get(k).copied().unwrap_or(0);
         assert_eq!(
-            ledger.drain().len() as u64,
+            get("nvml") + get("kernel_log") + get("scenario") - get("both"),
             expected.values().sum::<u64>(),
-            "one event per counted XID"
+            "sources add up to the count: {sightings:?}"
         );
+        let counted: u64 = ledger
+            .drain()
+            .iter()
+            .map(|e| match e.kind {
+                GpuEventKind::Xid { count, .. } => count,
+                _ => 0,
+            })
+            .sum();
+        assert_eq!(
+            counted,
+            expected.values().sum::<u64>(),
+            "every counted XID is in an event's count"
+        );
+    }
+
+    #[test]
+    fn xids_are_counted_by_the_source_that_saw_them() {
+        use XidOrigin::{KernelLog as K, Nvml as N};
+        let mut ledger = Ledger::new(1, Duration::from_secs(5));
+        let t0 = Instant::now();
+        // 79 seen by both; 31 by the kernel log alone (NVML keeps only the latest); 13
+        // by NVML alone.
+        for (xid, origin, ms) in [(31, K, 0), (79, K, 1), (79, N, 2), (13, N, 3)] {
+            ledger.record_xid(0, xid, origin, t0 + Duration::from_millis(ms), 0);
+        }
+        // nvml 2 (79, 13), kernel_log 2 (31, 79), both 1 (79): NVML alone 1, kernel
+        // log alone 1.
+        assert_eq!(
+            ledger.xid_sources(0),
+            BTreeMap::from([("both", 1), ("kernel_log", 2), ("nvml", 2)])
+        );
+    }
+
+    #[test]
+    fn a_storm_is_coalesced_per_gpu_and_xid_and_counted_exactly() {
+        let mut ledger = Ledger::new(2, Duration::ZERO);
+        let t0 = Instant::now();
+        for i in 0..10_000i64 {
+            ledger.record_xid(0, 31, XidOrigin::Scenario, t0, 1_000 + i);
+            ledger.record_xid(1, 31, XidOrigin::Scenario, t0, 1_000 + i);
+            ledger.record_xid(0, 13, XidOrigin::Scenario, t0, 1_000 + i);
+        }
+        assert_eq!(
+            ledger.xid_counts(0),
+            BTreeMap::from([(13, 10_000), (31, 10_000)])
+        );
+        assert_eq!(ledger.dropped(), 0, "nothing dropped from the queue");
+        let events = ledger.drain();
+        let summary: Vec<_> = events
+            .iter()
+            .map(|e| match e.kind {
+                GpuEventKind::Xid {
+                    xid,
+                    count,
+                    last_ts_ms,
+                    ..
+                } => (e.gpu_index, xid, count, e.ts_ms, last_ts_ms),
+                _ => panic!("{e:?}"),
+            })
+            .collect();
+        assert_eq!(
+            summary,
+            vec![
+                (0, 31, 10_000, 1_000, 10_999),
+                (1, 31, 10_000, 1_000, 10_999),
+                (0, 13, 10_000, 1_000, 10_999),
+            ]
+        );
+        assert_eq!(ledger.coalesced(), 3 * 9_999);
+        // Once drained, the next XID is a new event.
+        ledger.record_xid(0, 31, XidOrigin::Scenario, t0, 20_000);
+        assert_eq!(ledger.drain().len(), 1);
     }
 
     #[test]

@@ -65,6 +65,12 @@ pub trait GpuSource: Send {
 
     /// Takes the events seen since the last call (XIDs, double-bit ECC, lost GPUs).
     fn poll_events(&mut self) -> Vec<GpuEvent>;
+
+    /// Why events can be lost now (the kernel log cannot be read, so XIDs that arrive
+    /// together are lost: NVML's event set keeps only the latest); `None` when none.
+    fn degraded(&self) -> Option<String> {
+        None
+    }
 }
 
 /// A source with no GPUs: what the agent uses when NVML is not there.

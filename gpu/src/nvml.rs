@@ -150,6 +150,8 @@ pub struct NvmlSource {
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
     event_sets: Arc<AtomicU64>,
+    /// Why the kernel log cannot be read (`None` while it can, or none is configured).
+    kernel_log_problem: Arc<Mutex<Option<String>>>,
 }
 
 impl std::fmt::Debug for NvmlSource {
@@ -162,6 +164,10 @@ impl std::fmt::Debug for NvmlSource {
 
 fn lock(ledger: &Mutex<Ledger>) -> MutexGuard<'_, Ledger> {
     ledger.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn lock_problem(problem: &Mutex<Option<String>>) -> MutexGuard<'_, Option<String>> {
+    problem.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl NvmlSource {
@@ -206,6 +212,7 @@ impl NvmlSource {
             stop: Arc::new(AtomicBool::new(false)),
             threads: Vec::new(),
             event_sets: Arc::new(AtomicU64::new(0)),
+            kernel_log_problem: Arc::new(Mutex::new(None)),
         };
         source.start_watchers(options)?;
         Ok(source)
@@ -237,6 +244,8 @@ impl NvmlSource {
         }
         if let Some(path) = &options.kernel_log {
             let tail = KernelLogTail::new(path);
+            *lock_problem(&self.kernel_log_problem) = tail.problem().map(str::to_owned);
+            let problem = self.kernel_log_problem.clone();
             let addresses: Vec<Option<PciAddress>> = self
                 .identities
                 .iter()
@@ -249,7 +258,7 @@ impl NvmlSource {
             );
             let thread = std::thread::Builder::new()
                 .name("razar-kernel-log".into())
-                .spawn(move || watch_kernel_log(tail, &addresses, &ledger, &stop, poll))
+                .spawn(move || watch_kernel_log(tail, &addresses, &ledger, &problem, &stop, poll))
                 .map_err(|source| GpuError::Thread {
                     name: "razar-kernel-log",
                     source,
@@ -299,6 +308,7 @@ impl NvmlSource {
         }
         let ledger = lock(ledger);
         reading.xid_errors_total = ledger.xid_counts(index);
+        reading.xid_sources_total = ledger.xid_sources(index);
         reading.last_xid = ledger.last_xid(index);
         reading
     }
@@ -539,6 +549,12 @@ impl GpuSource for NvmlSource {
     fn poll_events(&mut self) -> Vec<GpuEvent> {
         lock(&self.ledger).drain()
     }
+
+    fn degraded(&self) -> Option<String> {
+        lock_problem(&self.kernel_log_problem).as_ref().map(|p| {
+            format!("kernel log {p}: XIDs that arrive together can be lost (NVML keeps only the latest)")
+        })
+    }
 }
 
 /// Sleeps up to `total`, in slices, returning early (true) once `stop` is set.
@@ -705,6 +721,7 @@ fn watch_kernel_log(
     mut tail: KernelLogTail,
     addresses: &[Option<PciAddress>],
     ledger: &Mutex<Ledger>,
+    problem: &Mutex<Option<String>>,
     stop: &AtomicBool,
     poll: Duration,
 ) {
@@ -735,6 +752,12 @@ fn watch_kernel_log(
                 }
             }
         });
+        let now = tail.problem();
+        let mut shared = lock_problem(problem);
+        if shared.as_deref() != now {
+            *shared = now.map(str::to_owned);
+        }
+        drop(shared);
         if sleep_or_stop(stop, poll) {
             return;
         }

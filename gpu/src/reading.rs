@@ -97,6 +97,9 @@ pub struct GpuReading {
     pub remapped_rows_failure: Option<u64>,
     /// XIDs counted since the source opened, per XID (a counter, not the last value).
     pub xid_errors_total: BTreeMap<u32, u64>,
+    /// XIDs by the source that saw them (`nvml`, `kernel_log`, `scenario`; `both`: an
+    /// NVML event and a kernel log line paired as one XID, also counted in each).
+    pub xid_sources_total: BTreeMap<&'static str, u64>,
     /// The most recent XID (what dcgm-exporter's XID_ERRORS gauge shows).
     pub last_xid: Option<u32>,
 }
@@ -136,6 +139,7 @@ impl GpuReading {
             remapped_rows_pending: None,
             remapped_rows_failure: None,
             xid_errors_total: BTreeMap::new(),
+            xid_sources_total: BTreeMap::new(),
             last_xid: None,
         }
     }
@@ -183,15 +187,33 @@ pub enum XidOrigin {
     Scenario,
 }
 
+impl XidOrigin {
+    /// The `source` label of an XID counted from this origin alone.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            XidOrigin::Nvml => "nvml",
+            XidOrigin::KernelLog => "kernel_log",
+            XidOrigin::Scenario => "scenario",
+        }
+    }
+}
+
+/// The `source` label of an XID seen both as an NVML event and a kernel log line.
+pub const XID_SOURCE_BOTH: &str = "both";
+
 /// What happened to a GPU.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub enum GpuEventKind {
-    /// An XID, classified, with the recommended action.
+    /// An XID, classified, with the recommended action. Repeats of the same XID on the
+    /// same GPU seen before the agent drained the first are coalesced into it: `count`
+    /// XIDs from the event's `ts_ms` to `last_ts_ms` (the ledger's counter counts each).
     Xid {
         xid: u32,
         class: XidClass,
         action: &'static str,
         origin: XidOrigin,
+        count: u64,
+        last_ts_ms: UnixMillis,
     },
     /// A double-bit ECC error.
     DoubleBitEcc,
@@ -212,14 +234,27 @@ impl GpuEvent {
     pub fn to_event(&self) -> Event {
         let (severity, kind, message) = match &self.kind {
             GpuEventKind::Xid {
-                xid, class, action, ..
+                xid,
+                class,
+                action,
+                count,
+                last_ts_ms,
+                ..
             } => (
                 crate::xid::severity(*class),
                 EventKind::Xid {
                     xid: *xid,
                     class: *class,
                 },
-                format!("XID {xid} ({}): {action}", class.as_str()),
+                if *count > 1 {
+                    format!(
+                        "XID {xid} ({}) x{count} from {} to {last_ts_ms} ms: {action}",
+                        class.as_str(),
+                        self.ts_ms
+                    )
+                } else {
+                    format!("XID {xid} ({}): {action}", class.as_str())
+                },
             ),
             GpuEventKind::DoubleBitEcc => (
                 Severity::Critical,

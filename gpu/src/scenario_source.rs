@@ -138,6 +138,7 @@ impl ScenarioSource {
     fn read(&self, gpu: &ScenarioGpu, identity: &Arc<GpuIdentity>, t: f64) -> GpuReading {
         let mut r = GpuReading::empty(identity.clone());
         r.xid_errors_total = self.ledger.xid_counts(identity.index);
+        r.xid_sources_total = self.ledger.xid_sources(identity.index);
         r.last_xid = self.ledger.last_xid(identity.index);
         if gpu.is_lost(t) {
             r.lost = true;

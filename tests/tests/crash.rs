@@ -386,6 +386,11 @@ struct Fixture {
 
 impl Fixture {
     async fn new(test: &str) -> Fixture {
+        Fixture::with(test, SAMPLE_INTERVAL, GPU_SCENARIO).await
+    }
+
+    /// A fixture whose agent samples every `sample_interval` and plays `gpu_scenario`.
+    async fn with(test: &str, sample_interval: &str, gpu_scenario: &str) -> Fixture {
         let mut ca = TestCa::new().expect("test CA");
         let agent_cert = ca.agent(HOST).expect("agent certificate");
         let pg = TestPg::start().await.expect("PostgreSQL");
@@ -418,7 +423,7 @@ impl Fixture {
             collector_starts: 0,
             dir,
         };
-        f.write_configs();
+        f.write_configs(sample_interval, gpu_scenario);
         f
     }
 
@@ -434,7 +439,7 @@ impl Fixture {
         self.path("agent.log")
     }
 
-    fn write_configs(&self) {
+    fn write_configs(&self, sample_interval: &str, gpu_scenario: &str) {
         let collector = self.ca.collector();
         let collector_toml = format!(
             r#"data_dir = {data}
@@ -470,12 +475,12 @@ compact_after = "1h"
             url = toml_str(self.pg.url()),
         );
         std::fs::write(self.path("collector.toml"), collector_toml).expect("collector.toml");
-        std::fs::write(self.path("gpu-scenario.toml"), GPU_SCENARIO).expect("scenario");
+        std::fs::write(self.path("gpu-scenario.toml"), gpu_scenario).expect("scenario");
         let agent_toml = format!(
             r#"[agent]
 data_dir = {data}
 listen = "127.0.0.1:0"
-sample_interval = "{SAMPLE_INTERVAL}"
+sample_interval = "{sample_interval}"
 log_dir = {logs}
 
 [collector]
@@ -1369,5 +1374,115 @@ stop_grace = "3s"
     );
     let mut agent = f.agent.take().expect("agent running");
     agent.terminate(Duration::from_secs(60)).await;
+    f.pool.close().await;
+}
+
+// ---------------------------------------------------------------------------------------
+// GPU faults
+// ---------------------------------------------------------------------------------------
+
+/// XID events stored for the host: (xid, GPU index, XIDs the event stands for).
+async fn stored_xids(pool: &PgPool) -> Vec<(i64, String, i64)> {
+    sqlx::query_as(
+        "SELECT (payload->'Xid'->>'xid')::int8, coalesce(subject_id, ''),
+                coalesce(substring(message from ' x([0-9]+) from ')::int8, 1)
+         FROM events WHERE host_id = $1 AND kind = 'xid' ORDER BY event_id",
+    )
+    .bind(HOST)
+    .fetch_all(pool)
+    .await
+    .expect("stored XID events")
+}
+
+/// A fault leaves the agent when it is seen, not at the next sampling tick: with a
+/// sampling interval of an hour (one tick at start, the next far after the test), an
+/// XID that falls due seconds after the start still reaches PostgreSQL.
+///
+/// Before the fix, GPU events were polled and sent only at the sampling tick.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_xid_reaches_the_database_without_a_sampling_tick() {
+    let scenario = r#"clock = "wall"
+driver_version = "550.54.15"
+
+[[gpu]]
+name = "NVIDIA H100 80GB HBM3"
+
+[[gpu]]
+name = "NVIDIA H100 80GB HBM3"
+xid = [{ at = 4, xid = 79 }]
+"#;
+    let mut f = Fixture::with("fast-xid", "1h", scenario).await;
+    f.start_collector().await;
+    f.start_agent().await;
+    let started = Instant::now();
+    let pool = &f.pool;
+    let stored = wait_for("the XID stored", Duration::from_secs(60), || async move {
+        let xids = stored_xids(pool).await;
+        (!xids.is_empty()).then_some(xids)
+    })
+    .await;
+    eprintln!(
+        "XID stored {:.1} s after the agent started",
+        started.elapsed().as_secs_f64()
+    );
+    assert_eq!(stored, vec![(79, "1".to_owned(), 1)]);
+    f.stop_and_verify(&BTreeSet::new()).await;
+    assert_eq!(stored_xids(&f.pool).await, vec![(79, "1".to_owned(), 1)]);
+    f.pool.close().await;
+}
+
+/// A storm of thousands of XIDs a second on one GPU is coalesced per (GPU, XID) into
+/// counted events: far fewer events than XIDs, their counts add up to every injected
+/// XID, and the agent's counter (stored as a sample) equals the injected count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_xid_storm_is_coalesced_and_counted_exactly() {
+    const STORM: usize = 5_000;
+    let mut scenario = String::from(
+        "clock = \"wall\"\ndriver_version = \"550.54.15\"\n\n[[gpu]]\nname = \"NVIDIA H100 80GB HBM3\"\nxid = [\n",
+    );
+    for i in 0..STORM {
+        // 5,000 XIDs 31 within one second, from t = 3 s.
+        scenario.push_str(&format!(
+            "  {{ at = {:.4}, xid = 31 }},\n",
+            3.0 + i as f64 * 0.0002
+        ));
+    }
+    scenario.push_str("  { at = 3.5, xid = 79 },\n]\n");
+    let mut f = Fixture::with("storm", SAMPLE_INTERVAL, &scenario).await;
+    f.start_collector().await;
+    f.start_agent().await;
+    let pool = &f.pool;
+    let total = |xid: i64, xids: &[(i64, String, i64)]| -> i64 {
+        xids.iter().filter(|x| x.0 == xid).map(|x| x.2).sum()
+    };
+    wait_for("every XID stored", Duration::from_secs(60), || async move {
+        let xids = stored_xids(pool).await;
+        (total(31, &xids) >= STORM as i64 && total(79, &xids) >= 1).then_some(())
+    })
+    .await;
+    let counter = "SELECT coalesce(max(x.value), 0)::int8 FROM samples x
+                   JOIN series s ON s.series_id = x.series_id
+                   WHERE s.host_id = $1 AND s.metric = 'razar_gpu_xid_errors_total'
+                     AND s.labels->>'xid' = '31'";
+    wait_for(
+        "the XID counter stored",
+        Duration::from_secs(60),
+        || async move { (scalar(pool, counter).await >= STORM as i64).then_some(()) },
+    )
+    .await;
+    f.stop_and_verify(&BTreeSet::new()).await;
+    let xids = stored_xids(&f.pool).await;
+    assert_eq!(total(31, &xids), STORM as i64, "every XID counted once");
+    assert_eq!(total(79, &xids), 1);
+    let events_31 = xids.iter().filter(|x| x.0 == 31).count();
+    assert!(
+        events_31 <= STORM / 50,
+        "{STORM} XIDs coalesced into {events_31} events"
+    );
+    assert_eq!(
+        scalar(&f.pool, counter).await,
+        STORM as i64,
+        "the counter is exact"
+    );
     f.pool.close().await;
 }

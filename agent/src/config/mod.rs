@@ -121,6 +121,9 @@ enum Files {
     Check,
 }
 
+/// The kernel log XIDs are read from unless `gpu.kernel_log` says otherwise.
+pub const DEFAULT_KERNEL_LOG: &str = "/dev/kmsg";
+
 /// Shortest `agent.sample_interval`: each tick samples every GPU, the host and every
 /// component's process tree on the blocking pool and spools one batch.
 pub const MIN_SAMPLE_INTERVAL: Duration = Duration::from_millis(100);
@@ -206,8 +209,13 @@ pub struct CollectorSettings {
 /// `[gpu]`: where GPU readings come from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum GpuSettings {
-    /// NVML loaded at run time; `library` overrides `libnvidia-ml.so.1`.
-    Nvml { library: Option<PathBuf> },
+    /// NVML loaded at run time; `library` overrides `libnvidia-ml.so.1`. XIDs also come
+    /// from `kernel_log` (`gpu.kernel_log`, default `/dev/kmsg`): NVML's event set keeps
+    /// only the latest XID between two waits, the kernel log has every one.
+    Nvml {
+        library: Option<PathBuf>,
+        kernel_log: PathBuf,
+    },
     /// A fake GPU driven by a scenario file (tests, demos).
     Scenario { path: PathBuf },
     /// No GPU sampling.

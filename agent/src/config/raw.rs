@@ -55,6 +55,7 @@ pub struct RawGpu {
     pub source: S<String>,
     pub scenario: S<String>,
     pub nvml_library: S<String>,
+    pub kernel_log: S<String>,
     pub dcgm_hostname_label: S<String>,
 }
 

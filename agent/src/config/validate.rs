@@ -393,6 +393,10 @@ fn build(
                     // without GPU telemetry and says why, as `run` does.
                     GpuSettings::Nvml {
                         library: g.nvml_library.map(|p| PathBuf::from(p.into_inner())),
+                        kernel_log: g.kernel_log.map_or_else(
+                            || PathBuf::from(DEFAULT_KERNEL_LOG),
+                            |p| PathBuf::from(p.into_inner()),
+                        ),
                     }
                 }
                 Some(("scenario", s)) => match g.scenario {

@@ -123,6 +123,8 @@ pub struct AgentView {
     pub(crate) link: watch::Sender<String>,
     /// Why GPU telemetry is off, as shown by `/health` (set by the daemon).
     pub(crate) gpu: watch::Sender<Option<String>>,
+    /// Why GPU events can be lost now (`/health` is degraded meanwhile).
+    pub(crate) gpu_degraded: watch::Sender<Option<String>>,
     /// Becomes true once the supervisor has stopped everything.
     pub(crate) stopped: watch::Sender<bool>,
     /// A receiver made with the channel, before any component ran: it holds the events
@@ -213,6 +215,7 @@ impl Agent {
             stopped: watch::channel(false).0,
             link: watch::channel("disconnected".to_owned()).0,
             gpu: watch::channel(None).0,
+            gpu_degraded: watch::channel(None).0,
             startup_events: std::sync::Mutex::new(Some(startup_events)),
         });
 
@@ -365,6 +368,15 @@ impl Agent {
     /// default) while GPUs are sampled.
     pub fn set_gpu_status(&self, status: Option<&str>) {
         self.view.gpu.send_replace(status.map(str::to_owned));
+    }
+
+    /// Telemetry hook: why GPU events can be lost now (`None`: they cannot). `/health`
+    /// is `degraded` with this reason meanwhile.
+    pub fn set_gpu_degraded(&self, reason: Option<&str>) {
+        self.view.metrics.gpu_events_degraded(reason.is_some());
+        self.view
+            .gpu_degraded
+            .send_replace(reason.map(str::to_owned));
     }
 
     /// Log capture, for the uplink's log tails.
