@@ -324,13 +324,25 @@ pub async fn run_telemetry(
         }
 
         let statuses = agent.statuses();
-        let components: Vec<ComponentInfo> = statuses
-            .values()
-            .map(|s| ComponentInfo {
-                name: s.name.clone(),
-                revision: s.revision.clone(),
-                state: s.state,
-                critical: s.critical,
+        // The inventory lists what the config runs: a component whose status is gone
+        // (its task ended in a clean shutdown) is `stopped`, not removed — only a reload
+        // that drops it from the config removes it from the collector's inventory.
+        let config = agent.view().config();
+        let components: Vec<ComponentInfo> = config
+            .active_components()
+            .map(|spec| match statuses.get(spec.name.as_str()) {
+                Some(s) => ComponentInfo {
+                    name: s.name.clone(),
+                    revision: s.revision.clone(),
+                    state: s.state,
+                    critical: s.critical,
+                },
+                None => ComponentInfo {
+                    name: spec.name.to_string(),
+                    revision: spec.revision.clone(),
+                    state: ComponentState::Stopped,
+                    critical: spec.critical,
+                },
             })
             .collect();
         uplink.set_digest(StatusDigest {

@@ -1372,8 +1372,25 @@ stop_grace = "3s"
         connections,
         "the same connection carried the changes (no new Hello)"
     );
+    // A clean agent stop keeps its components in the inventory (stopped, not forgotten):
+    // commands for them must stay addressable while the host is away.
+    let before = scalar(
+        &f.pool,
+        "SELECT count(*) FROM components WHERE host_id = $1",
+    )
+    .await;
+    assert!(before >= 1, "components listed before the stop");
     let mut agent = f.agent.take().expect("agent running");
     agent.terminate(Duration::from_secs(60)).await;
+    assert_eq!(
+        scalar(
+            &f.pool,
+            "SELECT count(*) FROM components WHERE host_id = $1"
+        )
+        .await,
+        before,
+        "a clean stop must not empty the host's inventory"
+    );
     f.pool.close().await;
 }
 
