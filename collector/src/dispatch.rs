@@ -331,10 +331,11 @@ impl Ledger {
             });
         }
         let host = &request.host;
-        let known: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM hosts WHERE host_id = $1)")
-            .bind(host)
-            .fetch_one(&self.pool)
-            .await?;
+        let known: bool =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM hosts WHERE host_id = $1)")
+                .bind(host)
+                .fetch_one(&self.pool)
+                .await?;
         if !known {
             return Err(DispatchError::UnknownHost { host: host.clone() });
         }
@@ -368,10 +369,7 @@ impl Ledger {
             .fetch_one(&self.pool)
             .await?;
             if !found {
-                return Err(DispatchError::UnknownGpu {
-                    host: host.clone(),
-                    gpu,
-                });
+                return Err(unknown());
             }
         }
         if let Some(command) = target.command {
@@ -443,10 +441,12 @@ impl Ledger {
 
     /// The command `id`, if stored.
     pub(crate) async fn get(&self, id: &CommandId) -> Result<Option<CommandRecord>, DispatchError> {
-        let row = sqlx::query(&format!("SELECT {COLUMNS} FROM commands WHERE command_id = $1"))
-            .bind(&id[..])
-            .fetch_optional(&self.pool)
-            .await?;
+        let row = sqlx::query(&format!(
+            "SELECT {COLUMNS} FROM commands WHERE command_id = $1"
+        ))
+        .bind(&id[..])
+        .fetch_optional(&self.pool)
+        .await?;
         row.as_ref().map(record).transpose()
     }
 
@@ -574,7 +574,10 @@ impl Ledger {
     }
 
     /// The `queued` commands of `hosts`, in creation order.
-    pub(crate) async fn queued(&self, hosts: &[String]) -> Result<Vec<(String, Command)>, DispatchError> {
+    pub(crate) async fn queued(
+        &self,
+        hosts: &[String],
+    ) -> Result<Vec<(String, Command)>, DispatchError> {
         if hosts.is_empty() {
             return Ok(Vec::new());
         }
@@ -651,7 +654,9 @@ impl Dispatch {
             Delivery::Handed => {
                 // Handed over: a failure to record it only leaves the command `queued`
                 // (delivered again on reconnect), never unsent.
-                let marked = ledger.mark_sent(&[record.id], Via::Submit, Utc::now()).await;
+                let marked = ledger
+                    .mark_sent(&[record.id], Via::Submit, Utc::now())
+                    .await;
                 match marked {
                     Ok(()) => {
                         if let Ok(Some(stored)) = ledger.get(&record.id).await {
@@ -956,11 +961,41 @@ mod tests {
         use CommandState as S;
         let cases = [
             (Succeeded, "restarted", S::Succeeded, "restarted", false),
-            (Failed, "no such component", S::Failed, "no such component", false),
-            (Expired, "deadline passed", S::Expired, "deadline passed", false),
-            (Duplicate, "succeeded: restarted", S::Succeeded, "restarted", true),
-            (Duplicate, "failed: exit 1: boom", S::Failed, "exit 1: boom", true),
-            (Duplicate, "expired: deadline passed", S::Expired, "deadline passed", true),
+            (
+                Failed,
+                "no such component",
+                S::Failed,
+                "no such component",
+                false,
+            ),
+            (
+                Expired,
+                "deadline passed",
+                S::Expired,
+                "deadline passed",
+                false,
+            ),
+            (
+                Duplicate,
+                "succeeded: restarted",
+                S::Succeeded,
+                "restarted",
+                true,
+            ),
+            (
+                Duplicate,
+                "failed: exit 1: boom",
+                S::Failed,
+                "exit 1: boom",
+                true,
+            ),
+            (
+                Duplicate,
+                "expired: deadline passed",
+                S::Expired,
+                "deadline passed",
+                true,
+            ),
             (Duplicate, "succeeded: ", S::Succeeded, "", true),
             // A prefix naming no outcome: failed, with the whole message.
             (Duplicate, "duplicate: x", S::Failed, "duplicate: x", true),
@@ -992,14 +1027,36 @@ mod tests {
     #[test]
     fn every_action_has_a_distinct_kind_and_its_target() {
         let actions = [
-            CommandAction::Restart { component: "a".into() },
-            CommandAction::Stop { component: "a".into() },
-            CommandAction::Start { component: "a".into() },
-            CommandAction::Quarantine { component: "a".into(), note: "n".into() },
-            CommandAction::Resolve { component: "a".into(), note: "n".into() },
-            CommandAction::Pulse { component: "a".into(), budget_ms: 1 },
-            CommandAction::Rollback { component: "a".into(), revision: "r".into() },
-            CommandAction::TailLogs { component: "a".into(), lines: 1, follow: false },
+            CommandAction::Restart {
+                component: "a".into(),
+            },
+            CommandAction::Stop {
+                component: "a".into(),
+            },
+            CommandAction::Start {
+                component: "a".into(),
+            },
+            CommandAction::Quarantine {
+                component: "a".into(),
+                note: "n".into(),
+            },
+            CommandAction::Resolve {
+                component: "a".into(),
+                note: "n".into(),
+            },
+            CommandAction::Pulse {
+                component: "a".into(),
+                budget_ms: 1,
+            },
+            CommandAction::Rollback {
+                component: "a".into(),
+                revision: "r".into(),
+            },
+            CommandAction::TailLogs {
+                component: "a".into(),
+                lines: 1,
+                follow: false,
+            },
             CommandAction::CancelTail { command: [1; 16] },
         ];
         let kinds: std::collections::HashSet<_> = actions.iter().map(kind).collect();

@@ -16,7 +16,9 @@ use razar_collector::config::{CollectorConfig, Database, TlsPaths};
 use razar_collector::dispatch::{CommandRequest, Dispatch};
 use razar_collector::service::Service;
 use razar_shared::domain::ComponentState;
-use razar_shared::protocol::{CommandAction, CommandId, CommandOutcome, CommandResult, ComponentInfo};
+use razar_shared::protocol::{
+    CommandAction, CommandId, CommandOutcome, CommandResult, ComponentInfo,
+};
 use razar_tests::ca::TestCa;
 use razar_tests::pg::TestPg;
 use std::collections::HashMap;
@@ -37,7 +39,9 @@ async fn main() -> anyhow::Result<()> {
     let pg = TestPg::start().await?;
     pg.store().await?.close().await;
     let pool = pg.pool().await?;
-    let quic_port = std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port();
+    let quic_port = std::net::UdpSocket::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
     let mut c = CollectorConfig::defaults(&dir.path().join("collector"));
     c.quic_listen = ([127, 0, 0, 1], quic_port).into();
     c.http_listen = ([127, 0, 0, 1], 0).into();
@@ -55,7 +59,10 @@ async fn main() -> anyhow::Result<()> {
     for i in 0..agents {
         let host = format!("bench-{i:04}");
         let issued = ca.agent(&host)?;
-        let spool = Arc::new(Spool::open(dir.path().join(format!("{host}.redb")), u64::MAX)?);
+        let spool = Arc::new(Spool::open(
+            dir.path().join(format!("{host}.redb")),
+            u64::MAX,
+        )?);
         let tls = ca.client_config(&issued)?;
         let mut config = UplinkConfig::new(
             format!("127.0.0.1:{quic_port}"),
@@ -63,7 +70,8 @@ async fn main() -> anyhow::Result<()> {
             Arc::new(tls),
             host.clone(),
         );
-        config.backoff = Backoff::try_new(Duration::from_millis(50), Duration::from_millis(400), 0.5)?;
+        config.backoff =
+            Backoff::try_new(Duration::from_millis(50), Duration::from_millis(400), 0.5)?;
         config.hello.components = vec![ComponentInfo {
             name: "web".into(),
             revision: "1".into(),
@@ -84,7 +92,10 @@ async fn main() -> anyhow::Result<()> {
     }
     let started = Instant::now();
     while service.collector().agents_connected() < agents {
-        anyhow::ensure!(started.elapsed() < Duration::from_secs(120), "agents did not connect");
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(120),
+            "agents did not connect"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
@@ -109,7 +120,9 @@ async fn main() -> anyhow::Result<()> {
                     let now = Instant::now();
                     let mut w = waiting.lock().unwrap_or_else(|p| p.into_inner());
                     for id in done {
-                        let Ok(id) = CommandId::try_from(id.as_slice()) else { continue };
+                        let Ok(id) = CommandId::try_from(id.as_slice()) else {
+                            continue;
+                        };
                         if let Some((t0, tx)) = w.remove(&id) {
                             let _ = tx.send(now.saturating_duration_since(t0));
                         }

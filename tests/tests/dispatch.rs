@@ -243,7 +243,11 @@ async fn a_command_for_a_host_away_is_delivered_when_it_reconnects_and_its_resul
     assert_eq!(submitted.kind, "restart");
     assert_eq!(submitted.component.as_deref(), Some("web"));
     assert_eq!(submitted.request_id.as_deref(), Some("req-1"));
-    assert_eq!(f.commands_stored().await, 1, "persisted before any delivery");
+    assert_eq!(
+        f.commands_stored().await,
+        1,
+        "persisted before any delivery"
+    );
 
     // Back: the daemon's own start (2), then the restart (3).
     let daemon = f.connected_agent(&service, 2).await;
@@ -251,9 +255,15 @@ async fn a_command_for_a_host_away_is_delivered_when_it_reconnects_and_its_resul
     assert_eq!(done.state, CommandState::Succeeded, "{done:?}");
     assert_eq!(done.attempts, 1, "{done:?}");
     assert!(!done.duplicate, "{done:?}");
-    assert!(done.sent_at.is_some() && done.finished_at.is_some(), "{done:?}");
+    assert!(
+        done.sent_at.is_some() && done.finished_at.is_some(),
+        "{done:?}"
+    );
     assert!(done.message.is_some(), "{done:?}");
-    wait_for("the restarted component", || async { (f.starts() >= 3).then_some(()) }).await;
+    wait_for("the restarted component", || async {
+        (f.starts() >= 3).then_some(())
+    })
+    .await;
     assert_eq!(counted(&service, "restart", "succeeded"), 1);
     daemon.shutdown().await;
     service.shutdown().await;
@@ -302,7 +312,10 @@ async fn a_command_whose_deadline_passes_while_the_host_is_away_expires_and_neve
         ))
         .await
         .expect("the marker command is accepted");
-    assert_eq!(settled(&service, &marker.id).await.state, CommandState::Succeeded);
+    assert_eq!(
+        settled(&service, &marker.id).await.state,
+        CommandState::Succeeded
+    );
     assert_eq!(f.starts(), 2, "the expired restart never ran");
     let still = service
         .collector()
@@ -344,7 +357,11 @@ async fn a_command_delivered_twice_runs_once_and_the_first_outcome_is_stored() {
         (ignored == 1).then_some(())
     })
     .await;
-    let after = dispatch.command(&submitted.id).await.expect("read").expect("stored");
+    let after = dispatch
+        .command(&submitted.id)
+        .await
+        .expect("read")
+        .expect("stored");
     assert_eq!(after, first);
 
     // The result is lost (as when the collector dies before storing it): the command
@@ -361,10 +378,16 @@ async fn a_command_delivered_twice_runs_once_and_the_first_outcome_is_stored() {
     let daemon = f.connected_agent(&service, 3).await;
     let again = settled(&service, &submitted.id).await;
     assert_eq!(again.state, CommandState::Succeeded, "{again:?}");
-    assert!(again.duplicate, "stored from the redelivery's answer: {again:?}");
+    assert!(
+        again.duplicate,
+        "stored from the redelivery's answer: {again:?}"
+    );
     assert_eq!(again.attempts, 2, "{again:?}");
     assert_eq!(again.message, first.message, "the original message");
-    assert_eq!(again.finished_at, first.finished_at, "the original finish time");
+    assert_eq!(
+        again.finished_at, first.finished_at,
+        "the original finish time"
+    );
     assert_eq!(
         dispatch.metrics().results_duplicate.get(),
         1,
@@ -410,12 +433,22 @@ async fn a_command_for_an_unknown_component_or_host_is_refused_with_the_reason()
         ))
         .await
         .expect_err("a cancel of a command the host never had is refused");
-    assert!(matches!(err, DispatchError::UnknownCommand { .. }), "{err:?}");
+    assert!(
+        matches!(err, DispatchError::UnknownCommand { .. }),
+        "{err:?}"
+    );
     let err = dispatch
-        .submit(request(restart("web"), Utc::now() - chrono::Duration::seconds(1), None))
+        .submit(request(
+            restart("web"),
+            Utc::now() - chrono::Duration::seconds(1),
+            None,
+        ))
         .await
         .expect_err("a deadline already past is refused");
-    assert!(matches!(err, DispatchError::DeadlinePassed { .. }), "{err:?}");
+    assert!(
+        matches!(err, DispatchError::DeadlinePassed { .. }),
+        "{err:?}"
+    );
 
     assert_eq!(f.commands_stored().await, 0, "nothing refused is stored");
     assert_eq!(counted(&service, "restart", "refused"), 3);
@@ -433,12 +466,20 @@ async fn the_same_idempotency_key_returns_the_same_command() {
     let dispatch = service.collector().dispatch();
 
     let first = dispatch
-        .submit(request(restart("web"), in_a_minute(), Some("restart-web-1")))
+        .submit(request(
+            restart("web"),
+            in_a_minute(),
+            Some("restart-web-1"),
+        ))
         .await
         .expect("the command is accepted");
     assert_eq!(first.state, CommandState::Sent, "{first:?}");
     let again = dispatch
-        .submit(request(restart("web"), in_a_minute(), Some("restart-web-1")))
+        .submit(request(
+            restart("web"),
+            in_a_minute(),
+            Some("restart-web-1"),
+        ))
         .await
         .expect("the same key answers");
     assert_eq!(again.id, first.id);
@@ -446,10 +487,17 @@ async fn the_same_idempotency_key_returns_the_same_command() {
 
     // The same key for another command is a conflict, not a silent answer.
     let err = dispatch
-        .submit(request(restart("other"), in_a_minute(), Some("restart-web-1")))
+        .submit(request(
+            restart("other"),
+            in_a_minute(),
+            Some("restart-web-1"),
+        ))
         .await
         .expect_err("a reused key for another command");
-    assert!(matches!(err, DispatchError::IdempotencyConflict { .. }), "{err:?}");
+    assert!(
+        matches!(err, DispatchError::IdempotencyConflict { .. }),
+        "{err:?}"
+    );
     // Another caller has keys of its own.
     let mut other_caller = request(restart("web"), in_a_minute(), Some("restart-web-1"));
     other_caller.caller = "engine".into();
@@ -463,11 +511,18 @@ async fn the_same_idempotency_key_returns_the_same_command() {
     assert_eq!(done.state, CommandState::Succeeded, "{done:?}");
     assert_eq!(done.attempts, 1, "sent once: {done:?}");
     let after = dispatch
-        .submit(request(restart("web"), in_a_minute(), Some("restart-web-1")))
+        .submit(request(
+            restart("web"),
+            in_a_minute(),
+            Some("restart-web-1"),
+        ))
         .await
         .expect("the same key answers after the result too");
     assert_eq!(after, done);
-    assert_eq!(settled(&service, &other.id).await.state, CommandState::Succeeded);
+    assert_eq!(
+        settled(&service, &other.id).await.state,
+        CommandState::Succeeded
+    );
     assert_eq!(f.commands_stored().await, 2);
     assert_eq!(
         dispatch
