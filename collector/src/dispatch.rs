@@ -573,20 +573,22 @@ impl Ledger {
         Ok(None)
     }
 
-    /// The `queued` commands of `hosts`, in creation order.
+    /// The `queued` commands of `hosts` created before `before`, in creation order.
     pub(crate) async fn queued(
         &self,
         hosts: &[String],
+        before: DateTime<Utc>,
     ) -> Result<Vec<(String, Command)>, DispatchError> {
         if hosts.is_empty() {
             return Ok(Vec::new());
         }
         let rows = sqlx::query(&format!(
             "SELECT {COLUMNS} FROM commands
-             WHERE state = 'queued' AND host_id = ANY($1)
+             WHERE state = 'queued' AND host_id = ANY($1) AND created_at < $2
              ORDER BY seq"
         ))
         .bind(hosts)
+        .bind(before)
         .fetch_all(&self.pool)
         .await?;
         rows.iter()
@@ -711,21 +713,28 @@ pub(crate) async fn run_sweep(
             _ = tick.tick() => {}
             _ = stop.wait_for(|s| *s) => return,
         }
-        match sweep_once(&shared).await {
+        match sweep_once(&shared, every).await {
             Ok(()) => beat.ok(),
             Err(error) => tracing::warn!(%error, "command sweep failed"),
         }
     }
 }
 
-async fn sweep_once(shared: &Shared) -> Result<(), DispatchError> {
+/// One sweep. Only commands queued for a whole interval are handed over: a fresh one is
+/// still being handed over by its submission or its host's Welcome.
+async fn sweep_once(shared: &Shared, every: Duration) -> Result<(), DispatchError> {
     let ledger = &shared.ledger;
-    let expired = ledger.sweep(Utc::now()).await?;
+    let now = Utc::now();
+    let expired = ledger.sweep(now).await?;
     if expired > 0 {
         tracing::info!(expired, "commands past their deadline expired");
     }
+    let before = chrono::Duration::from_std(every)
+        .ok()
+        .and_then(|every| now.checked_sub_signed(every))
+        .unwrap_or(DateTime::<Utc>::MIN_UTC);
     let mut handed = Vec::new();
-    for (host, command) in ledger.queued(&shared.owned_hosts()).await? {
+    for (host, command) in ledger.queued(&shared.owned_hosts(), before).await? {
         let id = command.id;
         match shared.deliver(&host, command) {
             Delivery::Handed => handed.push(id),
