@@ -450,8 +450,9 @@ impl Ledger {
         row.as_ref().map(record).transpose()
     }
 
-    /// The commands `ids` were handed to a connection: `sent` (unless a result settled
-    /// them meanwhile), one more attempt.
+    /// The commands `ids` were handed to a connection at `at`: one more attempt, and
+    /// `sent` unless a result settled them meanwhile (a fast agent answers before this
+    /// runs).
     pub(crate) async fn mark_sent(
         &self,
         ids: &[CommandId],
@@ -463,8 +464,10 @@ impl Ledger {
         }
         let ids: Vec<Vec<u8>> = ids.iter().map(|id| id.to_vec()).collect();
         sqlx::query(
-            "UPDATE commands SET state = 'sent', sent_at = $2, attempts = attempts + 1
-             WHERE command_id = ANY($1) AND state IN ('queued', 'sent')",
+            "UPDATE commands
+             SET state = CASE WHEN state IN ('queued', 'sent') THEN 'sent' ELSE state END,
+                 sent_at = $2, attempts = attempts + 1
+             WHERE command_id = ANY($1)",
         )
         .bind(&ids)
         .bind(now)
@@ -652,13 +655,12 @@ impl Dispatch {
         }
         ledger.metrics().submitted.with_label_values(&[kind]).inc();
         tracing::info!(host = %record.host, kind, command = %hex_id(&record.id), "command queued");
+        let handed_at = Utc::now();
         match self.shared.deliver(&record.host, record.command()) {
             Delivery::Handed => {
                 // Handed over: a failure to record it only leaves the command `queued`
                 // (delivered again on reconnect), never unsent.
-                let marked = ledger
-                    .mark_sent(&[record.id], Via::Submit, Utc::now())
-                    .await;
+                let marked = ledger.mark_sent(&[record.id], Via::Submit, handed_at).await;
                 match marked {
                     Ok(()) => {
                         if let Ok(Some(stored)) = ledger.get(&record.id).await {
@@ -733,8 +735,10 @@ async fn sweep_once(shared: &Shared, every: Duration) -> Result<(), DispatchErro
         .ok()
         .and_then(|every| now.checked_sub_signed(every))
         .unwrap_or(DateTime::<Utc>::MIN_UTC);
+    let queued = ledger.queued(&shared.owned_hosts(), before).await?;
+    let handed_at = Utc::now();
     let mut handed = Vec::new();
-    for (host, command) in ledger.queued(&shared.owned_hosts(), before).await? {
+    for (host, command) in queued {
         let id = command.id;
         match shared.deliver(&host, command) {
             Delivery::Handed => handed.push(id),
@@ -742,7 +746,7 @@ async fn sweep_once(shared: &Shared, every: Duration) -> Result<(), DispatchErro
             Delivery::NotConnected => {}
         }
     }
-    ledger.mark_sent(&handed, Via::Sweep, Utc::now()).await
+    ledger.mark_sent(&handed, Via::Sweep, handed_at).await
 }
 
 /// The stable snake_case kind of an action (a metric label and the `kind` column).

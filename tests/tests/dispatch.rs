@@ -417,7 +417,11 @@ async fn a_command_delivered_twice_runs_once_and_the_first_outcome_is_stored() {
         .submit(request(restart("web"), in_a_minute(), None))
         .await
         .expect("the command is accepted");
-    assert_eq!(submitted.state, CommandState::Sent, "{submitted:?}");
+    // Handed to the live connection (its result may already be stored).
+    assert!(
+        submitted.state != CommandState::Queued && submitted.attempts == 1,
+        "{submitted:?}"
+    );
     let first = settled(&service, &submitted.id).await;
     assert_eq!(first.state, CommandState::Succeeded, "{first:?}");
     wait_for("the restart", || async { (f.starts() >= 2).then_some(()) }).await;
@@ -550,7 +554,11 @@ async fn the_same_idempotency_key_returns_the_same_command() {
         ))
         .await
         .expect("the command is accepted");
-    assert_eq!(first.state, CommandState::Sent, "{first:?}");
+    // Handed to the live connection (its result may already be stored).
+    assert!(
+        first.state != CommandState::Queued && first.attempts == 1,
+        "{first:?}"
+    );
     let again = dispatch
         .submit(request(
             restart("web"),
