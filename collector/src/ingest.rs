@@ -406,6 +406,17 @@ impl Conn {
             CollectorEvent::Heartbeat(_) => {}
             CollectorEvent::CommandResult(result) => {
                 tracing::info!(host = %self.host, command = %hex_id(&result.id), outcome = ?result.outcome, "command result");
+                // Rare and small, like an inventory. Not stored (database down): the
+                // command stays `sent` and is delivered again on the next connection,
+                // where the agent answers with the same outcome.
+                if let Err(e) = self
+                    .shared
+                    .ledger
+                    .record_result(&self.host, &result, Utc::now())
+                    .await
+                {
+                    tracing::warn!(host = %self.host, command = %hex_id(&result.id), error = %e, "cannot store a command result; it comes again after a reconnect");
+                }
             }
             CollectorEvent::LogChunk(chunk) => {
                 tracing::debug!(host = %self.host, component = %chunk.component, lines = chunk.lines.len(), "log chunk");
@@ -498,6 +509,39 @@ impl Conn {
         self.shared.liveness.welcomed(&self.host, now);
         self.shared.metrics.connections_accepted.inc();
         tracing::info!(host = %self.host, remote = %remote, cursor, "agent welcomed");
+        self.redeliver().await;
+    }
+
+    /// Delivers the host's commands still waiting (queued, or sent without a result)
+    /// in creation order, after expiring those past their deadline. Read after this
+    /// connection took ownership of the host, so a command submitted meanwhile is
+    /// either seen here or handed to this connection by the submission (or both: the
+    /// agent runs an id once).
+    async fn redeliver(&mut self) {
+        let ledger = &self.shared.ledger;
+        let due = match ledger.due(&self.host, Utc::now()).await {
+            Ok(due) => due,
+            Err(e) => {
+                tracing::warn!(host = %self.host, error = %e, "cannot read the host's pending commands; they are delivered on its next connection");
+                return;
+            }
+        };
+        let mut sent = Vec::with_capacity(due.len());
+        for command in due {
+            let id = command.id;
+            if self.session.send_command(command).is_ok() {
+                sent.push(id);
+            }
+        }
+        if !sent.is_empty() {
+            tracing::info!(host = %self.host, commands = sent.len(), "pending commands delivered");
+        }
+        if let Err(e) = ledger
+            .mark_sent(&sent, crate::dispatch::Via::Reconnect, Utc::now())
+            .await
+        {
+            tracing::warn!(host = %self.host, error = %e, "cannot mark delivered commands sent");
+        }
     }
 
     /// Starts the next database write: a series registration, or every batch at the

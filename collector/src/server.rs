@@ -13,6 +13,7 @@
 //! the collector closes on its own is counted in
 //! `razar_collector_connections_closed_total{reason}` ([`CloseReason`]).
 
+use crate::dispatch::{self, Dispatch, DispatchMetrics, Ledger};
 use crate::group::{GroupConfig, GroupMetrics, GroupWriter};
 use crate::ingest;
 use crate::lost::{self, HostTransition, Liveness, LostTiming};
@@ -115,6 +116,12 @@ pub struct IngestConfig {
     /// At most one log line per refusal kind per this interval (the rest are counted
     /// and reported with the next line).
     pub refusal_log_interval: Duration,
+    /// How often commands past their deadline are expired ([`crate::dispatch`]).
+    pub command_sweep_interval: Duration,
+    /// How long past its deadline a command that was sent without a result is still
+    /// delivered on reconnect (the agent answers with the outcome it had, if it ran
+    /// it); past this it is expired.
+    pub command_result_grace: Duration,
 }
 
 impl IngestConfig {
@@ -124,7 +131,8 @@ impl IngestConfig {
     /// samples pending, 8 series registrations at once, 4 group writers (groups of at
     /// most 50,000 samples or 256 hosts), 2.5 s for the `Hello`, 256 KiB of replies
     /// waiting per connection and 5 s for a peer to start taking them, one refusal log
-    /// line per kind per 10 s.
+    /// line per kind per 10 s, a command sweep every 5 s and results of sent commands
+    /// awaited 10 min past their deadline.
     pub fn new(
         listen: SocketAddr,
         tls: Arc<rustls::ServerConfig>,
@@ -149,6 +157,8 @@ impl IngestConfig {
             reply_stall_timeout: Duration::from_secs(5),
             refusals: HandshakeRefusals::default(),
             refusal_log_interval: Duration::from_secs(10),
+            command_sweep_interval: Duration::from_secs(5),
+            command_result_grace: Duration::from_secs(600),
         }
     }
 
@@ -456,6 +466,8 @@ pub(crate) struct Shared {
     pub db_writers: Arc<Semaphore>,
     /// Where connections queue their batches for a group commit.
     pub writer: GroupWriter,
+    /// The persisted commands ([`crate::dispatch`]).
+    pub ledger: Ledger,
     connections: Mutex<Connections>,
     next_id: AtomicU64,
     log_limiter: Mutex<LogLimiter>,
@@ -538,6 +550,26 @@ impl Shared {
         }
     }
 
+    /// Hands `command` to the connection that owns `host`, if any.
+    pub(crate) fn deliver(&self, host: &str, command: Command) -> Delivery {
+        let c = self.connections();
+        let Some(live) = c.owner.get(host).and_then(|id| c.by_id.get(id)) else {
+            return Delivery::NotConnected;
+        };
+        match live.commands.try_send(command) {
+            Ok(()) => Delivery::Handed,
+            Err(mpsc::error::TrySendError::Full(_)) => Delivery::QueueFull,
+            Err(mpsc::error::TrySendError::Closed(_)) => Delivery::NotConnected,
+        }
+    }
+
+    /// Hosts owned by a welcomed connection, sorted.
+    pub(crate) fn owned_hosts(&self) -> Vec<String> {
+        let mut hosts: Vec<String> = self.connections().owner.keys().cloned().collect();
+        hosts.sort();
+        hosts
+    }
+
     /// Connection `id` ended.
     pub(crate) fn unregister(&self, id: u64) {
         let mut c = self.connections();
@@ -550,6 +582,17 @@ impl Shared {
     }
 }
 
+/// What became of a command handed to a host's connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Delivery {
+    /// In the connection's command queue.
+    Handed,
+    /// The connection's command queue is full.
+    QueueFull,
+    /// No welcomed connection owns the host.
+    NotConnected,
+}
+
 /// The running ingest server.
 pub struct Collector {
     endpoint: quinn::Endpoint,
@@ -558,6 +601,7 @@ pub struct Collector {
     shutdown: watch::Sender<bool>,
     accept_task: JoinHandle<()>,
     lost_task: JoinHandle<()>,
+    sweep_task: JoinHandle<()>,
     writer_tasks: Vec<JoinHandle<()>>,
     tasks: Arc<Tasks>,
     transitions: Mutex<Option<mpsc::Receiver<HostTransition>>>,
@@ -593,6 +637,11 @@ impl Collector {
         {
             return Err(ServerError::Invalid(
                 "batch limits and db_writers must be at least 1",
+            ));
+        }
+        if config.command_sweep_interval.is_zero() {
+            return Err(ServerError::Invalid(
+                "command_sweep_interval must be above zero",
             ));
         }
         if config.max_pending_reply_bytes == 0 || config.reply_stall_timeout.is_zero() {
@@ -639,6 +688,11 @@ impl Collector {
             source,
         })?;
         let tasks = Tasks::new(metrics, RestartBackoff::default())?;
+        let ledger = Ledger::new(
+            store.pool().clone(),
+            DispatchMetrics::new(metrics)?,
+            config.command_result_grace,
+        );
         let metrics = IngestMetrics::new(metrics)?;
         let (writer, writer_tasks) =
             GroupWriter::start_supervised(store.clone(), group, metrics.group.clone(), &tasks);
@@ -646,6 +700,7 @@ impl Collector {
             store: store.clone(),
             db_writers: Arc::new(Semaphore::new(config.db_writers)),
             writer,
+            ledger,
             liveness: Arc::new(Liveness::default()),
             metrics,
             connections: Mutex::new(Connections::default()),
@@ -706,6 +761,23 @@ impl Collector {
                 },
             )
         };
+        let sweep_task = {
+            let shared = shared.clone();
+            let every = shared.config.command_sweep_interval;
+            let stop = shutdown_rx.clone();
+            tasks.spawn(
+                "command_sweep",
+                Some(every.saturating_mul(4) + Duration::from_secs(60)),
+                Some(shutdown_rx.clone()),
+                move |beat| {
+                    let run = dispatch::run_sweep(shared.clone(), every, stop.clone(), beat);
+                    async move {
+                        run.await;
+                        Ok::<(), std::convert::Infallible>(())
+                    }
+                },
+            )
+        };
         let accept_task = tokio::spawn(accept_loop(endpoint.clone(), shared.clone(), shutdown_rx));
         tracing::info!(addr = %local_addr, "collector listening for agents (QUIC, mTLS)");
         Ok(Collector {
@@ -715,6 +787,7 @@ impl Collector {
             shutdown: shutdown_tx,
             accept_task,
             lost_task,
+            sweep_task,
             writer_tasks,
             tasks,
             transitions: Mutex::new(Some(transitions_rx)),
@@ -797,21 +870,19 @@ impl Collector {
 
     /// Host ids currently welcomed, sorted.
     pub fn connected_hosts(&self) -> Vec<String> {
-        let mut hosts: Vec<String> = self.shared.connections().owner.keys().cloned().collect();
-        hosts.sort();
-        hosts
+        self.shared.owned_hosts()
     }
 
-    /// Queues a command for `host`'s live connection. False when it is not connected
-    /// or its queue is full (persist commands and redeliver on reconnect).
+    /// Queues a command for `host`'s live connection, unrecorded. False when it is not
+    /// connected or its queue is full. Commands that must survive a disconnect and
+    /// have their result stored go through [`Collector::dispatch`].
     pub fn send_command(&self, host: &str, command: Command) -> bool {
-        let c = self.shared.connections();
-        let Some(id) = c.owner.get(host) else {
-            return false;
-        };
-        c.by_id
-            .get(id)
-            .is_some_and(|live| live.commands.try_send(command).is_ok())
+        self.shared.deliver(host, command) == Delivery::Handed
+    }
+
+    /// Persisted commands: submit, look up, expire ([`crate::dispatch`]).
+    pub fn dispatch(&self) -> Dispatch {
+        Dispatch::new(self.shared.clone())
     }
 
     /// The supervised background tasks (lost hosts, group writers); the service adds
@@ -852,6 +923,7 @@ impl Collector {
             .close(close_code::SHUTDOWN.into(), b"collector shutting down");
         let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
         self.lost_task.abort();
+        self.sweep_task.abort();
         // Every connection has ended or been cut: nothing left to acknowledge.
         for task in &self.writer_tasks {
             task.abort();
