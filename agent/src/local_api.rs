@@ -23,9 +23,12 @@ pub const DEFAULT_PULSE_BUDGET: Duration = Duration::from_secs(30);
 /// `/health` body.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Health {
-    /// `ok` when no component is quarantined and GPU events cannot be lost, else
-    /// `degraded`.
+    /// `ok`, or `degraded` with the reasons in `problems`.
     pub status: String,
+    /// Why the status is `degraded`: quarantined components, GPU events that can be lost,
+    /// a queue or budget that dropped something in the last 5 minutes.
+    #[serde(default)]
+    pub problems: Vec<String>,
     pub version: String,
     pub uptime_seconds: u64,
     pub config_hash: String,
@@ -124,13 +127,19 @@ pub fn health_of(agent: &Agent) -> Health {
     let quarantined = by_state.get("quarantined").copied().unwrap_or(0);
     let config = view.config();
     let gpu_events = view.gpu_degraded.borrow().clone();
+    let drop = view
+        .metrics()
+        .last_drop()
+        .map(|(at, what)| (at.elapsed(), what));
+    let problems = health_problems(quarantined, gpu_events.as_deref(), drop);
     Health {
-        status: if quarantined == 0 && gpu_events.is_none() {
+        status: if problems.is_empty() {
             "ok"
         } else {
             "degraded"
         }
         .to_owned(),
+        problems,
         version: VERSION.to_owned(),
         uptime_seconds: view.uptime().as_secs(),
         config_hash: config.hash.clone(),
@@ -141,6 +150,29 @@ pub fn health_of(agent: &Agent) -> Health {
         components_by_state: by_state,
         components: statuses.into_values().collect(),
     }
+}
+
+/// A drop this recent keeps `/health` degraded.
+pub const RECENT_DROP: Duration = Duration::from_secs(300);
+
+/// Why `/health` is degraded (empty: ok): quarantined components, GPU events that can be
+/// lost, and anything a queue or budget dropped within [`RECENT_DROP`].
+pub fn health_problems(
+    quarantined: u32,
+    gpu_events: Option<&str>,
+    last_drop: Option<(Duration, &str)>,
+) -> Vec<String> {
+    let mut problems = Vec::new();
+    if quarantined > 0 {
+        problems.push(format!("{quarantined} component(s) quarantined"));
+    }
+    if let Some(why) = gpu_events {
+        problems.push(format!("GPU events can be lost: {why}"));
+    }
+    if let Some((ago, what)) = last_drop.filter(|(ago, _)| *ago < RECENT_DROP) {
+        problems.push(format!("{what} {}s ago", ago.as_secs()));
+    }
+    problems
 }
 
 async fn health(State(agent): State<Agent>) -> Json<Health> {
@@ -271,5 +303,32 @@ async fn reload(State(agent): State<Agent>) -> Response {
         )
             .into_response(),
         Err(e) => agent_error(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn health_is_degraded_while_anything_is_lost_or_quarantined() {
+        assert!(health_problems(0, None, None).is_empty());
+        let recent = Some((
+            Duration::from_secs(12),
+            "spool over its disk budget: samples dropped",
+        ));
+        let problems = health_problems(0, None, recent);
+        assert_eq!(
+            problems,
+            ["spool over its disk budget: samples dropped 12s ago"]
+        );
+        assert!(
+            health_problems(0, None, Some((RECENT_DROP, "x"))).is_empty(),
+            "old drops pass"
+        );
+        let all = health_problems(2, Some("kernel log unreadable"), recent);
+        assert_eq!(all.len(), 3, "{all:?}");
+        assert!(all[0].contains("2 component(s) quarantined"));
+        assert!(all[1].contains("kernel log unreadable"));
     }
 }

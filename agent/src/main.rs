@@ -66,6 +66,9 @@ async fn dispatch(command: Command) -> anyhow::Result<i32> {
                 health.config_hash.get(..12).unwrap_or(""),
                 health.collector
             );
+            for problem in &health.problems {
+                text.push_str(&format!("degraded: {problem}\n"));
+            }
             if let Some(why) = &health.gpu {
                 text.push_str(&format!("GPU telemetry off: {why}\n"));
             }

@@ -34,6 +34,8 @@ pub struct Metrics {
     /// 1 while GPU events can be lost (the kernel log cannot be read), else 0.
     gpu_events_degraded: IntGauge,
     flow: FlowMetrics,
+    /// The last time a queue or budget dropped something, and which (for `/health`).
+    last_drop: Mutex<Option<(std::time::Instant, &'static str)>>,
 }
 
 /// Queues and budgets that can drop, as read from the spool, the uplink and the logs.
@@ -105,11 +107,14 @@ impl FlowMetrics {
 }
 
 /// Raises `counter` to `total` (counters only go up).
-fn raise(counter: &IntCounter, total: u64) {
+/// Raises `counter` to `total`; returns whether it moved.
+fn raise(counter: &IntCounter, total: u64) -> bool {
     let seen = counter.get();
     if total > seen {
         counter.inc_by(total - seen);
+        return true;
     }
+    false
 }
 
 fn gauge_u64(gauge: &IntGauge, value: u64) {
@@ -262,6 +267,7 @@ impl Metrics {
             events_dropped,
             gpu_events_degraded,
             flow,
+            last_drop: Mutex::new(None),
         })
     }
 
@@ -270,29 +276,64 @@ impl Metrics {
         self.gpu_events_degraded.set(i64::from(degraded));
     }
 
+    /// When something was last dropped, and what (events, spool samples, ...).
+    pub fn last_drop(&self) -> Option<(std::time::Instant, &'static str)> {
+        *self.last_drop.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn dropped(&self, what: &'static str) {
+        *self.last_drop.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some((std::time::Instant::now(), what));
+    }
+
     /// Counts `n` events lost by the event-bus receiver `receiver`.
     pub fn events_dropped(&self, receiver: &str, n: u64) {
+        if n > 0 {
+            self.dropped("events lost by a lagging receiver of the event bus");
+        }
         self.events_dropped.with_label_values(&[receiver]).inc_by(n);
     }
 
-    /// Mirrors the spool, uplink and log queues.
+    /// Mirrors the spool, uplink and log queues; a counter that moved is a drop `/health`
+    /// reports.
     pub fn flow(&self, flow: &Flow) {
         let m = &self.flow;
         gauge_u64(&m.spool_batches, flow.spool_batches);
         gauge_u64(&m.spool_bytes, flow.spool_bytes);
         gauge_u64(&m.spool_budget_bytes, flow.spool_budget_bytes);
-        raise(&m.spool_dropped_samples, flow.spool_dropped_samples_total);
-        raise(&m.spool_dropped_events, flow.spool_dropped_events_total);
         m.uplink_connected.set(i64::from(flow.uplink_connected));
-        raise(
-            &m.uplink_commands_dropped,
-            flow.uplink_commands_dropped_total,
-        );
-        raise(
-            &m.uplink_outbound_dropped,
-            flow.uplink_outbound_dropped_total,
-        );
-        raise(&m.log_lines_dropped, flow.log_lines_dropped_total);
+        let drops = [
+            (
+                &m.spool_dropped_samples,
+                flow.spool_dropped_samples_total,
+                "spool over its disk budget: samples dropped",
+            ),
+            (
+                &m.spool_dropped_events,
+                flow.spool_dropped_events_total,
+                "spool over its disk budget: events dropped",
+            ),
+            (
+                &m.uplink_commands_dropped,
+                flow.uplink_commands_dropped_total,
+                "commands from the collector dropped (queue full)",
+            ),
+            (
+                &m.uplink_outbound_dropped,
+                flow.uplink_outbound_dropped_total,
+                "command results or log chunks dropped (queue full or link down)",
+            ),
+            (
+                &m.log_lines_dropped,
+                flow.log_lines_dropped_total,
+                "component log lines dropped",
+            ),
+        ];
+        for (counter, total, what) in drops {
+            if raise(counter, total) {
+                self.dropped(what);
+            }
+        }
     }
 
     pub fn registry(&self) -> &Registry {
@@ -402,6 +443,26 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_counter_that_moves_is_a_recent_drop_for_health() {
+        let metrics = match Metrics::new("test") {
+            Ok(m) => m,
+            Err(e) => panic!("metrics: {e}"),
+        };
+        let mut flow = Flow::default();
+        metrics.flow(&flow);
+        assert!(metrics.last_drop().is_none(), "nothing dropped yet");
+        flow.spool_dropped_samples_total = 3;
+        metrics.flow(&flow);
+        let (_, what) = metrics.last_drop().unwrap_or_else(|| panic!("a drop"));
+        assert!(what.contains("samples dropped"), "{what}");
+        flow.log_lines_dropped_total = 1;
+        metrics.flow(&flow);
+        assert!(metrics
+            .last_drop()
+            .is_some_and(|(_, w)| w.contains("log lines")));
+    }
 
     #[test]
     fn flow_is_exported_and_counters_only_go_up() {
