@@ -287,6 +287,17 @@ impl<O: Outbox> Executor<O> {
             | CommandAction::Rollback { component, .. }
             | CommandAction::TailLogs { component, .. } => component.clone(),
             CommandAction::CancelTail { .. } => String::new(),
+            // TODO(issue 12): GPU, deployment and profile commands.
+            CommandAction::DrainGpu { .. }
+            | CommandAction::ResetGpu { .. }
+            | CommandAction::SetGpuHealth { .. }
+            | CommandAction::DeployRevision { .. }
+            | CommandAction::SwitchProfile { .. } => {
+                return failed(format!(
+                    "{} is not supported by this agent yet",
+                    action_name(&action)
+                ));
+            }
         };
         let config = self.agent.view().config();
         if config.component(&component).is_none() {
@@ -309,7 +320,12 @@ impl<O: Outbox> Executor<O> {
             CommandAction::TailLogs { lines, follow, .. } => {
                 return self.tail(id, &component, lines, follow).await;
             }
-            CommandAction::CancelTail { .. } => return failed("unreachable".into()),
+            CommandAction::CancelTail { .. }
+            | CommandAction::DrainGpu { .. }
+            | CommandAction::ResetGpu { .. }
+            | CommandAction::SetGpuHealth { .. }
+            | CommandAction::DeployRevision { .. }
+            | CommandAction::SwitchProfile { .. } => return failed("unreachable".into()),
         };
         match self.agent.command(&component, control).await {
             Ok(()) => (CommandOutcome::Succeeded, "done".into()),
@@ -439,5 +455,17 @@ impl<O: Outbox> Executor<O> {
             CommandOutcome::Succeeded,
             format!("following {component} (up to {}s)", limit.as_secs()),
         )
+    }
+}
+
+/// The action's name for messages.
+fn action_name(action: &CommandAction) -> &'static str {
+    match action {
+        CommandAction::DrainGpu { .. } => "drain_gpu",
+        CommandAction::ResetGpu { .. } => "reset_gpu",
+        CommandAction::SetGpuHealth { .. } => "set_gpu_health",
+        CommandAction::DeployRevision { .. } => "deploy_revision",
+        CommandAction::SwitchProfile { .. } => "switch_profile",
+        _ => "command",
     }
 }

@@ -761,6 +761,11 @@ pub fn kind(action: &CommandAction) -> &'static str {
         CommandAction::Rollback { .. } => "rollback",
         CommandAction::TailLogs { .. } => "tail_logs",
         CommandAction::CancelTail { .. } => "cancel_tail",
+        CommandAction::DrainGpu { .. } => "drain_gpu",
+        CommandAction::ResetGpu { .. } => "reset_gpu",
+        CommandAction::SetGpuHealth { .. } => "set_gpu_health",
+        CommandAction::DeployRevision { .. } => "deploy_revision",
+        CommandAction::SwitchProfile { .. } => "switch_profile",
     }
 }
 
@@ -783,7 +788,8 @@ impl<'a> Target<'a> {
             | CommandAction::Resolve { component, .. }
             | CommandAction::Pulse { component, .. }
             | CommandAction::Rollback { component, .. }
-            | CommandAction::TailLogs { component, .. } => Target {
+            | CommandAction::TailLogs { component, .. }
+            | CommandAction::DeployRevision { component, .. } => Target {
                 component: Some(component),
                 ..Target::default()
             },
@@ -791,6 +797,11 @@ impl<'a> Target<'a> {
                 command: Some(*command),
                 ..Target::default()
             },
+            // TODO(issue 12): resolve the GPU (UUID or index) against the host's GPUs.
+            CommandAction::DrainGpu { .. }
+            | CommandAction::ResetGpu { .. }
+            | CommandAction::SetGpuHealth { .. }
+            | CommandAction::SwitchProfile { .. } => Target::default(),
         }
     }
 }
@@ -838,6 +849,27 @@ fn check_request(request: &CommandRequest) -> Result<(), DispatchError> {
         | CommandAction::Pulse { component, .. }
         | CommandAction::TailLogs { component, .. } => vec![("component", component.as_str())],
         CommandAction::CancelTail { .. } => Vec::new(),
+        CommandAction::DrainGpu { gpu, note } | CommandAction::SetGpuHealth { gpu, note, .. } => {
+            vec![("gpu", gpu.as_str()), ("note", note.as_str())]
+        }
+        CommandAction::ResetGpu { gpu } => vec![("gpu", gpu.as_str())],
+        CommandAction::SwitchProfile { profile } => vec![("profile", profile.as_str())],
+        CommandAction::DeployRevision {
+            component,
+            revision,
+        } => {
+            let mut texts = vec![
+                ("component", component.as_str()),
+                ("revision", revision.version.as_str()),
+                ("command", revision.command.as_str()),
+            ];
+            texts.extend(revision.args.iter().map(|a| ("args", a.as_str())));
+            for (key, value) in &revision.env {
+                texts.push(("env", key.as_str()));
+                texts.push(("env", value.as_str()));
+            }
+            texts
+        }
     };
     match texts.into_iter().find(|(_, t)| t.contains('\0')) {
         Some((field, _)) => Err(nul(field)),

@@ -333,6 +333,51 @@ pub enum CommandAction {
     CancelTail {
         command: CommandId,
     },
+    /// Stops the components mapped to the GPU and keeps the GPU out of service on this
+    /// host (no component mapped to it starts) until `SetGpuHealth { healthy: true }` or
+    /// a successful `ResetGpu`'s probation ends. `gpu` is the GPU's UUID or its index.
+    /// Version 3.
+    DrainGpu {
+        gpu: String,
+        note: String,
+    },
+    /// Drains the GPU, then runs the host's configured reset action for it (e.g.
+    /// `nvidia-smi --gpu-reset -i N`, from the agent's config, never from the network);
+    /// succeeds when the reset action does. The GPU stays drained (probation is the
+    /// collector's decision). Version 3.
+    ResetGpu {
+        gpu: String,
+    },
+    /// Operator override: `healthy` lifts a drain and starts the components mapped to
+    /// the GPU again; not `healthy` drains it. Version 3.
+    SetGpuHealth {
+        gpu: String,
+        healthy: bool,
+        note: String,
+    },
+    /// Runs `revision` for `component`: overlaid on the file config and kept in the
+    /// component's revision history, so `Rollback` can return to the previous one.
+    /// Version 3.
+    DeployRevision {
+        component: String,
+        revision: RevisionSpec,
+    },
+    /// Switches the agent to a profile of its config file. Version 3.
+    SwitchProfile {
+        profile: String,
+    },
+}
+
+/// A component revision pushed by the collector: what replaces the file config's
+/// `command`, `args`, `env` and `revision` of the component (everything else, probes,
+/// GPUs, limits, stays as the file says).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RevisionSpec {
+    /// The version label (`revision` in the config), e.g. `v2`.
+    pub version: String,
+    pub command: String,
+    pub args: Vec<String>,
+    pub env: Vec<(String, String)>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

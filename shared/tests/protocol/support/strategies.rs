@@ -7,7 +7,8 @@ use razar_shared::domain::{ComponentState, LogStream, Severity, XidClass};
 use razar_shared::protocol::{
     AgentMessage, Batch, CollectorMessage, Command, CommandAction, CommandOutcome, CommandResult,
     ComponentInfo, Event, EventKind, GpuInfo, Heartbeat, Hello, Inventory, LogChunk, Refusal,
-    RefusalReason, SeriesDef, SeriesPoints, SessionConfig, StatusDigest, Subject, Welcome,
+    RefusalReason, RevisionSpec, SeriesDef, SeriesPoints, SessionConfig, StatusDigest, Subject,
+    Welcome,
 };
 
 /// Short strings with arbitrary Unicode (multi-byte UTF-8 included).
@@ -234,6 +235,30 @@ fn command_action() -> impl Strategy<Value = CommandAction> {
             }
         }),
         any::<[u8; 16]>().prop_map(|command| CommandAction::CancelTail { command }),
+        (text(), text()).prop_map(|(gpu, note)| CommandAction::DrainGpu { gpu, note }),
+        text().prop_map(|gpu| CommandAction::ResetGpu { gpu }),
+        (text(), any::<bool>(), text()).prop_map(|(gpu, healthy, note)| {
+            CommandAction::SetGpuHealth { gpu, healthy, note }
+        }),
+        (
+            text(),
+            text(),
+            text(),
+            vec(text(), 0..3),
+            vec((text(), text()), 0..3)
+        )
+            .prop_map(|(component, version, command, args, env)| {
+                CommandAction::DeployRevision {
+                    component,
+                    revision: RevisionSpec {
+                        version,
+                        command,
+                        args,
+                        env,
+                    },
+                }
+            }),
+        text().prop_map(|profile| CommandAction::SwitchProfile { profile }),
     ]
 }
 
