@@ -13,7 +13,8 @@
 //! - the same idempotency key from the same caller returns the same command;
 //! - a GPU drain (named by UUID) stops the components mapped to that GPU and only them;
 //!   an unknown GPU is refused; a version 3 command for a host whose last session
-//!   negotiated an older protocol is refused at submit.
+//!   negotiated an older protocol is refused at submit;
+//! - a scheduled failure pulse is sent through dispatch and the agent carries it out.
 //!
 //! The component appends a line to a file each time it starts: the file counts its
 //! starts, so "ran once" is counted, not guessed.
@@ -86,6 +87,11 @@ impl Fixture {
 
     /// The collector: this database, heartbeats every 250 ms (lost after 1 s).
     async fn collector(&self) -> Service {
+        self.collector_with(|_| {}).await
+    }
+
+    /// [`Fixture::collector`] with `change` applied to its config.
+    async fn collector_with(&self, change: impl FnOnce(&mut CollectorConfig)) -> Service {
         let mut c = CollectorConfig::defaults(&self.dir.path().join("collector"));
         c.quic_listen = ([127, 0, 0, 1], self.quic_port).into();
         c.http_listen = ([127, 0, 0, 1], 0).into();
@@ -101,6 +107,7 @@ impl Fixture {
         c.heartbeat_interval = Duration::from_millis(250);
         c.lost_after_missed = NonZeroU32::new(4).expect("nonzero");
         c.health.database_slow = Duration::from_secs(30);
+        change(&mut c);
         Service::start(c).await.expect("collector starts")
     }
 
@@ -764,6 +771,41 @@ async fn a_gpu_drain_stops_the_components_of_that_gpu_only_and_old_agents_get_no
         .submit(request(restart("web"), in_a_minute(), None))
         .await
         .is_ok());
+    f.stop_agent(&service, daemon).await;
+    service.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scheduled_pulse_is_sent_through_dispatch_and_carried_out() {
+    let f = Fixture::new().await;
+    let service = f
+        .collector_with(|c| {
+            let raw = "enabled = true\n[[pulses.schedule]]\ncomponent = \"web\"\ncron = \"* * * * * *\"\nbudget = \"30s\"\nhosts = [\"dispatch-*\"]\n";
+            let text = format!("[pulses]\n{raw}");
+            let dir = f.dir.path().join("collector");
+            std::fs::create_dir_all(&dir).expect("dir");
+            let path = dir.join("pulses.toml");
+            std::fs::write(&path, &text).expect("config");
+            let parsed = CollectorConfig::parse(&path, &text).unwrap_or_else(|e| panic!("{e}"));
+            c.pulses = parsed.pulses;
+        })
+        .await;
+    let daemon = f.connected_agent(&service, 1).await;
+    // Every second, for the host running `web`: one command per occurrence.
+    let (id, state): (Vec<u8>, String) = wait_for("a settled scheduled pulse", || async {
+        sqlx::query_as(
+            "SELECT command_id, state FROM commands
+             WHERE kind = 'pulse' AND caller = 'pulse-scheduler' AND host_id = $1
+               AND state IN ('succeeded', 'failed')
+             ORDER BY created_at LIMIT 1",
+        )
+        .bind(HOST)
+        .fetch_optional(&f.pool)
+        .await
+        .expect("read commands")
+    })
+    .await;
+    assert_eq!(state, "succeeded", "command {id:?}");
     f.stop_agent(&service, daemon).await;
     service.shutdown().await;
 }
