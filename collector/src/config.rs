@@ -96,11 +96,11 @@ pub enum Database {
     Embedded,
 }
 
-pub use razar_agent::config::{ConfigError, ConfigErrors};
+pub use razar_shared::config_support::{ConfigError, ConfigErrors};
 
-use razar_agent::config::document::parse_document;
-use razar_agent::config::files::{check_file, FileKind};
-use razar_agent::config::ErrorCollector;
+use razar_shared::config_support::document::parse_document;
+use razar_shared::config_support::files::{check_file, FileKind};
+use razar_shared::config_support::ErrorCollector;
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
