@@ -308,26 +308,26 @@ impl<O: Outbox> Executor<O> {
             | CommandAction::TailLogs { component, .. } => component.clone(),
             CommandAction::CancelTail { .. } => String::new(),
             CommandAction::DrainGpu { gpu, note } => {
-                return match self.resolve_gpu(&gpu) {
-                    Ok(g) => self.drain_gpu(&g, &note).await,
+                return match self.resolve_gpu(gpu) {
+                    Ok(g) => self.drain_gpu(&g, note).await,
                     Err(why) => failed(why),
                 };
             }
             CommandAction::ResetGpu { gpu } => {
-                return match self.resolve_gpu(&gpu) {
+                return match self.resolve_gpu(gpu) {
                     Ok(g) => self.reset_gpu(&g).await,
                     Err(why) => failed(why),
                 };
             }
             CommandAction::SetGpuHealth { gpu, healthy, note } => {
-                return match (self.resolve_gpu(&gpu), healthy) {
+                return match (self.resolve_gpu(gpu), healthy) {
                     (Ok(g), true) => self.lift_gpu(&g).await,
-                    (Ok(g), false) => self.drain_gpu(&g, &note).await,
+                    (Ok(g), false) => self.drain_gpu(&g, note).await,
                     (Err(why), _) => failed(why),
                 };
             }
             CommandAction::SwitchProfile { profile } => {
-                return self.switch_profile(&profile).await;
+                return self.switch_profile(profile).await;
             }
             // TODO(issue 12): deployments (the `deploy` work).
             CommandAction::DeployRevision { .. } => {

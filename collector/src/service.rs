@@ -49,6 +49,8 @@ struct Serving {
     collector: Collector,
     maintenance: JoinHandle<()>,
     pause: crate::pulses::PauseHook,
+    /// The pulse scheduler, when `[pulses]` is enabled.
+    pulses: Option<JoinHandle<()>>,
 }
 
 /// A running collector.
@@ -139,6 +141,7 @@ impl Service {
                 collector,
                 maintenance,
                 pause,
+                pulses,
             }) => {
                 let _ = api_state.ready.set(Ready {
                     pool: store.pool().clone(),
@@ -154,7 +157,7 @@ impl Service {
                     collector,
                     http_addr,
                     stop,
-                    tasks: vec![http, maintenance],
+                    tasks: [http, maintenance].into_iter().chain(pulses).collect(),
                     pause,
                 })
             }
@@ -217,6 +220,7 @@ impl Service {
             )
         };
         let pause = crate::pulses::PauseHook::default();
+        let mut pulses_task = None;
         if config.pulses.enabled && !config.pulses.schedules.is_empty() {
             let metrics = crate::pulses::PulseMetrics::new(registry)?;
             let (pulses, dispatch, pool) = (
@@ -225,8 +229,8 @@ impl Service {
                 store.pool().clone(),
             );
             let (pause, stop) = (pause.clone(), stop.clone());
-            // Supervised like maintenance; the handle is not kept (it ends on `stop`).
-            let _ = collector.tasks().spawn(
+            // Supervised like maintenance; ends on `stop`.
+            pulses_task = Some(collector.tasks().spawn(
                 "pulse_scheduler",
                 Some(Duration::from_secs(60)),
                 Some(stop.clone()),
@@ -245,7 +249,7 @@ impl Service {
                         Ok::<(), std::convert::Infallible>(())
                     }
                 },
-            );
+            ));
             tracing::info!(
                 schedules = config.pulses.schedules.len(),
                 "scheduled failure pulses on"
@@ -258,6 +262,7 @@ impl Service {
             collector,
             maintenance,
             pause,
+            pulses: pulses_task,
         })
     }
 

@@ -712,7 +712,7 @@ impl Supervisor {
             }
         }
         // A component of a drained GPU is kept stopped, whatever brought it up.
-        for (name, _) in &held {
+        for name in held.keys() {
             let state = states
                 .iter()
                 .find(|(k, _)| k.as_str() == name.as_str())
