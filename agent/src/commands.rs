@@ -12,15 +12,26 @@
 //! last chunk marked `end`; a full outbound queue drops (and counts) chunks but never
 //! ends a follow by itself. `Rollback` pins a component to one of its recorded revisions
 //! ([`crate::revisions`]).
+//!
+//! GPU commands name a GPU by index or UUID ([`GpuRef`]), resolved against this host's
+//! GPU inventory (an unknown GPU fails with the known ones). `DrainGpu` stops the
+//! components whose `gpus` list the GPU and keeps them stopped, durably, until
+//! `SetGpuHealth { healthy: true }`; `ResetGpu` drains, waits for them to stop, then runs
+//! `gpu.reset_command` (an argv with `{index}`/`{uuid}`, killed after
+//! `gpu.reset_timeout`) and succeeds iff it exits 0; the GPU stays drained.
+//! `SwitchProfile` switches to a profile the config file defines ([`crate::profile`]).
 
+use crate::config::{Argv, Config};
 use crate::revisions;
 use crate::store::{CommandRecord, Store};
 use crate::supervisor::machine::Control;
 use crate::supervisor::runtime::Agent;
+use crate::supervisor::state_store::GpuDrain;
 use crate::uplink::{Outbound, Uplink};
+use razar_shared::domain::{ComponentState, GpuRef};
 use razar_shared::protocol::{
-    Command, CommandAction, CommandId, CommandOutcome, CommandResult, Event, EventKind, LogChunk,
-    UnixMillis,
+    Command, CommandAction, CommandId, CommandOutcome, CommandResult, Event, EventKind, GpuInfo,
+    LogChunk, UnixMillis,
 };
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -105,6 +116,8 @@ pub struct Executor<O: Outbox> {
     options: ExecutorOptions,
     stats: Arc<ExecutorStats>,
     follows: Arc<Mutex<HashMap<CommandId, oneshot::Sender<()>>>>,
+    /// This host's GPUs (what GPU commands are resolved against).
+    gpus: Vec<GpuInfo>,
 }
 
 impl<O: Outbox> Executor<O> {
@@ -116,7 +129,14 @@ impl<O: Outbox> Executor<O> {
             options,
             stats: Arc::default(),
             follows: Arc::default(),
+            gpus: Vec::new(),
         }
+    }
+
+    /// The host's GPU inventory, for GPU commands (none by default: every GPU is unknown).
+    pub fn with_gpus(mut self, gpus: Vec<GpuInfo>) -> Self {
+        self.gpus = gpus;
+        self
     }
 
     pub fn stats(&self) -> Arc<ExecutorStats> {
@@ -287,12 +307,30 @@ impl<O: Outbox> Executor<O> {
             | CommandAction::Rollback { component, .. }
             | CommandAction::TailLogs { component, .. } => component.clone(),
             CommandAction::CancelTail { .. } => String::new(),
-            // TODO(issue 12): GPU, deployment and profile commands.
-            CommandAction::DrainGpu { .. }
-            | CommandAction::ResetGpu { .. }
-            | CommandAction::SetGpuHealth { .. }
-            | CommandAction::DeployRevision { .. }
-            | CommandAction::SwitchProfile { .. } => {
+            CommandAction::DrainGpu { gpu, note } => {
+                return match self.resolve_gpu(gpu) {
+                    Ok(g) => self.drain_gpu(&g, note).await,
+                    Err(why) => failed(why),
+                };
+            }
+            CommandAction::ResetGpu { gpu } => {
+                return match self.resolve_gpu(gpu) {
+                    Ok(g) => self.reset_gpu(&g).await,
+                    Err(why) => failed(why),
+                };
+            }
+            CommandAction::SetGpuHealth { gpu, healthy, note } => {
+                return match (self.resolve_gpu(gpu), healthy) {
+                    (Ok(g), true) => self.lift_gpu(&g).await,
+                    (Ok(g), false) => self.drain_gpu(&g, note).await,
+                    (Err(why), _) => failed(why),
+                };
+            }
+            CommandAction::SwitchProfile { profile } => {
+                return self.switch_profile(profile).await;
+            }
+            // TODO(issue 12): deployments (the `deploy` work).
+            CommandAction::DeployRevision { .. } => {
                 return failed(format!(
                     "{} is not supported by this agent yet",
                     action_name(&action)
@@ -331,6 +369,219 @@ impl<O: Outbox> Executor<O> {
             Ok(()) => (CommandOutcome::Succeeded, "done".into()),
             Err(error) => failed(error.to_string()),
         }
+    }
+
+    /// The GPU `text` names (index or UUID) on this host.
+    fn resolve_gpu(&self, text: &str) -> Result<GpuInfo, String> {
+        resolve_gpu(&self.gpus, text).cloned()
+    }
+
+    /// Drains `gpu` (keeping an earlier drain's note and time) and waits for its
+    /// components to stop.
+    async fn drain_gpu(&self, gpu: &GpuInfo, note: &str) -> (CommandOutcome, String) {
+        match self.drain_and_wait(gpu, note).await {
+            Ok(stopped) => (
+                CommandOutcome::Succeeded,
+                format!("GPU {} ({}) drained; {}", gpu.index, gpu.uuid, stopped),
+            ),
+            Err(why) => (CommandOutcome::Failed, why),
+        }
+    }
+
+    async fn drain_and_wait(&self, gpu: &GpuInfo, note: &str) -> Result<String, String> {
+        let existing = self.agent.view().drained_gpus().remove(&gpu.index);
+        let drain = match existing {
+            Some(d) if note.is_empty() || d.note == note => d,
+            _ => GpuDrain {
+                uuid: gpu.uuid.clone(),
+                note: note.to_owned(),
+                since_ms: now_ms(),
+            },
+        };
+        let mapped = self
+            .agent
+            .set_gpu_drain(gpu.index, Some(drain))
+            .await
+            .map_err(|e| format!("cannot drain GPU {}: {e}", gpu.index))?;
+        self.emit_event(
+            gpu.index,
+            "gpu_drained",
+            format!("GPU {} ({}) drained: {note}", gpu.index, gpu.uuid),
+        );
+        let config = self.agent.view().config();
+        let grace: Duration = mapped
+            .iter()
+            .filter_map(|name| config.component(name))
+            .map(|c| c.stop_grace + Duration::from_secs(10))
+            .sum();
+        let wait = grace + Duration::from_secs(10);
+        let mut statuses = self.agent.watch_statuses();
+        let all_down = async {
+            loop {
+                let up: Vec<String> = {
+                    let now = statuses.borrow_and_update();
+                    mapped
+                        .iter()
+                        .filter(|name| {
+                            now.get(name.as_str()).is_some_and(|s| {
+                                !matches!(
+                                    s.state,
+                                    ComponentState::Stopped | ComponentState::Quarantined
+                                )
+                            })
+                        })
+                        .cloned()
+                        .collect()
+                };
+                if up.is_empty() || statuses.changed().await.is_err() {
+                    return up;
+                }
+            }
+        };
+        match tokio::time::timeout(wait, all_down).await {
+            Ok(up) if up.is_empty() => Ok(if mapped.is_empty() {
+                "no component is mapped to it".to_owned()
+            } else {
+                format!("stopped: {}", mapped.join(", "))
+            }),
+            Ok(up) => Err(format!(
+                "GPU {} drained, but the agent is stopping: {} still up",
+                gpu.index,
+                up.join(", ")
+            )),
+            Err(_) => Err(format!(
+                "GPU {} drained, but its components did not stop within {}s",
+                gpu.index,
+                wait.as_secs()
+            )),
+        }
+    }
+
+    /// Drains `gpu`, then runs the host's reset command for it.
+    async fn reset_gpu(&self, gpu: &GpuInfo) -> (CommandOutcome, String) {
+        let config = self.agent.view().config();
+        let Some(argv) = config.gpu_commands.reset_command.clone() else {
+            return (
+                CommandOutcome::Failed,
+                "no GPU reset action on this host (gpu.reset_command is not configured)".into(),
+            );
+        };
+        let stopped = match self.drain_and_wait(gpu, "reset requested").await {
+            Ok(s) => s,
+            Err(why) => return (CommandOutcome::Failed, why),
+        };
+        let argv = reset_argv(&argv, gpu);
+        let shown = argv.join(" ");
+        let outcome = run_reset(&argv, config.gpu_commands.reset_timeout).await;
+        let (result, message) = match outcome {
+            Ok(()) => (
+                CommandOutcome::Succeeded,
+                format!(
+                    "GPU {} ({}) reset: `{shown}` exited 0; {stopped}; the GPU stays drained",
+                    gpu.index, gpu.uuid
+                ),
+            ),
+            Err(why) => (
+                CommandOutcome::Failed,
+                format!(
+                    "GPU {} reset failed: `{shown}` {why}; the GPU stays drained",
+                    gpu.index
+                ),
+            ),
+        };
+        self.emit_event(gpu.index, "gpu_reset", message.clone());
+        (result, message)
+    }
+
+    /// Lifts `gpu`'s drain: the components it held start again.
+    async fn lift_gpu(&self, gpu: &GpuInfo) -> (CommandOutcome, String) {
+        let was = self.agent.view().drained_gpus().contains_key(&gpu.index);
+        match self.agent.set_gpu_drain(gpu.index, None).await {
+            Ok(mapped) => {
+                let message = match (was, mapped.is_empty()) {
+                    (false, _) => format!("GPU {} was not drained", gpu.index),
+                    (true, true) => format!("GPU {} back in service", gpu.index),
+                    (true, false) => format!(
+                        "GPU {} back in service; starting {}",
+                        gpu.index,
+                        mapped.join(", ")
+                    ),
+                };
+                if was {
+                    self.emit_event(gpu.index, "gpu_undrained", message.clone());
+                }
+                (CommandOutcome::Succeeded, message)
+            }
+            Err(e) => (
+                CommandOutcome::Failed,
+                format!("cannot lift the drain of GPU {}: {e}", gpu.index),
+            ),
+        }
+    }
+
+    /// Switches to `profile` of the config file, durably (until the file changes its own).
+    async fn switch_profile(&self, profile: &str) -> (CommandOutcome, String) {
+        let current = self.agent.view().config();
+        let new = match crate::profile::switched(&current, profile) {
+            Ok(c) => c,
+            Err(why) => return (CommandOutcome::Failed, why),
+        };
+        if current.agent.profile == profile {
+            return (
+                CommandOutcome::Succeeded,
+                format!("profile `{profile}` already runs"),
+            );
+        }
+        let wanted = profile.to_owned();
+        let saved = self
+            .blocking_config(&current, move |config| {
+                let file = crate::profile::file_profile(config);
+                crate::profile::save(config, &wanted, &file)
+            })
+            .await;
+        if let Err(e) = saved {
+            return (
+                CommandOutcome::Failed,
+                format!("cannot record the profile switch: {e}"),
+            );
+        }
+        match self.agent.reload_with(Some(new)).await {
+            Ok(changed) => (
+                CommandOutcome::Succeeded,
+                format!(
+                    "switched from profile `{}` to `{profile}`; changed: {}",
+                    current.agent.profile,
+                    if changed.is_empty() {
+                        "none".to_owned()
+                    } else {
+                        changed.join(", ")
+                    }
+                ),
+            ),
+            Err(e) => (CommandOutcome::Failed, e.to_string()),
+        }
+    }
+
+    async fn blocking_config(
+        &self,
+        config: &Arc<Config>,
+        f: impl FnOnce(&Config) -> std::io::Result<()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        let config = Arc::clone(config);
+        tokio::task::spawn_blocking(move || f(&config))
+            .await
+            .map_err(std::io::Error::other)?
+    }
+
+    /// A host event about GPU `index` on the agent's bus (spooled and sent).
+    fn emit_event(&self, index: u32, code: &str, message: String) {
+        self.agent.emit(Event {
+            ts_ms: now_ms(),
+            severity: razar_shared::domain::Severity::Warning,
+            subject: razar_shared::protocol::Subject::Gpu(index),
+            kind: EventKind::Other { code: code.into() },
+            message,
+        });
     }
 
     async fn roll_back(&self, component: &str, revision: &str) -> (CommandOutcome, String) {
@@ -455,6 +706,93 @@ impl<O: Outbox> Executor<O> {
             CommandOutcome::Succeeded,
             format!("following {component} (up to {}s)", limit.as_secs()),
         )
+    }
+}
+
+/// The GPU `text` (index or UUID) names among `gpus`.
+pub fn resolve_gpu<'g>(gpus: &'g [GpuInfo], text: &str) -> Result<&'g GpuInfo, String> {
+    let known = || {
+        if gpus.is_empty() {
+            "this host has no GPU".to_owned()
+        } else {
+            let list: Vec<String> = gpus
+                .iter()
+                .map(|g| format!("{} ({})", g.index, g.uuid))
+                .collect();
+            format!("GPUs here: {}", list.join(", "))
+        }
+    };
+    let Some(wanted) = GpuRef::parse(text) else {
+        return Err(format!("`{text}` is not a GPU index or UUID; {}", known()));
+    };
+    gpus.iter()
+        .find(|g| wanted.matches(g.index, &g.uuid))
+        .ok_or_else(|| format!("no GPU `{text}` on this host; {}", known()))
+}
+
+/// The reset argv with `{index}` and `{uuid}` replaced by `gpu`'s (in every argument).
+pub fn reset_argv(argv: &Argv, gpu: &GpuInfo) -> Vec<String> {
+    std::iter::once(&argv.program)
+        .chain(&argv.args)
+        .map(|a| {
+            a.replace("{index}", &gpu.index.to_string())
+                .replace("{uuid}", &gpu.uuid)
+        })
+        .collect()
+}
+
+/// Runs the reset command (no shell), killed after `timeout`; `Ok` iff it exits 0.
+async fn run_reset(argv: &[String], timeout: Duration) -> Result<(), String> {
+    let Some((program, args)) = argv.split_first() else {
+        return Err("is empty".into());
+    };
+    // Its own process group, so a timeout kills whatever it started too.
+    let child = tokio::process::Command::new(program)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| format!("could not start: {e}"))?;
+    let group = child.id().and_then(|pid| i32::try_from(pid).ok());
+    match tokio::time::timeout(timeout, child.wait_with_output()).await {
+        Err(_) => {
+            if let Some(group) = group {
+                let _ = nix::sys::signal::killpg(
+                    nix::unistd::Pid::from_raw(group),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+            Err(format!(
+                "timed out after {}s and was killed",
+                timeout.as_secs()
+            ))
+        }
+        Ok(Err(e)) => Err(format!("failed: {e}")),
+        Ok(Ok(out)) if out.status.success() => Ok(()),
+        Ok(Ok(out)) => {
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            let tail: String = stderr
+                .trim()
+                .chars()
+                .rev()
+                .take(300)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect();
+            Err(format!(
+                "exited with {}{}",
+                out.status,
+                if tail.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {tail}")
+                }
+            ))
+        }
     }
 }
 

@@ -196,7 +196,8 @@ impl Daemon {
                         retention: config_arc.agent.command_retention,
                         follow_limit: config_arc.agent.log_follow_limit,
                     },
-                );
+                )
+                .with_gpus(gpu.inventory().iter().map(|g| g.to_info()).collect());
                 tasks.push(tokio::spawn(executor.run(commands)));
                 (Some(uplink), Some(host_id))
             }

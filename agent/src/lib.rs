@@ -10,6 +10,7 @@ pub mod logs;
 pub mod metrics;
 pub mod probe;
 pub mod process;
+pub mod profile;
 pub mod resources;
 pub mod revisions;
 pub mod spool;

@@ -42,9 +42,22 @@ pub struct Health {
     /// Why GPU events can be lost now (the kernel log cannot be read); `null` otherwise.
     #[serde(default)]
     pub gpu_events: Option<String>,
+    /// GPUs drained on this host (`DrainGpu`, `ResetGpu`, `SetGpuHealth`): their
+    /// components are kept stopped. `/health` is degraded while one is.
+    #[serde(default)]
+    pub drained_gpus: Vec<DrainedGpu>,
     /// Count of components per state.
     pub components_by_state: BTreeMap<String, u32>,
     pub components: Vec<crate::supervisor::component::ComponentStatus>,
+}
+
+/// A drained GPU as `/health` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DrainedGpu {
+    pub index: u32,
+    pub uuid: String,
+    pub note: String,
+    pub since_ms: i64,
 }
 
 /// Body of `POST /v1/components/{name}/resolve`.
@@ -131,7 +144,28 @@ pub fn health_of(agent: &Agent) -> Health {
         .metrics()
         .last_drop()
         .map(|(at, what)| (at.elapsed(), what));
-    let problems = health_problems(quarantined, gpu_events.as_deref(), drop);
+    let drained_gpus: Vec<DrainedGpu> = view
+        .drained_gpus()
+        .into_iter()
+        .map(|(index, d)| DrainedGpu {
+            index,
+            uuid: d.uuid,
+            note: d.note,
+            since_ms: d.since_ms,
+        })
+        .collect();
+    let mut problems = health_problems(quarantined, gpu_events.as_deref(), drop);
+    for gpu in &drained_gpus {
+        problems.push(format!(
+            "GPU {} drained{}",
+            gpu.index,
+            if gpu.note.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", gpu.note)
+            }
+        ));
+    }
     Health {
         status: if problems.is_empty() {
             "ok"
@@ -147,6 +181,7 @@ pub fn health_of(agent: &Agent) -> Health {
         collector: view.link.borrow().clone(),
         gpu: view.gpu.borrow().clone(),
         gpu_events,
+        drained_gpus,
         components_by_state: by_state,
         components: statuses.into_values().collect(),
     }

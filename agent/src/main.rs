@@ -153,7 +153,7 @@ async fn run(path: &std::path::Path) -> anyhow::Result<i32> {
         )
         .with_writer(std::io::stderr)
         .init();
-    let config = match razar_agent::revisions::load_effective(path) {
+    let config = match razar_agent::profile::load_effective(path) {
         Ok((c, notes)) => {
             for note in notes {
                 tracing::info!(%note, "rollback pins");

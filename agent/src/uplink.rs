@@ -34,16 +34,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 /// Application close codes on the QUIC connection (both directions).
-pub mod close_code {
-    /// Orderly shutdown of the side that closes.
-    pub const SHUTDOWN: u32 = 0;
-    /// The collector refused the agent; the reason bytes carry the refusal code.
-    pub const REFUSED: u32 = 1;
-    /// The peer broke the protocol (undecodable frame, unexpected message).
-    pub const PROTOCOL_VIOLATION: u32 = 2;
-    /// The peer went silent past its grace.
-    pub const PEER_LOST: u32 = 3;
-}
+pub use razar_shared::close_code;
 
 /// Errors setting up the uplink.
 #[derive(Debug, thiserror::Error)]

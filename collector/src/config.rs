@@ -49,6 +49,8 @@ pub struct CollectorConfig {
     pub lost_after_restart: Duration,
     /// When `/api/v1/health` says `degraded`.
     pub health: HealthLimits,
+    /// `[pulses]`: scheduled failure pulses (off by default).
+    pub pulses: crate::pulses::PulsesConfig,
 }
 
 /// Limits past which health says `degraded` (`[health]`).
@@ -94,11 +96,11 @@ pub enum Database {
     Embedded,
 }
 
-pub use razar_agent::config::{ConfigError, ConfigErrors};
+pub use razar_shared::config_support::{ConfigError, ConfigErrors};
 
-use razar_agent::config::document::parse_document;
-use razar_agent::config::files::{check_file, FileKind};
-use razar_agent::config::ErrorCollector;
+use razar_shared::config_support::document::parse_document;
+use razar_shared::config_support::files::{check_file, FileKind};
+use razar_shared::config_support::ErrorCollector;
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -117,6 +119,8 @@ struct RawConfig {
     ingest: RawIngest,
     #[serde(default)]
     health: RawHealth,
+    #[serde(default)]
+    pulses: crate::pulses::RawPulses,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -218,6 +222,7 @@ impl CollectorConfig {
             health: HealthLimits::default(),
             max_clock_skew: Duration::from_secs(5 * 60),
             max_series_per_host: NonZeroU32::new(100_000).unwrap_or(NonZeroU32::MIN),
+            pulses: crate::pulses::PulsesConfig::default(),
         }
     }
 
@@ -433,6 +438,9 @@ impl Validator<'_> {
                 *value = d;
             }
         }
+        cfg.pulses = crate::pulses::validate(&raw.pulses, &mut |span, key, reason| {
+            v.c.push(span, key, reason)
+        });
         if files == Files::Check {
             v.check_tls_files(&tls_files, &cfg.tls);
         }

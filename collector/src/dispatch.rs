@@ -25,12 +25,21 @@
 //!   message prefix and sets `duplicate`. Later results and results for ids this host
 //!   does not have are counted and ignored.
 //!
+//! - GPU commands name their GPU by index or UUID ([`GpuRef`]); submit resolves it
+//!   against the host's `gpus` table (its last inventory) and stores the index, or
+//!   refuses an unknown GPU with the reason.
+//! - Version 3 commands ([`CommandAction::min_version`]) are refused at submit while the
+//!   host's last session negotiated an older version; one already queued that meets an
+//!   older session (an agent downgraded since) is not sent: it is settled `failed` with
+//!   the reason on that connection.
+//!
 //! The decisions (what a command targets, how a result settles it) are pure functions
 //! at the bottom; the [`Ledger`] is the only code that touches the table.
 
 use crate::server::{Delivery, Shared};
 use chrono::{DateTime, Utc};
 use prometheus::{IntCounterVec, IntGauge, Opts, Registry};
+use razar_shared::domain::GpuRef;
 use razar_shared::protocol::{Command, CommandAction, CommandId, CommandOutcome, CommandResult};
 use sqlx::postgres::{PgPool, PgRow};
 use sqlx::types::Json;
@@ -54,9 +63,17 @@ pub enum DispatchError {
     /// The host has no component of this name (as its last inventory says).
     #[error("host {host:?} has no component {component:?}")]
     UnknownComponent { host: String, component: String },
-    /// The host has no GPU with this index (as its last inventory says).
-    #[error("host {host:?} has no GPU {gpu}")]
-    UnknownGpu { host: String, gpu: u32 },
+    /// The host has no GPU with this index or UUID (as its last inventory says).
+    #[error("host {host:?} has no GPU {gpu:?} (by index or UUID)")]
+    UnknownGpu { host: String, gpu: String },
+    /// The host's agent (its last session) speaks a protocol older than the command.
+    #[error("host {host:?}'s agent speaks protocol {version}; {kind} needs {needed} (upgrade the agent)")]
+    AgentTooOld {
+        host: String,
+        kind: &'static str,
+        version: u16,
+        needed: u16,
+    },
     /// A `CancelTail` names a command this host never had.
     #[error("host {host:?} has no command {command}")]
     UnknownCommand { host: String, command: String },
@@ -355,22 +372,54 @@ impl Ledger {
                 });
             }
         }
+        let needed = request.action.min_version();
+        if needed > razar_shared::protocol::PROTOCOL_MIN {
+            let last: Option<i32> = sqlx::query_scalar(
+                "SELECT protocol_version FROM agent_sessions WHERE host_id = $1
+                 ORDER BY connected_at DESC, session_id DESC LIMIT 1",
+            )
+            .bind(host)
+            .fetch_optional(&self.pool)
+            .await?;
+            if let Some(version) = last.and_then(|v| u16::try_from(v).ok()) {
+                if version < needed {
+                    return Err(DispatchError::AgentTooOld {
+                        host: host.clone(),
+                        kind: kind(&request.action),
+                        version,
+                        needed,
+                    });
+                }
+            }
+        }
+        let mut gpu_index: Option<i32> = None;
         if let Some(gpu) = target.gpu {
             let unknown = || DispatchError::UnknownGpu {
                 host: host.clone(),
-                gpu,
+                gpu: gpu.to_owned(),
             };
-            let index = i32::try_from(gpu).map_err(|_| unknown())?;
-            let found: bool = sqlx::query_scalar(
-                "SELECT EXISTS (SELECT 1 FROM gpus WHERE host_id = $1 AND gpu_index = $2)",
-            )
-            .bind(host)
-            .bind(index)
-            .fetch_one(&self.pool)
-            .await?;
-            if !found {
-                return Err(unknown());
-            }
+            let found: Option<i32> =
+                match GpuRef::parse(gpu).ok_or_else(unknown)? {
+                    GpuRef::Index(index) => {
+                        let index = i32::try_from(index).map_err(|_| unknown())?;
+                        sqlx::query_scalar(
+                            "SELECT gpu_index FROM gpus WHERE host_id = $1 AND gpu_index = $2",
+                        )
+                        .bind(host)
+                        .bind(index)
+                        .fetch_optional(&self.pool)
+                        .await?
+                    }
+                    GpuRef::Uuid(uuid) => sqlx::query_scalar(
+                        "SELECT gpu_index FROM gpus WHERE host_id = $1 AND lower(uuid) = lower($2)
+                         ORDER BY gpu_index LIMIT 1",
+                    )
+                    .bind(host)
+                    .bind(uuid)
+                    .fetch_optional(&self.pool)
+                    .await?,
+                };
+            gpu_index = Some(found.ok_or_else(unknown)?);
         }
         if let Some(command) = target.command {
             let found: bool = sqlx::query_scalar(
@@ -399,7 +448,7 @@ impl Ledger {
         .bind(host)
         .bind(kind(&request.action))
         .bind(target.component)
-        .bind(target.gpu.and_then(|g| i32::try_from(g).ok()))
+        .bind(gpu_index)
         .bind(Json(&request.action))
         .bind(&request.caller)
         .bind(&request.idempotency_key)
@@ -528,6 +577,24 @@ impl Ledger {
         rows.iter()
             .map(|row| record(row).map(|r| r.command()))
             .collect()
+    }
+
+    /// Settles `host`'s command `id` as `failed` with `message` without the agent (it
+    /// cannot be delivered on this connection, e.g. a protocol too old for it).
+    pub(crate) async fn fail_undeliverable(
+        &self,
+        host: &str,
+        id: CommandId,
+        message: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Option<CommandState>, DispatchError> {
+        let result = CommandResult {
+            id,
+            finished_ms: now.timestamp_millis(),
+            outcome: CommandOutcome::Failed,
+            message: message.to_owned(),
+        };
+        self.record_result(host, &result, now).await
     }
 
     /// Stores the agent's result for one of `host`'s commands: the first result settles
@@ -773,7 +840,8 @@ pub fn kind(action: &CommandAction) -> &'static str {
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 struct Target<'a> {
     component: Option<&'a str>,
-    gpu: Option<u32>,
+    /// The GPU as the command names it (index or UUID), resolved at submit.
+    gpu: Option<&'a str>,
     /// Another command of the same host (`CancelTail`).
     command: Option<CommandId>,
 }
@@ -797,11 +865,13 @@ impl<'a> Target<'a> {
                 command: Some(*command),
                 ..Target::default()
             },
-            // TODO(issue 12): resolve the GPU (UUID or index) against the host's GPUs.
-            CommandAction::DrainGpu { .. }
-            | CommandAction::ResetGpu { .. }
-            | CommandAction::SetGpuHealth { .. }
-            | CommandAction::SwitchProfile { .. } => Target::default(),
+            CommandAction::DrainGpu { gpu, .. }
+            | CommandAction::ResetGpu { gpu }
+            | CommandAction::SetGpuHealth { gpu, .. } => Target {
+                gpu: Some(gpu),
+                ..Target::default()
+            },
+            CommandAction::SwitchProfile { .. } => Target::default(),
         }
     }
 }
@@ -1110,6 +1180,15 @@ mod tests {
             assert_eq!(Target::of(action).component, Some("a"), "{action:?}");
         }
         assert_eq!(Target::of(&actions[8]).command, Some([1; 16]));
+        let drain = CommandAction::DrainGpu {
+            gpu: "GPU-1".into(),
+            note: String::new(),
+        };
+        assert_eq!(Target::of(&drain).gpu, Some("GPU-1"));
+        assert_eq!(
+            Target::of(&CommandAction::ResetGpu { gpu: "2".into() }).gpu,
+            Some("2")
+        );
     }
 
     #[test]

@@ -29,7 +29,7 @@ use crate::store::{IngestOutcome, SeriesMap, StoreError};
 use chrono::Utc;
 use razar_shared::protocol::codec::{encode_into, AgentFrameDecoder};
 use razar_shared::protocol::session::{
-    negotiate_version, CollectorEvent, CollectorSession, CollectorState,
+    negotiate_version, CollectorEvent, CollectorSession, CollectorState, SessionError,
 };
 use razar_shared::protocol::{
     Batch, Command, Hello, RefusalReason, SeriesDef, PROTOCOL_MAX, PROTOCOL_MIN,
@@ -357,8 +357,15 @@ impl Conn {
                 Step::Retry => {}
                 Step::Timer => self.session.handle_timeout(Instant::now()),
                 Step::Command(Some(command)) => {
-                    if self.session.send_command(command).is_err() {
-                        tracing::debug!(host = %self.host, "command for an agent not yet welcomed dropped");
+                    let id = command.id;
+                    match self.session.send_command(command) {
+                        Ok(()) => {}
+                        Err(e @ SessionError::CommandNeedsVersion { .. }) => {
+                            fail_undeliverable(&self.shared.ledger, &self.host, id, &e).await;
+                        }
+                        Err(_) => {
+                            tracing::debug!(host = %self.host, "command for an agent not yet welcomed dropped");
+                        }
                     }
                 }
                 Step::Command(None) => {}
@@ -529,8 +536,12 @@ impl Conn {
         let mut sent = Vec::with_capacity(due.len());
         for command in due {
             let id = command.id;
-            if self.session.send_command(command).is_ok() {
-                sent.push(id);
+            match self.session.send_command(command) {
+                Ok(()) => sent.push(id),
+                Err(e @ SessionError::CommandNeedsVersion { .. }) => {
+                    fail_undeliverable(&self.shared.ledger, &self.host, id, &e).await;
+                }
+                Err(_) => {}
             }
         }
         if !sent.is_empty() {
@@ -722,6 +733,24 @@ fn newest_data_ms(batch: &Batch) -> i64 {
 
 fn hex_id(id: &[u8; 16]) -> String {
     id.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Settles a command a connection cannot carry (its agent's protocol is too old) as
+/// failed, with the reason, instead of sending it.
+async fn fail_undeliverable(
+    ledger: &crate::dispatch::Ledger,
+    host: &str,
+    id: razar_shared::protocol::CommandId,
+    why: &SessionError,
+) {
+    let message = format!("not sent: {why} (upgrade the agent)");
+    tracing::warn!(host, command = %crate::dispatch::hex_id(&id), %message, "command refused for this agent");
+    if let Err(e) = ledger
+        .fail_undeliverable(host, id, &message, Utc::now())
+        .await
+    {
+        tracing::warn!(host, error = %e, "cannot settle an undeliverable command");
+    }
 }
 
 #[cfg(test)]

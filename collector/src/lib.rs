@@ -8,6 +8,7 @@ pub mod embedded_pg;
 pub mod group;
 mod ingest;
 pub mod lost;
+pub mod pulses;
 pub mod server;
 pub mod service;
 pub mod store;

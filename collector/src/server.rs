@@ -35,7 +35,7 @@ use tokio::task::{JoinHandle, JoinSet};
 pub use prometheus;
 
 /// Application close codes, shared with the agent's uplink.
-pub use razar_agent::uplink::close_code;
+pub use razar_shared::close_code;
 
 /// Errors starting or reconfiguring the server.
 #[derive(Debug, thiserror::Error)]

@@ -48,6 +48,9 @@ struct Serving {
     store: Store,
     collector: Collector,
     maintenance: JoinHandle<()>,
+    pause: crate::pulses::PauseHook,
+    /// The pulse scheduler, when `[pulses]` is enabled.
+    pulses: Option<JoinHandle<()>>,
 }
 
 /// A running collector.
@@ -59,6 +62,7 @@ pub struct Service {
     http_addr: SocketAddr,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
+    pause: crate::pulses::PauseHook,
 }
 
 impl std::fmt::Debug for Service {
@@ -136,6 +140,8 @@ impl Service {
                 store,
                 collector,
                 maintenance,
+                pause,
+                pulses,
             }) => {
                 let _ = api_state.ready.set(Ready {
                     pool: store.pool().clone(),
@@ -151,7 +157,8 @@ impl Service {
                     collector,
                     http_addr,
                     stop,
-                    tasks: vec![http, maintenance],
+                    tasks: [http, maintenance].into_iter().chain(pulses).collect(),
+                    pause,
                 })
             }
             Err(e) => {
@@ -212,13 +219,57 @@ impl Service {
                 move |beat| maintain(store.clone(), config.clone(), stop.clone(), beat),
             )
         };
+        let pause = crate::pulses::PauseHook::default();
+        let mut pulses_task = None;
+        if config.pulses.enabled && !config.pulses.schedules.is_empty() {
+            let metrics = crate::pulses::PulseMetrics::new(registry)?;
+            let (pulses, dispatch, pool) = (
+                config.pulses.clone(),
+                collector.dispatch(),
+                store.pool().clone(),
+            );
+            let (pause, stop) = (pause.clone(), stop.clone());
+            // Supervised like maintenance; ends on `stop`.
+            pulses_task = Some(collector.tasks().spawn(
+                "pulse_scheduler",
+                Some(Duration::from_secs(60)),
+                Some(stop.clone()),
+                move |beat| {
+                    let run = crate::pulses::run(
+                        pulses.clone(),
+                        dispatch.clone(),
+                        pool.clone(),
+                        pause.clone(),
+                        metrics.clone(),
+                        stop.clone(),
+                        beat,
+                    );
+                    async move {
+                        run.await;
+                        Ok::<(), std::convert::Infallible>(())
+                    }
+                },
+            ));
+            tracing::info!(
+                schedules = config.pulses.schedules.len(),
+                "scheduled failure pulses on"
+            );
+        }
         Ok(Serving {
             config,
             pg,
             store,
             collector,
             maintenance,
+            pause,
+            pulses: pulses_task,
         })
+    }
+
+    /// Where the "automation paused?" hook of scheduled pulses is set (the engine
+    /// loop's circuit breaker): no pulse fires while it answers true.
+    pub fn automation_pause(&self) -> &crate::pulses::PauseHook {
+        &self.pause
     }
 
     /// UDP address agents connect to.

@@ -122,3 +122,57 @@ pub enum LogStream {
     Stdout,
     Stderr,
 }
+
+/// How a GPU command (`DrainGpu`, `ResetGpu`, `SetGpuHealth`) names its GPU: a decimal
+/// index (`"3"`) or anything else, taken as the GPU's UUID (`"GPU-…"`). The agent and the
+/// collector resolve it with this same rule.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GpuRef {
+    Index(u32),
+    Uuid(String),
+}
+
+impl GpuRef {
+    /// Parses a command's `gpu` text: all ASCII digits (and fits `u32`) is an index,
+    /// anything else non-empty a UUID. `None` for an empty or blank text.
+    pub fn parse(text: &str) -> Option<GpuRef> {
+        let text = text.trim();
+        if text.is_empty() {
+            return None;
+        }
+        if text.bytes().all(|b| b.is_ascii_digit()) {
+            return text.parse().ok().map(GpuRef::Index);
+        }
+        Some(GpuRef::Uuid(text.to_owned()))
+    }
+
+    /// Whether a GPU with this index and UUID is the one named (UUIDs compare without
+    /// regard to ASCII case).
+    pub fn matches(&self, index: u32, uuid: &str) -> bool {
+        match self {
+            GpuRef::Index(i) => *i == index,
+            GpuRef::Uuid(u) => u.eq_ignore_ascii_case(uuid),
+        }
+    }
+}
+
+#[cfg(test)]
+mod gpu_ref_tests {
+    use super::GpuRef;
+
+    #[test]
+    fn a_gpu_is_named_by_decimal_index_or_uuid() {
+        assert_eq!(GpuRef::parse("3"), Some(GpuRef::Index(3)));
+        assert_eq!(GpuRef::parse(" 0 "), Some(GpuRef::Index(0)));
+        assert_eq!(
+            GpuRef::parse("GPU-abc"),
+            Some(GpuRef::Uuid("GPU-abc".into()))
+        );
+        assert_eq!(GpuRef::parse(""), None);
+        assert_eq!(GpuRef::parse("  "), None);
+        // Digits too large for an index: refused, not taken as a UUID.
+        assert_eq!(GpuRef::parse("99999999999"), None);
+        assert!(GpuRef::parse("gpu-ABC").is_some_and(|g| g.matches(1, "GPU-abc")));
+        assert!(!GpuRef::Index(1).matches(2, "GPU-abc"));
+    }
+}

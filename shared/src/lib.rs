@@ -6,6 +6,8 @@
 //! and deadlines out.
 #![forbid(unsafe_code)]
 
+pub mod close_code;
+pub mod config_support;
 pub mod domain;
 pub mod protocol;
 pub mod tls;

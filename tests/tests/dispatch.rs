@@ -10,7 +10,11 @@
 //!   and the stored outcome is the first one; a late second answer is ignored;
 //! - a command for an unknown component or host is refused with the reason, nothing
 //!   stored;
-//! - the same idempotency key from the same caller returns the same command.
+//! - the same idempotency key from the same caller returns the same command;
+//! - a GPU drain (named by UUID) stops the components mapped to that GPU and only them;
+//!   an unknown GPU is refused; a version 3 command for a host whose last session
+//!   negotiated an older protocol is refused at submit;
+//! - a scheduled failure pulse is sent through dispatch and the agent carries it out.
 //!
 //! The component appends a line to a file each time it starts: the file counts its
 //! starts, so "ran once" is counted, not guessed.
@@ -83,6 +87,11 @@ impl Fixture {
 
     /// The collector: this database, heartbeats every 250 ms (lost after 1 s).
     async fn collector(&self) -> Service {
+        self.collector_with(|_| {}).await
+    }
+
+    /// [`Fixture::collector`] with `change` applied to its config.
+    async fn collector_with(&self, change: impl FnOnce(&mut CollectorConfig)) -> Service {
         let mut c = CollectorConfig::defaults(&self.dir.path().join("collector"));
         c.quic_listen = ([127, 0, 0, 1], self.quic_port).into();
         c.http_listen = ([127, 0, 0, 1], 0).into();
@@ -98,6 +107,7 @@ impl Fixture {
         c.heartbeat_interval = Duration::from_millis(250);
         c.lost_after_missed = NonZeroU32::new(4).expect("nonzero");
         c.health.database_slow = Duration::from_secs(30);
+        change(&mut c);
         Service::start(c).await.expect("collector starts")
     }
 
@@ -618,5 +628,184 @@ async fn the_same_idempotency_key_returns_the_same_command() {
         2
     );
     daemon.shutdown().await;
+    service.shutdown().await;
+}
+
+/// The agent's config with two fake GPUs and a component on each, plus `web` on none.
+fn gpu_agent_config(f: &Fixture) -> Config {
+    let files = f.ca.client_files(&f.agent);
+    let d = f.dir.path();
+    let scenario = d.join("scenario.toml");
+    std::fs::write(&scenario, "[[gpu]]\n[[gpu]]\n").expect("scenario");
+    let text = format!(
+        "[agent]\nprofile = \"core\"\ndata_dir = \"{d}/data\"\nlog_dir = \"{d}/logs\"\nlisten = \"127.0.0.1:0\"\n\n\
+         [collector]\naddress = \"127.0.0.1:{port}\"\nserver_name = \"{name}\"\nca = \"{ca}\"\ncert = \"{cert}\"\nkey = \"{key}\"\n\n\
+         [gpu]\nsource = \"scenario\"\nscenario = \"{scenario}\"\n\n\
+         [[component]]\nname = \"train0\"\ncommand = \"sleep\"\nargs = [\"1000.81\"]\ngpus = [0]\nstop_grace = \"2s\"\n\n\
+         [[component]]\nname = \"train1\"\ncommand = \"sleep\"\nargs = [\"1000.82\"]\ngpus = [1]\nstop_grace = \"2s\"\n\n\
+         [[component]]\nname = \"web\"\ncommand = \"sleep\"\nargs = [\"1000.83\"]\nstop_grace = \"2s\"\n",
+        d = d.display(),
+        port = f.quic_port,
+        name = COLLECTOR_NAMES[0],
+        ca = files.ca.display(),
+        cert = files.cert.display(),
+        key = files.key.display(),
+        scenario = scenario.display(),
+    );
+    let path = d.join("agent.toml");
+    std::fs::write(&path, &text).expect("agent config");
+    Config::load(&path).unwrap_or_else(|e| panic!("agent config: {e}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gpu_drain_stops_the_components_of_that_gpu_only_and_old_agents_get_no_v3_command() {
+    use razar_shared::domain::ComponentState;
+    let f = Fixture::new().await;
+    let service = f.collector().await;
+    let daemon = Daemon::start(gpu_agent_config(&f), daemon_options())
+        .await
+        .expect("agent starts");
+    let agent = daemon.agent().clone();
+    let ready = |name: &'static str| {
+        let agent = agent.clone();
+        async move {
+            agent
+                .statuses()
+                .get(name)
+                .filter(|s| s.state == ComponentState::Ready)
+                .and_then(|s| s.pid)
+        }
+    };
+    let mut pids = Vec::new();
+    for name in ["train0", "train1", "web"] {
+        pids.push(wait_for(name, || ready(name)).await);
+    }
+    // The host's GPUs are known from its inventory.
+    let uuid: String = wait_for("the host's GPUs stored", || async {
+        sqlx::query_scalar("SELECT uuid FROM gpus WHERE host_id = $1 AND gpu_index = 0")
+            .bind(HOST)
+            .fetch_optional(&f.pool)
+            .await
+            .expect("read gpus")
+    })
+    .await;
+    let dispatch = service.collector().dispatch();
+
+    for gpu in ["7", "GPU-not-here", ""] {
+        let refused = dispatch
+            .submit(request(
+                CommandAction::DrainGpu {
+                    gpu: gpu.into(),
+                    note: "x".into(),
+                },
+                in_a_minute(),
+                None,
+            ))
+            .await;
+        assert!(
+            matches!(refused, Err(DispatchError::UnknownGpu { .. })),
+            "{refused:?}"
+        );
+    }
+    assert_eq!(f.commands_stored().await, 0, "nothing stored for a refusal");
+
+    let drain = dispatch
+        .submit(request(
+            CommandAction::DrainGpu {
+                gpu: uuid.to_lowercase(),
+                note: "xid 79".into(),
+            },
+            in_a_minute(),
+            None,
+        ))
+        .await
+        .expect("drain accepted");
+    let done = settled(&service, &drain.id).await;
+    assert_eq!(done.state, CommandState::Succeeded, "{done:?}");
+    let gpu: Option<i32> = sqlx::query_scalar("SELECT gpu FROM commands WHERE command_id = $1")
+        .bind(&drain.id[..])
+        .fetch_one(&f.pool)
+        .await
+        .expect("read the command");
+    assert_eq!(gpu, Some(0), "stored with the resolved index");
+    let statuses = agent.statuses();
+    assert_eq!(
+        statuses.get("train0").map(|s| s.state),
+        Some(ComponentState::Stopped)
+    );
+    for (name, pid) in [("train1", pids[1]), ("web", pids[2])] {
+        let s = statuses.get(name).expect("status");
+        assert_eq!(
+            (s.state, s.pid),
+            (ComponentState::Ready, Some(pid)),
+            "{name} keeps running"
+        );
+    }
+
+    // The host's last session negotiated version 2 (an older agent): a version 3
+    // command is refused at submit with the reason; older commands still go.
+    sqlx::query("UPDATE agent_sessions SET protocol_version = 2 WHERE host_id = $1")
+        .bind(HOST)
+        .execute(&f.pool)
+        .await
+        .expect("simulate an older agent's session");
+    let refused = dispatch
+        .submit(request(
+            CommandAction::ResetGpu { gpu: "0".into() },
+            in_a_minute(),
+            None,
+        ))
+        .await;
+    assert!(
+        matches!(
+            refused,
+            Err(DispatchError::AgentTooOld {
+                version: 2,
+                needed: 3,
+                ..
+            })
+        ),
+        "{refused:?}"
+    );
+    assert!(dispatch
+        .submit(request(restart("web"), in_a_minute(), None))
+        .await
+        .is_ok());
+    f.stop_agent(&service, daemon).await;
+    service.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scheduled_pulse_is_sent_through_dispatch_and_carried_out() {
+    let f = Fixture::new().await;
+    let service = f
+        .collector_with(|c| {
+            let raw = "enabled = true\n[[pulses.schedule]]\ncomponent = \"web\"\ncron = \"* * * * * *\"\nbudget = \"30s\"\nhosts = [\"dispatch-*\"]\n";
+            let text = format!("[pulses]\n{raw}");
+            let dir = f.dir.path().join("collector");
+            std::fs::create_dir_all(&dir).expect("dir");
+            let path = dir.join("pulses.toml");
+            std::fs::write(&path, &text).expect("config");
+            let parsed = CollectorConfig::parse(&path, &text).unwrap_or_else(|e| panic!("{e}"));
+            c.pulses = parsed.pulses;
+        })
+        .await;
+    let daemon = f.connected_agent(&service, 1).await;
+    // Every second, for the host running `web`: one command per occurrence.
+    let (id, state): (Vec<u8>, String) = wait_for("a settled scheduled pulse", || async {
+        sqlx::query_as(
+            "SELECT command_id, state FROM commands
+             WHERE kind = 'pulse' AND caller = 'pulse-scheduler' AND host_id = $1
+               AND state IN ('succeeded', 'failed')
+             ORDER BY created_at LIMIT 1",
+        )
+        .bind(HOST)
+        .fetch_optional(&f.pool)
+        .await
+        .expect("read commands")
+    })
+    .await;
+    assert_eq!(state, "succeeded", "command {id:?}");
+    f.stop_agent(&service, daemon).await;
     service.shutdown().await;
 }

@@ -1,7 +1,7 @@
 //! The files a config names, checked the way `run` will use them: read and parsed (a
 //! certificate as PEM certificates, a key as a private key, a scenario as a scenario).
-//! This is the only I/O of config validation; the rest is pure. Shared with the
-//! collector's config.
+//! This is the only I/O of config validation; the rest is pure. The TLS kinds are
+//! razar-shared's (`config_support::files`), shared with the collector's config.
 
 use super::error::Collector;
 use std::ops::Range;
@@ -51,22 +51,12 @@ impl FileRef {
 
 /// Why `path` cannot be used as a `kind`, if it cannot.
 pub fn check_file(path: &Path, kind: FileKind) -> Result<(), String> {
-    use razar_shared::tls;
-    let what = path.display().to_string();
-    let read = || tls::read_file(path).map_err(|e| e.to_string());
+    use razar_shared::config_support::files::{check_file as check_tls, FileKind as Tls};
     match kind {
-        FileKind::CaCertificates => tls::root_store(&read()?, &what)
-            .map(drop)
-            .map_err(|e| e.to_string()),
-        FileKind::Certificates => tls::certificates(&read()?, &what)
-            .map(drop)
-            .map_err(|e| e.to_string()),
-        FileKind::PrivateKey => tls::private_key(&read()?, &what)
-            .map(drop)
-            .map_err(|e| e.to_string()),
-        FileKind::Crl => tls::load_crl_file(path)
-            .map(drop)
-            .map_err(|e| e.to_string()),
+        FileKind::CaCertificates => check_tls(path, Tls::CaCertificates),
+        FileKind::Certificates => check_tls(path, Tls::Certificates),
+        FileKind::PrivateKey => check_tls(path, Tls::PrivateKey),
+        FileKind::Crl => check_tls(path, Tls::Crl),
         FileKind::GpuScenario => razar_gpu::Scenario::load(path)
             .map(drop)
             .map_err(|e| e.to_string()),

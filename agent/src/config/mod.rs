@@ -36,6 +36,8 @@ pub struct Config {
     /// (`hostname`, the default, or `Hostname` for dashboards built on dcgm-exporter's
     /// released versions).
     pub dcgm_hostname_label: razar_gpu::exposition::HostnameLabel,
+    /// `gpu.reset_command`, `gpu.reset_timeout`: what `ResetGpu` runs.
+    pub gpu_commands: GpuCommandSettings,
     /// Every component in the file, in file order (see [`Config::active_components`]).
     pub components: Vec<ComponentSpec>,
     pub watches: Vec<WatchSpec>,
@@ -222,6 +224,29 @@ pub enum GpuSettings {
     None,
 }
 
+/// Default of `gpu.reset_timeout`.
+pub const DEFAULT_GPU_RESET_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// How the agent carries out GPU commands (`DrainGpu`, `ResetGpu`, `SetGpuHealth`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GpuCommandSettings {
+    /// `gpu.reset_command`: the host's GPU reset action, an argv (never a shell string)
+    /// whose `{index}` and `{uuid}` are replaced by the GPU's; `None`: `ResetGpu` fails
+    /// with "no reset command configured".
+    pub reset_command: Option<Argv>,
+    /// `gpu.reset_timeout`: the reset command is killed (and the reset failed) after this.
+    pub reset_timeout: Duration,
+}
+
+impl Default for GpuCommandSettings {
+    fn default() -> Self {
+        GpuCommandSettings {
+            reset_command: None,
+            reset_timeout: DEFAULT_GPU_RESET_TIMEOUT,
+        }
+    }
+}
+
 /// A component name: 1 to 64 of `[A-Za-z0-9_.-]`.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ComponentName(String);
@@ -347,6 +372,9 @@ pub struct ComponentSpec {
     pub priority: i32,
     /// Profiles this component runs in; empty: every profile.
     pub profiles: Vec<String>,
+    /// `gpus`: indices of the GPUs the component runs on (the GPU mapping `DrainGpu`
+    /// uses: a drained GPU stops its components and keeps them from starting).
+    pub gpus: Vec<u32>,
     /// `false`: starts only on command.
     pub autostart: bool,
     /// Escalates with higher severity when quarantined.

@@ -57,6 +57,8 @@ pub struct RawGpu {
     pub nvml_library: S<String>,
     pub kernel_log: S<String>,
     pub dcgm_hostname_label: S<String>,
+    pub reset_command: Option<Spanned<Vec<String>>>,
+    pub reset_timeout: S<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -72,6 +74,7 @@ pub struct RawComponent {
     pub depends_on: Option<Vec<Spanned<String>>>,
     pub priority: S<i64>,
     pub profiles: Option<Vec<Spanned<String>>>,
+    pub gpus: Option<Vec<Spanned<i64>>>,
     pub autostart: Option<bool>,
     pub critical: Option<bool>,
     pub revision: S<String>,

@@ -380,6 +380,16 @@ fn build(
             ),
         }
     }
+    let mut gpu_commands = GpuCommandSettings::default();
+    if let Some(g) = raw.gpu.as_ref() {
+        let g = g.get_ref();
+        gpu_commands.reset_command = x.argv(&g.reset_command, "gpu.reset_command".into());
+        gpu_commands.reset_timeout = x.duration(
+            &g.reset_timeout,
+            "gpu.reset_timeout".into(),
+            DEFAULT_GPU_RESET_TIMEOUT,
+        );
+    }
     let gpu = match raw.gpu {
         None => GpuSettings::None,
         Some(g) => {
@@ -604,6 +614,7 @@ fn build(
         collector,
         gpu,
         dcgm_hostname_label,
+        gpu_commands,
         components,
         watches,
         component_sources: BTreeMap::new(),
@@ -831,6 +842,18 @@ fn component(
             profiles.push(p.get_ref().clone());
         }
     }
+    let mut gpus = Vec::new();
+    for g in comp.gpus.iter().flatten() {
+        match u32::try_from(*g.get_ref()) {
+            Ok(index) if !gpus.contains(&index) => gpus.push(index),
+            Ok(_) => x.err(g.span(), at(label, "gpus"), "listed twice"),
+            Err(_) => x.err(
+                g.span(),
+                at(label, "gpus"),
+                "a GPU index is a whole number from 0",
+            ),
+        }
+    }
     let depends_on = comp
         .depends_on
         .iter()
@@ -848,6 +871,7 @@ fn component(
         depends_on,
         priority,
         profiles,
+        gpus,
         autostart: comp.autostart.unwrap_or(true),
         critical: comp.critical.unwrap_or(false),
         revision: comp

@@ -7,7 +7,7 @@ use super::component::{
 };
 use super::machine::{Control, Input};
 use super::plan;
-use super::state_store::StateStore;
+use super::state_store::{GpuDrain, StateStore};
 use crate::config::{ComponentName, ComponentSpec, Config, ConfigErrors};
 use crate::logs::Logs;
 use crate::metrics::Metrics;
@@ -31,6 +31,9 @@ pub enum AgentError {
     /// The durable store could not be opened.
     #[error("cannot open the state store: {0}")]
     Store(String),
+    /// The durable store refused a write.
+    #[error("cannot write the state store: {0}")]
+    StoreWrite(String),
     /// Log capture could not start.
     #[error("cannot start log capture: {0}")]
     Logs(#[from] crate::logs::LogError),
@@ -106,6 +109,11 @@ enum Request {
     Shutdown {
         reply: oneshot::Sender<()>,
     },
+    Drain {
+        gpu: u32,
+        drain: Option<GpuDrain>,
+        reply: oneshot::Sender<Result<Vec<String>, AgentError>>,
+    },
 }
 
 /// Read-only view of a running agent, shared with the HTTP endpoints.
@@ -125,6 +133,8 @@ pub struct AgentView {
     pub(crate) gpu: watch::Sender<Option<String>>,
     /// Why GPU events can be lost now (`/health` is degraded meanwhile).
     pub(crate) gpu_degraded: watch::Sender<Option<String>>,
+    /// Drained GPUs by index, as `/health` shows them (set by the supervisor).
+    pub(crate) drained: watch::Sender<BTreeMap<u32, GpuDrain>>,
     /// Becomes true once the supervisor has stopped everything.
     pub(crate) stopped: watch::Sender<bool>,
     /// A receiver made with the channel, before any component ran: it holds the events
@@ -152,6 +162,11 @@ impl AgentView {
     /// Every component's status, by name.
     pub fn statuses(&self) -> BTreeMap<String, ComponentStatus> {
         self.statuses.borrow().clone()
+    }
+
+    /// The GPUs drained on this host, by index.
+    pub fn drained_gpus(&self) -> BTreeMap<u32, GpuDrain> {
+        self.drained.borrow().clone()
     }
 
     pub fn uptime(&self) -> Duration {
@@ -213,6 +228,7 @@ impl Agent {
             usage: watch::channel(BTreeMap::new()).0,
             trees: watch::channel(BTreeMap::new()).0,
             stopped: watch::channel(false).0,
+            drained: watch::channel(BTreeMap::new()).0,
             link: watch::channel("disconnected".to_owned()).0,
             gpu: watch::channel(None).0,
             gpu_degraded: watch::channel(None).0,
@@ -252,6 +268,7 @@ impl Agent {
             vram_over: BTreeMap::new(),
             memory_over: BTreeMap::new(),
             waiting: BTreeMap::new(),
+            drained: BTreeMap::new(),
         };
         let done = tokio::spawn(supervisor.run(rx));
         tokio::spawn(sample(Arc::clone(&view), requests.downgrade()));
@@ -398,6 +415,23 @@ impl Agent {
         rx.await.map_err(|_| AgentError::Gone)?
     }
 
+    /// Drains GPU `gpu` (`Some`) or lifts its drain (`None`), durably. A drained GPU's
+    /// components (those whose `gpus` list it) are stopped and kept from starting;
+    /// lifting starts again those it held stopped and no other drain holds. Returns the
+    /// components mapped to the GPU.
+    pub async fn set_gpu_drain(
+        &self,
+        gpu: u32,
+        drain: Option<GpuDrain>,
+    ) -> Result<Vec<String>, AgentError> {
+        let (reply, rx) = oneshot::channel();
+        self.requests
+            .send(Request::Drain { gpu, drain, reply })
+            .await
+            .map_err(|_| AgentError::Gone)?;
+        rx.await.map_err(|_| AgentError::Gone)?
+    }
+
     /// Re-reads the config file and applies it; returns the components that changed.
     pub async fn reload(&self) -> Result<Vec<String>, AgentError> {
         self.reload_with(None).await
@@ -460,6 +494,8 @@ struct Supervisor {
     memory_over: BTreeMap<String, Option<u32>>,
     /// What each pending component was last told it waits for.
     waiting: BTreeMap<String, String>,
+    /// Drained GPUs by index (durable in the store).
+    drained: BTreeMap<u32, GpuDrain>,
 }
 
 fn host_event(severity: Severity, kind: EventKind, message: String) -> Event {
@@ -475,6 +511,73 @@ fn host_event(severity: Severity, kind: EventKind, message: String) -> Event {
 impl Supervisor {
     fn active(&self) -> Vec<&ComponentSpec> {
         self.config.active_components().collect()
+    }
+
+    /// Why `spec` is held stopped: the first drained GPU it is mapped to.
+    fn held(&self, spec: &ComponentSpec) -> Option<String> {
+        spec.gpus.iter().find_map(|index| {
+            self.drained.get(index).map(|d| {
+                if d.note.is_empty() {
+                    format!("held: GPU {index} is drained")
+                } else {
+                    format!("held: GPU {index} is drained ({})", d.note)
+                }
+            })
+        })
+    }
+
+    /// Drains or lifts GPU `gpu`; see [`Agent::set_gpu_drain`].
+    async fn drain(
+        &mut self,
+        gpu: u32,
+        drain: Option<GpuDrain>,
+    ) -> Result<Vec<String>, AgentError> {
+        let mut drained = self.drained.clone();
+        let lifted = match drain {
+            Some(d) => {
+                drained.insert(gpu, d);
+                false
+            }
+            None => drained.remove(&gpu).is_some(),
+        };
+        self.shared
+            .store
+            .set_drained_gpus(&drained)
+            .map_err(AgentError::StoreWrite)?;
+        let before: BTreeSet<String> = self
+            .active()
+            .into_iter()
+            .filter(|s| self.held(s).is_some())
+            .map(|s| s.name.to_string())
+            .collect();
+        self.drained = drained;
+        self.view.drained.send_replace(self.drained.clone());
+        let mapped: Vec<String> = self
+            .active()
+            .into_iter()
+            .filter(|s| s.gpus.contains(&gpu))
+            .map(|s| s.name.to_string())
+            .collect();
+        if lifted {
+            // What the drain held stopped starts again (unless another drain holds it).
+            let statuses = self.shared.statuses.borrow().clone();
+            let freed: Vec<String> = self
+                .active()
+                .into_iter()
+                .filter(|s| self.held(s).is_none() && before.contains(s.name.as_str()))
+                .map(|s| s.name.to_string())
+                .collect();
+            for name in freed {
+                let stopped = statuses
+                    .get(&name)
+                    .is_some_and(|s| s.state == ComponentState::Stopped);
+                if let (true, Some(tx)) = (stopped, self.tasks.get(&name)) {
+                    let (reply, _) = oneshot::channel();
+                    let _ = tx.send(ToComponent::Command(Control::Start, reply)).await;
+                }
+            }
+        }
+        Ok(mapped)
     }
 
     fn states(&self) -> BTreeMap<ComponentName, ComponentState> {
@@ -510,6 +613,11 @@ impl Supervisor {
             BTreeMap::new()
         });
         let previous = store.processes().unwrap_or_default();
+        self.drained = store.drained_gpus().unwrap_or_else(|error| {
+            tracing::error!(%error, "cannot read drained GPUs");
+            BTreeMap::new()
+        });
+        self.view.drained.send_replace(self.drained.clone());
         // Processes of components no longer configured here: stop them.
         let active: BTreeSet<String> = self.active().iter().map(|s| s.name.to_string()).collect();
         for (name, (id, _)) in &previous {
@@ -561,6 +669,9 @@ impl Supervisor {
                     Some(Request::Reload { config, reply }) => {
                         let _ = reply.send(self.reload(config.map(|c| *c)).await);
                     }
+                    Some(Request::Drain { gpu, drain, reply }) => {
+                        let _ = reply.send(self.drain(gpu, drain).await);
+                    }
                     Some(Request::Vram { component, used_bytes }) => self.vram(&component, used_bytes).await,
                     Some(Request::Memory { component, used_bytes }) => self.memory(&component, used_bytes).await,
                 },
@@ -588,19 +699,47 @@ impl Supervisor {
     async fn plan(&mut self) {
         let states = self.states();
         let active = self.active();
+        let held: BTreeMap<String, String> = active
+            .iter()
+            .filter_map(|s| self.held(s).map(|why| (s.name.to_string(), why)))
+            .collect();
         for name in plan::startable(&active, &states) {
+            if held.contains_key(name.as_str()) {
+                continue;
+            }
             if let Some(tx) = self.tasks.get(name.as_str()) {
                 let _ = tx.try_send(ToComponent::Input(Input::DependenciesReady));
+            }
+        }
+        // A component of a drained GPU is kept stopped, whatever brought it up.
+        for name in held.keys() {
+            let state = states
+                .iter()
+                .find(|(k, _)| k.as_str() == name.as_str())
+                .map(|(_, s)| *s);
+            let parked = matches!(
+                state,
+                None | Some(
+                    ComponentState::Stopped
+                        | ComponentState::Stopping
+                        | ComponentState::Quarantined
+                )
+            );
+            if let (false, Some(tx)) = (parked, self.tasks.get(name.as_str())) {
+                let (reply, _) = oneshot::channel();
+                let _ = tx.try_send(ToComponent::Command(Control::Stop, reply));
             }
         }
         let waits = plan::waiting(&active, &states);
         let statuses = self.shared.statuses.borrow().clone();
         let names: Vec<String> = self.tasks.keys().cloned().collect();
         for name in names {
-            let text = ComponentName::parse(&name)
-                .ok()
-                .and_then(|n| waits.get(&n))
-                .map(|w| describe_wait(w, &statuses));
+            let text = held.get(&name).cloned().or_else(|| {
+                ComponentName::parse(&name)
+                    .ok()
+                    .and_then(|n| waits.get(&n))
+                    .map(|w| describe_wait(w, &statuses))
+            });
             if self.waiting.get(&name) == text.as_ref() {
                 continue;
             }
@@ -634,6 +773,13 @@ impl Supervisor {
     }
 
     async fn command(&mut self, component: &str, control: Control) -> Result<(), AgentError> {
+        if matches!(control, Control::Start | Control::Restart) {
+            if let Some(why) = self.config.component(component).and_then(|s| self.held(s)) {
+                return Err(AgentError::Refused(format!(
+                    "{why}: lift the drain (set the GPU healthy) first"
+                )));
+            }
+        }
         let tx = self
             .tasks
             .get(component)
@@ -712,7 +858,7 @@ impl Supervisor {
     async fn reload(&mut self, given: Option<Config>) -> Result<Vec<String>, AgentError> {
         let new = match given {
             Some(c) => Ok(c),
-            None => crate::revisions::load_effective(&self.config.path).map(|(config, notes)| {
+            None => crate::profile::load_effective(&self.config.path).map(|(config, notes)| {
                 for note in notes {
                     tracing::info!(%note, "rollback pins");
                 }

@@ -21,7 +21,22 @@ pub trait StateStore: Send + Sync + 'static {
     fn completed(&self, component: &str) -> Result<Option<String>, String>;
     fn set_completed(&self, component: &str, revision: &str) -> Result<(), String>;
     fn clear_completed(&self, component: &str) -> Result<(), String>;
+    /// GPUs drained on this host, by index (`DrainGpu`, `ResetGpu`, `SetGpuHealth`).
+    fn drained_gpus(&self) -> Result<BTreeMap<u32, GpuDrain>, String>;
+    fn set_drained_gpus(&self, drained: &BTreeMap<u32, GpuDrain>) -> Result<(), String>;
 }
+
+/// A drained GPU: its components are stopped and kept from starting until it is lifted.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct GpuDrain {
+    pub uuid: String,
+    /// Why (the command's note, or "reset").
+    pub note: String,
+    pub since_ms: i64,
+}
+
+/// The store's key/value key holding the drained GPUs (JSON).
+const DRAINED_GPUS_KEY: &str = "gpu_drained";
 
 /// An in-memory store (nothing survives the process).
 #[derive(Debug, Default)]
@@ -29,6 +44,7 @@ pub struct MemoryStore {
     quarantines: Mutex<BTreeMap<String, String>>,
     processes: Mutex<BTreeMap<String, (ProcessId, String)>>,
     completed: Mutex<BTreeMap<String, String>>,
+    drained: Mutex<BTreeMap<u32, GpuDrain>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -67,6 +83,13 @@ impl StateStore for MemoryStore {
     }
     fn clear_completed(&self, component: &str) -> Result<(), String> {
         lock(&self.completed).remove(component);
+        Ok(())
+    }
+    fn drained_gpus(&self) -> Result<BTreeMap<u32, GpuDrain>, String> {
+        Ok(lock(&self.drained).clone())
+    }
+    fn set_drained_gpus(&self, drained: &BTreeMap<u32, GpuDrain>) -> Result<(), String> {
+        *lock(&self.drained) = drained.clone();
         Ok(())
     }
 }
@@ -133,6 +156,25 @@ impl StateStore for crate::store::Store {
     }
     fn clear_completed(&self, component: &str) -> Result<(), String> {
         self.remove_value(&completed_key(component))
+            .map_err(|e| e.to_string())
+    }
+    fn drained_gpus(&self) -> Result<BTreeMap<u32, GpuDrain>, String> {
+        match self.value(DRAINED_GPUS_KEY) {
+            Ok(Some(bytes)) => {
+                serde_json::from_slice(&bytes).map_err(|e| format!("stored drained GPUs: {e}"))
+            }
+            Ok(None) => Ok(BTreeMap::new()),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+    fn set_drained_gpus(&self, drained: &BTreeMap<u32, GpuDrain>) -> Result<(), String> {
+        if drained.is_empty() {
+            return self
+                .remove_value(DRAINED_GPUS_KEY)
+                .map_err(|e| e.to_string());
+        }
+        let bytes = serde_json::to_vec(drained).map_err(|e| e.to_string())?;
+        self.set_value(DRAINED_GPUS_KEY, &bytes)
             .map_err(|e| e.to_string())
     }
 }

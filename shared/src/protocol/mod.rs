@@ -31,5 +31,28 @@ pub const PROTOCOL_INVENTORY: u16 = 2;
 /// `DeployRevision` and `SwitchProfile`; a collector never sends them to an older agent.
 pub const PROTOCOL_V3_COMMANDS: u16 = 3;
 
+impl messages::CommandAction {
+    /// The lowest negotiated protocol version whose agents understand this command: a
+    /// collector never sends it on a session of an older version.
+    pub fn min_version(&self) -> u16 {
+        match self {
+            messages::CommandAction::Restart { .. }
+            | messages::CommandAction::Stop { .. }
+            | messages::CommandAction::Start { .. }
+            | messages::CommandAction::Quarantine { .. }
+            | messages::CommandAction::Resolve { .. }
+            | messages::CommandAction::Pulse { .. }
+            | messages::CommandAction::Rollback { .. }
+            | messages::CommandAction::TailLogs { .. }
+            | messages::CommandAction::CancelTail { .. } => PROTOCOL_MIN,
+            messages::CommandAction::DrainGpu { .. }
+            | messages::CommandAction::ResetGpu { .. }
+            | messages::CommandAction::SetGpuHealth { .. }
+            | messages::CommandAction::DeployRevision { .. }
+            | messages::CommandAction::SwitchProfile { .. } => PROTOCOL_V3_COMMANDS,
+        }
+    }
+}
+
 /// Hard upper bound on one frame's payload, checked before any allocation.
 pub const MAX_FRAME_LEN: usize = 4 * 1024 * 1024;

@@ -776,3 +776,55 @@ fn restarted_numbering_forgets_held_batches_and_takes_higher_seqs() {
     pair.drive();
     assert_eq!(pair.stored, seqs(501..=502));
 }
+
+#[test]
+fn a_v3_command_is_never_sent_on_an_older_session() {
+    let drain = Command {
+        id: [9; 16],
+        deadline_ms: 1,
+        action: CommandAction::DrainGpu {
+            gpu: "0".into(),
+            note: "xid 79".into(),
+        },
+    };
+    let restart = Command {
+        id: [10; 16],
+        deadline_ms: 1,
+        action: CommandAction::Restart {
+            component: "trainer".into(),
+        },
+    };
+    // An agent that speaks up to version 2.
+    let mut pair = Pair::with_hello(hello(HOST, PROTOCOL_MIN, 2));
+    pair.connect();
+    pair.drive();
+    assert!(pair.agent_established());
+    let collector = pair.collector.as_mut().expect("connected");
+    assert_eq!(
+        collector.send_command(drain.clone()),
+        Err(SessionError::CommandNeedsVersion {
+            needed: 3,
+            version: 2
+        })
+    );
+    collector.send_command(restart.clone()).expect("v1 command");
+    pair.drive();
+    assert_eq!(
+        pair.agent_events_where(|e| matches!(e, AgentEvent::Command(_))),
+        vec![(pair.now, AgentEvent::Command(restart))],
+        "only the command the agent understands travels"
+    );
+
+    // A version 3 agent gets it.
+    let mut pair = established_pair();
+    pair.collector
+        .as_mut()
+        .expect("connected")
+        .send_command(drain.clone())
+        .expect("v3 session");
+    pair.drive();
+    assert_eq!(
+        pair.agent_events_where(|e| matches!(e, AgentEvent::Command(_))),
+        vec![(pair.now, AgentEvent::Command(drain))]
+    );
+}

@@ -1,8 +1,6 @@
-//! `razar-collector`: the collector daemon, its one-machine dev mode and the demo
-//! components that dev mode supervises.
-
-mod demo;
-mod dev;
+//! `razar-collector`: the collector daemon. `razar-collector dev` runs the `razar-dev`
+//! binary found next to this one (dev mode needs the agent, which the collector does
+//! not depend on).
 
 use clap::{Parser, Subcommand};
 use razar_collector::config::CollectorConfig;
@@ -30,11 +28,14 @@ enum Command {
         config: PathBuf,
     },
     /// Run Razar on this machine: dev CA, embedded PostgreSQL, collector, and an agent
-    /// supervising demo components with two fake GPUs.
-    Dev(dev::DevArgs),
-    /// Run a demo component (used by `dev`).
-    #[command(subcommand, hide = true)]
-    Demo(demo::DemoKind),
+    /// supervising demo components with two fake GPUs (runs `razar-dev`, installed
+    /// next to this program; its options: `razar-collector dev --help`).
+    #[command(disable_help_flag = true)]
+    Dev {
+        /// Passed to `razar-dev` as they are.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<std::ffi::OsString>,
+    },
 }
 
 /// mimalloc: the collector allocates and frees millions of small buffers a second
@@ -74,9 +75,34 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
-        Command::Dev(args) => block_on(dev::run(args)),
-        Command::Demo(kind) => block_on(demo::run(kind)),
+        Command::Dev { args } => exec_dev(&args),
     }
+}
+
+/// Replaces this process with `razar-dev` from this program's directory (same pid, so
+/// signals reach dev mode itself); returns only if that fails.
+fn exec_dev(args: &[std::ffi::OsString]) -> ExitCode {
+    use std::os::unix::process::CommandExt;
+    let dev = match std::env::current_exe() {
+        Ok(exe) => exe.with_file_name("razar-dev"),
+        Err(e) => {
+            eprintln!("razar-collector: error: cannot find this program's path: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if !dev.is_file() {
+        eprintln!(
+            "razar-collector: error: dev mode needs the razar-dev program next to this one, at {} (build it with `cargo build -p razar-dev`)",
+            dev.display()
+        );
+        return ExitCode::FAILURE;
+    }
+    let error = std::process::Command::new(&dev).args(args).exec();
+    eprintln!(
+        "razar-collector: error: cannot run {}: {error}",
+        dev.display()
+    );
+    ExitCode::FAILURE
 }
 
 fn init_logging() {

@@ -220,10 +220,15 @@ impl CollectorSession {
         Ok(())
     }
 
-    /// Queues a command for the agent.
+    /// Queues a command for the agent; refused (`CommandNeedsVersion`) when this session
+    /// negotiated a version older than the command's [`min_version`](crate::protocol::CommandAction::min_version).
     pub fn send_command(&mut self, command: Command) -> Result<(), SessionError> {
-        if !matches!(self.state, CollectorState::Established { .. }) {
+        let CollectorState::Established { version } = self.state else {
             return Err(SessionError::NotEstablished);
+        };
+        let needed = command.action.min_version();
+        if version < needed {
+            return Err(SessionError::CommandNeedsVersion { needed, version });
         }
         self.transmit.push_back(CollectorMessage::Command(command));
         Ok(())

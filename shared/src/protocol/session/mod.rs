@@ -75,6 +75,9 @@ pub enum SessionError {
     /// A `SessionConfig` field is out of range.
     #[error("invalid session config: {0}")]
     InvalidConfig(&'static str),
+    /// The command needs a newer protocol version than this session negotiated.
+    #[error("the agent's session speaks protocol {version}; this command needs {needed}")]
+    CommandNeedsVersion { needed: u16, version: u16 },
 }
 
 impl SessionError {
@@ -87,6 +90,7 @@ impl SessionError {
             SessionError::NotAwaitingAccept => "not_awaiting_accept",
             SessionError::CommitBeyondReceived { .. } => "commit_beyond_received",
             SessionError::InvalidConfig(_) => "invalid_config",
+            SessionError::CommandNeedsVersion { .. } => "command_needs_version",
         }
     }
 }

@@ -1,6 +1,8 @@
-//! `razar-collector dev` end to end: the real binary as a subprocess with the embedded
-//! PostgreSQL, an in-process agent, demo components and fake GPUs. Health must report
-//! the agent connected and samples stored; SIGINT must leave nothing running.
+//! `razar-dev` (what `razar-collector dev` runs) end to end: the real binary as a
+//! subprocess with the embedded PostgreSQL, an in-process agent, demo components and
+//! fake GPUs. Health must report the agent connected and samples stored; SIGINT and
+//! SIGHUP (a closed terminal) must each leave nothing running; the second run reuses
+//! the data dir.
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -78,8 +80,8 @@ fn http_get(url: &str) -> Option<serde_json::Value> {
 }
 
 fn run_dev(data_dir: &Path) -> (std::process::Child, String, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_razar-collector"))
-        .args(["dev", "--data-dir"])
+    let mut child = Command::new(env!("CARGO_BIN_EXE_razar-dev"))
+        .args(["--data-dir"])
         .arg(data_dir)
         .args([
             "--http-port",
@@ -95,7 +97,7 @@ fn run_dev(data_dir: &Path) -> (std::process::Child, String, String) {
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
-        .expect("spawn razar-collector dev");
+        .expect("spawn razar-dev");
     let stdout = child.stdout.take().expect("stdout");
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -148,12 +150,9 @@ impl Drop for Guard {
     }
 }
 
-fn stop(child: &mut std::process::Child) {
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGINT,
-    )
-    .expect("SIGINT");
+fn stop(child: &mut std::process::Child, signal: nix::sys::signal::Signal) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), signal)
+        .expect("signal dev mode");
     let start = Instant::now();
     loop {
         if let Some(status) = child.try_wait().expect("wait") {
@@ -162,7 +161,7 @@ fn stop(child: &mut std::process::Child) {
         }
         assert!(
             start.elapsed() < Duration::from_secs(60),
-            "dev mode did not stop within 60 s of SIGINT"
+            "dev mode did not stop within 60 s of {signal}"
         );
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -172,7 +171,8 @@ fn stop(child: &mut std::process::Child) {
 fn dev_mode_runs_everything_and_stops_cleanly_twice() {
     let dir = tempfile::tempdir().expect("tempdir");
     let data_dir = dir.path().join("razar-data");
-    for round in 0..2 {
+    use nix::sys::signal::Signal;
+    for (round, signal) in [Signal::SIGINT, Signal::SIGHUP].into_iter().enumerate() {
         let (child, url, agent_url) = run_dev(&data_dir);
         let mut child = Guard(child);
         let mut last = serde_json::Value::Null;
@@ -233,9 +233,9 @@ fn dev_mode_runs_everything_and_stops_cleanly_twice() {
             !pids_with_cmdline(&pg_dir).is_empty(),
             "round {round}: the embedded PostgreSQL should run under {pg_dir}"
         );
-        stop(&mut child.0);
+        stop(&mut child.0, signal);
         wait_until(
-            "every component and PostgreSQL gone",
+            &format!("every component and PostgreSQL gone after {signal}"),
             Duration::from_secs(30),
             || children.iter().all(|p| !alive(*p)) && pids_with_cmdline(&pg_dir).is_empty(),
         );

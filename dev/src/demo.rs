@@ -1,6 +1,6 @@
-//! Demo components for `razar-collector dev`: small, dependency-free programs the
-//! local agent supervises so the dev fleet has something real to watch. They are the
-//! collector binary itself run with `demo <kind>`, so the demo needs nothing installed.
+//! Demo components for `razar-dev`: small, dependency-free programs the local agent
+//! supervises so the dev fleet has something real to watch. They are the `razar-dev`
+//! binary itself run with `demo <kind>`, so the demo needs nothing installed.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -20,9 +20,12 @@ pub enum DemoKind {
     },
     /// A component that works for a while, then crashes with exit code 1.
     Flaky {
-        /// Seconds before the crash (a random value in [min, 2*min)).
+        /// Seconds before the crash (a random value in [min, max), max 2*min by default).
         #[arg(long, default_value_t = 20)]
         min_seconds: u64,
+        /// Upper bound of the crash time (equal to min: exactly min).
+        #[arg(long)]
+        max_seconds: Option<u64>,
     },
 }
 
@@ -48,9 +51,17 @@ pub async fn run(kind: DemoKind) -> anyhow::Result<()> {
             }
             tokio::time::sleep(Duration::from_secs(1)).await;
         },
-        DemoKind::Flaky { min_seconds } => {
+        DemoKind::Flaky {
+            min_seconds,
+            max_seconds,
+        } => {
             let min = min_seconds.max(1);
-            let secs = min + rand::random_range(0..min);
+            let max = max_seconds.unwrap_or(2 * min).max(min);
+            let secs = if max > min {
+                rand::random_range(min..max)
+            } else {
+                min
+            };
             println!("flaky: working for {secs}s");
             tokio::time::sleep(Duration::from_secs(secs)).await;
             eprintln!("flaky: simulated crash");
