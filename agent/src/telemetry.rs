@@ -9,10 +9,14 @@ use crate::uplink::Uplink;
 use razar_gpu::exposition::{gpu_samples, host_samples, Sample, TelemetryCollector};
 use razar_gpu::host::HostSampler;
 use razar_gpu::mapping::{vram_by_component, GhostMemoryDetector};
-use razar_gpu::{GpuSource, NoGpus, NvmlOptions, ScenarioSource};
+use razar_gpu::{
+    GpuAttribution, GpuEvent, GpuIdentity, GpuProcesses, GpuSource, NoGpus, NvmlOptions,
+    ScenarioSource,
+};
 use razar_shared::domain::ComponentState;
 use razar_shared::protocol::{
-    ComponentInfo, Event, GpuInfo, SeriesPoints, StatusDigest, UnixMillis,
+    ComponentInfo, ComponentRevision, Event, FaultProcess, GpuInfo, SeriesPoints, StatusDigest,
+    UnixMillis,
 };
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::num::NonZeroU32;
@@ -115,18 +119,26 @@ impl Samplers {
             .map(|(name, v)| (name.clone(), v.used_bytes))
             .collect();
         let gpus: Vec<GpuInfo> = self.gpu.inventory().iter().map(|g| g.to_info()).collect();
-        // Without GPUs there is no VRAM to report: no series of zeros.
-        for (name, v) in usage.iter().filter(|_| !gpus.is_empty()) {
-            samples.push(Sample {
-                metric: "razar_component_gpu_memory_used_bytes",
-                labels: vec![("component".into(), name.clone())],
-                value: v.used_bytes as f64,
-            });
+        // One series per component and GPU (labelled with the GPU's index and UUID);
+        // without GPUs there is no VRAM to report: no series of zeros.
+        for (name, v) in &usage {
+            for gpu in self.gpu.inventory() {
+                samples.push(Sample {
+                    metric: "razar_component_gpu_memory_used_bytes",
+                    labels: vec![
+                        ("component".into(), name.clone()),
+                        ("gpu".into(), gpu.index.to_string()),
+                        ("uuid".into(), gpu.uuid.clone()),
+                    ],
+                    value: v.per_gpu.get(&gpu.index).copied().unwrap_or(0) as f64,
+                });
+            }
         }
         for ghost in self.ghost.observe(&readings, &processes) {
             events.push(ghost.to_event(ts));
         }
-        events.extend(self.gpu.poll_events().iter().map(|e| e.to_event()));
+        let found = self.gpu.poll_events();
+        events.extend(attribute(&found, self.gpu.inventory(), &processes, agent));
         let host = self.host.sample();
         self.exposition.update_host(&host);
         host_samples(&host, &mut samples);
@@ -193,8 +205,16 @@ pub async fn run_telemetry(
                     if s.gpu.inventory().is_empty() {
                         samplers = Some(s);
                     } else {
+                        let polled = agent.clone();
                         let joined = tokio::task::spawn_blocking(move || {
                             let found = s.gpu.poll_events();
+                            // What runs on the GPUs now, asked only when something happened.
+                            let found = if found.is_empty() {
+                                Vec::new()
+                            } else {
+                                let processes = s.gpu.processes().unwrap_or_default();
+                                attribute(&found, s.gpu.inventory(), &processes, &polled)
+                            };
                             (s, found)
                         })
                         .await;
@@ -204,7 +224,7 @@ pub async fn run_telemetry(
                         };
                         samplers = Some(s);
                         for event in found {
-                            agent.emit(event.to_event());
+                            agent.emit(event);
                         }
                     }
                 }
@@ -457,6 +477,68 @@ fn flow(agent: &Agent, uplink: Option<&Uplink>) -> crate::metrics::Flow {
         flow.uplink_outbound_dropped_total = status.outbound_dropped_total;
     }
     flow
+}
+
+/// GPU events as wire events attributed to what ran on their GPU at that moment: the
+/// GPU's identity, its compute processes (pid, name, memory) and the components whose
+/// process tree holds one of them, with their revision (version label, spec hash) and
+/// main pid. Blocking (procfs).
+fn attribute(
+    found: &[GpuEvent],
+    inventory: &[GpuIdentity],
+    processes: &[GpuProcesses],
+    agent: &Agent,
+) -> Vec<Event> {
+    if found.is_empty() {
+        return Vec::new();
+    }
+    let walk = processes.iter().any(|g| !g.processes.is_empty());
+    let trees = component_trees(agent, walk);
+    let statuses = agent.statuses();
+    let config = agent.view().config();
+    found
+        .iter()
+        .map(|event| {
+            let on_gpu: &[razar_gpu::GpuProcess] = processes
+                .iter()
+                .find(|g| g.gpu_index == event.gpu_index)
+                .map_or(&[], |g| g.processes.as_slice());
+            let components = trees
+                .iter()
+                .filter(|(_, tree)| on_gpu.iter().any(|p| tree.contains(&p.pid)))
+                .map(|(name, _)| {
+                    let status = statuses.get(name);
+                    ComponentRevision {
+                        component: name.clone(),
+                        version: status.map(|s| s.revision.clone()).unwrap_or_default(),
+                        spec_hash: crate::revisions::spec_hash(&config, name).unwrap_or_default(),
+                        pid: status.and_then(|s| s.pid),
+                    }
+                })
+                .collect();
+            let attribution = GpuAttribution {
+                processes: on_gpu
+                    .iter()
+                    .map(|p| FaultProcess {
+                        pid: p.pid,
+                        name: process_name(p.pid),
+                        used_memory_bytes: p.used_memory.bytes(),
+                    })
+                    .collect(),
+                components,
+            };
+            let gpu = inventory.iter().find(|g| g.index == event.gpu_index);
+            event.to_attributed_event(gpu, attribution)
+        })
+        .collect()
+}
+
+/// A process's name (`/proc/<pid>/comm`), empty when it cannot be read (gone, or in
+/// another pid namespace).
+fn process_name(pid: u32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .map(|s| s.trim_end().to_owned())
+        .unwrap_or_default()
 }
 
 /// Each component's process tree (leader plus descendants), for GPU memory mapping.

@@ -20,7 +20,7 @@ pub use razar_shared::xid_catalog;
 
 pub use nvml::{NvmlOptions, NvmlSource};
 pub use reading::{
-    EccCounts, GpuEvent, GpuEventKind, GpuIdentity, GpuProcess, GpuProcesses, GpuReading,
+    EccCounts, GpuAttribution, GpuEvent, GpuEventKind, GpuIdentity, GpuProcess, GpuProcesses, GpuReading,
     UsedMemory, XidOrigin,
 };
 pub use scenario::Scenario;

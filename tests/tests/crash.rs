@@ -1398,11 +1398,20 @@ stop_grace = "3s"
 // GPU faults
 // ---------------------------------------------------------------------------------------
 
-/// XID events stored for the host: (xid, GPU index, XIDs the event stands for).
+/// XID events stored for the host: (xid, GPU index, XIDs the event stands for), from
+/// the typed columns (migration 0003); every one has its first and last time in order.
 async fn stored_xids(pool: &PgPool) -> Vec<(i64, String, i64)> {
+    let disordered: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM events WHERE host_id = $1 AND kind = 'xid'
+         AND NOT (first_ts <= last_ts AND first_ts = ts)",
+    )
+    .bind(HOST)
+    .fetch_one(pool)
+    .await
+    .expect("XID times");
+    assert_eq!(disordered, 0, "every XID event has first_ts = ts <= last_ts");
     sqlx::query_as(
-        "SELECT (payload->'Xid'->>'xid')::int8, coalesce(subject_id, ''),
-                coalesce(substring(message from ' x([0-9]+) from ')::int8, 1)
+        "SELECT xid::int8, coalesce(subject_id, ''), fault_count
          FROM events WHERE host_id = $1 AND kind = 'xid' ORDER BY event_id",
     )
     .bind(HOST)
@@ -1502,4 +1511,150 @@ async fn an_xid_storm_is_coalesced_and_counted_exactly() {
         "the counter is exact"
     );
     f.pool.close().await;
+}
+
+/// GPU 0 runs component `a` at revision v1, GPU 1 runs `b` at v2 (each a real process
+/// of its component on the fake GPU, by pid file). An XID on GPU 1 is stored naming GPU
+/// 1's UUID and PCI bus id, `b`, v2, its spec hash and pid, and the process on the GPU;
+/// not `a`. SQL answers "which faults hit revision R" and "which revisions ran on GPU U
+/// when it faulted" from columns, without parsing text.
+///
+/// Before the fix the row said only `subject = gpu 1` and `{"Xid": {...}}`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_xid_is_stored_with_its_gpu_processes_and_the_revisions_on_it() {
+    let scenario = r#"clock = "wall"
+driver_version = "550.54.15"
+
+[[gpu]]
+name = "NVIDIA H100 80GB HBM3"
+uuid = "GPU-00000000-0000-0000-0000-00000000000a"
+process = [{ pid_file = "a.pid", used_memory = 1073741824 }]
+
+[[gpu]]
+name = "NVIDIA H100 80GB HBM3"
+uuid = "GPU-00000000-0000-0000-0000-00000000000b"
+process = [{ pid_file = "b.pid", used_memory = 2147483648 }]
+xid = [{ at = 12, xid = 13 }]
+"#;
+    let mut f = Fixture::with("attribution", SAMPLE_INTERVAL, scenario).await;
+    let mut components = String::new();
+    for (name, revision) in [("a", "v1"), ("b", "v2")] {
+        let pid_file = f.path(&format!("{name}.pid"));
+        components.push_str(&format!(
+            "\n[[component]]\nname = \"{name}\"\nrevision = \"{revision}\"\ncommand = \"/bin/sh\"\nargs = [\"-c\", {script}, {marker}]\nstop_grace = \"3s\"\n",
+            script = toml_str(format!(
+                "echo $$ > {}; while :; do sleep 1; done",
+                pid_file.display()
+            )),
+            marker = toml_str(&f.components.marker),
+        ));
+    }
+    let config = f.path("agent.toml");
+    let mut text = std::fs::read_to_string(&config).expect("agent.toml");
+    text.push_str(&components);
+    std::fs::write(&config, text).expect("agent.toml");
+    f.start_collector().await;
+    f.start_agent().await;
+    let pid_of = |name: &str| {
+        std::fs::read_to_string(f.path(&format!("{name}.pid")))
+            .ok()
+            .and_then(|p| p.trim().parse::<i64>().ok())
+    };
+    let pool = &f.pool;
+    let event_id: i64 = wait_for("the XID stored", Duration::from_secs(60), || async move {
+        sqlx::query_scalar("SELECT event_id FROM events WHERE host_id = $1 AND kind = 'xid'")
+            .bind(HOST)
+            .fetch_optional(pool)
+            .await
+            .expect("query")
+    })
+    .await;
+    let b_pid = pid_of("b").expect("b wrote its pid");
+    assert!(pid_of("a").is_some(), "a wrote its pid");
+
+    let (uuid, index, pci, xid, count, first_is_ts): (
+        Option<String>,
+        Option<i32>,
+        Option<String>,
+        Option<i32>,
+        Option<i64>,
+        bool,
+    ) = sqlx::query_as(
+        "SELECT gpu_uuid, gpu_index, pci_bus_id, xid, fault_count, first_ts = ts
+         FROM events WHERE event_id = $1",
+    )
+    .bind(event_id)
+    .fetch_one(pool)
+    .await
+    .expect("event row");
+    let (inventory_uuid, inventory_pci): (String, String) =
+        sqlx::query_as("SELECT uuid, pci_bus_id FROM gpus WHERE host_id = $1 AND gpu_index = 1")
+            .bind(HOST)
+            .fetch_one(pool)
+            .await
+            .expect("GPU 1 in the inventory");
+    assert_eq!(inventory_uuid, "GPU-00000000-0000-0000-0000-00000000000b");
+    assert_eq!(uuid.as_deref(), Some(inventory_uuid.as_str()));
+    assert_eq!(pci.as_deref(), Some(inventory_pci.as_str()));
+    assert_eq!((index, xid, count, first_is_ts), (Some(1), Some(13), Some(1), true));
+
+    let components: Vec<(String, String, String, Option<i64>, String)> = sqlx::query_as(
+        "SELECT component, revision, spec_hash, pid, gpu_uuid FROM fault_components
+         WHERE event_id = $1 ORDER BY component",
+    )
+    .bind(event_id)
+    .fetch_all(pool)
+    .await
+    .expect("fault components");
+    assert_eq!(components.len(), 1, "only b ran on GPU 1: {components:?}");
+    let (name, revision, spec_hash, pid, gpu) = &components[0];
+    assert_eq!((name.as_str(), revision.as_str()), ("b", "v2"));
+    assert_eq!(*pid, Some(b_pid));
+    assert_eq!(gpu, &inventory_uuid);
+    assert!(
+        spec_hash.len() == 64 && spec_hash.chars().all(|c| c.is_ascii_hexdigit()),
+        "{spec_hash}"
+    );
+    let processes: Vec<(i64, String, Option<i64>)> = sqlx::query_as(
+        "SELECT pid, name, used_memory_bytes FROM fault_processes WHERE event_id = $1",
+    )
+    .bind(event_id)
+    .fetch_all(pool)
+    .await
+    .expect("fault processes");
+    assert_eq!(processes, vec![(b_pid, "sh".to_owned(), Some(2 << 30))]);
+
+    // Which faults hit revision v2 of b (one), v1 of a (none); which revisions ran on
+    // GPU 1 when it faulted (b v2).
+    let hits = |component: &'static str, revision: &'static str| async move {
+        scalar_bind(
+            pool,
+            "SELECT count(*) FROM fault_components f JOIN events e USING (event_id)
+             WHERE e.kind = 'xid' AND f.component = $1 AND f.revision = $2",
+            &[component, revision],
+        )
+        .await
+    };
+    assert_eq!(hits("b", "v2").await, 1);
+    assert_eq!(hits("a", "v1").await, 0);
+    let on_gpu: Vec<(String, String)> = sqlx::query_as(
+        "SELECT f.component, f.revision FROM events e JOIN fault_components f USING (event_id)
+         WHERE e.gpu_uuid = $1",
+    )
+    .bind(&inventory_uuid)
+    .fetch_all(pool)
+    .await
+    .expect("revisions on the GPU");
+    assert_eq!(on_gpu, vec![("b".to_owned(), "v2".to_owned())]);
+    f.stop_and_verify(&BTreeSet::new()).await;
+    f.pool.close().await;
+}
+
+/// A count from `sql` with text parameters.
+async fn scalar_bind(pool: &PgPool, sql: &str, params: &[&str]) -> i64 {
+    let mut query = sqlx::query_scalar(sql);
+    for p in params {
+        query = query.bind(*p);
+    }
+    query.fetch_one(pool).await.expect("count")
 }

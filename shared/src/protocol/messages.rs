@@ -268,6 +268,111 @@ pub enum EventKind {
     MemoryBudgetExceeded { used_bytes: u64, budget_bytes: u64 },
     /// Anything else, with a stable code.
     Other { code: String },
+    /// A GPU fault with what ran on the GPU when it was seen (version 3,
+    /// [`PROTOCOL_ATTRIBUTION`](crate::protocol::PROTOCOL_ATTRIBUTION); an older collector
+    /// gets [`GpuFault::legacy_kind`]: `Xid`, `EccDoubleBit` or `GpuLost`).
+    GpuFault(Box<GpuFault>),
+}
+
+impl EventKind {
+    /// This kind as a peer of protocol `version` knows it: attributed kinds of version 3
+    /// become their version 1 form for an older peer (the attribution is left out).
+    pub fn for_version(&self, version: u16) -> Option<EventKind> {
+        match self {
+            EventKind::GpuFault(fault) if version < crate::protocol::PROTOCOL_ATTRIBUTION => {
+                Some(fault.legacy_kind())
+            }
+            _ => None,
+        }
+    }
+}
+
+impl Batch {
+    /// The batch as a peer of protocol `version` can decode it (see
+    /// [`EventKind::for_version`]); unchanged for a current peer.
+    pub fn for_version(mut self, version: u16) -> Batch {
+        for event in &mut self.events {
+            if let Some(kind) = event.kind.for_version(version) {
+                event.kind = kind;
+            }
+        }
+        self
+    }
+}
+
+/// A GPU as a fault names it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GpuRef {
+    pub index: u32,
+    pub uuid: String,
+    /// NVML form: `00000000:3B:00.0`.
+    pub pci_bus_id: String,
+}
+
+/// A compute process on the GPU when the fault was seen (NVML's running processes).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FaultProcess {
+    pub pid: u32,
+    /// The process name (`/proc/<pid>/comm`), empty when it could not be read.
+    pub name: String,
+    /// GPU memory it used; `None` when NVML cannot tell.
+    pub used_memory_bytes: Option<u64>,
+}
+
+/// A component running on the GPU when the fault was seen, with its revision.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ComponentRevision {
+    pub component: String,
+    /// The revision's version label (`revision` in the config).
+    pub version: String,
+    /// sha256 (hex) of the component's spec as the agent runs it.
+    pub spec_hash: String,
+    /// The component's main pid then, if it ran.
+    pub pid: Option<u32>,
+}
+
+/// What went wrong on the GPU.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum GpuFaultKind {
+    /// `count` XIDs `xid` (repeats coalesced) seen from `first_ms` to `last_ms`.
+    Xid {
+        xid: u32,
+        class: XidClass,
+        count: u64,
+        first_ms: UnixMillis,
+        last_ms: UnixMillis,
+    },
+    /// A double-bit ECC error.
+    EccDoubleBit,
+    /// The GPU fell off the bus.
+    Lost,
+}
+
+/// A GPU fault with its attribution: the GPU, its processes and the components (with
+/// their revisions) mapped to it at that moment.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GpuFault {
+    pub fault: GpuFaultKind,
+    pub gpu: GpuRef,
+    pub processes: Vec<FaultProcess>,
+    pub components: Vec<ComponentRevision>,
+    /// Read from the kernel log as written before the agent started: the event's time is
+    /// the line's own, and it is not a new fault.
+    pub historical: bool,
+}
+
+impl GpuFault {
+    /// The version 1 kind of this fault (no attribution).
+    pub fn legacy_kind(&self) -> EventKind {
+        match &self.fault {
+            GpuFaultKind::Xid { xid, class, .. } => EventKind::Xid {
+                xid: *xid,
+                class: *class,
+            },
+            GpuFaultKind::EccDoubleBit => EventKind::EccDoubleBit,
+            GpuFaultKind::Lost => EventKind::GpuLost,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
