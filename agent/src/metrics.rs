@@ -145,6 +145,7 @@ fn kind_name(kind: &EventKind) -> &'static str {
         EventKind::Other { .. } => "other",
         // Counted as the fault it is (an attributed XID is an `xid`).
         EventKind::GpuFault(fault) => kind_name(&fault.legacy_kind()),
+        EventKind::ComponentEvent(event) => kind_name(&event.legacy_kind()),
     }
 }
 

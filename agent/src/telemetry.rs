@@ -15,8 +15,8 @@ use razar_gpu::{
 };
 use razar_shared::domain::ComponentState;
 use razar_shared::protocol::{
-    ComponentInfo, ComponentRevision, Event, FaultProcess, GpuInfo, SeriesPoints, StatusDigest,
-    UnixMillis,
+    ComponentEvent, ComponentEventKind, ComponentInfo, ComponentRevision, Event, EventKind,
+    FaultProcess, GpuInfo, GpuRef, SeriesPoints, StatusDigest, Subject, UnixMillis,
 };
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::num::NonZeroU32;
@@ -83,6 +83,8 @@ struct Tick {
     samples: Vec<Sample>,
     events: Vec<Event>,
     vram: BTreeMap<String, u64>,
+    /// The GPUs each component's processes use.
+    component_gpus: ComponentGpus,
     gpus: Vec<GpuInfo>,
     /// Why GPU events can be lost now ([`GpuSource::degraded`]).
     degraded: Option<String>,
@@ -119,6 +121,19 @@ impl Samplers {
             .map(|(name, v)| (name.clone(), v.used_bytes))
             .collect();
         let gpus: Vec<GpuInfo> = self.gpu.inventory().iter().map(|g| g.to_info()).collect();
+        let component_gpus = usage
+            .iter()
+            .map(|(name, v)| {
+                let used = self
+                    .gpu
+                    .inventory()
+                    .iter()
+                    .filter(|g| v.per_gpu.get(&g.index).is_some_and(|b| *b > 0))
+                    .map(gpu_ref)
+                    .collect();
+                (name.clone(), used)
+            })
+            .collect();
         // One series per component and GPU (labelled with the GPU's index and UUID);
         // without GPUs there is no VRAM to report: no series of zeros.
         for (name, v) in &usage {
@@ -146,6 +161,7 @@ impl Samplers {
             samples,
             events,
             vram,
+            component_gpus,
             gpus,
             degraded: self.gpu.degraded(),
         }
@@ -181,6 +197,8 @@ pub async fn run_telemetry(
     fault_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut bus_open = true;
     let mut degraded: Option<String> = None;
+    // The GPUs each component used at the latest tick (component events carry them).
+    let mut component_gpus = ComponentGpus::new();
     loop {
         let wake = tokio::select! {
             _ = ticker.tick() => Wake::Tick,
@@ -234,6 +252,7 @@ pub async fn run_telemetry(
             if !stopping {
                 first.extend(drain(&mut events, agent.view().metrics()));
                 if let (Some(uplink), false) = (&uplink, first.is_empty()) {
+                    attribute_components(&mut first, &agent, &component_gpus);
                     if let Err(error) = uplink.publish(now_ms(), Vec::new(), first).await {
                         tracing::error!(%error, "cannot spool an event batch");
                     }
@@ -257,6 +276,7 @@ pub async fn run_telemetry(
         };
         samplers = Some(s);
         let base = now_ms();
+        component_gpus = std::mem::take(&mut tick.component_gpus);
 
         // Component resources, sampled by the supervisor each tick.
         for (key, usage) in agent.usage() {
@@ -303,6 +323,7 @@ pub async fn run_telemetry(
         }
         let mut batch_events = first;
         batch_events.extend(drain(&mut events, agent.view().metrics()));
+        attribute_components(&mut batch_events, &agent, &component_gpus);
         agent
             .view()
             .metrics()
@@ -531,6 +552,51 @@ fn attribute(
             event.to_attributed_event(gpu, attribution)
         })
         .collect()
+}
+
+/// The GPUs each component's processes use (by name).
+type ComponentGpus = BTreeMap<String, Vec<GpuRef>>;
+
+fn gpu_ref(gpu: &GpuIdentity) -> GpuRef {
+    GpuRef {
+        index: gpu.index,
+        uuid: gpu.uuid.clone(),
+        pci_bus_id: gpu.pci_bus_id.clone(),
+    }
+}
+
+/// Component events made attributed (`EventKind::ComponentEvent`) for the collector: the
+/// revision the component runs (version label, spec hash, main pid) and the GPUs its
+/// processes used at the latest tick. The agent's own bus keeps the plain events.
+fn attribute_components(events: &mut [Event], agent: &Agent, gpus: &ComponentGpus) {
+    let mut context = None;
+    for event in events {
+        let Subject::Component(name) = &event.subject else {
+            continue;
+        };
+        let Some(kind) = ComponentEventKind::from_kind(&event.kind) else {
+            continue;
+        };
+        let (statuses, config) =
+            context.get_or_insert_with(|| (agent.statuses(), agent.view().config()));
+        let status = statuses.get(name);
+        let Some(version) = status
+            .map(|s| s.revision.clone())
+            .or_else(|| config.component(name).map(|c| c.revision.clone()))
+        else {
+            continue;
+        };
+        event.kind = EventKind::ComponentEvent(Box::new(ComponentEvent {
+            event: kind,
+            revision: ComponentRevision {
+                component: name.clone(),
+                version,
+                spec_hash: crate::revisions::spec_hash(config, name).unwrap_or_default(),
+                pid: status.and_then(|s| s.pid),
+            },
+            gpus: gpus.get(name).cloned().unwrap_or_default(),
+        }));
+    }
 }
 
 /// A process's name (`/proc/<pid>/comm`), empty when it cannot be read (gone, or in

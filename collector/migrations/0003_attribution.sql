@@ -7,6 +7,9 @@
 --   Which revisions ran on GPU U when it faulted:
 --     SELECT e.ts, e.xid, f.component, f.revision, f.spec_hash, f.pid
 --     FROM events e JOIN fault_components f USING (event_id) WHERE e.gpu_uuid = U;
+--   Component events of revision R, and those of components that used GPU U:
+--     SELECT * FROM events WHERE subject_id = C AND component_revision = R;
+--     SELECT * FROM events WHERE gpu_uuids @> ARRAY[U];
 ALTER TABLE events
     -- The GPU of a GPU event (UUID and PCI bus id: attributed events only; the index
     -- for every GPU event, also in subject_id).
@@ -21,9 +24,17 @@ ALTER TABLE events
     ADD COLUMN last_ts     timestamptz,
     -- Read from the kernel log as written before the agent started (its own time): not a
     -- new fault.
-    ADD COLUMN historical  boolean NOT NULL DEFAULT false;
+    ADD COLUMN historical  boolean NOT NULL DEFAULT false,
+    -- A component event (subject_id the component): the revision it ran (version label
+    -- and spec hash) and the UUIDs of the GPUs its processes used.
+    ADD COLUMN component_revision  text,
+    ADD COLUMN component_spec_hash text,
+    ADD COLUMN gpu_uuids           text[];
 CREATE INDEX events_gpu_uuid_ts ON events (gpu_uuid, ts) WHERE gpu_uuid IS NOT NULL;
 CREATE INDEX events_xid_ts ON events (xid, ts) WHERE xid IS NOT NULL;
+CREATE INDEX events_component_revision ON events (subject_id, component_revision)
+    WHERE component_revision IS NOT NULL;
+CREATE INDEX events_gpu_uuids ON events USING gin (gpu_uuids) WHERE gpu_uuids IS NOT NULL;
 
 -- The components mapped to the GPU (a process of theirs ran on it) when the fault was
 -- seen, with the revision they ran: version label and spec hash (sha256 of the spec).

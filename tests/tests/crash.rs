@@ -1540,11 +1540,14 @@ xid = [{ at = 12, xid = 13 }]
     let mut components = String::new();
     for (name, revision) in [("a", "v1"), ("b", "v2")] {
         let pid_file = f.path(&format!("{name}.pid"));
+        // Runs until `<name>.stop` exists, then exits 3 (a component event after the
+        // agent saw the component on its GPU).
         components.push_str(&format!(
             "\n[[component]]\nname = \"{name}\"\nrevision = \"{revision}\"\ncommand = \"/bin/sh\"\nargs = [\"-c\", {script}, {marker}]\nstop_grace = \"3s\"\n",
             script = toml_str(format!(
-                "echo $$ > {}; while :; do sleep 1; done",
-                pid_file.display()
+                "echo $$ > {}; while [ ! -e {} ]; do sleep 0.2; done; exit 3",
+                pid_file.display(),
+                f.path(&format!("{name}.stop")).display()
             )),
             marker = toml_str(&f.components.marker),
         ));
@@ -1646,6 +1649,49 @@ xid = [{ at = 12, xid = 13 }]
     .await
     .expect("revisions on the GPU");
     assert_eq!(on_gpu, vec![("b".to_owned(), "v2".to_owned())]);
+
+    // A component event carries its revision and the GPUs the component used: b exits.
+    std::fs::write(f.path("b.stop"), "").expect("b.stop");
+    let exited: (Option<String>, Option<String>, Option<Vec<String>>) = wait_for(
+        "b's exit stored",
+        Duration::from_secs(60),
+        || async move {
+            sqlx::query_as(
+                "SELECT component_revision, component_spec_hash, gpu_uuids FROM events
+                 WHERE host_id = $1 AND subject_id = 'b' AND kind = 'process_exited'",
+            )
+            .bind(HOST)
+            .fetch_optional(pool)
+            .await
+            .expect("query")
+        },
+    )
+    .await;
+    assert_eq!(
+        exited,
+        (
+            Some("v2".to_owned()),
+            Some(spec_hash.clone()),
+            Some(vec![inventory_uuid.clone()])
+        )
+    );
+    let revisions: Vec<(String, Option<String>)> = sqlx::query_as(
+        "SELECT DISTINCT subject_id, component_revision FROM events
+         WHERE host_id = $1 AND subject_kind = 'component' AND subject_id IN ('a', 'b')
+         ORDER BY 1, 2",
+    )
+    .bind(HOST)
+    .fetch_all(pool)
+    .await
+    .expect("component events");
+    assert_eq!(
+        revisions,
+        vec![
+            ("a".to_owned(), Some("v1".to_owned())),
+            ("b".to_owned(), Some("v2".to_owned()))
+        ],
+        "every component event names its revision"
+    );
     f.stop_and_verify(&BTreeSet::new()).await;
     f.pool.close().await;
 }

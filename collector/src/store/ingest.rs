@@ -599,6 +599,8 @@ struct EventRow<'a> {
     state_to: Option<&'static str>,
     /// A GPU event's typed columns and attribution.
     fault: Option<FaultRow>,
+    /// An attributed component event: (revision, spec hash, GPU UUIDs as a JSON array).
+    component: Option<(String, String, serde_json::Value)>,
 }
 
 /// A GPU event's queryable columns (migration 0003) and, for an attributed one
@@ -748,12 +750,28 @@ impl<'a> EventRow<'a> {
         // to its own columns and tables.
         let legacy = match &event.kind {
             EventKind::GpuFault(fault) => Some(fault.legacy_kind()),
+            EventKind::ComponentEvent(c) => Some(c.legacy_kind()),
             _ => None,
         };
-        let kind = match &legacy {
-            Some(legacy) => Cow::Borrowed(legacy),
-            None => clean_kind(&event.kind, &mut refusals.texts_cleaned),
+        let component = match &event.kind {
+            EventKind::ComponentEvent(c) => {
+                let cleaned = &mut refusals.texts_cleaned;
+                let mut uuids = BTreeSet::new();
+                for gpu in c.gpus.iter().take(MAX_LIST_ENTRIES) {
+                    uuids.insert(clean(&gpu.uuid, MAX_NAME_BYTES, cleaned).into_owned());
+                }
+                Some((
+                    clean(&c.revision.version, MAX_NAME_BYTES, cleaned).into_owned(),
+                    clean(&c.revision.spec_hash, MAX_NAME_BYTES, cleaned).into_owned(),
+                    serde_json::Value::from(uuids.into_iter().collect::<Vec<_>>()),
+                ))
+            }
+            _ => None,
         };
+        let kind = clean_kind(
+            legacy.as_ref().unwrap_or(&event.kind),
+            &mut refusals.texts_cleaned,
+        );
         let state_to = match kind.as_ref() {
             EventKind::StateChanged { to, .. } => Some(to.as_str()),
             _ => None,
@@ -770,6 +788,7 @@ impl<'a> EventRow<'a> {
             message,
             state_to,
             fault,
+            component,
         }
     }
 
@@ -793,6 +812,7 @@ impl<'a> EventRow<'a> {
             )),
             state_to: None,
             fault: None,
+            component: None,
         }
     }
 }
@@ -847,20 +867,34 @@ async fn insert_events(
     let first: Vec<Option<DateTime<Utc>>> = events.iter().map(|e| f(e).and_then(|x| x.first)).collect();
     let last: Vec<Option<DateTime<Utc>>> = events.iter().map(|e| f(e).and_then(|x| x.last)).collect();
     let historical: Vec<bool> = events.iter().map(|e| f(e).is_some_and(|x| x.historical)).collect();
+    let revision: Vec<Option<&str>> = events
+        .iter()
+        .map(|e| e.component.as_ref().map(|c| c.0.as_str()))
+        .collect();
+    let spec_hash: Vec<Option<&str>> = events
+        .iter()
+        .map(|e| e.component.as_ref().map(|c| c.1.as_str()))
+        .collect();
+    let gpu_uuids: Vec<Option<&serde_json::Value>> =
+        events.iter().map(|e| e.component.as_ref().map(|c| &c.2)).collect();
     sqlx::query(
         "INSERT INTO events (event_id, host_id, ts, severity, subject_kind, subject_id, kind, payload,
                              message, gpu_uuid, gpu_index, pci_bus_id, xid, fault_count, first_ts,
-                             last_ts, historical)
+                             last_ts, historical, component_revision, component_spec_hash,
+                             gpu_uuids)
          SELECT coalesce(u.id, nextval(pg_get_serial_sequence('events', 'event_id'))),
                 u.host_id, u.ts, u.severity, u.subject_kind, u.subject_id, u.kind, u.payload,
                 u.message, u.gpu_uuid, u.gpu_index, u.pci_bus_id, u.xid, u.fault_count,
-                u.first_ts, u.last_ts, u.historical
+                u.first_ts, u.last_ts, u.historical, u.revision, u.spec_hash,
+                CASE WHEN u.gpus IS NULL THEN NULL
+                     ELSE ARRAY(SELECT jsonb_array_elements_text(u.gpus)) END
          FROM UNNEST($1::int8[], $2::text[], $3::timestamptz[], $4::text[], $5::text[], $6::text[],
                      $7::text[], $8::jsonb[], $9::text[], $10::text[], $11::int4[], $12::text[],
-                     $13::int4[], $14::int8[], $15::timestamptz[], $16::timestamptz[], $17::bool[])
+                     $13::int4[], $14::int8[], $15::timestamptz[], $16::timestamptz[], $17::bool[],
+                     $18::text[], $19::text[], $20::jsonb[])
               AS u(id, host_id, ts, severity, subject_kind, subject_id, kind, payload, message,
                    gpu_uuid, gpu_index, pci_bus_id, xid, fault_count, first_ts, last_ts,
-                   historical)",
+                   historical, revision, spec_hash, gpus)",
     )
     .bind(&ids)
     .bind(&host)
@@ -879,6 +913,9 @@ async fn insert_events(
     .bind(&first)
     .bind(&last)
     .bind(&historical)
+    .bind(&revision)
+    .bind(&spec_hash)
+    .bind(&gpu_uuids)
     .execute(&mut **tx)
     .await?;
     if wanted > 0 {
@@ -1019,6 +1056,7 @@ pub fn kind_code(kind: &EventKind) -> &'static str {
         EventKind::MemoryBudgetExceeded { .. } => "memory_budget_exceeded",
         EventKind::Other { .. } => "other",
         EventKind::GpuFault(fault) => kind_code(&fault.legacy_kind()),
+        EventKind::ComponentEvent(event) => kind_code(&event.legacy_kind()),
     }
 }
 

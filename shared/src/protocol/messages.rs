@@ -272,6 +272,10 @@ pub enum EventKind {
     /// [`PROTOCOL_ATTRIBUTION`](crate::protocol::PROTOCOL_ATTRIBUTION); an older collector
     /// gets [`GpuFault::legacy_kind`]: `Xid`, `EccDoubleBit` or `GpuLost`).
     GpuFault(Box<GpuFault>),
+    /// A component's event with the revision it ran and the GPUs it used (version 3,
+    /// [`PROTOCOL_ATTRIBUTION`](crate::protocol::PROTOCOL_ATTRIBUTION); an older collector
+    /// gets the event alone, [`ComponentEvent::legacy_kind`]).
+    ComponentEvent(Box<ComponentEvent>),
 }
 
 impl EventKind {
@@ -281,6 +285,11 @@ impl EventKind {
         match self {
             EventKind::GpuFault(fault) if version < crate::protocol::PROTOCOL_ATTRIBUTION => {
                 Some(fault.legacy_kind())
+            }
+            EventKind::ComponentEvent(event)
+                if version < crate::protocol::PROTOCOL_ATTRIBUTION =>
+            {
+                Some(event.legacy_kind())
             }
             _ => None,
         }
@@ -520,4 +529,141 @@ pub struct LogChunk {
 pub struct Inventory {
     pub components: Vec<ComponentInfo>,
     pub gpus: Vec<GpuInfo>,
+}
+
+/// What happened to a component (the component kinds of [`EventKind`], as an attributed
+/// [`ComponentEvent`] carries them; a separate type so that no wire type is recursive).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ComponentEventKind {
+    StateChanged {
+        from: ComponentState,
+        to: ComponentState,
+    },
+    ProcessAdopted {
+        pid: u32,
+        adopted: bool,
+    },
+    ProcessExited {
+        pid: u32,
+        code: Option<i32>,
+        signal: Option<i32>,
+    },
+    PulseResult {
+        recovered_ms: Option<u64>,
+        budget_ms: u64,
+        passed: bool,
+    },
+    QuarantineResolved {
+        note: String,
+    },
+    VramBudgetExceeded {
+        used_bytes: u64,
+        budget_bytes: u64,
+    },
+    MemoryBudgetExceeded {
+        used_bytes: u64,
+        budget_bytes: u64,
+    },
+    Other {
+        code: String,
+    },
+}
+
+impl ComponentEventKind {
+    /// The component kind of `kind`; `None` for a kind that is not about a component.
+    pub fn from_kind(kind: &EventKind) -> Option<ComponentEventKind> {
+        Some(match kind.clone() {
+            EventKind::StateChanged { from, to } => ComponentEventKind::StateChanged { from, to },
+            EventKind::ProcessAdopted { pid, adopted } => {
+                ComponentEventKind::ProcessAdopted { pid, adopted }
+            }
+            EventKind::ProcessExited { pid, code, signal } => {
+                ComponentEventKind::ProcessExited { pid, code, signal }
+            }
+            EventKind::PulseResult {
+                recovered_ms,
+                budget_ms,
+                passed,
+            } => ComponentEventKind::PulseResult {
+                recovered_ms,
+                budget_ms,
+                passed,
+            },
+            EventKind::QuarantineResolved { note } => {
+                ComponentEventKind::QuarantineResolved { note }
+            }
+            EventKind::VramBudgetExceeded {
+                used_bytes,
+                budget_bytes,
+            } => ComponentEventKind::VramBudgetExceeded {
+                used_bytes,
+                budget_bytes,
+            },
+            EventKind::MemoryBudgetExceeded {
+                used_bytes,
+                budget_bytes,
+            } => ComponentEventKind::MemoryBudgetExceeded {
+                used_bytes,
+                budget_bytes,
+            },
+            EventKind::Other { code } => ComponentEventKind::Other { code },
+            _ => return None,
+        })
+    }
+
+    /// The same event as an [`EventKind`] of version 1.
+    pub fn to_kind(&self) -> EventKind {
+        match self.clone() {
+            ComponentEventKind::StateChanged { from, to } => EventKind::StateChanged { from, to },
+            ComponentEventKind::ProcessAdopted { pid, adopted } => {
+                EventKind::ProcessAdopted { pid, adopted }
+            }
+            ComponentEventKind::ProcessExited { pid, code, signal } => {
+                EventKind::ProcessExited { pid, code, signal }
+            }
+            ComponentEventKind::PulseResult {
+                recovered_ms,
+                budget_ms,
+                passed,
+            } => EventKind::PulseResult {
+                recovered_ms,
+                budget_ms,
+                passed,
+            },
+            ComponentEventKind::QuarantineResolved { note } => {
+                EventKind::QuarantineResolved { note }
+            }
+            ComponentEventKind::VramBudgetExceeded {
+                used_bytes,
+                budget_bytes,
+            } => EventKind::VramBudgetExceeded {
+                used_bytes,
+                budget_bytes,
+            },
+            ComponentEventKind::MemoryBudgetExceeded {
+                used_bytes,
+                budget_bytes,
+            } => EventKind::MemoryBudgetExceeded {
+                used_bytes,
+                budget_bytes,
+            },
+            ComponentEventKind::Other { code } => EventKind::Other { code },
+        }
+    }
+}
+
+/// A component's event with the revision it ran (version label, spec hash, main pid)
+/// and the GPUs its processes used.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ComponentEvent {
+    pub event: ComponentEventKind,
+    pub revision: ComponentRevision,
+    pub gpus: Vec<GpuRef>,
+}
+
+impl ComponentEvent {
+    /// The version 1 kind of this event (no revision, no GPUs).
+    pub fn legacy_kind(&self) -> EventKind {
+        self.event.to_kind()
+    }
 }
