@@ -3,11 +3,13 @@
 //! it and hands it to the uplink. (Commands from the collector: [`crate::commands`].)
 
 use crate::config::GpuSettings;
+use crate::store::Store;
 use crate::supervisor::component::ComponentStatus;
 use crate::supervisor::runtime::Agent;
 use crate::uplink::Uplink;
 use razar_gpu::exposition::{gpu_samples, host_samples, Sample, TelemetryCollector};
 use razar_gpu::host::HostSampler;
+use razar_gpu::kernel_log::KernelLogCursor;
 use razar_gpu::mapping::{vram_by_component, GhostMemoryDetector};
 use razar_gpu::{
     GpuAttribution, GpuEvent, GpuIdentity, GpuProcesses, GpuSource, NoGpus, NvmlOptions,
@@ -56,7 +58,12 @@ pub fn now_ms() -> UnixMillis {
 /// Opens the configured GPU source. A source that cannot be opened leaves the agent
 /// running without GPUs; the returned status line says why (shown once, in logs and
 /// `/health`).
-pub fn open_gpu_source(settings: &GpuSettings) -> (Box<dyn GpuSource>, Option<String>) {
+/// `kernel_log_after`: the kernel log record reported up to by an earlier run of this
+/// boot ([`KernelLogProgress::resume`]).
+pub fn open_gpu_source(
+    settings: &GpuSettings,
+    kernel_log_after: Option<u64>,
+) -> (Box<dyn GpuSource>, Option<String>) {
     match settings {
         GpuSettings::None => (Box::new(NoGpus), Some("GPU sampling disabled".into())),
         GpuSettings::Nvml {
@@ -65,6 +72,7 @@ pub fn open_gpu_source(settings: &GpuSettings) -> (Box<dyn GpuSource>, Option<St
         } => razar_gpu::open_nvml_or_none(&NvmlOptions {
             library_path: library.clone(),
             kernel_log: Some(kernel_log.clone()),
+            kernel_log_after,
             ..NvmlOptions::default()
         }),
         GpuSettings::Scenario { path } => match ScenarioSource::load(path) {
@@ -78,6 +86,82 @@ pub fn open_gpu_source(settings: &GpuSettings) -> (Box<dyn GpuSource>, Option<St
     }
 }
 
+/// The agent store's key of the kernel log cursor ([`KernelLogCursor::encode`]).
+pub const KERNEL_LOG_CURSOR_KEY: &str = "kernel_log_cursor";
+
+/// How far the kernel log's XIDs were reported, kept in the agent's store once their
+/// events are spooled, so an agent restart does not report them again (a reboot starts
+/// over: the cursor belongs to a boot id).
+pub struct KernelLogProgress {
+    store: Arc<Store>,
+    boot_id: String,
+    saved: Option<u64>,
+}
+
+impl KernelLogProgress {
+    /// The progress of this boot (`None` when the boot id cannot be read: every run
+    /// then reads the kernel log from its start) and the record to resume after.
+    pub fn resume(store: Arc<Store>) -> (Option<KernelLogProgress>, Option<u64>) {
+        let Some(boot_id) = razar_gpu::kernel_log::boot_id() else {
+            return (None, None);
+        };
+        let stored = match store.value(KERNEL_LOG_CURSOR_KEY) {
+            Ok(v) => v
+                .and_then(|b| String::from_utf8(b).ok())
+                .and_then(|t| KernelLogCursor::decode(&t)),
+            Err(error) => {
+                tracing::warn!(%error, "cannot read the kernel log cursor; reading it from the start");
+                None
+            }
+        };
+        let after = KernelLogCursor::resume_after(stored.as_ref(), &boot_id);
+        let progress = KernelLogProgress {
+            store,
+            boot_id,
+            saved: after,
+        };
+        (Some(progress), after)
+    }
+
+    /// Keeps `reported` (the events up to it are spooled). Blocking: redb.
+    fn save(&mut self, reported: Option<u64>) {
+        let Some(seq) = reported else { return };
+        if self.saved.is_some_and(|s| s >= seq) {
+            return;
+        }
+        let cursor = KernelLogCursor {
+            boot_id: self.boot_id.clone(),
+            seq,
+        };
+        match self
+            .store
+            .set_value(KERNEL_LOG_CURSOR_KEY, cursor.encode().as_bytes())
+        {
+            Ok(()) => self.saved = Some(seq),
+            Err(error) => tracing::warn!(%error, "cannot keep the kernel log cursor"),
+        }
+    }
+}
+
+/// Saves the kernel log cursor on the blocking pool once the events up to `reported`
+/// are spooled.
+async fn save_progress(progress: &mut Option<KernelLogProgress>, reported: Option<u64>) {
+    let Some(mut p) = progress.take() else { return };
+    if reported.is_none() || p.saved >= reported {
+        *progress = Some(p);
+        return;
+    }
+    match tokio::task::spawn_blocking(move || {
+        p.save(reported);
+        p
+    })
+    .await
+    {
+        Ok(p) => *progress = Some(p),
+        Err(error) => tracing::error!(%error, "kernel log cursor thread failed"),
+    }
+}
+
 /// What one sampling tick read off the hardware, produced on a blocking thread.
 struct Tick {
     samples: Vec<Sample>,
@@ -88,6 +172,8 @@ struct Tick {
     gpus: Vec<GpuInfo>,
     /// Why GPU events can be lost now ([`GpuSource::degraded`]).
     degraded: Option<String>,
+    /// [`GpuSource::kernel_log_reported`] after this tick's events were taken.
+    kernel_log_reported: Option<u64>,
 }
 
 /// State of the hardware samplers, moved to a blocking thread for each tick.
@@ -164,6 +250,7 @@ impl Samplers {
             component_gpus,
             gpus,
             degraded: self.gpu.degraded(),
+            kernel_log_reported: self.gpu.kernel_log_reported(),
         }
     }
 }
@@ -176,6 +263,7 @@ pub async fn run_telemetry(
     gpu: Box<dyn GpuSource>,
     exposition: TelemetryCollector,
     interval: Duration,
+    mut kernel_log: Option<KernelLogProgress>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut events = agent.subscribe_from_start();
@@ -209,6 +297,8 @@ pub async fn run_telemetry(
         let stopping = *shutdown.borrow();
         // The fast path: events leave as soon as they are spooled, samples keep the tick.
         let mut first = Vec::new();
+        // The kernel log record up to which GPU events were taken (saved once spooled).
+        let mut reported = None;
         if !matches!(wake, Wake::Tick) {
             match wake {
                 Wake::Event(Ok(event)) => first.push(event),
@@ -233,14 +323,16 @@ pub async fn run_telemetry(
                                 let processes = s.gpu.processes().unwrap_or_default();
                                 attribute(&found, s.gpu.inventory(), &processes, &polled)
                             };
-                            (s, found)
+                            let reported = s.gpu.kernel_log_reported();
+                            (s, found, reported)
                         })
                         .await;
-                        let Ok((s, found)) = joined else {
+                        let Ok((s, found, kernel_log_seq)) = joined else {
                             tracing::error!("GPU event poll thread failed; telemetry stops");
                             break;
                         };
                         samplers = Some(s);
+                        reported = kernel_log_seq;
                         for event in found {
                             agent.emit(event);
                         }
@@ -253,9 +345,12 @@ pub async fn run_telemetry(
                 first.extend(drain(&mut events, agent.view().metrics()));
                 if let (Some(uplink), false) = (&uplink, first.is_empty()) {
                     attribute_components(&mut first, &agent, &component_gpus);
-                    if let Err(error) = uplink.publish(now_ms(), Vec::new(), first).await {
-                        tracing::error!(%error, "cannot spool an event batch");
+                    match uplink.publish(now_ms(), Vec::new(), first).await {
+                        Ok(_) => save_progress(&mut kernel_log, reported).await,
+                        Err(error) => tracing::error!(%error, "cannot spool an event batch"),
                     }
+                } else if uplink.is_none() {
+                    save_progress(&mut kernel_log, reported).await;
                 }
                 continue;
             }
@@ -329,6 +424,8 @@ pub async fn run_telemetry(
             .metrics()
             .flow(&flow(&agent, uplink.as_deref()));
         let Some(uplink) = &uplink else {
+            // No spool: the events are out once emitted.
+            save_progress(&mut kernel_log, tick.kernel_log_reported).await;
             if stopping {
                 break;
             }
@@ -360,8 +457,9 @@ pub async fn run_telemetry(
             .into_iter()
             .map(|(series, points)| SeriesPoints { series, points })
             .collect();
-        if let Err(error) = uplink.publish(base, series, batch_events).await {
-            tracing::error!(%error, "cannot spool a batch");
+        match uplink.publish(base, series, batch_events).await {
+            Ok(_) => save_progress(&mut kernel_log, tick.kernel_log_reported).await,
+            Err(error) => tracing::error!(%error, "cannot spool a batch"),
         }
 
         let statuses = agent.statuses();

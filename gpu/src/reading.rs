@@ -227,6 +227,9 @@ pub struct GpuEvent {
     pub ts_ms: UnixMillis,
     pub gpu_index: u32,
     pub kind: GpuEventKind,
+    /// A kernel log line written before the agent started and never reported: `ts_ms` is
+    /// the line's own time; not a new fault (not counted).
+    pub historical: bool,
 }
 
 impl GpuEvent {
@@ -325,7 +328,7 @@ impl GpuEvent {
             },
             processes: attribution.processes,
             components: attribution.components,
-            historical: false,
+            historical: self.historical,
         }));
         event
     }

@@ -1409,7 +1409,10 @@ async fn stored_xids(pool: &PgPool) -> Vec<(i64, String, i64)> {
     .fetch_one(pool)
     .await
     .expect("XID times");
-    assert_eq!(disordered, 0, "every XID event has first_ts = ts <= last_ts");
+    assert_eq!(
+        disordered, 0,
+        "every XID event has first_ts = ts <= last_ts"
+    );
     sqlx::query_as(
         "SELECT xid::int8, coalesce(subject_id, ''), fault_count
          FROM events WHERE host_id = $1 AND kind = 'xid' ORDER BY event_id",
@@ -1599,7 +1602,10 @@ xid = [{ at = 12, xid = 13 }]
     assert_eq!(inventory_uuid, "GPU-00000000-0000-0000-0000-00000000000b");
     assert_eq!(uuid.as_deref(), Some(inventory_uuid.as_str()));
     assert_eq!(pci.as_deref(), Some(inventory_pci.as_str()));
-    assert_eq!((index, xid, count, first_is_ts), (Some(1), Some(13), Some(1), true));
+    assert_eq!(
+        (index, xid, count, first_is_ts),
+        (Some(1), Some(13), Some(1), true)
+    );
 
     let components: Vec<(String, String, String, Option<i64>, String)> = sqlx::query_as(
         "SELECT component, revision, spec_hash, pid, gpu_uuid FROM fault_components
@@ -1652,10 +1658,8 @@ xid = [{ at = 12, xid = 13 }]
 
     // A component event carries its revision and the GPUs the component used: b exits.
     std::fs::write(f.path("b.stop"), "").expect("b.stop");
-    let exited: (Option<String>, Option<String>, Option<Vec<String>>) = wait_for(
-        "b's exit stored",
-        Duration::from_secs(60),
-        || async move {
+    let exited: (Option<String>, Option<String>, Option<Vec<String>>) =
+        wait_for("b's exit stored", Duration::from_secs(60), || async move {
             sqlx::query_as(
                 "SELECT component_revision, component_spec_hash, gpu_uuids FROM events
                  WHERE host_id = $1 AND subject_id = 'b' AND kind = 'process_exited'",
@@ -1664,9 +1668,8 @@ xid = [{ at = 12, xid = 13 }]
             .fetch_optional(pool)
             .await
             .expect("query")
-        },
-    )
-    .await;
+        })
+        .await;
     assert_eq!(
         exited,
         (

@@ -21,7 +21,8 @@ use chrono::{DateTime, Utc};
 use razar_shared::protocol::{Batch, Event, EventKind, GpuFaultKind, Subject};
 
 use super::boundary::{
-    clean, clean_kind, Reason, Refusals, Window, MAX_LIST_ENTRIES, MAX_MESSAGE_BYTES, MAX_NAME_BYTES,
+    clean, clean_kind, Reason, Refusals, Window, MAX_LIST_ENTRIES, MAX_MESSAGE_BYTES,
+    MAX_NAME_BYTES,
 };
 use super::copy::SampleCopy;
 use super::{day_of, from_millis, SeriesMap, Store, StoreError, REFUSED_SERIES};
@@ -857,16 +858,24 @@ async fn insert_events(
         .iter()
         .map(|e| f(e).and_then(|x| x.gpu_uuid.as_deref()))
         .collect();
-    let gpu_index: Vec<Option<i32>> = events.iter().map(|e| f(e).and_then(|x| x.gpu_index)).collect();
+    let gpu_index: Vec<Option<i32>> = events
+        .iter()
+        .map(|e| f(e).and_then(|x| x.gpu_index))
+        .collect();
     let pci: Vec<Option<&str>> = events
         .iter()
         .map(|e| f(e).and_then(|x| x.pci_bus_id.as_deref()))
         .collect();
     let xid: Vec<Option<i32>> = events.iter().map(|e| f(e).and_then(|x| x.xid)).collect();
     let count: Vec<Option<i64>> = events.iter().map(|e| f(e).and_then(|x| x.count)).collect();
-    let first: Vec<Option<DateTime<Utc>>> = events.iter().map(|e| f(e).and_then(|x| x.first)).collect();
-    let last: Vec<Option<DateTime<Utc>>> = events.iter().map(|e| f(e).and_then(|x| x.last)).collect();
-    let historical: Vec<bool> = events.iter().map(|e| f(e).is_some_and(|x| x.historical)).collect();
+    let first: Vec<Option<DateTime<Utc>>> =
+        events.iter().map(|e| f(e).and_then(|x| x.first)).collect();
+    let last: Vec<Option<DateTime<Utc>>> =
+        events.iter().map(|e| f(e).and_then(|x| x.last)).collect();
+    let historical: Vec<bool> = events
+        .iter()
+        .map(|e| f(e).is_some_and(|x| x.historical))
+        .collect();
     let revision: Vec<Option<&str>> = events
         .iter()
         .map(|e| e.component.as_ref().map(|c| c.0.as_str()))
@@ -875,8 +884,10 @@ async fn insert_events(
         .iter()
         .map(|e| e.component.as_ref().map(|c| c.1.as_str()))
         .collect();
-    let gpu_uuids: Vec<Option<&serde_json::Value>> =
-        events.iter().map(|e| e.component.as_ref().map(|c| &c.2)).collect();
+    let gpu_uuids: Vec<Option<&serde_json::Value>> = events
+        .iter()
+        .map(|e| e.component.as_ref().map(|c| &c.2))
+        .collect();
     sqlx::query(
         "INSERT INTO events (event_id, host_id, ts, severity, subject_kind, subject_id, kind, payload,
                              message, gpu_uuid, gpu_index, pci_bus_id, xid, fault_count, first_ts,

@@ -286,9 +286,7 @@ impl EventKind {
             EventKind::GpuFault(fault) if version < crate::protocol::PROTOCOL_ATTRIBUTION => {
                 Some(fault.legacy_kind())
             }
-            EventKind::ComponentEvent(event)
-                if version < crate::protocol::PROTOCOL_ATTRIBUTION =>
-            {
+            EventKind::ComponentEvent(event) if version < crate::protocol::PROTOCOL_ATTRIBUTION => {
                 Some(event.legacy_kind())
             }
             _ => None,

@@ -781,8 +781,7 @@ fn restarted_numbering_forgets_held_batches_and_takes_higher_seqs() {
 fn fault_batch(seq: u64) -> Batch {
     use razar_shared::domain::{Severity, XidClass};
     use razar_shared::protocol::{
-        ComponentRevision, Event, EventKind, FaultProcess, GpuFault, GpuFaultKind, GpuRef,
-        Subject,
+        ComponentRevision, Event, EventKind, FaultProcess, GpuFault, GpuFaultKind, GpuRef, Subject,
     };
     Batch {
         seq,
@@ -844,8 +843,7 @@ fn sent_batch(version: u16) -> Batch {
     });
     // Through the codec, as the collector would decode it.
     let batch = batch.expect("a batch frame");
-    let frame =
-        razar_shared::protocol::encode_agent(&AgentMessage::Batch(batch)).expect("encode");
+    let frame = razar_shared::protocol::encode_agent(&AgentMessage::Batch(batch)).expect("encode");
     let mut decoder = razar_shared::protocol::AgentFrameDecoder::new();
     decoder.push(&frame).expect("push frame");
     match decoder.next_frame() {
