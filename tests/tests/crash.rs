@@ -1707,3 +1707,148 @@ async fn scalar_bind(pool: &PgPool, sql: &str, params: &[&str]) -> i64 {
     }
     query.fetch_one(pool).await.expect("count")
 }
+
+/// Makes the fixture's agent read its GPUs through the fake NVML library (the real NVML
+/// code path) playing `scenario`, with the kernel log the library writes (`kmsg.log`
+/// beside it) as `gpu.kernel_log`.
+fn use_fake_nvml(f: &Fixture, scenario: &str) {
+    let exe = std::env::current_exe().expect("test executable path");
+    let built = exe.parent().expect("deps dir").join("libnvidia_ml.so");
+    assert!(built.is_file(), "{} missing", built.display());
+    let host = f.path("gpu-host");
+    std::fs::create_dir_all(&host).expect("fake host dir");
+    let library = host.join("libnvidia-ml.so.1");
+    std::fs::copy(&built, &library).expect("copy the fake library");
+    std::fs::write(host.join("scenario.toml"), scenario).expect("fake scenario");
+    let config = f.path("agent.toml");
+    let text = std::fs::read_to_string(&config).expect("agent.toml");
+    let start = text.find("[gpu]\n").expect("a [gpu] section");
+    let end = start + text[start..].find("\n\n").expect("end of [gpu]");
+    let gpu = format!(
+        "[gpu]\nsource = \"nvml\"\nnvml_library = {}\nkernel_log = {}",
+        toml_path(&library),
+        toml_path(&host.join("kmsg.log"))
+    );
+    std::fs::write(&config, format!("{}{gpu}{}", &text[..start], &text[end..]))
+        .expect("agent.toml");
+}
+
+/// With the kernel log readable, a same-instant pair (XID 79 beside 154 on one GPU) is
+/// stored as two faults: NVML's event set keeps only the latest of the two, the kernel
+/// log has both, and the pair seen twice is counted once each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_same_instant_pair_is_stored_as_two_faults() {
+    let mut f = Fixture::with("pair", SAMPLE_INTERVAL, GPU_SCENARIO).await;
+    use_fake_nvml(
+        &f,
+        "clock = \"wall\"\ndriver_version = \"550.54.15\"\nkernel_log = \"kmsg.log\"\n\n[[gpu]]\n\n[[gpu]]\nxid = [{ at = 4, xid = 79 }, { at = 4, xid = 154 }]\n",
+    );
+    f.start_collector().await;
+    f.start_agent().await;
+    let pool = &f.pool;
+    let mut stored = wait_for("both XIDs stored", Duration::from_secs(60), || async move {
+        let xids = stored_xids(pool).await;
+        (xids.len() >= 2).then_some(xids)
+    })
+    .await;
+    f.stop_and_verify(&BTreeSet::new()).await;
+    let after = stored_xids(&f.pool).await;
+    assert_eq!(after.len(), stored.len(), "nothing stored late: {after:?}");
+    stored.sort();
+    assert_eq!(
+        stored,
+        vec![(79, "1".to_owned(), 1), (154, "1".to_owned(), 1)],
+        "two faults, each once"
+    );
+    let with_uuid = scalar(
+        &f.pool,
+        "SELECT count(*) FROM events WHERE host_id = $1 AND kind = 'xid' AND gpu_uuid IS NOT NULL",
+    )
+    .await;
+    assert_eq!(with_uuid, 2);
+    f.pool.close().await;
+}
+
+/// Seconds since boot now, in microseconds (`/proc/uptime`, the kmsg clock).
+fn uptime_us() -> u64 {
+    let text = std::fs::read_to_string("/proc/uptime").expect("/proc/uptime");
+    let seconds: f64 = text
+        .split_whitespace()
+        .next()
+        .and_then(|s| s.parse().ok())
+        .expect("uptime");
+    (seconds * 1e6) as u64
+}
+
+/// `Some` once at least `n` XID events are stored.
+async fn stored_count(pool: &PgPool, n: usize) -> Option<()> {
+    (stored_xids(pool).await.len() >= n).then_some(())
+}
+
+/// Appends a `/dev/kmsg`-form line for XID `xid` on the fake GPU 0 (PCI 0000:01:00).
+fn append_kmsg_xid(path: &Path, seq: u64, xid: u32) {
+    use std::io::Write;
+    let mut file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .expect("open kernel log");
+    writeln!(
+        file,
+        "3,{seq},{},-;NVRM: Xid (PCI:0000:01:00): {xid}, pid=77, name=trainer, test",
+        uptime_us()
+    )
+    .expect("write kernel log");
+}
+
+/// Kernel log XIDs across an agent SIGKILL and restart: none stored twice (the agent
+/// keeps the kmsg sequence number it reported up to), none lost (the lines written
+/// while it was down are reported at the restart, historical, at their own time).
+///
+/// Before the fix the restarted agent read the kernel log from its end: the XIDs of the
+/// down time were lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kernel_log_xids_across_an_agent_sigkill_are_stored_once() {
+    let mut f = Fixture::with("kmsg-kill", SAMPLE_INTERVAL, GPU_SCENARIO).await;
+    // The fake library raises no XID of its own: every XID comes from the kernel log,
+    // each a distinct (unknown, never dropped) code so each line is told apart.
+    use_fake_nvml(&f, "driver_version = \"550.54.15\"\n\n[[gpu]]\n");
+    let kmsg = f.path("gpu-host/kmsg.log");
+    std::fs::write(&kmsg, "").expect("kernel log");
+    f.start_collector().await;
+    f.start_agent().await;
+    for seq in 1..=5 {
+        append_kmsg_xid(&kmsg, seq, 1000 + seq as u32);
+    }
+    wait_for("five XIDs stored", Duration::from_secs(60), || {
+        stored_count(&f.pool, 5)
+    })
+    .await;
+    f.agent.take().expect("agent running").kill9();
+    // While the agent is down.
+    for seq in 6..=8 {
+        append_kmsg_xid(&kmsg, seq, 1000 + seq as u32);
+    }
+    f.start_agent().await;
+    for seq in 9..=10 {
+        append_kmsg_xid(&kmsg, seq, 1000 + seq as u32);
+    }
+    wait_for("ten XIDs stored", Duration::from_secs(60), || {
+        stored_count(&f.pool, 10)
+    })
+    .await;
+    f.stop_and_verify(&BTreeSet::new()).await;
+    let mut xids: Vec<i64> = stored_xids(&f.pool).await.iter().map(|x| x.0).collect();
+    xids.sort_unstable();
+    assert_eq!(xids, (1001..=1010).collect::<Vec<i64>>(), "each XID once");
+    let historical: Vec<i64> = sqlx::query_scalar(
+        "SELECT xid::int8 FROM events WHERE host_id = $1 AND kind = 'xid' AND historical
+         ORDER BY xid",
+    )
+    .bind(HOST)
+    .fetch_all(&f.pool)
+    .await
+    .expect("historical XIDs");
+    assert_eq!(historical, vec![1006, 1007, 1008], "the down time's XIDs");
+    f.pool.close().await;
+}
