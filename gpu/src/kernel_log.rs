@@ -108,7 +108,8 @@ pub fn boot_id() -> Option<String> {
 pub fn uptime_us() -> Option<u64> {
     let text = std::fs::read_to_string("/proc/uptime").ok()?;
     let seconds: f64 = text.split_whitespace().next()?.parse().ok()?;
-    (seconds.is_finite() && seconds >= 0.0).then(|| (seconds * 1e6) as u64)
+    // A float to integer `as` saturates; the value is checked finite and non-negative.
+    (seconds.is_finite() && seconds >= 0.0).then_some((seconds * 1e6) as u64)
 }
 
 /// What to do with one kernel log line.

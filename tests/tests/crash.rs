@@ -1578,14 +1578,7 @@ xid = [{ at = 12, xid = 13 }]
     let b_pid = pid_of("b").expect("b wrote its pid");
     assert!(pid_of("a").is_some(), "a wrote its pid");
 
-    let (uuid, index, pci, xid, count, first_is_ts): (
-        Option<String>,
-        Option<i32>,
-        Option<String>,
-        Option<i32>,
-        Option<i64>,
-        bool,
-    ) = sqlx::query_as(
+    let (uuid, index, pci, xid, count, first_is_ts): FaultColumns = sqlx::query_as(
         "SELECT gpu_uuid, gpu_index, pci_bus_id, xid, fault_count, first_ts = ts
          FROM events WHERE event_id = $1",
     )
@@ -1698,6 +1691,16 @@ xid = [{ at = 12, xid = 13 }]
     f.stop_and_verify(&BTreeSet::new()).await;
     f.pool.close().await;
 }
+
+/// An XID event's typed columns: GPU UUID, index, PCI bus id, XID, count, first = ts.
+type FaultColumns = (
+    Option<String>,
+    Option<i32>,
+    Option<String>,
+    Option<i32>,
+    Option<i64>,
+    bool,
+);
 
 /// A count from `sql` with text parameters.
 async fn scalar_bind(pool: &PgPool, sql: &str, params: &[&str]) -> i64 {
