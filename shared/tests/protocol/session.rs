@@ -872,3 +872,75 @@ fn attributed_faults_go_to_a_version_3_collector_and_their_old_form_to_an_older_
         assert_eq!(old.events[0].message, "XID 79");
     }
 }
+
+/// Every component kind goes into an attributed `ComponentEvent` and back unchanged,
+/// and a version 2 peer gets the plain kind.
+#[test]
+fn component_events_round_trip_and_downgrade_to_their_plain_kind() {
+    use razar_shared::protocol::{
+        ComponentEvent, ComponentEventKind, ComponentRevision, Event, EventKind, GpuRef, Subject,
+    };
+    let kinds = vec![
+        EventKind::StateChanged {
+            from: ComponentState::Starting,
+            to: ComponentState::Ready,
+        },
+        EventKind::ProcessAdopted {
+            pid: 1,
+            adopted: true,
+        },
+        EventKind::ProcessExited {
+            pid: 2,
+            code: Some(3),
+            signal: None,
+        },
+        EventKind::PulseResult {
+            recovered_ms: Some(4),
+            budget_ms: 5,
+            passed: true,
+        },
+        EventKind::QuarantineResolved { note: "n".into() },
+        EventKind::VramBudgetExceeded {
+            used_bytes: 6,
+            budget_bytes: 7,
+        },
+        EventKind::MemoryBudgetExceeded {
+            used_bytes: 8,
+            budget_bytes: 9,
+        },
+        EventKind::Other { code: "c".into() },
+    ];
+    for kind in kinds {
+        let inner = ComponentEventKind::from_kind(&kind).expect("a component kind");
+        assert_eq!(inner.to_kind(), kind);
+        let attributed = EventKind::ComponentEvent(Box::new(ComponentEvent {
+            event: inner,
+            revision: ComponentRevision {
+                component: "b".into(),
+                version: "v2".into(),
+                spec_hash: "ab".into(),
+                pid: Some(1),
+            },
+            gpus: vec![GpuRef {
+                index: 1,
+                uuid: "GPU-1".into(),
+                pci_bus_id: "00000000:02:00.0".into(),
+            }],
+        }));
+        let batch = Batch {
+            seq: 1,
+            base_ts_ms: 0,
+            series: Vec::new(),
+            events: vec![Event {
+                ts_ms: 0,
+                severity: razar_shared::domain::Severity::Info,
+                subject: Subject::Component("b".into()),
+                kind: attributed.clone(),
+                message: String::new(),
+            }],
+        };
+        assert_eq!(batch.clone().for_version(3).events[0].kind, attributed);
+        assert_eq!(batch.for_version(2).events[0].kind, kind);
+    }
+    assert_eq!(ComponentEventKind::from_kind(&EventKind::GpuLost), None);
+}
