@@ -3,8 +3,9 @@
 //! and with N agents streaming on loopback, beside the sample path's figure (a 100-sample
 //! batch, spooled at each agent's 1 s tick) from the same run.
 //!
-//! Run: `cargo run --release -p razar-tests --example fault_bench -- [AGENTS] [SECS]`
-//! (defaults 100 and 20). Each agent is the real uplink (QUIC, mTLS, its own certificate,
+//! Run: `cargo build --release -p razar-agent && cargo run --release -p razar-tests
+//! --example fault_bench -- [AGENTS] [SECS] [STORM_SECS] [STORM_RATE]` (defaults 100, 20,
+//! 60 and 10,000; STORM_SECS 0 skips the storm). Each agent is the real uplink (QUIC, mTLS, its own certificate,
 //! its own redb spool); the collector is the whole [`Service`] on a private PostgreSQL
 //! (fsync off, as in the tests). Every agent spools a sample batch each second and one
 //! attributed XID (`EventKind::GpuFault`) at a random instant of each second. A batch is
@@ -12,6 +13,13 @@
 //! one poller reads the cursors every 2 ms, so figures carry up to ~2 ms of polling
 //! granularity. Not measured here: the wait from the GPU's fault to the agent's poll
 //! of its GPU source (every 100 ms, so up to 100 ms more). Compare runs on one machine.
+//!
+//! Storm: the real `razar-agent` binary (built in the same profile, beside this example's
+//! directory) on the fake NVML library reads a kernel log file this process writes
+//! STORM_RATE `NVRM: Xid` lines a second into for STORM_SECS, while the other agents
+//! stream as above. Printed: the agent's CPU and peak RSS, whether the XID counter and
+//! the stored events' counts equal the injected count, how many events carried them,
+//! and the other hosts' latencies during the storm.
 
 use anyhow::Context as _;
 use razar_agent::spool::Spool;
@@ -157,8 +165,253 @@ async fn main() -> anyhow::Result<()> {
             summary(&mut sample)
         );
     }
+    let storm_secs: u64 = args.next().map(|a| a.parse()).transpose()?.unwrap_or(60);
+    let storm_rate: u64 = args
+        .next()
+        .map(|a| a.parse())
+        .transpose()?
+        .unwrap_or(10_000);
+    if storm_secs > 0 {
+        storm(
+            &mut ca,
+            dir.path(),
+            quic_port,
+            &pg,
+            &uplinks,
+            &waiting,
+            storm_secs,
+            storm_rate,
+        )
+        .await?;
+    }
     poller.abort();
     service.shutdown().await;
+    Ok(())
+}
+
+/// utime + stime of `pid` in clock ticks, and its VmRSS in KiB.
+fn proc_usage(pid: u32) -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = stat.get(stat.rfind(')')? + 1..)?;
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let n = |i: usize| f.get(i).and_then(|s| s.parse::<u64>().ok());
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let rss = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    Some((n(11)? + n(12)?, rss))
+}
+
+fn clock_ticks_per_second() -> f64 {
+    std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse::<f64>().ok())
+        .filter(|t| *t > 0.0)
+        .unwrap_or(100.0)
+}
+
+fn uptime_us() -> u64 {
+    let text = std::fs::read_to_string("/proc/uptime").unwrap_or_default();
+    let seconds: f64 = text
+        .split_whitespace()
+        .next()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0.0);
+    (seconds * 1e6) as u64
+}
+
+/// The storm phase (see the module doc).
+#[allow(clippy::too_many_arguments)]
+async fn storm(
+    ca: &mut TestCa,
+    dir: &std::path::Path,
+    quic_port: u16,
+    pg: &TestPg,
+    uplinks: &[(String, Arc<Uplink>)],
+    waiting: &Waiting,
+    secs: u64,
+    rate: u64,
+) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let exe = std::env::current_exe()?;
+    let profile_dir = exe
+        .parent()
+        .and_then(std::path::Path::parent)
+        .context("target/<profile>/examples")?;
+    let agent_bin = profile_dir.join("razar-agent");
+    anyhow::ensure!(
+        agent_bin.is_file(),
+        "{} missing: build razar-agent in this profile",
+        agent_bin.display()
+    );
+    let fake = profile_dir.join("deps/libnvidia_ml.so");
+    anyhow::ensure!(fake.is_file(), "{} missing", fake.display());
+    let host_dir = dir.join("storm-host");
+    std::fs::create_dir_all(&host_dir)?;
+    let library = host_dir.join("libnvidia-ml.so.1");
+    std::fs::copy(&fake, &library)?;
+    std::fs::write(
+        host_dir.join("scenario.toml"),
+        "driver_version = \"550.54.15\"\n\n[[gpu]]\n",
+    )?;
+    let kmsg = host_dir.join("kmsg");
+    std::fs::write(&kmsg, "")?;
+    let host = "storm-host";
+    let issued = ca.agent(host)?;
+    let config = format!(
+        "[agent]\ndata_dir = {data:?}\nlog_dir = {logs:?}\nlisten = \"127.0.0.1:0\"\nsample_interval = \"1s\"\n\n[collector]\naddress = \"127.0.0.1:{quic_port}\"\nserver_name = \"localhost\"\nca = {ca_path:?}\ncert = {cert:?}\nkey = {key:?}\n\n[gpu]\nsource = \"nvml\"\nnvml_library = {library:?}\nkernel_log = {kmsg:?}\n",
+        data = host_dir.join("data"),
+        logs = host_dir.join("logs"),
+        ca_path = ca.ca_path(),
+        cert = issued.cert_path,
+        key = issued.key_path,
+    );
+    let config_path = host_dir.join("agent.toml");
+    std::fs::write(&config_path, config)?;
+    let mut agent = std::process::Command::new(&agent_bin)
+        .args(["run", "--config"])
+        .arg(&config_path)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(host_dir.join("agent.log"))?)
+        .spawn()?;
+    let pid = agent.id();
+    let pool = pg.pool().await?;
+    // Connected: its cursor row exists once its first batch is stored.
+    let t0 = Instant::now();
+    loop {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM agent_cursors WHERE host_id = $1")
+            .bind(host)
+            .fetch_one(&pool)
+            .await?;
+        if n > 0 {
+            break;
+        }
+        anyhow::ensure!(
+            t0.elapsed() < Duration::from_secs(60),
+            "storm agent not streaming"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (cpu0, _) = proc_usage(pid).context("agent /proc")?;
+    // The other hosts stream meanwhile.
+    let mut runs = Vec::new();
+    for (h, uplink) in uplinks.iter().skip(1) {
+        runs.push(tokio::spawn(stream(
+            h.clone(),
+            uplink.clone(),
+            waiting.clone(),
+            secs,
+        )));
+    }
+    let writer = std::thread::spawn(move || -> std::io::Result<(u64, u64)> {
+        let mut file = std::fs::OpenOptions::new().append(true).open(&kmsg)?;
+        let started = Instant::now();
+        let mut written = 0u64;
+        let mut peak_rss = 0u64;
+        let mut seq = 1u64;
+        while started.elapsed() < Duration::from_secs(secs) {
+            let due = (started.elapsed().as_secs_f64() * rate as f64) as u64;
+            let mut chunk = String::new();
+            while written < due.min(rate * secs) {
+                chunk.push_str(&format!(
+                    "3,{seq},{},-;NVRM: Xid (PCI:0000:01:00): 74, pid=1, name=x, NVLink error\n",
+                    uptime_us()
+                ));
+                seq += 1;
+                written += 1;
+            }
+            file.write_all(chunk.as_bytes())?;
+            if let Some((_, rss)) = proc_usage(pid) {
+                peak_rss = peak_rss.max(rss);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        // The last slice's lines: exactly `rate * secs` in all.
+        let mut chunk = String::new();
+        while written < rate * secs {
+            chunk.push_str(&format!(
+                "3,{seq},{},-;NVRM: Xid (PCI:0000:01:00): 74, pid=1, name=x, NVLink error\n",
+                uptime_us()
+            ));
+            seq += 1;
+            written += 1;
+        }
+        file.write_all(chunk.as_bytes())?;
+        Ok((written, peak_rss))
+    });
+    let (injected, mut peak_rss) = tokio::task::spawn_blocking(move || writer.join())
+        .await?
+        .map_err(|_| anyhow::anyhow!("writer panicked"))??;
+    let injected_i = i64::try_from(injected)?;
+    // Everything stored: the events' counts and the counter.
+    let t1 = Instant::now();
+    let (events, counted, counter) = loop {
+        let (events, counted): (i64, Option<i64>) = sqlx::query_as(
+            "SELECT count(*), sum(fault_count)::int8 FROM events
+             WHERE host_id = $1 AND kind = 'xid' AND xid = 74",
+        )
+        .bind(host)
+        .fetch_one(&pool)
+        .await?;
+        let counter: Option<f64> = sqlx::query_scalar(
+            "SELECT max(x.value) FROM samples x JOIN series s ON s.series_id = x.series_id
+             WHERE s.host_id = $1 AND s.metric = 'razar_gpu_xid_errors_total'
+               AND s.labels->>'xid' = '74'",
+        )
+        .bind(host)
+        .fetch_one(&pool)
+        .await?;
+        if let Some((_, rss)) = proc_usage(pid) {
+            peak_rss = peak_rss.max(rss);
+        }
+        let counter = counter.unwrap_or(0.0);
+        let done = counted.unwrap_or(0) >= injected_i && counter >= injected as f64;
+        if done || t1.elapsed() > Duration::from_secs(120) {
+            break (events, counted.unwrap_or(0), counter);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let (cpu1, _) = proc_usage(pid).context("agent /proc")?;
+    let cpu_s = (cpu1 - cpu0) as f64 / clock_ticks_per_second();
+    let wall = secs as f64 + t1.elapsed().as_secs_f64();
+    let mut fault = Vec::new();
+    let mut sample = Vec::new();
+    for run in runs {
+        for (path, d) in run.await?? {
+            match path {
+                Path::Fault => fault.push(d),
+                Path::Sample => sample.push(d),
+            }
+        }
+    }
+    println!(
+        "storm {secs} s x {rate} XIDs/s on one host: injected {injected}, stored in {events} events \
+         counting {counted} ({}), counter {counter} ({}); agent CPU {cpu_s:.1} s over {wall:.0} s \
+         ({:.0} % of a core), peak RSS {:.1} MiB",
+        if counted == injected_i { "exact" } else { "NOT exact" },
+        if counter == injected as f64 { "exact" } else { "NOT exact" },
+        100.0 * cpu_s / wall,
+        peak_rss as f64 / 1024.0,
+    );
+    println!(
+        "  the other {} hosts meanwhile: fault -> row visible {}; sample batch -> rows visible {}",
+        uplinks.len().saturating_sub(1),
+        summary(&mut fault),
+        summary(&mut sample)
+    );
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(pid)?),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    let _ = tokio::task::spawn_blocking(move || agent.wait()).await;
     Ok(())
 }
 
