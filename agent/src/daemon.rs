@@ -7,7 +7,7 @@ use crate::config::Config;
 use crate::spool::Spool;
 use crate::store::Store;
 use crate::supervisor::runtime::{Agent, AgentError, AgentOptions};
-use crate::telemetry::{open_gpu_source, run_telemetry};
+use crate::telemetry::{open_gpu_source, run_telemetry, KernelLogProgress};
 use crate::uplink::{LinkStatus, Uplink, UplinkConfig};
 use razar_gpu::exposition::TelemetryCollector;
 use std::net::SocketAddr;
@@ -148,7 +148,8 @@ impl Daemon {
             None => None,
         };
         let interval = config.agent.sample_interval;
-        let (gpu, gpu_status) = open_gpu_source(&config.gpu);
+        let (kernel_log, kernel_log_after) = KernelLogProgress::resume(store.clone());
+        let (gpu, gpu_status) = open_gpu_source(&config.gpu, kernel_log_after);
         let config_arc = Arc::new(config.clone());
         let agent = Agent::start(
             config,
@@ -215,6 +216,7 @@ impl Daemon {
                 gpu,
                 exposition,
                 interval,
+                kernel_log,
                 stop_rx,
             )),
         );

@@ -143,6 +143,9 @@ fn kind_name(kind: &EventKind) -> &'static str {
         EventKind::SpoolGap { .. } => "spool_gap",
         EventKind::MemoryBudgetExceeded { .. } => "memory_budget_exceeded",
         EventKind::Other { .. } => "other",
+        // Counted as the fault it is (an attributed XID is an `xid`).
+        EventKind::GpuFault(fault) => kind_name(&fault.legacy_kind()),
+        EventKind::ComponentEvent(event) => kind_name(&event.legacy_kind()),
     }
 }
 

@@ -60,6 +60,11 @@ pub fn component_tables(text: &str) -> BTreeMap<String, toml::Table> {
         .collect()
 }
 
+/// The spec hash of `component` as `config` runs it (what its revision history records).
+pub fn spec_hash(config: &Config, component: &str) -> Option<String> {
+    config.component_sources.get(component).map(|s| sha256(s))
+}
+
 fn sha256(text: &str) -> String {
     hex::encode(Sha256::digest(text.as_bytes()))
 }

@@ -3,16 +3,22 @@
 //! it and hands it to the uplink. (Commands from the collector: [`crate::commands`].)
 
 use crate::config::GpuSettings;
+use crate::store::Store;
 use crate::supervisor::component::ComponentStatus;
 use crate::supervisor::runtime::Agent;
 use crate::uplink::Uplink;
 use razar_gpu::exposition::{gpu_samples, host_samples, Sample, TelemetryCollector};
 use razar_gpu::host::HostSampler;
+use razar_gpu::kernel_log::KernelLogCursor;
 use razar_gpu::mapping::{vram_by_component, GhostMemoryDetector};
-use razar_gpu::{GpuSource, NoGpus, NvmlOptions, ScenarioSource};
+use razar_gpu::{
+    GpuAttribution, GpuEvent, GpuIdentity, GpuProcesses, GpuSource, NoGpus, NvmlOptions,
+    ScenarioSource,
+};
 use razar_shared::domain::ComponentState;
 use razar_shared::protocol::{
-    ComponentInfo, Event, GpuInfo, SeriesPoints, StatusDigest, UnixMillis,
+    ComponentEvent, ComponentEventKind, ComponentInfo, ComponentRevision, Event, EventKind,
+    FaultProcess, GpuInfo, GpuRef, SeriesPoints, StatusDigest, Subject, UnixMillis,
 };
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::num::NonZeroU32;
@@ -52,7 +58,12 @@ pub fn now_ms() -> UnixMillis {
 /// Opens the configured GPU source. A source that cannot be opened leaves the agent
 /// running without GPUs; the returned status line says why (shown once, in logs and
 /// `/health`).
-pub fn open_gpu_source(settings: &GpuSettings) -> (Box<dyn GpuSource>, Option<String>) {
+/// `kernel_log_after`: the kernel log record reported up to by an earlier run of this
+/// boot ([`KernelLogProgress::resume`]).
+pub fn open_gpu_source(
+    settings: &GpuSettings,
+    kernel_log_after: Option<u64>,
+) -> (Box<dyn GpuSource>, Option<String>) {
     match settings {
         GpuSettings::None => (Box::new(NoGpus), Some("GPU sampling disabled".into())),
         GpuSettings::Nvml {
@@ -61,6 +72,7 @@ pub fn open_gpu_source(settings: &GpuSettings) -> (Box<dyn GpuSource>, Option<St
         } => razar_gpu::open_nvml_or_none(&NvmlOptions {
             library_path: library.clone(),
             kernel_log: Some(kernel_log.clone()),
+            kernel_log_after,
             ..NvmlOptions::default()
         }),
         GpuSettings::Scenario { path } => match ScenarioSource::load(path) {
@@ -74,14 +86,94 @@ pub fn open_gpu_source(settings: &GpuSettings) -> (Box<dyn GpuSource>, Option<St
     }
 }
 
+/// The agent store's key of the kernel log cursor ([`KernelLogCursor::encode`]).
+pub const KERNEL_LOG_CURSOR_KEY: &str = "kernel_log_cursor";
+
+/// How far the kernel log's XIDs were reported, kept in the agent's store once their
+/// events are spooled, so an agent restart does not report them again (a reboot starts
+/// over: the cursor belongs to a boot id).
+pub struct KernelLogProgress {
+    store: Arc<Store>,
+    boot_id: String,
+    saved: Option<u64>,
+}
+
+impl KernelLogProgress {
+    /// The progress of this boot (`None` when the boot id cannot be read: every run
+    /// then reads the kernel log from its start) and the record to resume after.
+    pub fn resume(store: Arc<Store>) -> (Option<KernelLogProgress>, Option<u64>) {
+        let Some(boot_id) = razar_gpu::kernel_log::boot_id() else {
+            return (None, None);
+        };
+        let stored = match store.value(KERNEL_LOG_CURSOR_KEY) {
+            Ok(v) => v
+                .and_then(|b| String::from_utf8(b).ok())
+                .and_then(|t| KernelLogCursor::decode(&t)),
+            Err(error) => {
+                tracing::warn!(%error, "cannot read the kernel log cursor; reading it from the start");
+                None
+            }
+        };
+        let after = KernelLogCursor::resume_after(stored.as_ref(), &boot_id);
+        let progress = KernelLogProgress {
+            store,
+            boot_id,
+            saved: after,
+        };
+        (Some(progress), after)
+    }
+
+    /// Keeps `reported` (the events up to it are spooled). Blocking: redb.
+    fn save(&mut self, reported: Option<u64>) {
+        let Some(seq) = reported else { return };
+        if self.saved.is_some_and(|s| s >= seq) {
+            return;
+        }
+        let cursor = KernelLogCursor {
+            boot_id: self.boot_id.clone(),
+            seq,
+        };
+        match self
+            .store
+            .set_value(KERNEL_LOG_CURSOR_KEY, cursor.encode().as_bytes())
+        {
+            Ok(()) => self.saved = Some(seq),
+            Err(error) => tracing::warn!(%error, "cannot keep the kernel log cursor"),
+        }
+    }
+}
+
+/// Saves the kernel log cursor on the blocking pool once the events up to `reported`
+/// are spooled.
+async fn save_progress(progress: &mut Option<KernelLogProgress>, reported: Option<u64>) {
+    let Some(mut p) = progress.take() else { return };
+    if reported.is_none() || p.saved >= reported {
+        *progress = Some(p);
+        return;
+    }
+    match tokio::task::spawn_blocking(move || {
+        p.save(reported);
+        p
+    })
+    .await
+    {
+        Ok(p) => *progress = Some(p),
+        Err(error) => tracing::error!(%error, "kernel log cursor thread failed"),
+    }
+}
+
 /// What one sampling tick read off the hardware, produced on a blocking thread.
 struct Tick {
     samples: Vec<Sample>,
     events: Vec<Event>,
     vram: BTreeMap<String, u64>,
+    /// The GPUs each component's processes use.
+    component_gpus: ComponentGpus,
     gpus: Vec<GpuInfo>,
     /// Why GPU events can be lost now ([`GpuSource::degraded`]).
     degraded: Option<String>,
+    /// [`GpuSource::kernel_log_reported`] after this tick's events were taken.
+    kernel_log_reported: Option<u64>,
 }
 
 /// State of the hardware samplers, moved to a blocking thread for each tick.
@@ -115,18 +207,39 @@ impl Samplers {
             .map(|(name, v)| (name.clone(), v.used_bytes))
             .collect();
         let gpus: Vec<GpuInfo> = self.gpu.inventory().iter().map(|g| g.to_info()).collect();
-        // Without GPUs there is no VRAM to report: no series of zeros.
-        for (name, v) in usage.iter().filter(|_| !gpus.is_empty()) {
-            samples.push(Sample {
-                metric: "razar_component_gpu_memory_used_bytes",
-                labels: vec![("component".into(), name.clone())],
-                value: v.used_bytes as f64,
-            });
+        let component_gpus = usage
+            .iter()
+            .map(|(name, v)| {
+                let used = self
+                    .gpu
+                    .inventory()
+                    .iter()
+                    .filter(|g| v.per_gpu.get(&g.index).is_some_and(|b| *b > 0))
+                    .map(gpu_ref)
+                    .collect();
+                (name.clone(), used)
+            })
+            .collect();
+        // One series per component and GPU (labelled with the GPU's index and UUID);
+        // without GPUs there is no VRAM to report: no series of zeros.
+        for (name, v) in &usage {
+            for gpu in self.gpu.inventory() {
+                samples.push(Sample {
+                    metric: "razar_component_gpu_memory_used_bytes",
+                    labels: vec![
+                        ("component".into(), name.clone()),
+                        ("gpu".into(), gpu.index.to_string()),
+                        ("uuid".into(), gpu.uuid.clone()),
+                    ],
+                    value: v.per_gpu.get(&gpu.index).copied().unwrap_or(0) as f64,
+                });
+            }
         }
         for ghost in self.ghost.observe(&readings, &processes) {
             events.push(ghost.to_event(ts));
         }
-        events.extend(self.gpu.poll_events().iter().map(|e| e.to_event()));
+        let found = self.gpu.poll_events();
+        events.extend(attribute(&found, self.gpu.inventory(), &processes, agent));
         let host = self.host.sample();
         self.exposition.update_host(&host);
         host_samples(&host, &mut samples);
@@ -134,8 +247,10 @@ impl Samplers {
             samples,
             events,
             vram,
+            component_gpus,
             gpus,
             degraded: self.gpu.degraded(),
+            kernel_log_reported: self.gpu.kernel_log_reported(),
         }
     }
 }
@@ -148,6 +263,7 @@ pub async fn run_telemetry(
     gpu: Box<dyn GpuSource>,
     exposition: TelemetryCollector,
     interval: Duration,
+    mut kernel_log: Option<KernelLogProgress>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut events = agent.subscribe_from_start();
@@ -169,6 +285,8 @@ pub async fn run_telemetry(
     fault_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut bus_open = true;
     let mut degraded: Option<String> = None;
+    // The GPUs each component used at the latest tick (component events carry them).
+    let mut component_gpus = ComponentGpus::new();
     loop {
         let wake = tokio::select! {
             _ = ticker.tick() => Wake::Tick,
@@ -179,6 +297,8 @@ pub async fn run_telemetry(
         let stopping = *shutdown.borrow();
         // The fast path: events leave as soon as they are spooled, samples keep the tick.
         let mut first = Vec::new();
+        // The kernel log record up to which GPU events were taken (saved once spooled).
+        let mut reported = None;
         if !matches!(wake, Wake::Tick) {
             match wake {
                 Wake::Event(Ok(event)) => first.push(event),
@@ -193,18 +313,28 @@ pub async fn run_telemetry(
                     if s.gpu.inventory().is_empty() {
                         samplers = Some(s);
                     } else {
+                        let polled = agent.clone();
                         let joined = tokio::task::spawn_blocking(move || {
                             let found = s.gpu.poll_events();
-                            (s, found)
+                            // What runs on the GPUs now, asked only when something happened.
+                            let found = if found.is_empty() {
+                                Vec::new()
+                            } else {
+                                let processes = s.gpu.processes().unwrap_or_default();
+                                attribute(&found, s.gpu.inventory(), &processes, &polled)
+                            };
+                            let reported = s.gpu.kernel_log_reported();
+                            (s, found, reported)
                         })
                         .await;
-                        let Ok((s, found)) = joined else {
+                        let Ok((s, found, kernel_log_seq)) = joined else {
                             tracing::error!("GPU event poll thread failed; telemetry stops");
                             break;
                         };
                         samplers = Some(s);
+                        reported = kernel_log_seq;
                         for event in found {
-                            agent.emit(event.to_event());
+                            agent.emit(event);
                         }
                     }
                 }
@@ -214,9 +344,13 @@ pub async fn run_telemetry(
             if !stopping {
                 first.extend(drain(&mut events, agent.view().metrics()));
                 if let (Some(uplink), false) = (&uplink, first.is_empty()) {
-                    if let Err(error) = uplink.publish(now_ms(), Vec::new(), first).await {
-                        tracing::error!(%error, "cannot spool an event batch");
+                    attribute_components(&mut first, &agent, &component_gpus);
+                    match uplink.publish(now_ms(), Vec::new(), first).await {
+                        Ok(_) => save_progress(&mut kernel_log, reported).await,
+                        Err(error) => tracing::error!(%error, "cannot spool an event batch"),
                     }
+                } else if uplink.is_none() {
+                    save_progress(&mut kernel_log, reported).await;
                 }
                 continue;
             }
@@ -237,6 +371,7 @@ pub async fn run_telemetry(
         };
         samplers = Some(s);
         let base = now_ms();
+        component_gpus = std::mem::take(&mut tick.component_gpus);
 
         // Component resources, sampled by the supervisor each tick.
         for (key, usage) in agent.usage() {
@@ -283,11 +418,14 @@ pub async fn run_telemetry(
         }
         let mut batch_events = first;
         batch_events.extend(drain(&mut events, agent.view().metrics()));
+        attribute_components(&mut batch_events, &agent, &component_gpus);
         agent
             .view()
             .metrics()
             .flow(&flow(&agent, uplink.as_deref()));
         let Some(uplink) = &uplink else {
+            // No spool: the events are out once emitted.
+            save_progress(&mut kernel_log, tick.kernel_log_reported).await;
             if stopping {
                 break;
             }
@@ -319,8 +457,9 @@ pub async fn run_telemetry(
             .into_iter()
             .map(|(series, points)| SeriesPoints { series, points })
             .collect();
-        if let Err(error) = uplink.publish(base, series, batch_events).await {
-            tracing::error!(%error, "cannot spool a batch");
+        match uplink.publish(base, series, batch_events).await {
+            Ok(_) => save_progress(&mut kernel_log, tick.kernel_log_reported).await,
+            Err(error) => tracing::error!(%error, "cannot spool a batch"),
         }
 
         let statuses = agent.statuses();
@@ -457,6 +596,113 @@ fn flow(agent: &Agent, uplink: Option<&Uplink>) -> crate::metrics::Flow {
         flow.uplink_outbound_dropped_total = status.outbound_dropped_total;
     }
     flow
+}
+
+/// GPU events as wire events attributed to what ran on their GPU at that moment: the
+/// GPU's identity, its compute processes (pid, name, memory) and the components whose
+/// process tree holds one of them, with their revision (version label, spec hash) and
+/// main pid. Blocking (procfs).
+fn attribute(
+    found: &[GpuEvent],
+    inventory: &[GpuIdentity],
+    processes: &[GpuProcesses],
+    agent: &Agent,
+) -> Vec<Event> {
+    if found.is_empty() {
+        return Vec::new();
+    }
+    let walk = processes.iter().any(|g| !g.processes.is_empty());
+    let trees = component_trees(agent, walk);
+    let statuses = agent.statuses();
+    let config = agent.view().config();
+    found
+        .iter()
+        .map(|event| {
+            let on_gpu: &[razar_gpu::GpuProcess] = processes
+                .iter()
+                .find(|g| g.gpu_index == event.gpu_index)
+                .map_or(&[], |g| g.processes.as_slice());
+            let components = trees
+                .iter()
+                .filter(|(_, tree)| on_gpu.iter().any(|p| tree.contains(&p.pid)))
+                .map(|(name, _)| {
+                    let status = statuses.get(name);
+                    ComponentRevision {
+                        component: name.clone(),
+                        version: status.map(|s| s.revision.clone()).unwrap_or_default(),
+                        spec_hash: crate::revisions::spec_hash(&config, name).unwrap_or_default(),
+                        pid: status.and_then(|s| s.pid),
+                    }
+                })
+                .collect();
+            let attribution = GpuAttribution {
+                processes: on_gpu
+                    .iter()
+                    .map(|p| FaultProcess {
+                        pid: p.pid,
+                        name: process_name(p.pid),
+                        used_memory_bytes: p.used_memory.bytes(),
+                    })
+                    .collect(),
+                components,
+            };
+            let gpu = inventory.iter().find(|g| g.index == event.gpu_index);
+            event.to_attributed_event(gpu, attribution)
+        })
+        .collect()
+}
+
+/// The GPUs each component's processes use (by name).
+type ComponentGpus = BTreeMap<String, Vec<GpuRef>>;
+
+fn gpu_ref(gpu: &GpuIdentity) -> GpuRef {
+    GpuRef {
+        index: gpu.index,
+        uuid: gpu.uuid.clone(),
+        pci_bus_id: gpu.pci_bus_id.clone(),
+    }
+}
+
+/// Component events made attributed (`EventKind::ComponentEvent`) for the collector: the
+/// revision the component runs (version label, spec hash, main pid) and the GPUs its
+/// processes used at the latest tick. The agent's own bus keeps the plain events.
+fn attribute_components(events: &mut [Event], agent: &Agent, gpus: &ComponentGpus) {
+    let mut context = None;
+    for event in events {
+        let Subject::Component(name) = &event.subject else {
+            continue;
+        };
+        let Some(kind) = ComponentEventKind::from_kind(&event.kind) else {
+            continue;
+        };
+        let (statuses, config) =
+            context.get_or_insert_with(|| (agent.statuses(), agent.view().config()));
+        let status = statuses.get(name);
+        let Some(version) = status
+            .map(|s| s.revision.clone())
+            .or_else(|| config.component(name).map(|c| c.revision.clone()))
+        else {
+            continue;
+        };
+        event.kind = EventKind::ComponentEvent(Box::new(ComponentEvent {
+            event: kind,
+            revision: ComponentRevision {
+                component: name.clone(),
+                version,
+                spec_hash: crate::revisions::spec_hash(config, name).unwrap_or_default(),
+                pid: status.and_then(|s| s.pid),
+            },
+            gpus: gpus.get(name).cloned().unwrap_or_default(),
+        }));
+    }
+}
+
+/// A process's name (`/proc/<pid>/comm`), empty when it cannot be read (gone, or in
+/// another pid namespace).
+fn process_name(pid: u32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .map(|s| s.trim_end().to_owned())
+        .unwrap_or_default()
 }
 
 /// Each component's process tree (leader plus descendants), for GPU memory mapping.

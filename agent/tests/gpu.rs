@@ -632,3 +632,123 @@ async fn unreadable_kernel_log_degrades_health_with_an_event_and_a_metric() {
     .await;
     daemon.shutdown().await;
 }
+
+/// Seconds since boot now (`/proc/uptime`), in microseconds.
+fn uptime_us() -> u64 {
+    razar_gpu::kernel_log::uptime_us().expect("/proc/uptime")
+}
+
+/// Appends a `/dev/kmsg`-form XID 13 line for the fake GPU 0 (PCI 0000:01:00).
+fn append_kmsg_xid(path: &Path, seq: u64, usec: u64) {
+    use std::io::Write;
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .expect("open kernel log");
+    writeln!(file, "4,{seq},{usec},-;random: crng init done").expect("write");
+    writeln!(
+        file,
+        "3,{seq},{usec},-;NVRM: Xid (PCI:0000:01:00): 13, pid=77, name=trainer, Graphics Exception"
+    )
+    .expect("write");
+}
+
+/// The XID events among `events`: (historical, time).
+fn xid_events(events: &[Event]) -> Vec<(bool, i64)> {
+    events
+        .iter()
+        .filter_map(|e| match &e.kind {
+            EventKind::GpuFault(f) => Some((f.historical, e.ts_ms)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Kernel log lines are reported once across agent restarts: the agent keeps the kmsg
+/// sequence number it reported up to (with the boot id) in its store. Lines written
+/// before the agent started are reported once, marked historical, at their own time
+/// (kmsg time since boot + boot time); lines written while it runs are new faults. After
+/// a restart nothing already reported comes again, and a line written while the agent
+/// was down is reported (historical), not lost.
+///
+/// Before the fix the kernel log was read from its end: what came before the start (or
+/// while the agent was down) was lost, and `/dev/kmsg` replayed nothing only by luck.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kernel_log_lines_are_reported_once_across_restarts() {
+    let dir = Dir::new();
+    let host = dir.join("gpu-host");
+    let library = fake_gpu_host(&host, "driver_version = \"550.54.15\"\n\n[[gpu]]\n");
+    let kernel_log = dir.join("kmsg");
+    let body = format!(
+        "sample_interval = \"100ms\"\n\n[gpu]\nsource = \"nvml\"\nnvml_library = \"{}\"\nkernel_log = \"{}\"\n",
+        library.display(),
+        kernel_log.display()
+    );
+    let xids = |text: &str| series(text, "razar_events_total", &[("kind", "xid")]).unwrap_or(0.0);
+
+    // Run 1: the log appears after the start holding two lines from an hour ago, then a
+    // new line is written.
+    let daemon = start_daemon(&dir, &body).await;
+    let agent = daemon.agent().clone();
+    let addr = agent.local_addr().expect("local endpoint");
+    let mut rx = agent.subscribe();
+    let hour_ago = uptime_us().saturating_sub(3_600_000_000);
+    append_kmsg_xid(&kernel_log, 1, hour_ago);
+    append_kmsg_xid(&kernel_log, 2, hour_ago + 1_000);
+    wait_metrics(addr, "two historical XIDs", |t| {
+        (xids(t) == 2.0).then_some(())
+    })
+    .await;
+    append_kmsg_xid(&kernel_log, 3, uptime_us());
+    wait_metrics(addr, "the live XID", |t| (xids(t) == 3.0).then_some(())).await;
+    let mut events = Vec::new();
+    wait_for("three XID events", || {
+        collect(&mut rx, &mut events);
+        (xid_events(&events).len() == 3).then_some(())
+    })
+    .await;
+    let seen = xid_events(&events);
+    let now = razar_gpu::reading::now_ms();
+    assert_eq!(
+        seen.iter().map(|x| x.0).collect::<Vec<_>>(),
+        [true, true, false],
+        "{seen:?}"
+    );
+    for (_, ts) in &seen[..2] {
+        let age = now - ts;
+        assert!(
+            (3_590_000..3_700_000).contains(&age),
+            "a historical XID has its own time (an hour ago), not the agent's: {age} ms"
+        );
+    }
+    assert!((now - seen[2].1).abs() < 60_000);
+    daemon.shutdown().await;
+
+    // While the agent is down: one more line.
+    append_kmsg_xid(&kernel_log, 4, uptime_us().saturating_sub(1_000_000));
+
+    // Run 2: nothing reported again; the line from the down time once, then a live one.
+    let daemon = start_daemon(&dir, &body).await;
+    let agent = daemon.agent().clone();
+    let addr = agent.local_addr().expect("local endpoint");
+    let mut rx = agent.subscribe();
+    wait_metrics(addr, "the XID of the down time", |t| {
+        (xids(t) >= 1.0).then_some(())
+    })
+    .await;
+    append_kmsg_xid(&kernel_log, 5, uptime_us());
+    let mut events = Vec::new();
+    wait_for("the live XID after the restart", || {
+        collect(&mut rx, &mut events);
+        xid_events(&events).iter().any(|x| !x.0).then_some(())
+    })
+    .await;
+    let text = metrics(addr).await;
+    assert_eq!(
+        xids(&text),
+        2.0,
+        "after the restart: the down time's XID and the new one, nothing replayed:\n{text}"
+    );
+    daemon.shutdown().await;
+}

@@ -38,6 +38,9 @@ pub struct Ledger {
     dropped: u64,
     twins: u64,
     coalesced: u64,
+    /// The last kernel log record read, and the last one whose XIDs were drained.
+    kernel_seq_read: Option<u64>,
+    kernel_seq_drained: Option<u64>,
 }
 
 impl Ledger {
@@ -55,6 +58,8 @@ impl Ledger {
             dropped: 0,
             twins: 0,
             coalesced: 0,
+            kernel_seq_read: None,
+            kernel_seq_drained: None,
         }
     }
 
@@ -116,7 +121,7 @@ impl Ledger {
                 count,
                 last_ts_ms,
                 ..
-            } if e.gpu_index == gpu && *x == xid => Some((count, last_ts_ms)),
+            } if e.gpu_index == gpu && *x == xid && !e.historical => Some((count, last_ts_ms)),
             _ => None,
         });
         if let Some((count, last_ts_ms)) = queued {
@@ -129,6 +134,7 @@ impl Ledger {
         self.push(GpuEvent {
             ts_ms,
             gpu_index: gpu,
+            historical: false,
             kind: GpuEventKind::Xid {
                 xid,
                 class,
@@ -150,6 +156,7 @@ impl Ledger {
         self.push(GpuEvent {
             ts_ms,
             gpu_index: gpu,
+            historical: false,
             kind: GpuEventKind::DoubleBitEcc,
         });
     }
@@ -162,6 +169,7 @@ impl Ledger {
                 self.push(GpuEvent {
                     ts_ms,
                     gpu_index: gpu,
+                    historical: false,
                     kind: GpuEventKind::Lost,
                 });
                 true
@@ -193,7 +201,41 @@ impl Ledger {
 
     /// Takes every queued event, oldest first.
     pub fn drain(&mut self) -> Vec<GpuEvent> {
+        self.kernel_seq_drained = self.kernel_seq_read;
         self.queue.drain(..).collect()
+    }
+
+    /// An XID from a kernel log line written before the agent started and never
+    /// reported: queued once as a historical event at its own time, not counted (it is
+    /// not a new fault) and never paired or coalesced with live ones.
+    pub fn record_historical_xid(&mut self, gpu: u32, xid: u32, ts_ms: UnixMillis) {
+        if gpu as usize >= self.counts.len() {
+            return;
+        }
+        let class = xid::classify(xid);
+        self.push(GpuEvent {
+            ts_ms,
+            gpu_index: gpu,
+            historical: true,
+            kind: GpuEventKind::Xid {
+                xid,
+                class,
+                action: xid::recommended_action(class),
+                origin: XidOrigin::KernelLog,
+                count: 1,
+                last_ts_ms: ts_ms,
+            },
+        });
+    }
+
+    /// The kernel log was read up to record `seq` (its XIDs are queued).
+    pub fn kernel_log_read(&mut self, seq: u64) {
+        self.kernel_seq_read = Some(self.kernel_seq_read.map_or(seq, |s| s.max(seq)));
+    }
+
+    /// The kernel log record up to which every XID was handed out by [`drain`](Self::drain).
+    pub fn kernel_log_drained(&self) -> Option<u64> {
+        self.kernel_seq_drained
     }
 
     /// Events dropped because the agent did not drain the queue in time.

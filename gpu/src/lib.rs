@@ -20,8 +20,8 @@ pub use razar_shared::xid_catalog;
 
 pub use nvml::{NvmlOptions, NvmlSource};
 pub use reading::{
-    EccCounts, GpuEvent, GpuEventKind, GpuIdentity, GpuProcess, GpuProcesses, GpuReading,
-    UsedMemory, XidOrigin,
+    EccCounts, GpuAttribution, GpuEvent, GpuEventKind, GpuIdentity, GpuProcess, GpuProcesses,
+    GpuReading, UsedMemory, XidOrigin,
 };
 pub use scenario::Scenario;
 pub use scenario_source::ScenarioSource;
@@ -69,6 +69,13 @@ pub trait GpuSource: Send {
     /// Why events can be lost now (the kernel log cannot be read, so XIDs that arrive
     /// together are lost: NVML's event set keeps only the latest); `None` when none.
     fn degraded(&self) -> Option<String> {
+        None
+    }
+
+    /// The kernel log record (kmsg sequence number) up to which every XID was handed out
+    /// by [`poll_events`](Self::poll_events): once those events are durable, the agent
+    /// keeps it so a restart does not report them again. `None` when there is none.
+    fn kernel_log_reported(&self) -> Option<u64> {
         None
     }
 }

@@ -2,7 +2,9 @@
 //! watcher thread on an NVML event set (XIDs, double-bit ECC) and one on the kernel
 //! log (`NVRM: Xid` lines, since an event set keeps only the last event between waits).
 
-use crate::kernel_log::{parse_xid_line, KernelLogTail, PciAddress};
+use crate::kernel_log::{
+    parse_kmsg_header, parse_xid_line, KernelLogTail, KmsgFilter, LineClass, PciAddress,
+};
 use crate::ledger::Ledger;
 use crate::reading::{
     now_ms, GpuEvent, GpuIdentity, GpuProcess, GpuProcesses, GpuReading, UsedMemory, XidOrigin,
@@ -50,6 +52,11 @@ pub struct NvmlOptions {
     pub events: bool,
     /// Longest single `nvmlEventSetWait`; also bounds how long dropping the source takes.
     pub event_wait: Duration,
+    /// The kernel log record (kmsg sequence number) an earlier run of this boot reported
+    /// up to: records up to it are not reported again. `None`: every record is new to us
+    /// (first run, or a reboot). Records written before the source opened are reported
+    /// once as historical events at their own time.
+    pub kernel_log_after: Option<u64>,
     /// How often the kernel log is read.
     pub kernel_log_poll: Duration,
     /// An NVML event and a kernel log line for the same GPU and XID this close are one XID.
@@ -63,6 +70,7 @@ impl Default for NvmlOptions {
             kernel_log: Some(PathBuf::from("/dev/kmsg")),
             events: true,
             event_wait: Duration::from_millis(500),
+            kernel_log_after: None,
             kernel_log_poll: Duration::from_millis(200),
             dedupe_window: Duration::from_secs(5),
         }
@@ -243,7 +251,12 @@ impl NvmlSource {
             }
         }
         if let Some(path) = &options.kernel_log {
-            let tail = KernelLogTail::new(path);
+            let tail = KernelLogTail::from_start(path);
+            let filter = KmsgFilter::new(
+                options.kernel_log_after,
+                crate::kernel_log::uptime_us().unwrap_or(u64::MAX),
+                now_ms(),
+            );
             *lock_problem(&self.kernel_log_problem) = tail.problem().map(str::to_owned);
             let problem = self.kernel_log_problem.clone();
             let addresses: Vec<Option<PciAddress>> = self
@@ -258,7 +271,9 @@ impl NvmlSource {
             );
             let thread = std::thread::Builder::new()
                 .name("razar-kernel-log".into())
-                .spawn(move || watch_kernel_log(tail, &addresses, &ledger, &problem, &stop, poll))
+                .spawn(move || {
+                    watch_kernel_log(tail, filter, &addresses, &ledger, &problem, &stop, poll)
+                })
                 .map_err(|source| GpuError::Thread {
                     name: "razar-kernel-log",
                     source,
@@ -550,6 +565,10 @@ impl GpuSource for NvmlSource {
         lock(&self.ledger).drain()
     }
 
+    fn kernel_log_reported(&self) -> Option<u64> {
+        lock(&self.ledger).kernel_log_drained()
+    }
+
     fn degraded(&self) -> Option<String> {
         lock_problem(&self.kernel_log_problem).as_ref().map(|p| {
             format!("kernel log {p}: XIDs that arrive together can be lost (NVML keeps only the latest)")
@@ -719,6 +738,7 @@ enum SetOutcome<'n> {
 
 fn watch_kernel_log(
     mut tail: KernelLogTail,
+    mut filter: KmsgFilter,
     addresses: &[Option<PciAddress>],
     ledger: &Mutex<Ledger>,
     problem: &Mutex<Option<String>>,
@@ -727,21 +747,45 @@ fn watch_kernel_log(
 ) {
     let mut unknown_logged = BTreeSet::new();
     loop {
-        tail.poll(|line| {
-            let Some(seen) = parse_xid_line(line) else {
+        tail.poll_lines(|line, old| {
+            let class = filter.classify(line, old);
+            let seq = parse_kmsg_header(line).map(|(seq, _)| seq);
+            let seen = match class {
+                LineClass::Skip => None,
+                _ => parse_xid_line(line),
+            };
+            let Some(seen) = seen else {
+                if let Some(seq) = seq {
+                    lock(ledger).kernel_log_read(seq);
+                }
                 return;
             };
             match addresses.iter().position(|a| *a == Some(seen.pci)) {
                 Some(index) => {
-                    lock(ledger).record_xid(
-                        index as u32,
-                        seen.xid,
-                        XidOrigin::KernelLog,
-                        Instant::now(),
-                        now_ms(),
-                    );
+                    // One lock: the record is read exactly when its XID is queued.
+                    let mut ledger = lock(ledger);
+                    match class {
+                        LineClass::Historical { ts_ms } => {
+                            ledger.record_historical_xid(index as u32, seen.xid, ts_ms);
+                        }
+                        _ => {
+                            ledger.record_xid(
+                                index as u32,
+                                seen.xid,
+                                XidOrigin::KernelLog,
+                                Instant::now(),
+                                now_ms(),
+                            );
+                        }
+                    }
+                    if let Some(seq) = seq {
+                        ledger.kernel_log_read(seq);
+                    }
                 }
                 None => {
+                    if let Some(seq) = seq {
+                        lock(ledger).kernel_log_read(seq);
+                    }
                     if unknown_logged.insert((seen.pci.domain, seen.pci.bus, seen.pci.device)) {
                         tracing::warn!(
                             xid = seen.xid,

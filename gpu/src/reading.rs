@@ -227,6 +227,9 @@ pub struct GpuEvent {
     pub ts_ms: UnixMillis,
     pub gpu_index: u32,
     pub kind: GpuEventKind,
+    /// A kernel log line written before the agent started and never reported: `ts_ms` is
+    /// the line's own time; not a new fault (not counted).
+    pub historical: bool,
 }
 
 impl GpuEvent {
@@ -274,6 +277,60 @@ impl GpuEvent {
             kind,
             message,
         }
+    }
+}
+
+/// What ran on a GPU when one of its events was seen (the agent gathers it).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GpuAttribution {
+    pub processes: Vec<razar_shared::protocol::FaultProcess>,
+    pub components: Vec<razar_shared::protocol::ComponentRevision>,
+}
+
+impl GpuEvent {
+    /// The wire event with its attribution (protocol version 3: `EventKind::GpuFault`):
+    /// same time, severity, subject and message as [`to_event`](Self::to_event), plus the
+    /// GPU's identity, its processes and the components mapped to it. `gpu` is the
+    /// identity of `self.gpu_index` (`None`: not in the inventory, the plain event).
+    pub fn to_attributed_event(
+        &self,
+        gpu: Option<&GpuIdentity>,
+        attribution: GpuAttribution,
+    ) -> Event {
+        use razar_shared::protocol::{GpuFault, GpuFaultKind, GpuRef};
+        let mut event = self.to_event();
+        let Some(gpu) = gpu else {
+            return event;
+        };
+        let fault = match &self.kind {
+            GpuEventKind::Xid {
+                xid,
+                class,
+                count,
+                last_ts_ms,
+                ..
+            } => GpuFaultKind::Xid {
+                xid: *xid,
+                class: *class,
+                count: *count,
+                first_ms: self.ts_ms,
+                last_ms: *last_ts_ms,
+            },
+            GpuEventKind::DoubleBitEcc => GpuFaultKind::EccDoubleBit,
+            GpuEventKind::Lost => GpuFaultKind::Lost,
+        };
+        event.kind = EventKind::GpuFault(Box::new(GpuFault {
+            fault,
+            gpu: GpuRef {
+                index: gpu.index,
+                uuid: gpu.uuid.clone(),
+                pci_bus_id: gpu.pci_bus_id.clone(),
+            },
+            processes: attribution.processes,
+            components: attribution.components,
+            historical: self.historical,
+        }));
+        event
     }
 }
 

@@ -1398,11 +1398,23 @@ stop_grace = "3s"
 // GPU faults
 // ---------------------------------------------------------------------------------------
 
-/// XID events stored for the host: (xid, GPU index, XIDs the event stands for).
+/// XID events stored for the host: (xid, GPU index, XIDs the event stands for), from
+/// the typed columns (migration 0003); every one has its first and last time in order.
 async fn stored_xids(pool: &PgPool) -> Vec<(i64, String, i64)> {
+    let disordered: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM events WHERE host_id = $1 AND kind = 'xid'
+         AND NOT (first_ts <= last_ts AND first_ts = ts)",
+    )
+    .bind(HOST)
+    .fetch_one(pool)
+    .await
+    .expect("XID times");
+    assert_eq!(
+        disordered, 0,
+        "every XID event has first_ts = ts <= last_ts"
+    );
     sqlx::query_as(
-        "SELECT (payload->'Xid'->>'xid')::int8, coalesce(subject_id, ''),
-                coalesce(substring(message from ' x([0-9]+) from ')::int8, 1)
+        "SELECT xid::int8, coalesce(subject_id, ''), fault_count
          FROM events WHERE host_id = $1 AND kind = 'xid' ORDER BY event_id",
     )
     .bind(HOST)
@@ -1501,5 +1513,345 @@ async fn an_xid_storm_is_coalesced_and_counted_exactly() {
         STORM as i64,
         "the counter is exact"
     );
+    f.pool.close().await;
+}
+
+/// GPU 0 runs component `a` at revision v1, GPU 1 runs `b` at v2 (each a real process
+/// of its component on the fake GPU, by pid file). An XID on GPU 1 is stored naming GPU
+/// 1's UUID and PCI bus id, `b`, v2, its spec hash and pid, and the process on the GPU;
+/// not `a`. SQL answers "which faults hit revision R" and "which revisions ran on GPU U
+/// when it faulted" from columns, without parsing text.
+///
+/// Before the fix the row said only `subject = gpu 1` and `{"Xid": {...}}`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_xid_is_stored_with_its_gpu_processes_and_the_revisions_on_it() {
+    let scenario = r#"clock = "wall"
+driver_version = "550.54.15"
+
+[[gpu]]
+name = "NVIDIA H100 80GB HBM3"
+uuid = "GPU-00000000-0000-0000-0000-00000000000a"
+process = [{ pid_file = "a.pid", used_memory = 1073741824 }]
+
+[[gpu]]
+name = "NVIDIA H100 80GB HBM3"
+uuid = "GPU-00000000-0000-0000-0000-00000000000b"
+process = [{ pid_file = "b.pid", used_memory = 2147483648 }]
+xid = [{ at = 12, xid = 13 }]
+"#;
+    let mut f = Fixture::with("attribution", SAMPLE_INTERVAL, scenario).await;
+    let mut components = String::new();
+    for (name, revision) in [("a", "v1"), ("b", "v2")] {
+        let pid_file = f.path(&format!("{name}.pid"));
+        // Runs until `<name>.stop` exists, then exits 3 (a component event after the
+        // agent saw the component on its GPU).
+        components.push_str(&format!(
+            "\n[[component]]\nname = \"{name}\"\nrevision = \"{revision}\"\ncommand = \"/bin/sh\"\nargs = [\"-c\", {script}, {marker}]\nstop_grace = \"3s\"\n",
+            script = toml_str(format!(
+                "echo $$ > {}; while [ ! -e {} ]; do sleep 0.2; done; exit 3",
+                pid_file.display(),
+                f.path(&format!("{name}.stop")).display()
+            )),
+            marker = toml_str(&f.components.marker),
+        ));
+    }
+    let config = f.path("agent.toml");
+    let mut text = std::fs::read_to_string(&config).expect("agent.toml");
+    text.push_str(&components);
+    std::fs::write(&config, text).expect("agent.toml");
+    f.start_collector().await;
+    f.start_agent().await;
+    let pid_of = |name: &str| {
+        std::fs::read_to_string(f.path(&format!("{name}.pid")))
+            .ok()
+            .and_then(|p| p.trim().parse::<i64>().ok())
+    };
+    let pool = &f.pool;
+    let event_id: i64 = wait_for("the XID stored", Duration::from_secs(60), || async move {
+        sqlx::query_scalar("SELECT event_id FROM events WHERE host_id = $1 AND kind = 'xid'")
+            .bind(HOST)
+            .fetch_optional(pool)
+            .await
+            .expect("query")
+    })
+    .await;
+    let b_pid = pid_of("b").expect("b wrote its pid");
+    assert!(pid_of("a").is_some(), "a wrote its pid");
+
+    let (uuid, index, pci, xid, count, first_is_ts): FaultColumns = sqlx::query_as(
+        "SELECT gpu_uuid, gpu_index, pci_bus_id, xid, fault_count, first_ts = ts
+         FROM events WHERE event_id = $1",
+    )
+    .bind(event_id)
+    .fetch_one(pool)
+    .await
+    .expect("event row");
+    let (inventory_uuid, inventory_pci): (String, String) =
+        sqlx::query_as("SELECT uuid, pci_bus_id FROM gpus WHERE host_id = $1 AND gpu_index = 1")
+            .bind(HOST)
+            .fetch_one(pool)
+            .await
+            .expect("GPU 1 in the inventory");
+    assert_eq!(inventory_uuid, "GPU-00000000-0000-0000-0000-00000000000b");
+    assert_eq!(uuid.as_deref(), Some(inventory_uuid.as_str()));
+    assert_eq!(pci.as_deref(), Some(inventory_pci.as_str()));
+    assert_eq!(
+        (index, xid, count, first_is_ts),
+        (Some(1), Some(13), Some(1), true)
+    );
+
+    let components: Vec<(String, String, String, Option<i64>, String)> = sqlx::query_as(
+        "SELECT component, revision, spec_hash, pid, gpu_uuid FROM fault_components
+         WHERE event_id = $1 ORDER BY component",
+    )
+    .bind(event_id)
+    .fetch_all(pool)
+    .await
+    .expect("fault components");
+    assert_eq!(components.len(), 1, "only b ran on GPU 1: {components:?}");
+    let (name, revision, spec_hash, pid, gpu) = &components[0];
+    assert_eq!((name.as_str(), revision.as_str()), ("b", "v2"));
+    assert_eq!(*pid, Some(b_pid));
+    assert_eq!(gpu, &inventory_uuid);
+    assert!(
+        spec_hash.len() == 64 && spec_hash.chars().all(|c| c.is_ascii_hexdigit()),
+        "{spec_hash}"
+    );
+    let processes: Vec<(i64, String, Option<i64>)> = sqlx::query_as(
+        "SELECT pid, name, used_memory_bytes FROM fault_processes WHERE event_id = $1",
+    )
+    .bind(event_id)
+    .fetch_all(pool)
+    .await
+    .expect("fault processes");
+    assert_eq!(processes, vec![(b_pid, "sh".to_owned(), Some(2 << 30))]);
+
+    // Which faults hit revision v2 of b (one), v1 of a (none); which revisions ran on
+    // GPU 1 when it faulted (b v2).
+    let hits = |component: &'static str, revision: &'static str| async move {
+        scalar_bind(
+            pool,
+            "SELECT count(*) FROM fault_components f JOIN events e USING (event_id)
+             WHERE e.kind = 'xid' AND f.component = $1 AND f.revision = $2",
+            &[component, revision],
+        )
+        .await
+    };
+    assert_eq!(hits("b", "v2").await, 1);
+    assert_eq!(hits("a", "v1").await, 0);
+    let on_gpu: Vec<(String, String)> = sqlx::query_as(
+        "SELECT f.component, f.revision FROM events e JOIN fault_components f USING (event_id)
+         WHERE e.gpu_uuid = $1",
+    )
+    .bind(&inventory_uuid)
+    .fetch_all(pool)
+    .await
+    .expect("revisions on the GPU");
+    assert_eq!(on_gpu, vec![("b".to_owned(), "v2".to_owned())]);
+
+    // A component event carries its revision and the GPUs the component used: b exits.
+    std::fs::write(f.path("b.stop"), "").expect("b.stop");
+    let exited: (Option<String>, Option<String>, Option<Vec<String>>) =
+        wait_for("b's exit stored", Duration::from_secs(60), || async move {
+            sqlx::query_as(
+                "SELECT component_revision, component_spec_hash, gpu_uuids FROM events
+                 WHERE host_id = $1 AND subject_id = 'b' AND kind = 'process_exited'",
+            )
+            .bind(HOST)
+            .fetch_optional(pool)
+            .await
+            .expect("query")
+        })
+        .await;
+    assert_eq!(
+        exited,
+        (
+            Some("v2".to_owned()),
+            Some(spec_hash.clone()),
+            Some(vec![inventory_uuid.clone()])
+        )
+    );
+    let revisions: Vec<(String, Option<String>)> = sqlx::query_as(
+        "SELECT DISTINCT subject_id, component_revision FROM events
+         WHERE host_id = $1 AND subject_kind = 'component' AND subject_id IN ('a', 'b')
+         ORDER BY 1, 2",
+    )
+    .bind(HOST)
+    .fetch_all(pool)
+    .await
+    .expect("component events");
+    assert_eq!(
+        revisions,
+        vec![
+            ("a".to_owned(), Some("v1".to_owned())),
+            ("b".to_owned(), Some("v2".to_owned()))
+        ],
+        "every component event names its revision"
+    );
+    f.stop_and_verify(&BTreeSet::new()).await;
+    f.pool.close().await;
+}
+
+/// An XID event's typed columns: GPU UUID, index, PCI bus id, XID, count, first = ts.
+type FaultColumns = (
+    Option<String>,
+    Option<i32>,
+    Option<String>,
+    Option<i32>,
+    Option<i64>,
+    bool,
+);
+
+/// A count from `sql` with text parameters.
+async fn scalar_bind(pool: &PgPool, sql: &str, params: &[&str]) -> i64 {
+    let mut query = sqlx::query_scalar(sql);
+    for p in params {
+        query = query.bind(*p);
+    }
+    query.fetch_one(pool).await.expect("count")
+}
+
+/// Makes the fixture's agent read its GPUs through the fake NVML library (the real NVML
+/// code path) playing `scenario`, with the kernel log the library writes (`kmsg.log`
+/// beside it) as `gpu.kernel_log`.
+fn use_fake_nvml(f: &Fixture, scenario: &str) {
+    let exe = std::env::current_exe().expect("test executable path");
+    let built = exe.parent().expect("deps dir").join("libnvidia_ml.so");
+    assert!(built.is_file(), "{} missing", built.display());
+    let host = f.path("gpu-host");
+    std::fs::create_dir_all(&host).expect("fake host dir");
+    let library = host.join("libnvidia-ml.so.1");
+    std::fs::copy(&built, &library).expect("copy the fake library");
+    std::fs::write(host.join("scenario.toml"), scenario).expect("fake scenario");
+    let config = f.path("agent.toml");
+    let text = std::fs::read_to_string(&config).expect("agent.toml");
+    let start = text.find("[gpu]\n").expect("a [gpu] section");
+    let end = start + text[start..].find("\n\n").expect("end of [gpu]");
+    let gpu = format!(
+        "[gpu]\nsource = \"nvml\"\nnvml_library = {}\nkernel_log = {}",
+        toml_path(&library),
+        toml_path(&host.join("kmsg.log"))
+    );
+    std::fs::write(&config, format!("{}{gpu}{}", &text[..start], &text[end..]))
+        .expect("agent.toml");
+}
+
+/// With the kernel log readable, a same-instant pair (XID 79 beside 154 on one GPU) is
+/// stored as two faults: NVML's event set keeps only the latest of the two, the kernel
+/// log has both, and the pair seen twice is counted once each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_same_instant_pair_is_stored_as_two_faults() {
+    let mut f = Fixture::with("pair", SAMPLE_INTERVAL, GPU_SCENARIO).await;
+    use_fake_nvml(
+        &f,
+        "clock = \"wall\"\ndriver_version = \"550.54.15\"\nkernel_log = \"kmsg.log\"\n\n[[gpu]]\n\n[[gpu]]\nxid = [{ at = 4, xid = 79 }, { at = 4, xid = 154 }]\n",
+    );
+    f.start_collector().await;
+    f.start_agent().await;
+    let pool = &f.pool;
+    let mut stored = wait_for("both XIDs stored", Duration::from_secs(60), || async move {
+        let xids = stored_xids(pool).await;
+        (xids.len() >= 2).then_some(xids)
+    })
+    .await;
+    f.stop_and_verify(&BTreeSet::new()).await;
+    let after = stored_xids(&f.pool).await;
+    assert_eq!(after.len(), stored.len(), "nothing stored late: {after:?}");
+    stored.sort();
+    assert_eq!(
+        stored,
+        vec![(79, "1".to_owned(), 1), (154, "1".to_owned(), 1)],
+        "two faults, each once"
+    );
+    let with_uuid = scalar(
+        &f.pool,
+        "SELECT count(*) FROM events WHERE host_id = $1 AND kind = 'xid' AND gpu_uuid IS NOT NULL",
+    )
+    .await;
+    assert_eq!(with_uuid, 2);
+    f.pool.close().await;
+}
+
+/// Seconds since boot now, in microseconds (`/proc/uptime`, the kmsg clock).
+fn uptime_us() -> u64 {
+    let text = std::fs::read_to_string("/proc/uptime").expect("/proc/uptime");
+    let seconds: f64 = text
+        .split_whitespace()
+        .next()
+        .and_then(|s| s.parse().ok())
+        .expect("uptime");
+    (seconds * 1e6) as u64
+}
+
+/// `Some` once at least `n` XID events are stored.
+async fn stored_count(pool: &PgPool, n: usize) -> Option<()> {
+    (stored_xids(pool).await.len() >= n).then_some(())
+}
+
+/// Appends a `/dev/kmsg`-form line for XID `xid` on the fake GPU 0 (PCI 0000:01:00).
+fn append_kmsg_xid(path: &Path, seq: u64, xid: u32) {
+    use std::io::Write;
+    let mut file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .expect("open kernel log");
+    writeln!(
+        file,
+        "3,{seq},{},-;NVRM: Xid (PCI:0000:01:00): {xid}, pid=77, name=trainer, test",
+        uptime_us()
+    )
+    .expect("write kernel log");
+}
+
+/// Kernel log XIDs across an agent SIGKILL and restart: none stored twice (the agent
+/// keeps the kmsg sequence number it reported up to), none lost (the lines written
+/// while it was down are reported at the restart, historical, at their own time).
+///
+/// Before the fix the restarted agent read the kernel log from its end: the XIDs of the
+/// down time were lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kernel_log_xids_across_an_agent_sigkill_are_stored_once() {
+    let mut f = Fixture::with("kmsg-kill", SAMPLE_INTERVAL, GPU_SCENARIO).await;
+    // The fake library raises no XID of its own: every XID comes from the kernel log,
+    // each a distinct (unknown, never dropped) code so each line is told apart.
+    use_fake_nvml(&f, "driver_version = \"550.54.15\"\n\n[[gpu]]\n");
+    let kmsg = f.path("gpu-host/kmsg.log");
+    std::fs::write(&kmsg, "").expect("kernel log");
+    f.start_collector().await;
+    f.start_agent().await;
+    for seq in 1..=5 {
+        append_kmsg_xid(&kmsg, seq, 1000 + seq as u32);
+    }
+    wait_for("five XIDs stored", Duration::from_secs(60), || {
+        stored_count(&f.pool, 5)
+    })
+    .await;
+    f.agent.take().expect("agent running").kill9();
+    // While the agent is down.
+    for seq in 6..=8 {
+        append_kmsg_xid(&kmsg, seq, 1000 + seq as u32);
+    }
+    f.start_agent().await;
+    for seq in 9..=10 {
+        append_kmsg_xid(&kmsg, seq, 1000 + seq as u32);
+    }
+    wait_for("ten XIDs stored", Duration::from_secs(60), || {
+        stored_count(&f.pool, 10)
+    })
+    .await;
+    f.stop_and_verify(&BTreeSet::new()).await;
+    let mut xids: Vec<i64> = stored_xids(&f.pool).await.iter().map(|x| x.0).collect();
+    xids.sort_unstable();
+    assert_eq!(xids, (1001..=1010).collect::<Vec<i64>>(), "each XID once");
+    let historical: Vec<i64> = sqlx::query_scalar(
+        "SELECT xid::int8 FROM events WHERE host_id = $1 AND kind = 'xid' AND historical
+         ORDER BY xid",
+    )
+    .bind(HOST)
+    .fetch_all(&f.pool)
+    .await
+    .expect("historical XIDs");
+    assert_eq!(historical, vec![1006, 1007, 1008], "the down time's XIDs");
     f.pool.close().await;
 }

@@ -18,10 +18,11 @@ use std::borrow::Cow;
 use std::collections::{BTreeSet, HashMap};
 
 use chrono::{DateTime, Utc};
-use razar_shared::protocol::{Batch, Event, EventKind, Subject};
+use razar_shared::protocol::{Batch, Event, EventKind, GpuFaultKind, Subject};
 
 use super::boundary::{
-    clean, clean_kind, Reason, Refusals, Window, MAX_MESSAGE_BYTES, MAX_NAME_BYTES,
+    clean, clean_kind, Reason, Refusals, Window, MAX_LIST_ENTRIES, MAX_MESSAGE_BYTES,
+    MAX_NAME_BYTES,
 };
 use super::copy::SampleCopy;
 use super::{day_of, from_millis, SeriesMap, Store, StoreError, REFUSED_SERIES};
@@ -597,6 +598,119 @@ struct EventRow<'a> {
     message: Cow<'a, str>,
     /// The state a `StateChanged` event moved its component to.
     state_to: Option<&'static str>,
+    /// A GPU event's typed columns and attribution.
+    fault: Option<FaultRow>,
+    /// An attributed component event: (revision, spec hash, GPU UUIDs as a JSON array).
+    component: Option<(String, String, serde_json::Value)>,
+}
+
+/// A GPU event's queryable columns (migration 0003) and, for an attributed one
+/// (`EventKind::GpuFault`), its processes and components.
+#[derive(Debug, Default)]
+struct FaultRow {
+    gpu_uuid: Option<String>,
+    gpu_index: Option<i32>,
+    pci_bus_id: Option<String>,
+    xid: Option<i32>,
+    count: Option<i64>,
+    first: Option<DateTime<Utc>>,
+    last: Option<DateTime<Utc>>,
+    historical: bool,
+    /// (component, revision, spec hash, pid), one per component.
+    components: Vec<(String, String, String, Option<i64>)>,
+    /// (pid, name, used memory), one per pid.
+    processes: Vec<(i64, String, Option<i64>)>,
+}
+
+impl FaultRow {
+    /// The typed columns of a GPU event; `None` for any other event. Text cleaned and
+    /// lists capped and de-duplicated (a repeated component or pid is kept once).
+    fn from_kind(
+        kind: &EventKind,
+        subject: &Subject,
+        ts: DateTime<Utc>,
+        window: Window,
+        cleaned: &mut u64,
+    ) -> Option<FaultRow> {
+        let subject_gpu = match subject {
+            Subject::Gpu(index) => i32::try_from(*index).ok(),
+            _ => None,
+        };
+        let time = |ms: i64| {
+            if window.keeps_event_time(ms) {
+                from_millis(ms).unwrap_or(ts)
+            } else {
+                ts
+            }
+        };
+        match kind {
+            EventKind::Xid { xid, .. } => Some(FaultRow {
+                gpu_index: subject_gpu,
+                xid: i32::try_from(*xid).ok(),
+                count: Some(1),
+                first: Some(ts),
+                last: Some(ts),
+                ..FaultRow::default()
+            }),
+            EventKind::EccDoubleBit | EventKind::GpuLost => Some(FaultRow {
+                gpu_index: subject_gpu,
+                ..FaultRow::default()
+            }),
+            EventKind::GpuFault(fault) => {
+                let mut row = FaultRow {
+                    gpu_uuid: Some(clean(&fault.gpu.uuid, MAX_NAME_BYTES, cleaned).into_owned()),
+                    gpu_index: i32::try_from(fault.gpu.index).ok(),
+                    pci_bus_id: Some(
+                        clean(&fault.gpu.pci_bus_id, MAX_NAME_BYTES, cleaned).into_owned(),
+                    ),
+                    historical: fault.historical,
+                    ..FaultRow::default()
+                };
+                if let GpuFaultKind::Xid {
+                    xid,
+                    count,
+                    first_ms,
+                    last_ms,
+                    ..
+                } = &fault.fault
+                {
+                    row.xid = i32::try_from(*xid).ok();
+                    row.count = Some(i64::try_from(*count).unwrap_or(i64::MAX));
+                    row.first = Some(time(*first_ms));
+                    row.last = Some(time(*last_ms));
+                }
+                let mut seen = BTreeSet::new();
+                for c in fault.components.iter().take(MAX_LIST_ENTRIES) {
+                    let name = clean(&c.component, MAX_NAME_BYTES, cleaned).into_owned();
+                    if seen.insert(name.clone()) {
+                        row.components.push((
+                            name,
+                            clean(&c.version, MAX_NAME_BYTES, cleaned).into_owned(),
+                            clean(&c.spec_hash, MAX_NAME_BYTES, cleaned).into_owned(),
+                            c.pid.map(i64::from),
+                        ));
+                    }
+                }
+                let mut pids = BTreeSet::new();
+                for p in fault.processes.iter().take(MAX_LIST_ENTRIES) {
+                    if pids.insert(p.pid) {
+                        row.processes.push((
+                            i64::from(p.pid),
+                            clean(&p.name, MAX_NAME_BYTES, cleaned).into_owned(),
+                            p.used_memory_bytes.and_then(|b| i64::try_from(b).ok()),
+                        ));
+                    }
+                }
+                Some(row)
+            }
+            _ => None,
+        }
+    }
+
+    /// Whether rows in other tables refer to the event (it needs its id up front).
+    fn has_lists(&self) -> bool {
+        !self.components.is_empty() || !self.processes.is_empty()
+    }
 }
 
 impl<'a> EventRow<'a> {
@@ -625,14 +739,47 @@ impl<'a> EventRow<'a> {
             ),
             Subject::Gpu(index) => ("gpu", Some(index.to_string())),
         };
-        let kind = clean_kind(&event.kind, &mut refusals.texts_cleaned);
+        let ts = from_millis(ts_ms).unwrap_or_default();
+        let fault = FaultRow::from_kind(
+            &event.kind,
+            &event.subject,
+            ts,
+            window,
+            &mut refusals.texts_cleaned,
+        );
+        // An attributed fault keeps its version 1 kind and payload; the attribution goes
+        // to its own columns and tables.
+        let legacy = match &event.kind {
+            EventKind::GpuFault(fault) => Some(fault.legacy_kind()),
+            EventKind::ComponentEvent(c) => Some(c.legacy_kind()),
+            _ => None,
+        };
+        let component = match &event.kind {
+            EventKind::ComponentEvent(c) => {
+                let cleaned = &mut refusals.texts_cleaned;
+                let mut uuids = BTreeSet::new();
+                for gpu in c.gpus.iter().take(MAX_LIST_ENTRIES) {
+                    uuids.insert(clean(&gpu.uuid, MAX_NAME_BYTES, cleaned).into_owned());
+                }
+                Some((
+                    clean(&c.revision.version, MAX_NAME_BYTES, cleaned).into_owned(),
+                    clean(&c.revision.spec_hash, MAX_NAME_BYTES, cleaned).into_owned(),
+                    serde_json::Value::from(uuids.into_iter().collect::<Vec<_>>()),
+                ))
+            }
+            _ => None,
+        };
+        let kind = clean_kind(
+            legacy.as_ref().unwrap_or(&event.kind),
+            &mut refusals.texts_cleaned,
+        );
         let state_to = match kind.as_ref() {
             EventKind::StateChanged { to, .. } => Some(to.as_str()),
             _ => None,
         };
         EventRow {
             host,
-            ts: from_millis(ts_ms).unwrap_or_default(),
+            ts,
             severity: event.severity.as_str(),
             subject_kind,
             subject_id,
@@ -641,6 +788,8 @@ impl<'a> EventRow<'a> {
                 .unwrap_or_else(|e| serde_json::json!({ "unencodable": e.to_string() })),
             message,
             state_to,
+            fault,
+            component,
         }
     }
 
@@ -663,6 +812,8 @@ impl<'a> EventRow<'a> {
                 refusals.summary()
             )),
             state_to: None,
+            fault: None,
+            component: None,
         }
     }
 }
@@ -679,11 +830,84 @@ async fn insert_events(
     let kind: Vec<&str> = events.iter().map(|e| e.kind).collect();
     let payload: Vec<&serde_json::Value> = events.iter().map(|e| &e.payload).collect();
     let message: Vec<&str> = events.iter().map(|e| e.message.as_ref()).collect();
+    // Events that rows of other tables refer to get their id up front.
+    let wanted = events
+        .iter()
+        .filter(|e| e.fault.as_ref().is_some_and(FaultRow::has_lists))
+        .count();
+    let mut ids: Vec<Option<i64>> = vec![None; events.len()];
+    if wanted > 0 {
+        let allocated: Vec<i64> = sqlx::query_scalar(
+            "SELECT nextval(pg_get_serial_sequence('events', 'event_id'))
+             FROM generate_series(1, $1)",
+        )
+        .bind(i64::try_from(wanted).unwrap_or(i64::MAX))
+        .fetch_all(&mut **tx)
+        .await?;
+        let mut allocated = allocated.into_iter();
+        for (slot, event) in ids.iter_mut().zip(events) {
+            if event.fault.as_ref().is_some_and(FaultRow::has_lists) {
+                *slot = allocated.next();
+            }
+        }
+    }
+    fn f<'r>(e: &'r EventRow<'_>) -> Option<&'r FaultRow> {
+        e.fault.as_ref()
+    }
+    let gpu_uuid: Vec<Option<&str>> = events
+        .iter()
+        .map(|e| f(e).and_then(|x| x.gpu_uuid.as_deref()))
+        .collect();
+    let gpu_index: Vec<Option<i32>> = events
+        .iter()
+        .map(|e| f(e).and_then(|x| x.gpu_index))
+        .collect();
+    let pci: Vec<Option<&str>> = events
+        .iter()
+        .map(|e| f(e).and_then(|x| x.pci_bus_id.as_deref()))
+        .collect();
+    let xid: Vec<Option<i32>> = events.iter().map(|e| f(e).and_then(|x| x.xid)).collect();
+    let count: Vec<Option<i64>> = events.iter().map(|e| f(e).and_then(|x| x.count)).collect();
+    let first: Vec<Option<DateTime<Utc>>> =
+        events.iter().map(|e| f(e).and_then(|x| x.first)).collect();
+    let last: Vec<Option<DateTime<Utc>>> =
+        events.iter().map(|e| f(e).and_then(|x| x.last)).collect();
+    let historical: Vec<bool> = events
+        .iter()
+        .map(|e| f(e).is_some_and(|x| x.historical))
+        .collect();
+    let revision: Vec<Option<&str>> = events
+        .iter()
+        .map(|e| e.component.as_ref().map(|c| c.0.as_str()))
+        .collect();
+    let spec_hash: Vec<Option<&str>> = events
+        .iter()
+        .map(|e| e.component.as_ref().map(|c| c.1.as_str()))
+        .collect();
+    let gpu_uuids: Vec<Option<&serde_json::Value>> = events
+        .iter()
+        .map(|e| e.component.as_ref().map(|c| &c.2))
+        .collect();
     sqlx::query(
-        "INSERT INTO events (host_id, ts, severity, subject_kind, subject_id, kind, payload, message)
-         SELECT * FROM UNNEST($1::text[], $2::timestamptz[], $3::text[], $4::text[], $5::text[],
-                              $6::text[], $7::jsonb[], $8::text[])",
+        "INSERT INTO events (event_id, host_id, ts, severity, subject_kind, subject_id, kind, payload,
+                             message, gpu_uuid, gpu_index, pci_bus_id, xid, fault_count, first_ts,
+                             last_ts, historical, component_revision, component_spec_hash,
+                             gpu_uuids)
+         SELECT coalesce(u.id, nextval(pg_get_serial_sequence('events', 'event_id'))),
+                u.host_id, u.ts, u.severity, u.subject_kind, u.subject_id, u.kind, u.payload,
+                u.message, u.gpu_uuid, u.gpu_index, u.pci_bus_id, u.xid, u.fault_count,
+                u.first_ts, u.last_ts, u.historical, u.revision, u.spec_hash,
+                CASE WHEN u.gpus IS NULL THEN NULL
+                     ELSE ARRAY(SELECT jsonb_array_elements_text(u.gpus)) END
+         FROM UNNEST($1::int8[], $2::text[], $3::timestamptz[], $4::text[], $5::text[], $6::text[],
+                     $7::text[], $8::jsonb[], $9::text[], $10::text[], $11::int4[], $12::text[],
+                     $13::int4[], $14::int8[], $15::timestamptz[], $16::timestamptz[], $17::bool[],
+                     $18::text[], $19::text[], $20::jsonb[])
+              AS u(id, host_id, ts, severity, subject_kind, subject_id, kind, payload, message,
+                   gpu_uuid, gpu_index, pci_bus_id, xid, fault_count, first_ts, last_ts,
+                   historical, revision, spec_hash, gpus)",
     )
+    .bind(&ids)
     .bind(&host)
     .bind(&ts)
     .bind(&severity)
@@ -692,8 +916,92 @@ async fn insert_events(
     .bind(&kind)
     .bind(&payload)
     .bind(&message)
+    .bind(&gpu_uuid)
+    .bind(&gpu_index)
+    .bind(&pci)
+    .bind(&xid)
+    .bind(&count)
+    .bind(&first)
+    .bind(&last)
+    .bind(&historical)
+    .bind(&revision)
+    .bind(&spec_hash)
+    .bind(&gpu_uuids)
     .execute(&mut **tx)
     .await?;
+    if wanted > 0 {
+        insert_attribution(tx, events, &ids).await?;
+    }
+    Ok(())
+}
+
+/// The components and processes of attributed faults (`ids`: each event's id, allocated
+/// for those that have them).
+async fn insert_attribution(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    events: &[EventRow<'_>],
+    ids: &[Option<i64>],
+) -> Result<(), StoreError> {
+    let mut c_event = Vec::new();
+    let mut c_host = Vec::new();
+    let mut c_gpu = Vec::new();
+    let mut c_name = Vec::new();
+    let mut c_revision = Vec::new();
+    let mut c_hash = Vec::new();
+    let mut c_pid = Vec::new();
+    let mut p_event = Vec::new();
+    let mut p_pid = Vec::new();
+    let mut p_name = Vec::new();
+    let mut p_memory = Vec::new();
+    for (event, id) in events.iter().zip(ids) {
+        let (Some(fault), Some(id)) = (&event.fault, id) else {
+            continue;
+        };
+        for (name, revision, hash, pid) in &fault.components {
+            c_event.push(*id);
+            c_host.push(event.host);
+            c_gpu.push(fault.gpu_uuid.as_deref().unwrap_or_default());
+            c_name.push(name.as_str());
+            c_revision.push(revision.as_str());
+            c_hash.push(hash.as_str());
+            c_pid.push(*pid);
+        }
+        for (pid, name, memory) in &fault.processes {
+            p_event.push(*id);
+            p_pid.push(*pid);
+            p_name.push(name.as_str());
+            p_memory.push(*memory);
+        }
+    }
+    if !c_event.is_empty() {
+        sqlx::query(
+            "INSERT INTO fault_components (event_id, host_id, gpu_uuid, component, revision,
+                                           spec_hash, pid)
+             SELECT * FROM UNNEST($1::int8[], $2::text[], $3::text[], $4::text[], $5::text[],
+                                  $6::text[], $7::int8[])",
+        )
+        .bind(&c_event)
+        .bind(&c_host)
+        .bind(&c_gpu)
+        .bind(&c_name)
+        .bind(&c_revision)
+        .bind(&c_hash)
+        .bind(&c_pid)
+        .execute(&mut **tx)
+        .await?;
+    }
+    if !p_event.is_empty() {
+        sqlx::query(
+            "INSERT INTO fault_processes (event_id, pid, name, used_memory_bytes)
+             SELECT * FROM UNNEST($1::int8[], $2::int8[], $3::text[], $4::int8[])",
+        )
+        .bind(&p_event)
+        .bind(&p_pid)
+        .bind(&p_name)
+        .bind(&p_memory)
+        .execute(&mut **tx)
+        .await?;
+    }
     Ok(())
 }
 
@@ -758,6 +1066,8 @@ pub fn kind_code(kind: &EventKind) -> &'static str {
         EventKind::SpoolGap { .. } => "spool_gap",
         EventKind::MemoryBudgetExceeded { .. } => "memory_budget_exceeded",
         EventKind::Other { .. } => "other",
+        EventKind::GpuFault(fault) => kind_code(&fault.legacy_kind()),
+        EventKind::ComponentEvent(event) => kind_code(&event.legacy_kind()),
     }
 }
 

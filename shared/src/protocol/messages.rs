@@ -268,6 +268,118 @@ pub enum EventKind {
     MemoryBudgetExceeded { used_bytes: u64, budget_bytes: u64 },
     /// Anything else, with a stable code.
     Other { code: String },
+    /// A GPU fault with what ran on the GPU when it was seen (version 3,
+    /// [`PROTOCOL_ATTRIBUTION`](crate::protocol::PROTOCOL_ATTRIBUTION); an older collector
+    /// gets [`GpuFault::legacy_kind`]: `Xid`, `EccDoubleBit` or `GpuLost`).
+    GpuFault(Box<GpuFault>),
+    /// A component's event with the revision it ran and the GPUs it used (version 3,
+    /// [`PROTOCOL_ATTRIBUTION`](crate::protocol::PROTOCOL_ATTRIBUTION); an older collector
+    /// gets the event alone, [`ComponentEvent::legacy_kind`]).
+    ComponentEvent(Box<ComponentEvent>),
+}
+
+impl EventKind {
+    /// This kind as a peer of protocol `version` knows it: attributed kinds of version 3
+    /// become their version 1 form for an older peer (the attribution is left out).
+    pub fn for_version(&self, version: u16) -> Option<EventKind> {
+        match self {
+            EventKind::GpuFault(fault) if version < crate::protocol::PROTOCOL_ATTRIBUTION => {
+                Some(fault.legacy_kind())
+            }
+            EventKind::ComponentEvent(event) if version < crate::protocol::PROTOCOL_ATTRIBUTION => {
+                Some(event.legacy_kind())
+            }
+            _ => None,
+        }
+    }
+}
+
+impl Batch {
+    /// The batch as a peer of protocol `version` can decode it (see
+    /// [`EventKind::for_version`]); unchanged for a current peer.
+    pub fn for_version(mut self, version: u16) -> Batch {
+        for event in &mut self.events {
+            if let Some(kind) = event.kind.for_version(version) {
+                event.kind = kind;
+            }
+        }
+        self
+    }
+}
+
+/// A GPU as a fault names it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GpuRef {
+    pub index: u32,
+    pub uuid: String,
+    /// NVML form: `00000000:3B:00.0`.
+    pub pci_bus_id: String,
+}
+
+/// A compute process on the GPU when the fault was seen (NVML's running processes).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FaultProcess {
+    pub pid: u32,
+    /// The process name (`/proc/<pid>/comm`), empty when it could not be read.
+    pub name: String,
+    /// GPU memory it used; `None` when NVML cannot tell.
+    pub used_memory_bytes: Option<u64>,
+}
+
+/// A component running on the GPU when the fault was seen, with its revision.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ComponentRevision {
+    pub component: String,
+    /// The revision's version label (`revision` in the config).
+    pub version: String,
+    /// sha256 (hex) of the component's spec as the agent runs it.
+    pub spec_hash: String,
+    /// The component's main pid then, if it ran.
+    pub pid: Option<u32>,
+}
+
+/// What went wrong on the GPU.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum GpuFaultKind {
+    /// `count` XIDs `xid` (repeats coalesced) seen from `first_ms` to `last_ms`.
+    Xid {
+        xid: u32,
+        class: XidClass,
+        count: u64,
+        first_ms: UnixMillis,
+        last_ms: UnixMillis,
+    },
+    /// A double-bit ECC error.
+    EccDoubleBit,
+    /// The GPU fell off the bus.
+    Lost,
+}
+
+/// A GPU fault with its attribution: the GPU, its processes and the components (with
+/// their revisions) mapped to it at that moment.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GpuFault {
+    pub fault: GpuFaultKind,
+    pub gpu: GpuRef,
+    pub processes: Vec<FaultProcess>,
+    pub components: Vec<ComponentRevision>,
+    /// Read from the kernel log as written before the agent started: the event's time is
+    /// the line's own, and it is not a new fault.
+    pub historical: bool,
+}
+
+impl GpuFault {
+    /// The version 1 kind of this fault (no attribution).
+    pub fn legacy_kind(&self) -> EventKind {
+        match &self.fault {
+            GpuFaultKind::Xid { xid, class, .. } => EventKind::Xid {
+                xid: *xid,
+                class: *class,
+            },
+            GpuFaultKind::EccDoubleBit => EventKind::EccDoubleBit,
+            GpuFaultKind::Lost => EventKind::GpuLost,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -415,4 +527,141 @@ pub struct LogChunk {
 pub struct Inventory {
     pub components: Vec<ComponentInfo>,
     pub gpus: Vec<GpuInfo>,
+}
+
+/// What happened to a component (the component kinds of [`EventKind`], as an attributed
+/// [`ComponentEvent`] carries them; a separate type so that no wire type is recursive).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ComponentEventKind {
+    StateChanged {
+        from: ComponentState,
+        to: ComponentState,
+    },
+    ProcessAdopted {
+        pid: u32,
+        adopted: bool,
+    },
+    ProcessExited {
+        pid: u32,
+        code: Option<i32>,
+        signal: Option<i32>,
+    },
+    PulseResult {
+        recovered_ms: Option<u64>,
+        budget_ms: u64,
+        passed: bool,
+    },
+    QuarantineResolved {
+        note: String,
+    },
+    VramBudgetExceeded {
+        used_bytes: u64,
+        budget_bytes: u64,
+    },
+    MemoryBudgetExceeded {
+        used_bytes: u64,
+        budget_bytes: u64,
+    },
+    Other {
+        code: String,
+    },
+}
+
+impl ComponentEventKind {
+    /// The component kind of `kind`; `None` for a kind that is not about a component.
+    pub fn from_kind(kind: &EventKind) -> Option<ComponentEventKind> {
+        Some(match kind.clone() {
+            EventKind::StateChanged { from, to } => ComponentEventKind::StateChanged { from, to },
+            EventKind::ProcessAdopted { pid, adopted } => {
+                ComponentEventKind::ProcessAdopted { pid, adopted }
+            }
+            EventKind::ProcessExited { pid, code, signal } => {
+                ComponentEventKind::ProcessExited { pid, code, signal }
+            }
+            EventKind::PulseResult {
+                recovered_ms,
+                budget_ms,
+                passed,
+            } => ComponentEventKind::PulseResult {
+                recovered_ms,
+                budget_ms,
+                passed,
+            },
+            EventKind::QuarantineResolved { note } => {
+                ComponentEventKind::QuarantineResolved { note }
+            }
+            EventKind::VramBudgetExceeded {
+                used_bytes,
+                budget_bytes,
+            } => ComponentEventKind::VramBudgetExceeded {
+                used_bytes,
+                budget_bytes,
+            },
+            EventKind::MemoryBudgetExceeded {
+                used_bytes,
+                budget_bytes,
+            } => ComponentEventKind::MemoryBudgetExceeded {
+                used_bytes,
+                budget_bytes,
+            },
+            EventKind::Other { code } => ComponentEventKind::Other { code },
+            _ => return None,
+        })
+    }
+
+    /// The same event as an [`EventKind`] of version 1.
+    pub fn to_kind(&self) -> EventKind {
+        match self.clone() {
+            ComponentEventKind::StateChanged { from, to } => EventKind::StateChanged { from, to },
+            ComponentEventKind::ProcessAdopted { pid, adopted } => {
+                EventKind::ProcessAdopted { pid, adopted }
+            }
+            ComponentEventKind::ProcessExited { pid, code, signal } => {
+                EventKind::ProcessExited { pid, code, signal }
+            }
+            ComponentEventKind::PulseResult {
+                recovered_ms,
+                budget_ms,
+                passed,
+            } => EventKind::PulseResult {
+                recovered_ms,
+                budget_ms,
+                passed,
+            },
+            ComponentEventKind::QuarantineResolved { note } => {
+                EventKind::QuarantineResolved { note }
+            }
+            ComponentEventKind::VramBudgetExceeded {
+                used_bytes,
+                budget_bytes,
+            } => EventKind::VramBudgetExceeded {
+                used_bytes,
+                budget_bytes,
+            },
+            ComponentEventKind::MemoryBudgetExceeded {
+                used_bytes,
+                budget_bytes,
+            } => EventKind::MemoryBudgetExceeded {
+                used_bytes,
+                budget_bytes,
+            },
+            ComponentEventKind::Other { code } => EventKind::Other { code },
+        }
+    }
+}
+
+/// A component's event with the revision it ran (version label, spec hash, main pid)
+/// and the GPUs its processes used.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ComponentEvent {
+    pub event: ComponentEventKind,
+    pub revision: ComponentRevision,
+    pub gpus: Vec<GpuRef>,
+}
+
+impl ComponentEvent {
+    /// The version 1 kind of this event (no revision, no GPUs).
+    pub fn legacy_kind(&self) -> EventKind {
+        self.event.to_kind()
+    }
 }

@@ -23,13 +23,16 @@ pub const ALPN: &[u8] = b"razar/1";
 pub const PROTOCOL_MIN: u16 = 1;
 /// Highest protocol version this build speaks. Version 2 adds
 /// `AgentMessage::Inventory`; version 3 the GPU, deployment and profile commands
-/// (`CommandAction::DrainGpu` and after).
+/// (`CommandAction::DrainGpu` and after) and attributed events (`EventKind::GpuFault`).
 pub const PROTOCOL_MAX: u16 = 3;
 /// First version with `AgentMessage::Inventory`.
 pub const PROTOCOL_INVENTORY: u16 = 2;
 /// First version with `CommandAction::DrainGpu`, `ResetGpu`, `SetGpuHealth`,
 /// `DeployRevision` and `SwitchProfile`; a collector never sends them to an older agent.
 pub const PROTOCOL_V3_COMMANDS: u16 = 3;
+/// First version with attributed events (`EventKind::GpuFault`); an agent sends an
+/// older collector their version 1 form.
+pub const PROTOCOL_ATTRIBUTION: u16 = 3;
 
 impl messages::CommandAction {
     /// The lowest negotiated protocol version whose agents understand this command: a

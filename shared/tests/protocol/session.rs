@@ -827,4 +827,170 @@ fn a_v3_command_is_never_sent_on_an_older_session() {
         pair.agent_events_where(|e| matches!(e, AgentEvent::Command(_))),
         vec![(pair.now, AgentEvent::Command(drain))]
     );
+/// A batch holding an attributed GPU fault (`EventKind::GpuFault`, version 3).
+fn fault_batch(seq: u64) -> Batch {
+    use razar_shared::domain::{Severity, XidClass};
+    use razar_shared::protocol::{
+        ComponentRevision, Event, EventKind, FaultProcess, GpuFault, GpuFaultKind, GpuRef, Subject,
+    };
+    Batch {
+        seq,
+        base_ts_ms: 0,
+        series: Vec::new(),
+        events: vec![Event {
+            ts_ms: 5,
+            severity: Severity::Critical,
+            subject: Subject::Gpu(1),
+            kind: EventKind::GpuFault(Box::new(GpuFault {
+                fault: GpuFaultKind::Xid {
+                    xid: 79,
+                    class: XidClass::RebootHost,
+                    count: 1,
+                    first_ms: 5,
+                    last_ms: 5,
+                },
+                gpu: GpuRef {
+                    index: 1,
+                    uuid: "GPU-1".into(),
+                    pci_bus_id: "00000000:02:00.0".into(),
+                },
+                processes: vec![FaultProcess {
+                    pid: 42,
+                    name: "b".into(),
+                    used_memory_bytes: Some(1 << 30),
+                }],
+                components: vec![ComponentRevision {
+                    component: "b".into(),
+                    version: "v2".into(),
+                    spec_hash: "ab".into(),
+                    pid: Some(42),
+                }],
+                historical: false,
+            })),
+            message: "XID 79".into(),
+        }],
+    }
+}
+
+/// The batch frame the agent session sends after a Welcome of `version`.
+fn sent_batch(version: u16) -> Batch {
+    let now = std::time::Instant::now();
+    let mut agent = AgentSession::new(hello(HOST, 1, PROTOCOL_MAX), now);
+    agent.connected(now);
+    agent.handle(
+        CollectorMessage::Welcome(razar_shared::protocol::Welcome {
+            version,
+            ..welcome_fields(0)
+        }),
+        now,
+    );
+    assert_eq!(agent.state(), AgentState::Established { version });
+    agent.push_batch(fault_batch(1)).expect("push");
+    let sent: Vec<AgentMessage> = std::iter::from_fn(|| agent.poll_transmit()).collect();
+    let batch = sent.into_iter().find_map(|m| match m {
+        AgentMessage::Batch(b) => Some(b),
+        _ => None,
+    });
+    // Through the codec, as the collector would decode it.
+    let batch = batch.expect("a batch frame");
+    let frame = razar_shared::protocol::encode_agent(&AgentMessage::Batch(batch)).expect("encode");
+    let mut decoder = razar_shared::protocol::AgentFrameDecoder::new();
+    decoder.push(&frame).expect("push frame");
+    match decoder.next_frame() {
+        Ok(Some(AgentMessage::Batch(b))) => b,
+        other => panic!("decoded {other:?}"),
+    }
+}
+
+/// A version 3 collector gets the attributed fault; a version 2 (or 1) collector the
+/// version 1 kind it knows (`Xid`), never a variant it cannot decode.
+#[test]
+fn attributed_faults_go_to_a_version_3_collector_and_their_old_form_to_an_older_one() {
+    use razar_shared::domain::XidClass;
+    use razar_shared::protocol::EventKind;
+    assert_eq!(sent_batch(3), fault_batch(1));
+    for version in [1, 2] {
+        let old = sent_batch(version);
+        assert_eq!(
+            old.events[0].kind,
+            EventKind::Xid {
+                xid: 79,
+                class: XidClass::RebootHost
+            },
+            "version {version}"
+        );
+        assert_eq!(old.events[0].message, "XID 79");
+    }
+}
+
+/// Every component kind goes into an attributed `ComponentEvent` and back unchanged,
+/// and a version 2 peer gets the plain kind.
+#[test]
+fn component_events_round_trip_and_downgrade_to_their_plain_kind() {
+    use razar_shared::protocol::{
+        ComponentEvent, ComponentEventKind, ComponentRevision, Event, EventKind, GpuRef, Subject,
+    };
+    let kinds = vec![
+        EventKind::StateChanged {
+            from: ComponentState::Starting,
+            to: ComponentState::Ready,
+        },
+        EventKind::ProcessAdopted {
+            pid: 1,
+            adopted: true,
+        },
+        EventKind::ProcessExited {
+            pid: 2,
+            code: Some(3),
+            signal: None,
+        },
+        EventKind::PulseResult {
+            recovered_ms: Some(4),
+            budget_ms: 5,
+            passed: true,
+        },
+        EventKind::QuarantineResolved { note: "n".into() },
+        EventKind::VramBudgetExceeded {
+            used_bytes: 6,
+            budget_bytes: 7,
+        },
+        EventKind::MemoryBudgetExceeded {
+            used_bytes: 8,
+            budget_bytes: 9,
+        },
+        EventKind::Other { code: "c".into() },
+    ];
+    for kind in kinds {
+        let inner = ComponentEventKind::from_kind(&kind).expect("a component kind");
+        assert_eq!(inner.to_kind(), kind);
+        let attributed = EventKind::ComponentEvent(Box::new(ComponentEvent {
+            event: inner,
+            revision: ComponentRevision {
+                component: "b".into(),
+                version: "v2".into(),
+                spec_hash: "ab".into(),
+                pid: Some(1),
+            },
+            gpus: vec![GpuRef {
+                index: 1,
+                uuid: "GPU-1".into(),
+                pci_bus_id: "00000000:02:00.0".into(),
+            }],
+        }));
+        let batch = Batch {
+            seq: 1,
+            base_ts_ms: 0,
+            series: Vec::new(),
+            events: vec![Event {
+                ts_ms: 0,
+                severity: razar_shared::domain::Severity::Info,
+                subject: Subject::Component("b".into()),
+                kind: attributed.clone(),
+                message: String::new(),
+            }],
+        };
+        assert_eq!(batch.clone().for_version(3).events[0].kind, attributed);
+        assert_eq!(batch.for_version(2).events[0].kind, kind);
+    }
+    assert_eq!(ComponentEventKind::from_kind(&EventKind::GpuLost), None);
 }

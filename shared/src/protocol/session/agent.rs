@@ -6,7 +6,7 @@ use super::{heartbeat_interval, lost_after, validate_config, SessionError, WallC
 use crate::protocol::{
     AgentMessage, Batch, CollectorMessage, Command, CommandResult, ComponentInfo, GpuInfo,
     Heartbeat, Hello, Inventory, LogChunk, Refusal, SeriesDef, SessionConfig, StatusDigest,
-    UnixMillis, PROTOCOL_INVENTORY,
+    UnixMillis, PROTOCOL_INVENTORY, PROTOCOL_MIN,
 };
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::Instant;
@@ -344,7 +344,16 @@ impl AgentSession {
                 Outgoing::Batch(seq) => {
                     // Absent if acknowledged before it was polled; then it needs no send.
                     if let Ok(i) = self.in_flight.binary_search_by_key(&seq, |b| b.seq) {
-                        return self.in_flight.get(i).cloned().map(AgentMessage::Batch);
+                        let version = match self.state {
+                            AgentState::Established { version } => version,
+                            _ => PROTOCOL_MIN,
+                        };
+                        // An older collector gets the event kinds it knows.
+                        return self
+                            .in_flight
+                            .get(i)
+                            .cloned()
+                            .map(|b| AgentMessage::Batch(b.for_version(version)));
                     }
                 }
             }
