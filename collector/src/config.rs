@@ -513,7 +513,11 @@ impl Validator<'_> {
         }
         let durations = [
             ("engine.tick", &raw.tick, &mut e.tick),
-            ("engine.command_deadline", &raw.command_deadline, &mut e.command_deadline),
+            (
+                "engine.command_deadline",
+                &raw.command_deadline,
+                &mut e.command_deadline,
+            ),
             ("engine.max_lag", &raw.max_lag, &mut e.max_lag),
         ];
         for (key, raw, value) in durations {
@@ -521,32 +525,76 @@ impl Validator<'_> {
                 *value = d;
             }
         }
-        if let Some(n) = raw.batch_events.as_ref().and_then(|n| self.nonzero("engine.batch_events", n)) {
+        if let Some(n) = raw
+            .batch_events
+            .as_ref()
+            .and_then(|n| self.nonzero("engine.batch_events", n))
+        {
             e.batch_events = n.get();
         }
         let r = &mut e.rules;
         let millis = [
             ("engine.xid_window", &raw.xid_window, &mut r.xid_window_ms),
             ("engine.probation", &raw.probation, &mut r.probation_ms),
-            ("engine.blame_window", &raw.blame_window, &mut r.blame_window_ms),
-            ("engine.renotify_after", &raw.renotify_after, &mut r.renotify_after_ms),
-            ("engine.breaker.window", &raw.breaker.window, &mut r.breaker.window_ms),
-            ("engine.breaker.cooldown", &raw.breaker.cooldown, &mut r.breaker.cooldown_ms),
+            (
+                "engine.blame_window",
+                &raw.blame_window,
+                &mut r.blame_window_ms,
+            ),
+            (
+                "engine.renotify_after",
+                &raw.renotify_after,
+                &mut r.renotify_after_ms,
+            ),
+            (
+                "engine.breaker.window",
+                &raw.breaker.window,
+                &mut r.breaker.window_ms,
+            ),
+            (
+                "engine.breaker.cooldown",
+                &raw.breaker.cooldown,
+                &mut r.breaker.cooldown_ms,
+            ),
         ];
         for (key, raw, value) in millis {
             if let Some(d) = raw.as_ref().and_then(|d| self.duration(key, d)) {
                 match i64::try_from(d.as_millis()) {
                     Ok(ms) => *value = ms,
-                    Err(_) => self.push(key, raw.as_ref().map(|r| r.span()).unwrap_or_default(), "too long"),
+                    Err(_) => self.push(
+                        key,
+                        raw.as_ref().map(|r| r.span()).unwrap_or_default(),
+                        "too long",
+                    ),
                 }
             }
         }
         let counts = [
-            ("engine.xid_repeat_threshold", &raw.xid_repeat_threshold, &mut r.xid_repeat_threshold),
-            ("engine.lemon_cycles", &raw.lemon_cycles, &mut r.lemon_cycles),
-            ("engine.blame_min_places", &raw.blame_min_places, &mut r.blame_min_places),
-            ("engine.breaker.max_hosts", &raw.breaker.max_hosts, &mut r.breaker.max_hosts),
-            ("engine.breaker.max_gpus", &raw.breaker.max_gpus, &mut r.breaker.max_gpus),
+            (
+                "engine.xid_repeat_threshold",
+                &raw.xid_repeat_threshold,
+                &mut r.xid_repeat_threshold,
+            ),
+            (
+                "engine.lemon_cycles",
+                &raw.lemon_cycles,
+                &mut r.lemon_cycles,
+            ),
+            (
+                "engine.blame_min_places",
+                &raw.blame_min_places,
+                &mut r.blame_min_places,
+            ),
+            (
+                "engine.breaker.max_hosts",
+                &raw.breaker.max_hosts,
+                &mut r.breaker.max_hosts,
+            ),
+            (
+                "engine.breaker.max_gpus",
+                &raw.breaker.max_gpus,
+                &mut r.breaker.max_gpus,
+            ),
         ];
         for (key, raw, value) in counts {
             if let Some(n) = raw.as_ref().and_then(|n| self.nonzero(key, n)) {
@@ -557,7 +605,11 @@ impl Validator<'_> {
             if (1..=100).contains(p.get_ref()) {
                 r.breaker.max_share_percent = *p.get_ref();
             } else {
-                self.push("engine.breaker.max_share_percent", p.span(), "must be within 1..=100");
+                self.push(
+                    "engine.breaker.max_share_percent",
+                    p.span(),
+                    "must be within 1..=100",
+                );
             }
         }
         if let Some(n) = raw.breaker.share_min_population {
@@ -567,28 +619,54 @@ impl Validator<'_> {
 
     /// `[notify]` into `n`.
     fn notify(&mut self, raw: &RawNotify, n: &mut crate::notify::NotifySettings) {
-        if let Some(a) = raw.max_attempts.as_ref().and_then(|a| self.nonzero("notify.max_attempts", a)) {
+        if let Some(a) = raw
+            .max_attempts
+            .as_ref()
+            .and_then(|a| self.nonzero("notify.max_attempts", a))
+        {
             n.max_attempts = a.get();
         }
-        if let Some(d) = raw.backoff_first.as_ref().and_then(|d| self.duration("notify.backoff_first", d)) {
+        if let Some(d) = raw
+            .backoff_first
+            .as_ref()
+            .and_then(|d| self.duration("notify.backoff_first", d))
+        {
             n.backoff_first = d;
         }
-        if let Some(d) = raw.backoff_max.as_ref().and_then(|d| self.duration("notify.backoff_max", d)) {
+        if let Some(d) = raw
+            .backoff_max
+            .as_ref()
+            .and_then(|d| self.duration("notify.backoff_max", d))
+        {
             n.backoff_max = d;
         }
         for hook in &raw.webhook {
             let url = hook.url.get_ref();
-            if !(url.starts_with("http://") || url.starts_with("https://")) || url.contains(char::is_whitespace) {
-                self.push("notify.webhook.url", hook.url.span(), "must be an http:// or https:// URL");
+            if !(url.starts_with("http://") || url.starts_with("https://"))
+                || url.contains(char::is_whitespace)
+            {
+                self.push(
+                    "notify.webhook.url",
+                    hook.url.span(),
+                    "must be an http:// or https:// URL",
+                );
                 continue;
             }
-            let min_severity = match hook.min_severity.as_ref().map(|s| (s, s.get_ref().as_str())) {
+            let min_severity = match hook
+                .min_severity
+                .as_ref()
+                .map(|s| (s, s.get_ref().as_str()))
+            {
                 None => razar_shared::domain::Severity::Warning,
                 Some((_, "info")) => razar_shared::domain::Severity::Info,
                 Some((_, "warning")) => razar_shared::domain::Severity::Warning,
                 Some((_, "critical")) => razar_shared::domain::Severity::Critical,
                 Some((s, _)) => {
-                    self.push("notify.webhook.min_severity", s.span(), "must be info, warning or critical");
+                    self.push(
+                        "notify.webhook.min_severity",
+                        s.span(),
+                        "must be info, warning or critical",
+                    );
                     continue;
                 }
             };

@@ -266,9 +266,14 @@ impl Snapshot {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Planned {
     Command(CommandAction),
-    PauseDeployment { component: String, revision: String },
+    PauseDeployment {
+        component: String,
+        revision: String,
+    },
     /// No command exists for it yet (host reboot, hardware inspection): escalated only.
-    Unsupported { what: String },
+    Unsupported {
+        what: String,
+    },
 }
 
 /// The outbox entries an engine action becomes (host, kind, what).
@@ -528,9 +533,7 @@ pub fn translate(view: &FleetView, e: &StoredEvent) -> Option<Input> {
         }
         "host_lost" => Some(Input::HostLost { host, event: e.id }),
         "host_back" => Some(Input::HostBack { host, event: e.id }),
-        "heartbeats_without_samples" => {
-            Some(Input::HeartbeatsWithoutSamples { host, event: e.id })
-        }
+        "heartbeats_without_samples" => Some(Input::HeartbeatsWithoutSamples { host, event: e.id }),
         "gpu_reset_result" => Some(Input::GpuResetDone {
             host,
             gpu: field("gpu")?.as_str()?.to_owned(),
@@ -740,7 +743,10 @@ impl EngineLoop {
         let mut notifications: Vec<(EscalationKey, &'static str, u32)> = Vec::new();
         for d in &decisions {
             let id = insert_decision(&mut tx, d, leader.term).await?;
-            self.metrics.decisions.with_label_values(&[&d.rule_id]).inc();
+            self.metrics
+                .decisions
+                .with_label_values(&[&d.rule_id])
+                .inc();
             for (host, kind, planned) in plan_decision(&d.actions) {
                 let state = match planned {
                     Planned::Unsupported { .. } => "skipped",
@@ -803,13 +809,8 @@ impl EngineLoop {
             if leader.escalations.get(key) == Some(&p) {
                 continue;
             }
-            let id = upsert_escalation(
-                &mut tx,
-                e,
-                notes.get(key),
-                last_decision.get(key).copied(),
-            )
-            .await?;
+            let id = upsert_escalation(&mut tx, e, notes.get(key), last_decision.get(key).copied())
+                .await?;
             written.insert(key.clone(), id);
             if e.state == EscalationState::Resolved {
                 resolved.push(key.clone());
@@ -1031,10 +1032,13 @@ impl EngineLoop {
                         Err(e) => Err(e.to_string()),
                     }
                 }
-                (Ok(Planned::PauseDeployment {
-                    component,
-                    revision,
-                }), _) => self
+                (
+                    Ok(Planned::PauseDeployment {
+                        component,
+                        revision,
+                    }),
+                    _,
+                ) => self
                     .hooks
                     .pause_for_blame(&component, &revision, decision)
                     .await
@@ -1052,7 +1056,10 @@ impl EngineLoop {
             if let Some(e) = &error {
                 tracing::warn!(action = id, decision, kind, error = %e, "engine action failed");
             }
-            self.metrics.actions.with_label_values(&[&kind, state]).inc();
+            self.metrics
+                .actions
+                .with_label_values(&[&kind, state])
+                .inc();
             sqlx::query(
                 "UPDATE engine_actions SET state = $2, command_id = $3, error = $4, done_at = now()
                  WHERE action_id = $1",
@@ -1570,7 +1577,10 @@ impl EngineHandle {
     }
 
     /// Decisions resting on a stored event.
-    pub async fn decisions_for_event(&self, event: i64) -> Result<Vec<DecisionRecord>, HandleError> {
+    pub async fn decisions_for_event(
+        &self,
+        event: i64,
+    ) -> Result<Vec<DecisionRecord>, HandleError> {
         Ok(sqlx::query_as(
             "SELECT decision_id, seq, term, rule, rule_version, catalog_revision, evidence,
                  rejected, actions, held, breaker, operator, decided_at
@@ -1594,7 +1604,10 @@ impl EngineHandle {
     }
 
     /// Every GPU's health (of one host when given).
-    pub async fn gpu_health(&self, host: Option<&str>) -> Result<Vec<GpuHealthRecord>, HandleError> {
+    pub async fn gpu_health(
+        &self,
+        host: Option<&str>,
+    ) -> Result<Vec<GpuHealthRecord>, HandleError> {
         Ok(sqlx::query_as(
             "SELECT host_id, gpu_uuid, gpu_index, state, rung, since, until, cycles
              FROM gpu_health WHERE $1::text IS NULL OR host_id = $1
@@ -1607,13 +1620,21 @@ impl EngineHandle {
 
     /// Leader, term, and what the breaker holds back.
     pub async fn status(&self) -> Result<EngineStatus, HandleError> {
-        let (term, leader, leader_since, updated_at, snapshot): (
-            i64,
-            Option<String>,
-            Option<DateTime<Utc>>,
-            DateTime<Utc>,
-            Option<serde_json::Value>,
-        ) = sqlx::query_as(
+        #[derive(sqlx::FromRow)]
+        struct Row {
+            term: i64,
+            leader: Option<String>,
+            leader_since: Option<DateTime<Utc>>,
+            updated_at: DateTime<Utc>,
+            snapshot: Option<serde_json::Value>,
+        }
+        let Row {
+            term,
+            leader,
+            leader_since,
+            updated_at,
+            snapshot,
+        } = sqlx::query_as(
             "SELECT term, leader, leader_since, updated_at, snapshot FROM engine_state WHERE id = 1",
         )
         .fetch_one(&self.pool)
@@ -1646,7 +1667,12 @@ impl EngineHandle {
 mod tests {
     use super::*;
 
-    fn event(kind: &str, subject_kind: &str, subject: Option<&str>, payload: serde_json::Value) -> StoredEvent {
+    fn event(
+        kind: &str,
+        subject_kind: &str,
+        subject: Option<&str>,
+        payload: serde_json::Value,
+    ) -> StoredEvent {
         StoredEvent {
             id: 7,
             host: "h1".to_owned(),
@@ -1704,9 +1730,18 @@ mod tests {
             }
             _ => None,
         };
-        assert_eq!(kind(&change("Backoff", "Quarantined")), Some(FailureKind::GaveUp));
-        assert_eq!(kind(&change("Ready", "Unhealthy")), Some(FailureKind::Liveness));
-        assert_eq!(kind(&change("Starting", "Backoff")), Some(FailureKind::CrashLoop));
+        assert_eq!(
+            kind(&change("Backoff", "Quarantined")),
+            Some(FailureKind::GaveUp)
+        );
+        assert_eq!(
+            kind(&change("Ready", "Unhealthy")),
+            Some(FailureKind::Liveness)
+        );
+        assert_eq!(
+            kind(&change("Starting", "Backoff")),
+            Some(FailureKind::CrashLoop)
+        );
         assert_eq!(kind(&change("Starting", "Ready")), None);
     }
 

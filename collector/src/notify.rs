@@ -235,10 +235,18 @@ async fn deliver_due(
                 let give_up = attempts >= settings.max_attempts;
                 let outcome = if give_up { "undeliverable" } else { "failed" };
                 metrics.attempts.with_label_values(&[outcome]).inc();
-                tracing::warn!(notification = id, url, attempts, error, outcome, "webhook delivery failed");
+                tracing::warn!(
+                    notification = id,
+                    url,
+                    attempts,
+                    error,
+                    outcome,
+                    "webhook delivery failed"
+                );
                 let wait = backoff(attempts, settings.backoff_first, settings.backoff_max);
                 let next = Utc::now()
-                    + chrono::Duration::from_std(wait).unwrap_or_else(|_| chrono::Duration::hours(1));
+                    + chrono::Duration::from_std(wait)
+                        .unwrap_or_else(|_| chrono::Duration::hours(1));
                 sqlx::query(
                     "UPDATE notifications SET state = $2, attempts = $3, last_error = $4,
                          next_attempt_at = $5 WHERE notification_id = $1",

@@ -5,7 +5,9 @@
 use crate::api::{self, ApiState, Ready};
 use crate::config::{CollectorConfig, Database};
 use crate::embedded_pg::{EmbeddedPg, EmbeddedPgError, EmbeddedPgOptions};
-use crate::engine_loop::{DeploymentHooks, EngineHandle, EngineLoop, EngineMetrics, LogDeploymentHooks};
+use crate::engine_loop::{
+    DeploymentHooks, EngineHandle, EngineLoop, EngineMetrics, LogDeploymentHooks,
+};
 use crate::notify::NotifyMetrics;
 use crate::server::{Collector, IngestConfig, ServerError};
 use crate::store::{Store, StoreError};
@@ -237,7 +239,11 @@ impl Service {
                 notify: config.notify.clone(),
                 hooks,
                 metrics: engine_metrics,
-                name: format!("collector pid {} ({})", std::process::id(), collector.local_addr()),
+                name: format!(
+                    "collector pid {} ({})",
+                    std::process::id(),
+                    collector.local_addr()
+                ),
             };
             let stop = stop.clone();
             background.push(collector.tasks().spawn(
@@ -248,21 +254,29 @@ impl Service {
             ));
         }
         if !config.notify.webhooks.is_empty() {
-            let (pool, settings, stop) = (store.pool().clone(), config.notify.clone(), stop.clone());
-            background.push(collector.tasks().spawn(
-                "notify",
-                Some(settings.poll.saturating_mul(30).max(Duration::from_secs(60))),
-                Some(stop.clone()),
-                move |beat| {
-                    crate::notify::run(
-                        pool.clone(),
-                        settings.clone(),
-                        notify_metrics.clone(),
-                        beat,
-                        stop.clone(),
-                    )
-                },
-            ));
+            let (pool, settings, stop) =
+                (store.pool().clone(), config.notify.clone(), stop.clone());
+            background.push(
+                collector.tasks().spawn(
+                    "notify",
+                    Some(
+                        settings
+                            .poll
+                            .saturating_mul(30)
+                            .max(Duration::from_secs(60)),
+                    ),
+                    Some(stop.clone()),
+                    move |beat| {
+                        crate::notify::run(
+                            pool.clone(),
+                            settings.clone(),
+                            notify_metrics.clone(),
+                            beat,
+                            stop.clone(),
+                        )
+                    },
+                ),
+            );
         }
         Ok(Serving {
             config,

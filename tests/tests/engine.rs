@@ -123,7 +123,9 @@ impl Fixture {
 
     /// Stores `events` of `host` as one agent batch (the ingest path); returns their ids.
     async fn events(&self, host: &str, events: Vec<Event>) -> Vec<i64> {
-        let before: i64 = self.scalar("SELECT coalesce(max(event_id), 0) FROM events").await;
+        let before: i64 = self
+            .scalar("SELECT coalesce(max(event_id), 0) FROM events")
+            .await;
         let cursor = self.store.cursor(host).await.expect("cursor");
         let seq = cursor + 1;
         let batch = Batch {
@@ -213,9 +215,7 @@ async fn xid_79_quarantines_and_drains_that_gpu_only_and_an_operator_overrides_i
     let f = Fixture::new().await;
     f.host("h1", 2).await;
     let collector = f.collector(f.config("c1")).await;
-    let ids = f
-        .events("h1", vec![xid(1, 79, XidClass::ResetGpu)])
-        .await;
+    let ids = f.events("h1", vec![xid(1, 79, XidClass::ResetGpu)]).await;
     let event = ids[0];
 
     let state = wait_for("GPU 1 quarantined", || async {
@@ -309,7 +309,10 @@ async fn xid_79_quarantines_and_drains_that_gpu_only_and_an_operator_overrides_i
         .expect("stored");
     assert_eq!(d.rule, "gpu.override");
     assert_eq!(d.operator.as_deref(), Some("ann"));
-    assert!(engine.override_gpu("h1", "7", true, "ann", "x").await.is_err());
+    assert!(engine
+        .override_gpu("h1", "7", true, "ann", "x")
+        .await
+        .is_err());
     collector.shutdown().await;
 }
 
@@ -414,7 +417,9 @@ async fn xid_48_again_on_the_same_gpu_after_a_reset_climbs_the_ladder() {
     // The reboot has no command yet: it is recorded as skipped, escalated.
     let skipped = wait_for("the reboot recorded", || async {
         let n = f
-            .scalar("SELECT count(*) FROM engine_actions WHERE kind = 'reboot' AND state = 'skipped'")
+            .scalar(
+                "SELECT count(*) FROM engine_actions WHERE kind = 'reboot' AND state = 'skipped'",
+            )
             .await;
         (n >= 1).then_some(n)
     })
@@ -549,17 +554,15 @@ async fn a_standby_collector_takes_over_with_the_next_term_and_resumes_from_the_
     .await;
     // Only one collector decides: every decision so far has term 1.
     assert_eq!(
-        f.scalar("SELECT count(*) FROM decisions WHERE term <> 1").await,
+        f.scalar("SELECT count(*) FROM decisions WHERE term <> 1")
+            .await,
         0
     );
     let leader: String = sqlx::query_scalar("SELECT leader FROM engine_state")
         .fetch_one(&f.pool)
         .await
         .expect("leader");
-    assert!(
-        leader.contains(&first.quic_addr().to_string()),
-        "{leader}"
-    );
+    assert!(leader.contains(&first.quic_addr().to_string()), "{leader}");
     // The leader stops; an event arrives meanwhile.
     first.shutdown().await;
     let e2 = insert("h2").await;
@@ -597,7 +600,8 @@ async fn a_standby_collector_takes_over_with_the_next_term_and_resumes_from_the_
     assert_eq!(f.decided(back).await.len(), 1);
     // Decision numbers are unique across terms.
     assert_eq!(
-        f.scalar("SELECT count(*) - count(DISTINCT seq) FROM decisions").await,
+        f.scalar("SELECT count(*) - count(DISTINCT seq) FROM decisions")
+            .await,
         0
     );
     second.shutdown().await;
@@ -621,8 +625,7 @@ async fn receiver(failures: u32) -> (String, Arc<Mutex<Vec<(Instant, String)>>>)
             let mut buf = Vec::new();
             let mut chunk = [0u8; 4096];
             // Headers, then Content-Length bytes of body.
-            loop {
-                let Ok(n) = sock.read(&mut chunk).await else { break };
+            while let Ok(n) = sock.read(&mut chunk).await {
                 if n == 0 {
                     break;
                 }
@@ -650,7 +653,8 @@ async fn receiver(failures: u32) -> (String, Arc<Mutex<Vec<(Instant, String)>>>)
             } else {
                 "200 OK"
             };
-            let reply = format!("HTTP/1.1 {status}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+            let reply =
+                format!("HTTP/1.1 {status}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
             let _ = sock.write_all(reply.as_bytes()).await;
             let _ = sock.shutdown().await;
         }
