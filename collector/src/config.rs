@@ -1036,6 +1036,49 @@ mod tests {
     }
 
     #[test]
+    fn engine_and_notify_sections() {
+        let parse = |text: &str| CollectorConfig::parse(Path::new("c.toml"), text);
+        let d = parse("").unwrap();
+        assert_eq!(d.engine, crate::engine_loop::EngineSettings::default());
+        assert!(d.notify.webhooks.is_empty());
+        let set = parse(
+            "[engine]\nenabled = false\ntick = \"250ms\"\nprobation = \"5m\"\n\
+             blame_min_places = 1\n[engine.breaker]\nmax_hosts = 3\ncooldown = \"1m\"\n\
+             [notify]\nmax_attempts = 4\nbackoff_first = \"2s\"\n\
+             [[notify.webhook]]\nurl = \"http://h:1/x\"\nmin_severity = \"critical\"\n",
+        )
+        .unwrap();
+        assert!(!set.engine.enabled);
+        assert_eq!(set.engine.tick, Duration::from_millis(250));
+        assert_eq!(set.engine.rules.probation_ms, 300_000);
+        assert_eq!(set.engine.rules.blame_min_places, 1);
+        assert_eq!(set.engine.rules.breaker.max_hosts, 3);
+        assert_eq!(set.engine.rules.breaker.cooldown_ms, 60_000);
+        assert_eq!(set.notify.max_attempts, 4);
+        assert_eq!(set.notify.backoff_first, Duration::from_secs(2));
+        assert_eq!(set.notify.webhooks.len(), 1);
+        assert_eq!(
+            set.notify.webhooks[0].min_severity,
+            razar_shared::domain::Severity::Critical
+        );
+        check_err(
+            "[engine]\nlemon_cycles = 0\n[engine.breaker]\nmax_share_percent = 101\n\
+             [[notify.webhook]]\nurl = \"ftp://x\"\n[[notify.webhook]]\nurl = \"http://y\"\n\
+             min_severity = \"loud\"\n",
+            &[
+                (2, "engine.lemon_cycles", "at least 1"),
+                (4, "engine.breaker.max_share_percent", "1..=100"),
+                (6, "notify.webhook.url", "http"),
+                (
+                    9,
+                    "notify.webhook.min_severity",
+                    "info, warning or critical",
+                ),
+            ],
+        );
+    }
+
+    #[test]
     fn ingest_rules_default_and_bounds() {
         let parse = |text: &str| CollectorConfig::parse(Path::new("c.toml"), text);
         let rules = parse("").unwrap().ingest_rules();
