@@ -707,3 +707,62 @@ async fn a_webhook_answering_500_twice_then_200_is_delivered_with_backoff() {
     assert!(seen[2].0 - seen[1].0 >= Duration::from_millis(600));
     collector.shutdown().await;
 }
+
+async fn health(http: std::net::SocketAddr) -> serde_json::Value {
+    reqwest::get(format!("http://{http}/api/v1/health"))
+        .await
+        .expect("health answers")
+        .json()
+        .await
+        .expect("health JSON")
+}
+
+/// Failing checks whose name mentions the engine.
+fn engine_failing(body: &serde_json::Value) -> bool {
+    body["checks"].as_array().is_some_and(|checks| {
+        checks
+            .iter()
+            .any(|c| c["ok"] == false && c["name"].as_str().is_some_and(|n| n.contains("engine")))
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_is_degraded_while_the_engine_is_behind() {
+    let f = Fixture::new().await;
+    f.host("h1", 0).await;
+    let mut config = f.config("c1");
+    config.engine.max_lag = Duration::from_secs(2);
+    let collector = f.collector(config).await;
+    let http = collector.http_addr();
+    wait_for("health ok", || async {
+        let h = health(http).await;
+        (h["status"] == "ok").then_some(())
+    })
+    .await;
+    // A transaction that stays open holds the horizon: a committed event waits.
+    let mut open = f.pool.begin().await.expect("begin");
+    sqlx::query("SELECT pg_current_xact_id()")
+        .execute(&mut *open)
+        .await
+        .expect("xid");
+    let event: i64 = sqlx::query_scalar(
+        "INSERT INTO events (host_id, ts, severity, subject_kind, subject_id, kind, payload, message)
+         VALUES ('h1', now(), 'critical', 'host', NULL, 'host_lost', '{}', 'lost') RETURNING event_id",
+    )
+    .fetch_one(&f.pool)
+    .await
+    .expect("event");
+    let degraded = wait_for("health degraded by the engine's lag", || async {
+        let h = health(http).await;
+        (h["status"] == "degraded" && engine_failing(&h)).then_some(h)
+    })
+    .await;
+    assert!(f.decided(event).await.is_empty(), "{degraded}");
+    open.commit().await.expect("commit");
+    wait_for("the event decided and health ok again", || async {
+        let h = health(http).await;
+        (h["status"] == "ok" && !f.decided(event).await.is_empty()).then_some(())
+    })
+    .await;
+    collector.shutdown().await;
+}
