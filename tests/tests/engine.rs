@@ -766,3 +766,122 @@ async fn health_is_degraded_while_the_engine_is_behind() {
     .await;
     collector.shutdown().await;
 }
+
+/// Records the deployment pauses the engine asks for.
+#[derive(Default)]
+struct RecordingHooks(Mutex<Vec<(String, String)>>);
+
+impl razar_collector::engine_loop::DeploymentHooks for RecordingHooks {
+    fn pause_for_blame<'a>(
+        &'a self,
+        component: &'a str,
+        revision: &'a str,
+        _decision_id: i64,
+    ) -> futures_like::BoxFuture<'a, Result<(), String>> {
+        self.0
+            .lock()
+            .expect("hooks")
+            .push((component.to_owned(), revision.to_owned()));
+        Box::pin(async { Ok(()) })
+    }
+}
+
+mod futures_like {
+    pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revision_crashing_on_two_hosts_is_rolled_back_there_and_its_deployment_paused() {
+    use razar_shared::protocol::{ComponentInfo, Inventory};
+    let f = Fixture::new().await;
+    for h in ["h1", "h2", "h3"] {
+        f.host(h, 1).await;
+    }
+    let hooks = Arc::new(RecordingHooks::default());
+    let collector = Service::start_with(f.config("c1"), hooks.clone())
+        .await
+        .expect("collector starts");
+    wait_for("the fleet known", || async {
+        (f.scalar("SELECT count(*) FROM gpu_health").await == 3).then_some(())
+    })
+    .await;
+    // r2 rolls out to h1 and h2; h3 stays on r1.
+    for h in ["h1", "h2"] {
+        let inventory = Inventory {
+            components: vec![ComponentInfo {
+                name: "model-server".to_owned(),
+                revision: "r2".to_owned(),
+                state: ComponentState::Starting,
+                critical: true,
+            }],
+            gpus: vec![GpuInfo {
+                index: 0,
+                uuid: format!("GPU-{h}-0"),
+                name: "NVIDIA H100 80GB HBM3".to_owned(),
+                pci_bus_id: "0000:00:00.0".to_owned(),
+                memory_total_bytes: 80 << 30,
+            }],
+        };
+        f.store
+            .record_inventory(h, &inventory, Utc::now())
+            .await
+            .expect("inventory");
+    }
+    wait_for("r2 seen on two hosts", || async {
+        (f.scalar("SELECT count(*) FROM decisions WHERE rule = 'revision.started'")
+            .await
+            >= 2)
+            .then_some(())
+    })
+    .await;
+    use ComponentState::{Backoff, Starting};
+    f.events("h1", vec![state("model-server", Starting, Backoff)])
+        .await;
+    f.events("h2", vec![state("model-server", Starting, Backoff)])
+        .await;
+    let rollbacks = wait_for("rollbacks", || async {
+        let n = f
+            .scalar("SELECT count(*) FROM commands WHERE kind = 'rollback' AND caller = 'engine'")
+            .await;
+        (n >= 2).then_some(n)
+    })
+    .await;
+    assert_eq!(rollbacks, 2);
+    for h in ["h1", "h2"] {
+        let c = f.commands(h).await;
+        assert!(
+            c.iter()
+                .any(|(k, a, _)| k == "rollback" && a["Rollback"]["revision"] == "r1"),
+            "{h}: {c:?}"
+        );
+    }
+    assert!(f.commands("h3").await.is_empty(), "h3 untouched");
+    wait_for("the deployment paused", || async {
+        let paused = hooks.0.lock().expect("hooks").clone();
+        (!paused.is_empty()).then_some(())
+    })
+    .await;
+    assert_eq!(
+        hooks.0.lock().expect("hooks").clone(),
+        vec![("model-server".to_owned(), "r2".to_owned())]
+    );
+    let engine = collector.engine();
+    let blamed = engine
+        .decisions(None, 100)
+        .await
+        .expect("decisions")
+        .into_iter()
+        .find(|d| d.rule == "blame.revision" && d.actions.to_string().contains("RollBack"))
+        .expect("the blame decision");
+    assert_eq!(blamed.events().len(), 2, "{:?}", blamed.evidence);
+    assert!(
+        engine
+            .escalations(true, 50)
+            .await
+            .expect("escalations")
+            .iter()
+            .any(|e| e.kind == "RevisionBlamed"),
+        "a RevisionBlamed escalation"
+    );
+    collector.shutdown().await;
+}
