@@ -840,16 +840,19 @@ impl EngineLoop {
         for key in &resolved {
             view.escalations.remove(key);
         }
-        let snapshot = serde_json::to_value(Snapshot::of(view))
-            .map_err(|e| EngineError::State(format!("snapshot does not encode: {e}")))?;
-        sqlx::query(&format!(
-            "UPDATE engine_state SET horizon = $1::bigint{XID8}, snapshot = $2, updated_at = now() WHERE id = 1"
-        ))
-        .bind(upto)
-        .bind(snapshot)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
+        // Nothing read, decided or projected: the stored snapshot still holds (what
+        // changed without a decision, pruned history or newly seen inventory, is derived
+        // again after a restore), so an idle engine does not rewrite it every tick.
+        let idle = events.is_empty()
+            && decisions.is_empty()
+            && upto == horizon
+            && written.is_empty()
+            && gpus_written.is_empty();
+        if idle {
+            tx.rollback().await?;
+        } else {
+            self.commit_step(tx, view, upto).await?;
+        }
         for key in resolved {
             leader.escalations.remove(&key);
         }
@@ -860,6 +863,26 @@ impl EngineLoop {
         self.metrics.lag_seconds.set(lag.as_secs_f64());
         self.count_open().await?;
         Ok(Stepped::Done { lag })
+    }
+
+    /// Writes the snapshot and the new horizon, and commits the step.
+    async fn commit_step(
+        &self,
+        mut tx: Transaction<'static, Postgres>,
+        view: &FleetView,
+        upto: i64,
+    ) -> Result<(), EngineError> {
+        let snapshot = serde_json::to_value(Snapshot::of(view))
+            .map_err(|e| EngineError::State(format!("snapshot does not encode: {e}")))?;
+        sqlx::query(&format!(
+            "UPDATE engine_state SET horizon = $1::bigint{XID8}, snapshot = $2, updated_at = now() WHERE id = 1"
+        ))
+        .bind(upto)
+        .bind(snapshot)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
     }
 
     /// Where this step's batch ends: `xmin`, or sooner when more than
