@@ -908,3 +908,70 @@ async fn a_revision_crashing_on_two_hosts_is_rolled_back_there_and_its_deploymen
     );
     collector.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn most_hosts_lost_at_once_open_the_breaker_with_one_escalation_and_no_mass_action() {
+    let hosts = ["h1", "h2", "h3", "h4", "h5", "h6"];
+    let f = Fixture::new().await;
+    for h in hosts {
+        f.host(h, 1).await;
+    }
+    let mut config = f.config("c1");
+    config.engine.rules.breaker.max_hosts = 2;
+    config.engine.rules.breaker.cooldown_ms = 5_000;
+    let collector = f.collector(config).await;
+    wait_for("the fleet known", || async {
+        (f.scalar("SELECT count(*) FROM gpu_health").await == 6).then_some(())
+    })
+    .await;
+    // Five of six hosts lose their sessions at once (the lost-host task's transition).
+    for h in &hosts[..5] {
+        assert!(f.store.mark_lost(h, Utc::now()).await.expect("mark lost"));
+    }
+    // A hardware fault on the one host left meanwhile.
+    let fault = f.events("h6", vec![xid(0, 79, XidClass::ResetGpu)]).await[0];
+    wait_for("the fault decided", || async {
+        (!f.decided(fault).await.is_empty()).then_some(())
+    })
+    .await;
+    let breaker = f
+        .scalar("SELECT count(*) FROM escalations WHERE kind = 'BreakerOpen' AND state = 'open'")
+        .await;
+    assert_eq!(breaker, 1, "one breaker escalation");
+    let per_host = f
+        .scalar("SELECT count(*) FROM escalations WHERE kind = 'HostLost'")
+        .await;
+    assert!(per_host <= 2, "{per_host} per-host escalations");
+    // No mass action: the fault's quarantine is held, not carried out.
+    let d = collector
+        .engine()
+        .decision(f.decided(fault).await[0].0)
+        .await
+        .expect("decision")
+        .expect("stored");
+    assert!(d.held.to_string().contains("QuarantineGpu"), "{}", d.held);
+    assert!(f.commands("h6").await.is_empty());
+    // Recovery flows: h1 back resolves its escalation at once.
+    assert!(f
+        .store
+        .mark_back("h1", Utc::now())
+        .await
+        .expect("mark back"));
+    wait_for("h1's escalation resolved", || async {
+        let n = f
+            .scalar(
+                "SELECT count(*) FROM escalations WHERE host_id = 'h1' AND kind = 'HostLost'
+                 AND state = 'resolved'",
+            )
+            .await;
+        (n == 1).then_some(())
+    })
+    .await;
+    // Half-open after the cool-down: the held quarantine goes through as the trial.
+    wait_for("the trial drain of h6", || async {
+        let c = f.commands("h6").await;
+        c.iter().any(|(k, _, _)| k == "drain_gpu").then_some(())
+    })
+    .await;
+    collector.shutdown().await;
+}
