@@ -21,7 +21,7 @@ use tokio::sync::watch;
 /// One webhook.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Webhook {
-    /// `http://` URL the JSON is POSTed to.
+    /// `http://` URL the JSON is POSTed to (the client has no TLS yet).
     pub url: String,
     /// Escalations below this severity are not sent to it.
     pub min_severity: Severity,
