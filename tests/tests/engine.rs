@@ -975,3 +975,44 @@ async fn most_hosts_lost_at_once_open_the_breaker_with_one_escalation_and_no_mas
     .await;
     collector.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_escalation_nobody_acknowledges_is_notified_again_a_level_higher() {
+    let f = Fixture::new().await;
+    f.host("h1", 0).await;
+    let (url, seen) = receiver(0).await;
+    let mut config = f.config("c1");
+    config.notify.webhooks = vec![Webhook {
+        url,
+        min_severity: Severity::Warning,
+        timeout: Duration::from_secs(10),
+    }];
+    config.notify.poll = Duration::from_millis(50);
+    config.engine.rules.renotify_after_ms = 1_000;
+    let collector = f.collector(config).await;
+    sqlx::query(
+        "INSERT INTO events (host_id, ts, severity, subject_kind, subject_id, kind, payload, message)
+         VALUES ('h1', now(), 'critical', 'host', NULL, 'host_lost', '{}', 'lost')",
+    )
+    .execute(&f.pool)
+    .await
+    .expect("event");
+    let renotified = wait_for("a re-notification delivered", || async {
+        razar_collector::notify::list(&f.pool, None, 10)
+            .await
+            .expect("notifications")
+            .into_iter()
+            .find(|n| n.reason == "renotify" && n.state == "delivered")
+    })
+    .await;
+    assert!(renotified.level >= 1, "{renotified:?}");
+    let esc = collector
+        .engine()
+        .escalation(renotified.escalation_id)
+        .await
+        .expect("escalation")
+        .expect("stored");
+    assert!(esc.level >= 1, "{esc:?}");
+    assert!(seen.lock().expect("log").len() >= 2);
+    collector.shutdown().await;
+}
