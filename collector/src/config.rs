@@ -51,6 +51,10 @@ pub struct CollectorConfig {
     pub health: HealthLimits,
     /// `[pulses]`: scheduled failure pulses (off by default).
     pub pulses: crate::pulses::PulsesConfig,
+    /// `[engine]`: the decision loop.
+    pub engine: crate::engine_loop::EngineSettings,
+    /// `[notify]`: webhooks for escalations.
+    pub notify: crate::notify::NotifySettings,
 }
 
 /// Limits past which health says `degraded` (`[health]`).
@@ -121,6 +125,62 @@ struct RawConfig {
     health: RawHealth,
     #[serde(default)]
     pulses: crate::pulses::RawPulses,
+    #[serde(default)]
+    engine: RawEngine,
+    #[serde(default)]
+    notify: RawNotify,
+}
+
+/// `[engine]` (the decision loop, `engine_loop.rs`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEngine {
+    enabled: Option<bool>,
+    tick: Option<Spanned<String>>,
+    lock_key: Option<i64>,
+    command_deadline: Option<Spanned<String>>,
+    max_lag: Option<Spanned<String>>,
+    batch_events: Option<Spanned<u32>>,
+    xid_window: Option<Spanned<String>>,
+    xid_repeat_threshold: Option<Spanned<u32>>,
+    probation: Option<Spanned<String>>,
+    lemon_cycles: Option<Spanned<u32>>,
+    blame_window: Option<Spanned<String>>,
+    blame_min_places: Option<Spanned<u32>>,
+    renotify_after: Option<Spanned<String>>,
+    #[serde(default)]
+    breaker: RawBreaker,
+}
+
+/// `[engine.breaker]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBreaker {
+    window: Option<Spanned<String>>,
+    max_hosts: Option<Spanned<u32>>,
+    max_gpus: Option<Spanned<u32>>,
+    max_share_percent: Option<Spanned<u32>>,
+    share_min_population: Option<u32>,
+    cooldown: Option<Spanned<String>>,
+}
+
+/// `[notify]` and its `[[notify.webhook]]`s (`notify.rs`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNotify {
+    max_attempts: Option<Spanned<u32>>,
+    backoff_first: Option<Spanned<String>>,
+    backoff_max: Option<Spanned<String>>,
+    #[serde(default)]
+    webhook: Vec<RawWebhook>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWebhook {
+    url: Spanned<String>,
+    min_severity: Option<Spanned<String>>,
+    timeout: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -223,6 +283,8 @@ impl CollectorConfig {
             max_clock_skew: Duration::from_secs(5 * 60),
             max_series_per_host: NonZeroU32::new(100_000).unwrap_or(NonZeroU32::MIN),
             pulses: crate::pulses::PulsesConfig::default(),
+            engine: crate::engine_loop::EngineSettings::default(),
+            notify: crate::notify::NotifySettings::default(),
         }
     }
 
@@ -441,10 +503,194 @@ impl Validator<'_> {
         cfg.pulses = crate::pulses::validate(&raw.pulses, &mut |span, key, reason| {
             v.c.push(span, key, reason)
         });
+        v.engine(&raw.engine, &mut cfg.engine);
+        v.notify(&raw.notify, &mut cfg.notify);
         if files == Files::Check {
             v.check_tls_files(&tls_files, &cfg.tls);
         }
         cfg
+    }
+
+    /// `[engine]` into `e`.
+    fn engine(&mut self, raw: &RawEngine, e: &mut crate::engine_loop::EngineSettings) {
+        if let Some(on) = raw.enabled {
+            e.enabled = on;
+        }
+        if let Some(k) = raw.lock_key {
+            e.lock_key = k;
+        }
+        let durations = [
+            ("engine.tick", &raw.tick, &mut e.tick),
+            (
+                "engine.command_deadline",
+                &raw.command_deadline,
+                &mut e.command_deadline,
+            ),
+            ("engine.max_lag", &raw.max_lag, &mut e.max_lag),
+        ];
+        for (key, raw, value) in durations {
+            if let Some(d) = raw.as_ref().and_then(|d| self.duration(key, d)) {
+                *value = d;
+            }
+        }
+        if let Some(n) = raw
+            .batch_events
+            .as_ref()
+            .and_then(|n| self.nonzero("engine.batch_events", n))
+        {
+            e.batch_events = n.get();
+        }
+        let r = &mut e.rules;
+        let millis = [
+            ("engine.xid_window", &raw.xid_window, &mut r.xid_window_ms),
+            ("engine.probation", &raw.probation, &mut r.probation_ms),
+            (
+                "engine.blame_window",
+                &raw.blame_window,
+                &mut r.blame_window_ms,
+            ),
+            (
+                "engine.renotify_after",
+                &raw.renotify_after,
+                &mut r.renotify_after_ms,
+            ),
+            (
+                "engine.breaker.window",
+                &raw.breaker.window,
+                &mut r.breaker.window_ms,
+            ),
+            (
+                "engine.breaker.cooldown",
+                &raw.breaker.cooldown,
+                &mut r.breaker.cooldown_ms,
+            ),
+        ];
+        for (key, raw, value) in millis {
+            if let Some(d) = raw.as_ref().and_then(|d| self.duration(key, d)) {
+                match i64::try_from(d.as_millis()) {
+                    Ok(ms) => *value = ms,
+                    Err(_) => self.push(
+                        key,
+                        raw.as_ref().map(|r| r.span()).unwrap_or_default(),
+                        "too long",
+                    ),
+                }
+            }
+        }
+        let counts = [
+            (
+                "engine.xid_repeat_threshold",
+                &raw.xid_repeat_threshold,
+                &mut r.xid_repeat_threshold,
+            ),
+            (
+                "engine.lemon_cycles",
+                &raw.lemon_cycles,
+                &mut r.lemon_cycles,
+            ),
+            (
+                "engine.blame_min_places",
+                &raw.blame_min_places,
+                &mut r.blame_min_places,
+            ),
+            (
+                "engine.breaker.max_hosts",
+                &raw.breaker.max_hosts,
+                &mut r.breaker.max_hosts,
+            ),
+            (
+                "engine.breaker.max_gpus",
+                &raw.breaker.max_gpus,
+                &mut r.breaker.max_gpus,
+            ),
+        ];
+        for (key, raw, value) in counts {
+            if let Some(n) = raw.as_ref().and_then(|n| self.nonzero(key, n)) {
+                *value = n.get();
+            }
+        }
+        if let Some(p) = &raw.breaker.max_share_percent {
+            if (1..=100).contains(p.get_ref()) {
+                r.breaker.max_share_percent = *p.get_ref();
+            } else {
+                self.push(
+                    "engine.breaker.max_share_percent",
+                    p.span(),
+                    "must be within 1..=100",
+                );
+            }
+        }
+        if let Some(n) = raw.breaker.share_min_population {
+            r.breaker.share_min_population = n;
+        }
+    }
+
+    /// `[notify]` into `n`.
+    fn notify(&mut self, raw: &RawNotify, n: &mut crate::notify::NotifySettings) {
+        if let Some(a) = raw
+            .max_attempts
+            .as_ref()
+            .and_then(|a| self.nonzero("notify.max_attempts", a))
+        {
+            n.max_attempts = a.get();
+        }
+        if let Some(d) = raw
+            .backoff_first
+            .as_ref()
+            .and_then(|d| self.duration("notify.backoff_first", d))
+        {
+            n.backoff_first = d;
+        }
+        if let Some(d) = raw
+            .backoff_max
+            .as_ref()
+            .and_then(|d| self.duration("notify.backoff_max", d))
+        {
+            n.backoff_max = d;
+        }
+        for hook in &raw.webhook {
+            let url = hook.url.get_ref();
+            // The HTTP client is built without TLS: plain http:// only (an https:// URL
+            // would fail at every attempt).
+            if !url.starts_with("http://") || url.contains(char::is_whitespace) {
+                self.push(
+                    "notify.webhook.url",
+                    hook.url.span(),
+                    "must be an http:// URL (https is not supported yet)",
+                );
+                continue;
+            }
+            let min_severity = match hook
+                .min_severity
+                .as_ref()
+                .map(|s| (s, s.get_ref().as_str()))
+            {
+                None => razar_shared::domain::Severity::Warning,
+                Some((_, "info")) => razar_shared::domain::Severity::Info,
+                Some((_, "warning")) => razar_shared::domain::Severity::Warning,
+                Some((_, "critical")) => razar_shared::domain::Severity::Critical,
+                Some((s, _)) => {
+                    self.push(
+                        "notify.webhook.min_severity",
+                        s.span(),
+                        "must be info, warning or critical",
+                    );
+                    continue;
+                }
+            };
+            let timeout = match &hook.timeout {
+                None => Duration::from_secs(10),
+                Some(t) => match self.duration("notify.webhook.timeout", t) {
+                    Some(d) => d,
+                    None => continue,
+                },
+            };
+            n.webhooks.push(crate::notify::Webhook {
+                url: url.clone(),
+                min_severity,
+                timeout,
+            });
+        }
     }
 
     /// `[tls]` into `cfg.tls`; returns the files to check, written or defaulted.
@@ -793,6 +1039,49 @@ mod tests {
             &[
                 (2, "health.stuck_after", "greater than zero"),
                 (3, "health.database_slow", "not a duration"),
+            ],
+        );
+    }
+
+    #[test]
+    fn engine_and_notify_sections() {
+        let parse = |text: &str| CollectorConfig::parse(Path::new("c.toml"), text);
+        let d = parse("").unwrap();
+        assert_eq!(d.engine, crate::engine_loop::EngineSettings::default());
+        assert!(d.notify.webhooks.is_empty());
+        let set = parse(
+            "[engine]\nenabled = false\ntick = \"250ms\"\nprobation = \"5m\"\n\
+             blame_min_places = 1\n[engine.breaker]\nmax_hosts = 3\ncooldown = \"1m\"\n\
+             [notify]\nmax_attempts = 4\nbackoff_first = \"2s\"\n\
+             [[notify.webhook]]\nurl = \"http://h:1/x\"\nmin_severity = \"critical\"\n",
+        )
+        .unwrap();
+        assert!(!set.engine.enabled);
+        assert_eq!(set.engine.tick, Duration::from_millis(250));
+        assert_eq!(set.engine.rules.probation_ms, 300_000);
+        assert_eq!(set.engine.rules.blame_min_places, 1);
+        assert_eq!(set.engine.rules.breaker.max_hosts, 3);
+        assert_eq!(set.engine.rules.breaker.cooldown_ms, 60_000);
+        assert_eq!(set.notify.max_attempts, 4);
+        assert_eq!(set.notify.backoff_first, Duration::from_secs(2));
+        assert_eq!(set.notify.webhooks.len(), 1);
+        assert_eq!(
+            set.notify.webhooks[0].min_severity,
+            razar_shared::domain::Severity::Critical
+        );
+        check_err(
+            "[engine]\nlemon_cycles = 0\n[engine.breaker]\nmax_share_percent = 101\n\
+             [[notify.webhook]]\nurl = \"ftp://x\"\n[[notify.webhook]]\nurl = \"http://y\"\n\
+             min_severity = \"loud\"\n",
+            &[
+                (2, "engine.lemon_cycles", "at least 1"),
+                (4, "engine.breaker.max_share_percent", "1..=100"),
+                (6, "notify.webhook.url", "http"),
+                (
+                    9,
+                    "notify.webhook.min_severity",
+                    "info, warning or critical",
+                ),
             ],
         );
     }

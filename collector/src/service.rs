@@ -5,6 +5,10 @@
 use crate::api::{self, ApiState, Ready};
 use crate::config::{CollectorConfig, Database};
 use crate::embedded_pg::{EmbeddedPg, EmbeddedPgError, EmbeddedPgOptions};
+use crate::engine_loop::{
+    DeploymentHooks, EngineHandle, EngineLoop, EngineMetrics, LogDeploymentHooks,
+};
+use crate::notify::NotifyMetrics;
 use crate::server::{Collector, IngestConfig, ServerError};
 use crate::store::{Store, StoreError};
 use crate::supervise::Beat;
@@ -47,7 +51,7 @@ struct Serving {
     pg: Option<EmbeddedPg>,
     store: Store,
     collector: Collector,
-    maintenance: JoinHandle<()>,
+    background: Vec<JoinHandle<()>>,
     pause: crate::pulses::PauseHook,
     /// The pulse scheduler, when `[pulses]` is enabled.
     pulses: Option<JoinHandle<()>>,
@@ -79,6 +83,15 @@ impl Service {
     /// external one, retrying while it is down: health says `unavailable` meanwhile),
     /// migrates, and serves agents. Returns once agents are served.
     pub async fn start(config: CollectorConfig) -> Result<Service, ServiceError> {
+        Service::start_with(config, Arc::new(LogDeploymentHooks)).await
+    }
+
+    /// [`Service::start`] with the engine's deployment hooks (what a blamed revision's
+    /// deployment pause calls).
+    pub async fn start_with(
+        config: CollectorConfig,
+        hooks: Arc<dyn DeploymentHooks>,
+    ) -> Result<Service, ServiceError> {
         razar_shared::tls::install_crypto_provider();
         // TLS first: a bad certificate refuses start before anything runs.
         // The verifier records typed refusals (expired vs not yet valid, ...) for the
@@ -131,6 +144,7 @@ impl Service {
             &registry,
             &api_state,
             &stop_rx,
+            hooks,
         )
         .await;
         match started {
@@ -139,7 +153,7 @@ impl Service {
                 pg,
                 store,
                 collector,
-                maintenance,
+                background,
                 pause,
                 pulses,
             }) => {
@@ -157,7 +171,7 @@ impl Service {
                     collector,
                     http_addr,
                     stop,
-                    tasks: [http, maintenance].into_iter().chain(pulses).collect(),
+                    tasks: std::iter::once(http).chain(background).chain(pulses).collect(),
                     pause,
                 })
             }
@@ -177,6 +191,7 @@ impl Service {
         registry: &prometheus::Registry,
         api: &ApiState,
         stop: &watch::Receiver<bool>,
+        hooks: Arc<dyn DeploymentHooks>,
     ) -> Result<Serving, ServiceError> {
         let (pg, store) = match &config.database {
             Database::Url(url) => (None, connect_retrying(url, &config, api).await?),
@@ -255,12 +270,63 @@ impl Service {
                 "scheduled failure pulses on"
             );
         }
+        let engine_metrics = EngineMetrics::new(registry)?;
+        let notify_metrics = NotifyMetrics::new(registry)?;
+        let mut background = vec![maintenance];
+        if config.engine.enabled {
+            let engine = EngineLoop {
+                pool: store.pool().clone(),
+                connect: store.pool().connect_options().as_ref().clone(),
+                dispatch: collector.dispatch(),
+                settings: config.engine.clone(),
+                notify: config.notify.clone(),
+                hooks,
+                metrics: engine_metrics,
+                name: format!(
+                    "collector pid {} ({})",
+                    std::process::id(),
+                    collector.local_addr()
+                ),
+            };
+            let stop = stop.clone();
+            background.push(collector.tasks().spawn(
+                "engine",
+                Some(config.engine.max_lag),
+                Some(stop.clone()),
+                move |beat| engine.clone().run(beat, stop.clone()),
+            ));
+        }
+        if !config.notify.webhooks.is_empty() {
+            let (pool, settings, stop) =
+                (store.pool().clone(), config.notify.clone(), stop.clone());
+            background.push(
+                collector.tasks().spawn(
+                    "notify",
+                    Some(
+                        settings
+                            .poll
+                            .saturating_mul(30)
+                            .max(Duration::from_secs(60)),
+                    ),
+                    Some(stop.clone()),
+                    move |beat| {
+                        crate::notify::run(
+                            pool.clone(),
+                            settings.clone(),
+                            notify_metrics.clone(),
+                            beat,
+                            stop.clone(),
+                        )
+                    },
+                ),
+            );
+        }
         Ok(Serving {
             config,
             pg,
             store,
             collector,
-            maintenance,
+            background,
             pause,
             pulses: pulses_task,
         })
@@ -288,6 +354,12 @@ impl Service {
 
     pub fn collector(&self) -> &Collector {
         &self.collector
+    }
+
+    /// The operator's handle on the decision engine (escalations, decisions, GPU
+    /// overrides).
+    pub fn engine(&self) -> EngineHandle {
+        EngineHandle::new(self.store.pool().clone())
     }
 
     /// The embedded PostgreSQL, when the collector runs one.

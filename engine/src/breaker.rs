@@ -184,7 +184,7 @@ fn population(view: &FleetView, scope: &Scope) -> (usize, usize) {
     (hosts, gpus)
 }
 
-fn over_share(touched: usize, population: usize, cfg: &BreakerConfig) -> bool {
+pub(crate) fn over_share(touched: usize, population: usize, cfg: &BreakerConfig) -> bool {
     let min = usize::try_from(cfg.share_min_population).unwrap_or(usize::MAX);
     let share = usize::try_from(cfg.max_share_percent).unwrap_or(100);
     population >= min && touched.saturating_mul(100) > share.saturating_mul(population)

@@ -26,7 +26,7 @@
 //! | `component.failed` | a component the agent gave up on → escalation; every failure feeds blame |
 //! | `blame.revision` | a failure is the revision's fault only when it began after the revision started on that host, shows on the new revision on ≥ `blame_min_places` distinct GPUs/hosts, does not show on older revisions, and is not a hardware-class fault or one repeating on one GPU across revisions → roll back every host on it, pause its deployment, escalate; otherwise the rejected alternative says why |
 //! | `revision.started` | a component's new revision on a host (remembers the previous one) |
-//! | `silence.host_lost` / `silence.host_back` | escalate / auto-resolve; GPUs waiting for a reboot enter probation when their host is back |
+//! | `silence.host_lost` / `silence.host_back` | escalate / auto-resolve; GPUs waiting for a reboot enter probation when their host is back; more hosts lost within the breaker's window than its limits (count or share) is a mass silence: the fleet scope opens and one `BreakerOpen` escalation replaces the per-host ones |
 //! | `silence.no_samples` | heartbeats without samples → its own escalation |
 //! | `silence.pulse_missed` | a pulse not recovered in budget → escalation |
 //! | `breaker` | see [`breaker`]: per-scope limits on disruptive actions, half-open trial, held actions re-evaluated |

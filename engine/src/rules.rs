@@ -7,7 +7,7 @@ use razar_shared::protocol::UnixMillis;
 use razar_shared::xid_catalog::{self, CATALOG_REVISION};
 
 use crate::action::{Action, EscalationKey, EscalationKind};
-use crate::breaker::{still_valid, Held, Mode, Scope, ScopeBreaker, Verdict};
+use crate::breaker::{over_share, still_valid, Held, Mode, Scope, ScopeBreaker, Verdict};
 use crate::decision::{Decision, Rejected, Rule};
 use crate::input::{EventId, FailureKind, Input};
 use crate::model::{
@@ -145,11 +145,51 @@ pub(crate) fn decide(view: &mut FleetView, input: &Input, now: UnixMillis) -> Ve
                 }
             }
             ctx.fact(format!("{host} lost"));
-            ctx.escalate(
-                EscalationKey::new(Some(host), "host", EscalationKind::HostLost),
-                Severity::Critical,
-                format!("host {host} is lost: no session"),
-            );
+            // Many hosts silent at once is rather the network's or the collector's
+            // side than as many host faults: past the breaker's limits the fleet
+            // scope opens (no automatic disruptive action while it is open) and one
+            // escalation says so, instead of one per host.
+            let cfg = &view.config.breaker;
+            let from = now.saturating_sub(cfg.window_ms);
+            let lost = view
+                .hosts
+                .values()
+                .filter(|h| matches!(h.state, HostState::Lost { since } if since >= from))
+                .count();
+            let population = view.hosts.len();
+            let mass = lost > usize::try_from(cfg.max_hosts).unwrap_or(usize::MAX)
+                || over_share(lost, population, cfg);
+            if mass {
+                ctx.fact(format!(
+                    "{lost} of {population} hosts lost within the window (limit {} hosts, {} %)",
+                    cfg.max_hosts, cfg.max_share_percent
+                ));
+                ctx.reject(
+                    format!("escalate {host} alone"),
+                    "one of many hosts silent at once: one fleet escalation, automation paused",
+                );
+                view.breaker
+                    .scopes
+                    .entry(Scope::Fleet)
+                    .or_insert_with(|| ScopeBreaker {
+                        mode: Mode::Open { since: now },
+                        held: Vec::new(),
+                    });
+                ctx.escalate(
+                    EscalationKey::new(None, Scope::Fleet.name(), EscalationKind::BreakerOpen),
+                    Severity::Critical,
+                    format!(
+                        "automation paused in fleet: {lost} of {population} hosts lost within \
+                         the window (latest {host})"
+                    ),
+                );
+            } else {
+                ctx.escalate(
+                    EscalationKey::new(Some(host), "host", EscalationKind::HostLost),
+                    Severity::Critical,
+                    format!("host {host} is lost: no session"),
+                );
+            }
             ctxs.push(ctx);
         }
         Input::HostBack { host, event } => on_host_back(view, &mut ctxs, host, *event, now),

@@ -1515,3 +1515,82 @@ fn a_half_open_trial_waits_for_every_open_scope_of_its_action() {
         ],
     );
 }
+
+fn lost(host: &str, event: i64) -> Input {
+    Input::HostLost {
+        host: host.into(),
+        event,
+    }
+}
+
+#[test]
+fn most_hosts_lost_at_once_open_the_breaker_with_one_escalation() {
+    let cooldown = config().breaker.cooldown_ms;
+    let mut v = fleet(breaker_config(2));
+    add_host(&mut v, "h4", "H100");
+    add_host(&mut v, "h5", "H100");
+    let host_lost = |h: &str| {
+        esc(
+            Some(h),
+            "host",
+            EscalationKind::HostLost,
+            Severity::Critical,
+        )
+    };
+    let fleet_esc = esc(
+        None,
+        "fleet",
+        EscalationKind::BreakerOpen,
+        Severity::Critical,
+    );
+    let v = check(
+        v,
+        vec![
+            (0, lost("h1", 1), vec![host_lost("h1")]),
+            (1, lost("h2", 2), vec![host_lost("h2")]),
+            // The third within the window: mass silence, the fleet scope opens, one
+            // escalation for it; the fourth adds none.
+            (2, lost("h3", 3), vec![fleet_esc]),
+            (3, lost("h4", 4), vec![]),
+            // A hardware fault on the last online host meanwhile: held, no action.
+            (
+                4,
+                xid("h5", "h5-g0", 95, &[], 5),
+                vec![gpu_fault("h5", "h5-g0", Severity::Warning)],
+            ),
+            // Recovery still flows.
+            (
+                5,
+                Input::HostBack {
+                    host: "h1".into(),
+                    event: 6,
+                },
+                vec![resolve(Some("h1"), "host", EscalationKind::HostLost)],
+            ),
+            // After the cool-down: half-open, the held quarantine is the trial.
+            (2 + cooldown, Input::Tick, vec![quarantine("h5", "h5-g0")]),
+        ],
+    );
+    let mass = v
+        .decisions
+        .iter()
+        .find(|d| d.evidence == vec![3])
+        .expect("decision of event 3");
+    assert!(
+        mass.rejected
+            .iter()
+            .any(|r| r.alternative == "escalate h3 alone"),
+        "{mass:?}"
+    );
+    assert!(
+        mass.facts.iter().any(|f| f.contains("3 of 5 hosts lost")),
+        "{mass:?}"
+    );
+    assert_eq!(
+        v.escalations
+            .keys()
+            .filter(|k| k.kind == EscalationKind::BreakerOpen)
+            .count(),
+        1
+    );
+}

@@ -1855,3 +1855,79 @@ async fn kernel_log_xids_across_an_agent_sigkill_are_stored_once() {
     assert_eq!(historical, vec![1006, 1007, 1008], "the down time's XIDs");
     f.pool.close().await;
 }
+
+/// The decision engine end to end over real processes: an XID 79 on GPU 1 of the agent's
+/// fake GPUs reaches the collector's engine through QUIC and the store; that GPU (only)
+/// is quarantined and a `DrainGpu` command for it is delivered to the agent and settled
+/// by the agent's answer (this branch's agent answers GPU commands "not supported yet").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_xid_79_from_a_real_agent_quarantines_that_gpu_and_drains_it() {
+    let scenario = r#"clock = "wall"
+driver_version = "550.54.15"
+
+[[gpu]]
+name = "NVIDIA H100 80GB HBM3"
+
+[[gpu]]
+name = "NVIDIA H100 80GB HBM3"
+xid = [{ at = 3, xid = 79 }]
+"#;
+    let mut f = Fixture::with("engine-xid", "1h", scenario).await;
+    f.start_collector().await;
+    f.start_agent().await;
+    let pool = &f.pool;
+    let quarantined = wait_for(
+        "GPU 1 quarantined",
+        Duration::from_secs(60),
+        || async move {
+            sqlx::query_scalar::<_, String>(
+                "SELECT gpu_uuid FROM gpu_health WHERE host_id = $1 AND gpu_index = 1
+             AND state = 'quarantined'",
+            )
+            .bind(HOST)
+            .fetch_optional(pool)
+            .await
+            .expect("gpu_health")
+        },
+    )
+    .await;
+    // The drain reached the agent and its answer is stored.
+    let (action, state, message) = wait_for(
+        "the drain command settled",
+        Duration::from_secs(60),
+        || async move {
+            sqlx::query_as::<_, (serde_json::Value, String, Option<String>)>(
+                "SELECT action, state, message FROM commands
+                 WHERE host_id = $1 AND caller = 'engine' AND kind = 'drain_gpu'
+                 AND state IN ('succeeded', 'failed')",
+            )
+            .bind(HOST)
+            .fetch_optional(pool)
+            .await
+            .expect("commands")
+        },
+    )
+    .await;
+    assert_eq!(action["DrainGpu"]["gpu"], quarantined.as_str(), "{action}");
+    eprintln!("drain command {state}: {message:?}");
+    // GPU 0 untouched: no command names it, its health is not quarantined.
+    let others: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM commands WHERE host_id = $1 AND caller = 'engine'
+         AND (kind = 'rollback' OR NOT action::text LIKE '%' || $2 || '%')",
+    )
+    .bind(HOST)
+    .bind(&quarantined)
+    .fetch_one(pool)
+    .await
+    .expect("commands");
+    assert_eq!(others, 0, "only GPU 1 is touched, no rollback");
+    let gpu0: Option<String> =
+        sqlx::query_scalar("SELECT state FROM gpu_health WHERE host_id = $1 AND gpu_index = 0")
+            .bind(HOST)
+            .fetch_optional(pool)
+            .await
+            .expect("gpu_health");
+    assert!(gpu0.as_deref().is_none_or(|s| s == "healthy"), "{gpu0:?}");
+    f.stop_and_verify(&BTreeSet::new()).await;
+    f.pool.close().await;
+}

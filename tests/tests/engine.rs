@@ -1,0 +1,1018 @@
+//! The decision engine driven by the collector (`razar_collector::engine_loop`): the whole
+//! collector ([`Service`]) against a private PostgreSQL; agents' events enter through
+//! the store's real ingest path (`Store::ingest`, the group writers' transaction), so
+//! the engine reads exactly what committed ingest leaves.
+//!
+//! - XID 79 on one GPU: that GPU quarantined, one `DrainGpu` command for that GPU only
+//!   (caller `engine`), the other GPU untouched, no rollback; the decision stores its
+//!   evidence; an operator acknowledges the escalation and overrides the GPU healthy
+//!   (a decision with the operator);
+//! - a crash loop that the agent gives up on: one escalation, a decision with evidence;
+//! - XID 48 across resets: the ladder climbs (reset → reboot);
+//! - mass XIDs: the breaker opens, one escalation, held actions visible, no mass action;
+//!   after the cool-down one trial action goes through;
+//! - an event committed late (a smaller event id committed after a larger one) is
+//!   decided, not skipped;
+//! - two collectors on one database: one leader; it stops, the other takes over with
+//!   term + 1 and resumes from the cursor: no event decided twice, none missed;
+//! - a webhook answering 500 twice then 200: delivered on the third attempt with
+//!   backoff, its attempts and last error visible.
+
+use chrono::Utc;
+use razar_collector::config::{CollectorConfig, Database, TlsPaths};
+use razar_collector::notify::Webhook;
+use razar_collector::service::Service;
+use razar_collector::store::Store;
+use razar_shared::domain::{ComponentState, Severity, XidClass};
+use razar_shared::protocol::{Batch, Event, EventKind, GpuInfo, Subject};
+use razar_tests::ca::TestCa;
+use razar_tests::pg::TestPg;
+use sqlx::PgPool;
+use std::future::Future;
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Every wait for a condition gives up after this (a loaded 2-core machine).
+const PATIENCE: Duration = Duration::from_secs(60);
+
+fn free_udp_port() -> u16 {
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind a probe socket");
+    socket.local_addr().expect("probe address").port()
+}
+
+async fn wait_for<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+struct Fixture {
+    ca: TestCa,
+    pg: TestPg,
+    pool: PgPool,
+    store: Store,
+    dir: tempfile::TempDir,
+}
+
+impl Fixture {
+    async fn new() -> Fixture {
+        let ca = TestCa::new().expect("test CA");
+        let pg = TestPg::start().await.expect("PostgreSQL");
+        let store = pg.store().await.expect("migrated store");
+        let pool = pg.pool().await.expect("pool");
+        Fixture {
+            ca,
+            pg,
+            pool,
+            store,
+            dir: tempfile::tempdir().expect("test dir"),
+        }
+    }
+
+    /// A collector on this database, its engine stepping every 100 ms.
+    fn config(&self, name: &str) -> CollectorConfig {
+        let mut c = CollectorConfig::defaults(&self.dir.path().join(name));
+        c.quic_listen = ([127, 0, 0, 1], free_udp_port()).into();
+        c.http_listen = ([127, 0, 0, 1], 0).into();
+        c.tls = TlsPaths {
+            ca: self.ca.ca_path(),
+            cert: self.ca.collector().cert_path.clone(),
+            key: self.ca.collector().key_path.clone(),
+            crl: Some(self.ca.crl_path()),
+        };
+        c.database = Database::Url(self.pg.url());
+        c.pool_size = NonZeroU32::new(6).expect("nonzero");
+        c.ingest_writers = NonZeroU32::new(2).expect("nonzero");
+        c.health.database_slow = Duration::from_secs(30);
+        c.engine.tick = Duration::from_millis(100);
+        c
+    }
+
+    async fn collector(&self, config: CollectorConfig) -> Service {
+        Service::start(config).await.expect("collector starts")
+    }
+
+    /// A host with `gpus` GPUs (`GPU-<host>-<i>`) and the component `model-server` r1.
+    async fn host(&self, host: &str, gpus: u32) {
+        let gpus = (0..gpus)
+            .map(|i| GpuInfo {
+                index: i,
+                uuid: format!("GPU-{host}-{i}"),
+                name: "NVIDIA H100 80GB HBM3".to_owned(),
+                pci_bus_id: format!("0000:{i:02x}:00.0"),
+                memory_total_bytes: 80 << 30,
+            })
+            .collect();
+        self.store
+            .record_hello(&razar_tests::fixtures::hello(host, gpus), Utc::now())
+            .await
+            .expect("hello");
+    }
+
+    /// Stores `events` of `host` as one agent batch (the ingest path); returns their ids.
+    async fn events(&self, host: &str, events: Vec<Event>) -> Vec<i64> {
+        let before: i64 = self
+            .scalar("SELECT coalesce(max(event_id), 0) FROM events")
+            .await;
+        let cursor = self.store.cursor(host).await.expect("cursor");
+        let seq = cursor + 1;
+        let batch = Batch {
+            seq,
+            base_ts_ms: razar_tests::fixtures::now_ms(),
+            series: Vec::new(),
+            events,
+        };
+        let map = self.store.register_series(host, &[]).await.expect("series");
+        self.store
+            .ingest(host, &[batch], &map)
+            .await
+            .expect("ingest");
+        sqlx::query_scalar(
+            "SELECT event_id FROM events WHERE host_id = $1 AND event_id > $2 ORDER BY event_id",
+        )
+        .bind(host)
+        .bind(before)
+        .fetch_all(&self.pool)
+        .await
+        .expect("event ids")
+    }
+
+    async fn scalar(&self, sql: &str) -> i64 {
+        sqlx::query_scalar(sql)
+            .fetch_one(&self.pool)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
+    }
+
+    async fn gpu_state(&self, host: &str, gpu: &str) -> Option<(String, Option<String>)> {
+        sqlx::query_as("SELECT state, rung FROM gpu_health WHERE host_id = $1 AND gpu_uuid = $2")
+            .bind(host)
+            .bind(gpu)
+            .fetch_optional(&self.pool)
+            .await
+            .expect("gpu_health")
+    }
+
+    /// (kind, action JSON, state) of the engine's commands to `host`, in order.
+    async fn commands(&self, host: &str) -> Vec<(String, serde_json::Value, String)> {
+        sqlx::query_as(
+            "SELECT kind, action, state FROM commands WHERE host_id = $1 AND caller = 'engine'
+             ORDER BY seq",
+        )
+        .bind(host)
+        .fetch_all(&self.pool)
+        .await
+        .expect("commands")
+    }
+
+    /// Decisions (id, rule, term) resting on `event`.
+    async fn decided(&self, event: i64) -> Vec<(i64, String, i64)> {
+        sqlx::query_as(
+            "SELECT decision_id, rule, term FROM decisions
+             WHERE evidence -> 'events' @> to_jsonb(ARRAY[$1::bigint]) ORDER BY decision_id",
+        )
+        .bind(event)
+        .fetch_all(&self.pool)
+        .await
+        .expect("decisions")
+    }
+}
+
+fn xid(gpu: u32, code: u32, class: XidClass) -> Event {
+    Event {
+        ts_ms: razar_tests::fixtures::now_ms(),
+        severity: Severity::Critical,
+        subject: Subject::Gpu(gpu),
+        kind: EventKind::Xid { xid: code, class },
+        message: format!("Xid {code}"),
+    }
+}
+
+fn state(component: &str, from: ComponentState, to: ComponentState) -> Event {
+    Event {
+        ts_ms: razar_tests::fixtures::now_ms(),
+        severity: Severity::Warning,
+        subject: Subject::Component(component.to_owned()),
+        kind: EventKind::StateChanged { from, to },
+        message: format!("{from} -> {to}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn xid_79_quarantines_and_drains_that_gpu_only_and_an_operator_overrides_it() {
+    let f = Fixture::new().await;
+    f.host("h1", 2).await;
+    let collector = f.collector(f.config("c1")).await;
+    let ids = f.events("h1", vec![xid(1, 79, XidClass::ResetGpu)]).await;
+    let event = ids[0];
+
+    let state = wait_for("GPU 1 quarantined", || async {
+        f.gpu_state("h1", "GPU-h1-1")
+            .await
+            .filter(|(s, _)| s == "quarantined")
+    })
+    .await;
+    // XID 79 (fallen off the bus): the catalog's immediate bucket is RESTART_BM.
+    assert_eq!(state.1.as_deref(), Some("reboot"));
+    // The other GPU keeps serving.
+    let other = f.gpu_state("h1", "GPU-h1-0").await;
+    assert!(
+        other.as_ref().is_none_or(|(s, _)| s == "healthy"),
+        "{other:?}"
+    );
+    // The decision, with its evidence.
+    let decisions = f.decided(event).await;
+    assert!(!decisions.is_empty(), "no decision rests on event {event}");
+    let engine = collector.engine();
+    let d = engine
+        .decision(decisions[0].0)
+        .await
+        .expect("decision")
+        .expect("stored");
+    assert_eq!(d.events(), vec![event]);
+    assert_eq!(d.term, 1);
+    let facts = d.evidence["facts"].to_string();
+    assert!(facts.contains("XID 79"), "{facts}");
+    // Commands: a drain of GPU 1 only, no rollback.
+    let commands = wait_for("the drain command", || async {
+        let c = f.commands("h1").await;
+        c.iter().any(|(k, _, _)| k == "drain_gpu").then_some(c)
+    })
+    .await;
+    for (kind, action, _) in &commands {
+        assert_ne!(kind, "rollback", "{commands:?}");
+        let gpu = action
+            .as_object()
+            .and_then(|o| o.values().next())
+            .and_then(|v| v.get("gpu"))
+            .and_then(|g| g.as_str());
+        assert_eq!(gpu, Some("GPU-h1-1"), "{kind}: {action}");
+    }
+    assert_eq!(
+        commands.iter().filter(|(k, _, _)| k == "drain_gpu").count(),
+        1,
+        "{commands:?}"
+    );
+    // The escalation; an operator acknowledges it.
+    let esc = wait_for("the GPU fault escalation", || async {
+        engine
+            .escalations(true, 50)
+            .await
+            .expect("escalations")
+            .into_iter()
+            .find(|e| e.kind == "GpuFault" && e.subject == "GPU-h1-1")
+    })
+    .await;
+    assert_eq!(esc.state, "open");
+    engine
+        .acknowledge(esc.escalation_id, "ann", "looking at it")
+        .await
+        .expect("acknowledged");
+    let acked = wait_for("acknowledged", || async {
+        engine
+            .escalation(esc.escalation_id)
+            .await
+            .expect("escalation")
+            .filter(|e| e.state == "acknowledged")
+    })
+    .await;
+    assert_eq!(acked.acknowledged_by.as_deref(), Some("ann"));
+    assert_eq!(acked.note.as_deref(), Some("looking at it"));
+    // Operator override: healthy again, recorded as a decision with the operator.
+    let ov = engine
+        .override_gpu("h1", "1", true, "ann", "reseated the card")
+        .await
+        .expect("override");
+    wait_for("GPU 1 healthy", || async {
+        f.gpu_state("h1", "GPU-h1-1")
+            .await
+            .filter(|(s, _)| s == "healthy")
+    })
+    .await;
+    let d = f.decided(ov).await;
+    let d = engine
+        .decision(d[0].0)
+        .await
+        .expect("decision")
+        .expect("stored");
+    assert_eq!(d.rule, "gpu.override");
+    assert_eq!(d.operator.as_deref(), Some("ann"));
+    assert!(engine
+        .override_gpu("h1", "7", true, "ann", "x")
+        .await
+        .is_err());
+    collector.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_loop_the_agent_gives_up_on_escalates_with_its_evidence() {
+    let f = Fixture::new().await;
+    f.host("h1", 1).await;
+    let collector = f.collector(f.config("c1")).await;
+    use ComponentState::{Backoff, Quarantined, Starting};
+    let ids = f
+        .events(
+            "h1",
+            vec![
+                state("model-server", Starting, Backoff),
+                state("model-server", Backoff, Starting),
+                state("model-server", Starting, Backoff),
+                state("model-server", Backoff, Quarantined),
+            ],
+        )
+        .await;
+    let engine = collector.engine();
+    let esc = wait_for("the quarantine escalation", || async {
+        engine
+            .escalations(true, 50)
+            .await
+            .expect("escalations")
+            .into_iter()
+            .find(|e| e.kind == "ComponentQuarantined")
+    })
+    .await;
+    assert_eq!(esc.host_id, "h1");
+    assert_eq!(esc.subject, "model-server");
+    let gave_up = f.decided(ids[3]).await;
+    assert_eq!(gave_up.len(), 1, "{gave_up:?}");
+    assert_eq!(gave_up[0].1, "component.failed");
+    // The crashes at start were decided too (they feed blame), each once.
+    assert_eq!(f.decided(ids[0]).await.len(), 1);
+    assert_eq!(f.decided(ids[2]).await.len(), 1);
+    // One escalation only.
+    let n = f
+        .scalar("SELECT count(*) FROM escalations WHERE kind = 'ComponentQuarantined'")
+        .await;
+    assert_eq!(n, 1);
+    // No command: an escalation only.
+    assert!(f.commands("h1").await.is_empty());
+    collector.shutdown().await;
+}
+
+/// Settles the engine's newest `reset_gpu` command of `host` as the agent's result
+/// would (the agent of this branch answers GPU commands "not supported yet").
+async fn settle_reset(f: &Fixture, host: &str, ok: bool) {
+    let n = sqlx::query(
+        "UPDATE commands SET state = $2, finished_at = now(), message = 'reset by test'
+         WHERE host_id = $1 AND kind = 'reset_gpu' AND state IN ('queued', 'sent')",
+    )
+    .bind(host)
+    .bind(if ok { "succeeded" } else { "failed" })
+    .execute(&f.pool)
+    .await
+    .expect("settle")
+    .rows_affected();
+    assert_eq!(n, 1, "one open reset command");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn xid_48_again_on_the_same_gpu_after_a_reset_climbs_the_ladder() {
+    let f = Fixture::new().await;
+    f.host("h1", 1).await;
+    let mut config = f.config("c1");
+    config.engine.rules.probation_ms = 600_000;
+    let collector = f.collector(config).await;
+    let resets = |n: usize| {
+        let f = &f;
+        async move {
+            let c = f.commands("h1").await;
+            (c.iter().filter(|(k, _, _)| k == "reset_gpu").count() >= n).then_some(())
+        }
+    };
+    // First XID 48: quarantined at the reset rung, a reset sent.
+    f.events("h1", vec![xid(0, 48, XidClass::ResetGpu)]).await;
+    wait_for("first reset", || resets(1)).await;
+    settle_reset(&f, "h1", true).await;
+    wait_for("probation after the reset", || async {
+        f.gpu_state("h1", "GPU-h1-0")
+            .await
+            .filter(|(s, _)| s == "probation")
+    })
+    .await;
+    // Second XID 48 during probation: one rung higher (reboot).
+    f.events("h1", vec![xid(0, 48, XidClass::ResetGpu)]).await;
+    let climbed = wait_for("a higher rung", || async {
+        f.gpu_state("h1", "GPU-h1-0")
+            .await
+            .filter(|(s, r)| s == "quarantined" && r.as_deref() == Some("reboot"))
+    })
+    .await;
+    assert_eq!(climbed.1.as_deref(), Some("reboot"));
+    let cycles = f
+        .scalar("SELECT cycles::bigint FROM gpu_health WHERE gpu_uuid = 'GPU-h1-0'")
+        .await;
+    assert!(cycles >= 2, "cycles {cycles}");
+    // The reboot has no command yet: it is recorded as skipped, escalated.
+    let skipped = wait_for("the reboot recorded", || async {
+        let n = f
+            .scalar(
+                "SELECT count(*) FROM engine_actions WHERE kind = 'reboot' AND state = 'skipped'",
+            )
+            .await;
+        (n >= 1).then_some(n)
+    })
+    .await;
+    assert!(skipped >= 1);
+    collector.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mass_gpu_faults_open_the_breaker_with_one_escalation_and_no_mass_action() {
+    let f = Fixture::new().await;
+    for h in ["h1", "h2", "h3", "h4", "h5"] {
+        f.host(h, 1).await;
+    }
+    let mut config = f.config("c1");
+    config.engine.rules.breaker.max_hosts = 2;
+    config.engine.rules.breaker.cooldown_ms = 5_000;
+    let collector = f.collector(config).await;
+    let mut events = Vec::new();
+    for h in ["h1", "h2", "h3", "h4", "h5"] {
+        events.extend(f.events(h, vec![xid(0, 79, XidClass::ResetGpu)]).await);
+    }
+    // Every event is decided, once.
+    wait_for("every event decided", || async {
+        for e in &events {
+            if f.decided(*e).await.is_empty() {
+                return None;
+            }
+        }
+        Some(())
+    })
+    .await;
+    let engine = collector.engine();
+    let mut acted = std::collections::BTreeSet::new();
+    let mut held = 0;
+    for e in &events {
+        let d = f.decided(*e).await;
+        assert_eq!(d.len(), 1, "event {e}");
+        let d = engine
+            .decision(d[0].0)
+            .await
+            .expect("decision")
+            .expect("stored");
+        if d.actions.to_string().contains("QuarantineGpu") {
+            acted.insert(d.events()[0]);
+        }
+        held += d.held.as_array().map_or(0, Vec::len);
+    }
+    // Two hosts within the limit acted on; the rest held, not carried out.
+    assert_eq!(acted.len(), 2, "acted on {acted:?}");
+    assert!(held >= 3, "held {held}");
+    let n = f
+        .scalar("SELECT count(*) FROM escalations WHERE kind = 'BreakerOpen'")
+        .await;
+    assert_eq!(n, 1, "one breaker escalation");
+    let status = engine.status().await.expect("status");
+    assert!(
+        status.breaker.iter().any(|b| !b.held.is_empty())
+            || {
+                // Already half-open and closed again on a slow machine: the held list is in
+                // the escalation's summary.
+                f.scalar("SELECT count(*) FROM escalations WHERE kind = 'BreakerOpen' AND summary LIKE '%held: quarantine%'")
+                .await
+                == 1
+            },
+        "held actions visible: {status:?}"
+    );
+    let drains = 2;
+    // After the cool-down the breaker is half-open: one held action goes through.
+    wait_for("a trial action after the cool-down", || async {
+        let n = f
+            .scalar("SELECT count(DISTINCT host_id) FROM commands WHERE kind = 'drain_gpu'")
+            .await;
+        (n > drains).then_some(n)
+    })
+    .await;
+    collector.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_with_a_smaller_id_committed_later_is_decided_not_skipped() {
+    let f = Fixture::new().await;
+    f.host("h1", 0).await;
+    f.host("h2", 0).await;
+    let collector = f.collector(f.config("c1")).await;
+    let insert = "INSERT INTO events (host_id, ts, severity, subject_kind, subject_id, kind, payload, message)
+                  VALUES ($1, now(), 'critical', 'host', NULL, 'host_lost', '{}', 'lost') RETURNING event_id";
+    // A takes its transaction id first; B takes a later one and the smaller event id.
+    let mut a = f.pool.begin().await.expect("begin a");
+    sqlx::query("SELECT pg_current_xact_id()")
+        .execute(&mut *a)
+        .await
+        .expect("xid a");
+    let mut b = f.pool.begin().await.expect("begin b");
+    sqlx::query("SELECT pg_current_xact_id()")
+        .execute(&mut *b)
+        .await
+        .expect("xid b");
+    let late: i64 = sqlx::query_scalar(insert)
+        .bind("h1")
+        .fetch_one(&mut *b)
+        .await
+        .expect("insert in b");
+    let early: i64 = sqlx::query_scalar(insert)
+        .bind("h2")
+        .fetch_one(&mut *a)
+        .await
+        .expect("insert in a");
+    assert!(late < early);
+    a.commit().await.expect("commit a");
+    // The larger id is decided while the smaller one's transaction is still open...
+    wait_for("the committed event decided", || async {
+        (!f.decided(early).await.is_empty()).then_some(())
+    })
+    .await;
+    // ...and the smaller one once it commits: "event_id > cursor" would skip it.
+    b.commit().await.expect("commit b");
+    wait_for("the late event decided", || async {
+        (!f.decided(late).await.is_empty()).then_some(())
+    })
+    .await;
+    assert_eq!(f.decided(early).await.len(), 1);
+    assert_eq!(f.decided(late).await.len(), 1);
+    collector.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_collector_takes_over_with_the_next_term_and_resumes_from_the_cursor() {
+    let f = Fixture::new().await;
+    f.host("h1", 0).await;
+    f.host("h2", 0).await;
+    let first = f.collector(f.config("c1")).await;
+    wait_for("a leader", || async {
+        (f.scalar("SELECT term FROM engine_state").await == 1).then_some(())
+    })
+    .await;
+    let second = f.collector(f.config("c2")).await;
+    let insert = |host: &'static str| {
+        let pool = f.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(
+                "INSERT INTO events (host_id, ts, severity, subject_kind, subject_id, kind, payload, message)
+                 VALUES ($1, now(), 'critical', 'host', NULL, 'host_lost', '{}', 'lost') RETURNING event_id",
+            )
+            .bind(host)
+            .fetch_one(&pool)
+            .await
+            .expect("event")
+        }
+    };
+    let e1 = insert("h1").await;
+    wait_for("the first event decided", || async {
+        (!f.decided(e1).await.is_empty()).then_some(())
+    })
+    .await;
+    // Only one collector decides: every decision so far has term 1.
+    assert_eq!(
+        f.scalar("SELECT count(*) FROM decisions WHERE term <> 1")
+            .await,
+        0
+    );
+    let leader: String = sqlx::query_scalar("SELECT leader FROM engine_state")
+        .fetch_one(&f.pool)
+        .await
+        .expect("leader");
+    assert!(leader.contains(&first.quic_addr().to_string()), "{leader}");
+    // The leader stops; an event arrives meanwhile.
+    first.shutdown().await;
+    let e2 = insert("h2").await;
+    wait_for("the standby leads with term 2", || async {
+        (f.scalar("SELECT term FROM engine_state").await == 2).then_some(())
+    })
+    .await;
+    let d2 = wait_for("the second event decided", || async {
+        let d = f.decided(e2).await;
+        (!d.is_empty()).then_some(d)
+    })
+    .await;
+    assert_eq!(d2.len(), 1);
+    assert_eq!(d2[0].2, 2, "decided under the new term");
+    assert_eq!(f.decided(e1).await.len(), 1, "not decided twice");
+    // The host-lost escalation of h1 survived the failover (from the snapshot): h1 back
+    // resolves it.
+    let back: i64 = sqlx::query_scalar(
+        "INSERT INTO events (host_id, ts, severity, subject_kind, subject_id, kind, payload, message)
+         VALUES ('h1', now(), 'info', 'host', NULL, 'host_back', '{}', 'back') RETURNING event_id",
+    )
+    .fetch_one(&f.pool)
+    .await
+    .expect("event");
+    wait_for("h1's escalation resolved", || async {
+        let n = f
+            .scalar(
+                "SELECT count(*) FROM escalations WHERE host_id = 'h1' AND kind = 'HostLost'
+                 AND state = 'resolved' AND resolved_by = 'engine'",
+            )
+            .await;
+        (n == 1).then_some(())
+    })
+    .await;
+    assert_eq!(f.decided(back).await.len(), 1);
+    // Decision numbers are unique across terms.
+    assert_eq!(
+        f.scalar("SELECT count(*) - count(DISTINCT seq) FROM decisions")
+            .await,
+        0
+    );
+    second.shutdown().await;
+}
+
+/// A webhook receiver: answers 500 to the first `failures` requests, then 200; records
+/// when each request came.
+async fn receiver(failures: u32) -> (String, Arc<Mutex<Vec<(Instant, String)>>>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}/hook", listener.local_addr().expect("addr"));
+    let seen: Arc<Mutex<Vec<(Instant, String)>>> = Arc::default();
+    let log = seen.clone();
+    tokio::spawn(async move {
+        let count = AtomicU32::new(0);
+        loop {
+            let Ok((mut sock, _)) = listener.accept().await else {
+                return;
+            };
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 4096];
+            // Headers, then Content-Length bytes of body.
+            while let Ok(n) = sock.read(&mut chunk).await {
+                if n == 0 {
+                    break;
+                }
+                buf.extend_from_slice(&chunk[..n]);
+                let text = String::from_utf8_lossy(&buf).to_string();
+                if let Some(end) = text.find("\r\n\r\n") {
+                    let len = text[..end]
+                        .lines()
+                        .find_map(|l| {
+                            let l = l.to_ascii_lowercase();
+                            l.strip_prefix("content-length:")
+                                .and_then(|v| v.trim().parse::<usize>().ok())
+                        })
+                        .unwrap_or(0);
+                    if buf.len() >= end + 4 + len {
+                        break;
+                    }
+                }
+            }
+            let body = String::from_utf8_lossy(&buf).to_string();
+            log.lock().expect("log").push((Instant::now(), body));
+            let n = count.fetch_add(1, Ordering::SeqCst);
+            let status = if n < failures {
+                "500 Internal Server Error"
+            } else {
+                "200 OK"
+            };
+            let reply =
+                format!("HTTP/1.1 {status}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+            let _ = sock.write_all(reply.as_bytes()).await;
+            let _ = sock.shutdown().await;
+        }
+    });
+    (url, seen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhook_answering_500_twice_then_200_is_delivered_with_backoff() {
+    let f = Fixture::new().await;
+    f.host("h1", 0).await;
+    let (url, seen) = receiver(2).await;
+    let mut config = f.config("c1");
+    config.notify.webhooks = vec![Webhook {
+        url: url.clone(),
+        min_severity: Severity::Warning,
+        timeout: Duration::from_secs(10),
+    }];
+    config.notify.backoff_first = Duration::from_millis(300);
+    config.notify.poll = Duration::from_millis(50);
+    let collector = f.collector(config).await;
+    sqlx::query(
+        "INSERT INTO events (host_id, ts, severity, subject_kind, subject_id, kind, payload, message)
+         VALUES ('h1', now(), 'critical', 'host', NULL, 'host_lost', '{}', 'lost')",
+    )
+    .execute(&f.pool)
+    .await
+    .expect("event");
+    let delivered = wait_for("the notification delivered", || async {
+        razar_collector::notify::list(&f.pool, None, 10)
+            .await
+            .expect("notifications")
+            .into_iter()
+            .find(|n| n.state == "delivered")
+    })
+    .await;
+    assert_eq!(delivered.attempts, 3);
+    assert_eq!(delivered.url, url);
+    assert_eq!(delivered.reason, "opened");
+    assert_eq!(
+        delivered.last_error.as_deref(),
+        Some("HTTP 500 Internal Server Error")
+    );
+    assert_eq!(delivered.payload["kind"], "HostLost");
+    let seen = seen.lock().expect("log").clone();
+    assert_eq!(seen.len(), 3, "three attempts");
+    assert!(seen[2].1.contains("\"HostLost\""), "{}", seen[2].1);
+    // Backoff: at least 300 ms, then at least 600 ms between attempts.
+    assert!(seen[1].0 - seen[0].0 >= Duration::from_millis(300));
+    assert!(seen[2].0 - seen[1].0 >= Duration::from_millis(600));
+    collector.shutdown().await;
+}
+
+async fn health(http: std::net::SocketAddr) -> serde_json::Value {
+    reqwest::get(format!("http://{http}/api/v1/health"))
+        .await
+        .expect("health answers")
+        .json()
+        .await
+        .expect("health JSON")
+}
+
+/// Failing checks whose name mentions the engine.
+fn engine_failing(body: &serde_json::Value) -> bool {
+    body["checks"].as_array().is_some_and(|checks| {
+        checks
+            .iter()
+            .any(|c| c["ok"] == false && c["name"].as_str().is_some_and(|n| n.contains("engine")))
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_is_degraded_while_the_engine_is_behind() {
+    let f = Fixture::new().await;
+    f.host("h1", 0).await;
+    let mut config = f.config("c1");
+    config.engine.max_lag = Duration::from_secs(2);
+    let collector = f.collector(config).await;
+    let http = collector.http_addr();
+    wait_for("health ok", || async {
+        let h = health(http).await;
+        (h["status"] == "ok").then_some(())
+    })
+    .await;
+    // A transaction that stays open holds the horizon: a committed event waits.
+    let mut open = f.pool.begin().await.expect("begin");
+    sqlx::query("SELECT pg_current_xact_id()")
+        .execute(&mut *open)
+        .await
+        .expect("xid");
+    let event: i64 = sqlx::query_scalar(
+        "INSERT INTO events (host_id, ts, severity, subject_kind, subject_id, kind, payload, message)
+         VALUES ('h1', now(), 'critical', 'host', NULL, 'host_lost', '{}', 'lost') RETURNING event_id",
+    )
+    .fetch_one(&f.pool)
+    .await
+    .expect("event");
+    let degraded = wait_for("health degraded by the engine's lag", || async {
+        let h = health(http).await;
+        (h["status"] == "degraded" && engine_failing(&h)).then_some(h)
+    })
+    .await;
+    assert!(f.decided(event).await.is_empty(), "{degraded}");
+    open.commit().await.expect("commit");
+    wait_for("the event decided and health ok again", || async {
+        let h = health(http).await;
+        (h["status"] == "ok" && !f.decided(event).await.is_empty()).then_some(())
+    })
+    .await;
+    collector.shutdown().await;
+}
+
+/// Records the deployment pauses the engine asks for.
+#[derive(Default)]
+struct RecordingHooks(Mutex<Vec<(String, String)>>);
+
+impl razar_collector::engine_loop::DeploymentHooks for RecordingHooks {
+    fn pause_for_blame<'a>(
+        &'a self,
+        component: &'a str,
+        revision: &'a str,
+        _decision_id: i64,
+    ) -> futures_like::BoxFuture<'a, Result<(), String>> {
+        self.0
+            .lock()
+            .expect("hooks")
+            .push((component.to_owned(), revision.to_owned()));
+        Box::pin(async { Ok(()) })
+    }
+}
+
+mod futures_like {
+    pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revision_crashing_on_two_hosts_is_rolled_back_there_and_its_deployment_paused() {
+    use razar_shared::protocol::{ComponentInfo, Inventory};
+    let f = Fixture::new().await;
+    for h in ["h1", "h2", "h3"] {
+        f.host(h, 1).await;
+    }
+    let hooks = Arc::new(RecordingHooks::default());
+    let collector = Service::start_with(f.config("c1"), hooks.clone())
+        .await
+        .expect("collector starts");
+    wait_for("the fleet known", || async {
+        (f.scalar("SELECT count(*) FROM gpu_health").await == 3).then_some(())
+    })
+    .await;
+    // r2 rolls out to h1 and h2; h3 stays on r1.
+    for h in ["h1", "h2"] {
+        let inventory = Inventory {
+            components: vec![ComponentInfo {
+                name: "model-server".to_owned(),
+                revision: "r2".to_owned(),
+                state: ComponentState::Starting,
+                critical: true,
+            }],
+            gpus: vec![GpuInfo {
+                index: 0,
+                uuid: format!("GPU-{h}-0"),
+                name: "NVIDIA H100 80GB HBM3".to_owned(),
+                pci_bus_id: "0000:00:00.0".to_owned(),
+                memory_total_bytes: 80 << 30,
+            }],
+        };
+        f.store
+            .record_inventory(h, &inventory, Utc::now())
+            .await
+            .expect("inventory");
+    }
+    wait_for("r2 seen on two hosts", || async {
+        (f.scalar("SELECT count(*) FROM decisions WHERE rule = 'revision.started'")
+            .await
+            >= 2)
+            .then_some(())
+    })
+    .await;
+    use ComponentState::{Backoff, Starting};
+    f.events("h1", vec![state("model-server", Starting, Backoff)])
+        .await;
+    f.events("h2", vec![state("model-server", Starting, Backoff)])
+        .await;
+    let rollbacks = wait_for("rollbacks", || async {
+        let n = f
+            .scalar("SELECT count(*) FROM commands WHERE kind = 'rollback' AND caller = 'engine'")
+            .await;
+        (n >= 2).then_some(n)
+    })
+    .await;
+    assert_eq!(rollbacks, 2);
+    for h in ["h1", "h2"] {
+        let c = f.commands(h).await;
+        assert!(
+            c.iter()
+                .any(|(k, a, _)| k == "rollback" && a["Rollback"]["revision"] == "r1"),
+            "{h}: {c:?}"
+        );
+    }
+    assert!(f.commands("h3").await.is_empty(), "h3 untouched");
+    wait_for("the deployment paused", || async {
+        let paused = hooks.0.lock().expect("hooks").clone();
+        (!paused.is_empty()).then_some(())
+    })
+    .await;
+    assert_eq!(
+        hooks.0.lock().expect("hooks").clone(),
+        vec![("model-server".to_owned(), "r2".to_owned())]
+    );
+    let engine = collector.engine();
+    let blamed = engine
+        .decisions(None, 100)
+        .await
+        .expect("decisions")
+        .into_iter()
+        .find(|d| d.rule == "blame.revision" && d.actions.to_string().contains("RollBack"))
+        .expect("the blame decision");
+    assert_eq!(blamed.events().len(), 2, "{:?}", blamed.evidence);
+    assert!(
+        engine
+            .escalations(true, 50)
+            .await
+            .expect("escalations")
+            .iter()
+            .any(|e| e.kind == "RevisionBlamed"),
+        "a RevisionBlamed escalation"
+    );
+    collector.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn most_hosts_lost_at_once_open_the_breaker_with_one_escalation_and_no_mass_action() {
+    let hosts = ["h1", "h2", "h3", "h4", "h5", "h6"];
+    let f = Fixture::new().await;
+    for h in hosts {
+        f.host(h, 1).await;
+    }
+    let mut config = f.config("c1");
+    config.engine.rules.breaker.max_hosts = 2;
+    config.engine.rules.breaker.cooldown_ms = 5_000;
+    let collector = f.collector(config).await;
+    wait_for("the fleet known", || async {
+        (f.scalar("SELECT count(*) FROM gpu_health").await == 6).then_some(())
+    })
+    .await;
+    // Five of six hosts lose their sessions at once (the lost-host task's transition).
+    for h in &hosts[..5] {
+        assert!(f.store.mark_lost(h, Utc::now()).await.expect("mark lost"));
+    }
+    // A hardware fault on the one host left meanwhile.
+    let fault = f.events("h6", vec![xid(0, 79, XidClass::ResetGpu)]).await[0];
+    wait_for("the fault decided", || async {
+        (!f.decided(fault).await.is_empty()).then_some(())
+    })
+    .await;
+    let breaker = f
+        .scalar("SELECT count(*) FROM escalations WHERE kind = 'BreakerOpen' AND state = 'open'")
+        .await;
+    assert_eq!(breaker, 1, "one breaker escalation");
+    let per_host = f
+        .scalar("SELECT count(*) FROM escalations WHERE kind = 'HostLost'")
+        .await;
+    assert!(per_host <= 2, "{per_host} per-host escalations");
+    // No mass action: the fault's quarantine is held, not carried out.
+    let d = collector
+        .engine()
+        .decision(f.decided(fault).await[0].0)
+        .await
+        .expect("decision")
+        .expect("stored");
+    assert!(d.held.to_string().contains("QuarantineGpu"), "{}", d.held);
+    assert!(f.commands("h6").await.is_empty());
+    // Recovery flows: h1 back resolves its escalation at once.
+    assert!(f
+        .store
+        .mark_back("h1", Utc::now())
+        .await
+        .expect("mark back"));
+    wait_for("h1's escalation resolved", || async {
+        let n = f
+            .scalar(
+                "SELECT count(*) FROM escalations WHERE host_id = 'h1' AND kind = 'HostLost'
+                 AND state = 'resolved'",
+            )
+            .await;
+        (n == 1).then_some(())
+    })
+    .await;
+    // Half-open after the cool-down: the held quarantine goes through as the trial.
+    wait_for("the trial drain of h6", || async {
+        let c = f.commands("h6").await;
+        c.iter().any(|(k, _, _)| k == "drain_gpu").then_some(())
+    })
+    .await;
+    collector.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_escalation_nobody_acknowledges_is_notified_again_a_level_higher() {
+    let f = Fixture::new().await;
+    f.host("h1", 0).await;
+    let (url, seen) = receiver(0).await;
+    let mut config = f.config("c1");
+    config.notify.webhooks = vec![Webhook {
+        url,
+        min_severity: Severity::Warning,
+        timeout: Duration::from_secs(10),
+    }];
+    config.notify.poll = Duration::from_millis(50);
+    config.engine.rules.renotify_after_ms = 1_000;
+    let collector = f.collector(config).await;
+    sqlx::query(
+        "INSERT INTO events (host_id, ts, severity, subject_kind, subject_id, kind, payload, message)
+         VALUES ('h1', now(), 'critical', 'host', NULL, 'host_lost', '{}', 'lost')",
+    )
+    .execute(&f.pool)
+    .await
+    .expect("event");
+    let renotified = wait_for("a re-notification delivered", || async {
+        razar_collector::notify::list(&f.pool, None, 10)
+            .await
+            .expect("notifications")
+            .into_iter()
+            .find(|n| n.reason == "renotify" && n.state == "delivered")
+    })
+    .await;
+    assert!(renotified.level >= 1, "{renotified:?}");
+    let esc = collector
+        .engine()
+        .escalation(renotified.escalation_id)
+        .await
+        .expect("escalation")
+        .expect("stored");
+    assert!(esc.level >= 1, "{esc:?}");
+    assert!(seen.lock().expect("log").len() >= 2);
+    collector.shutdown().await;
+}
