@@ -11,16 +11,18 @@
 //! deadline, on a `CancelTail` command, or when the component goes away, always with a
 //! last chunk marked `end`; a full outbound queue drops (and counts) chunks but never
 //! ends a follow by itself. `Rollback` pins a component to one of its recorded revisions
-//! ([`crate::revisions`]).
+//! ([`crate::revisions`]); `DeployRevision` pins it to a revision the collector pushes
+//! (same mechanism) and succeeds once the component has started on it.
 
 use crate::revisions;
 use crate::store::{CommandRecord, Store};
 use crate::supervisor::machine::Control;
 use crate::supervisor::runtime::Agent;
 use crate::uplink::{Outbound, Uplink};
+use razar_shared::domain::ComponentState;
 use razar_shared::protocol::{
     Command, CommandAction, CommandId, CommandOutcome, CommandResult, Event, EventKind, LogChunk,
-    UnixMillis,
+    RevisionSpec, UnixMillis,
 };
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -34,6 +36,8 @@ pub const MAX_TAIL_LINES: u32 = 10_000;
 pub const DEFAULT_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
 /// How long a log follow runs at most by default (the collector renews it).
 pub const DEFAULT_FOLLOW_LIMIT: Duration = Duration::from_secs(3600);
+/// How long a deployment waits for its component to start by default.
+pub const DEFAULT_START_WAIT: Duration = Duration::from_secs(30);
 const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 
 /// Where results and log chunks go (the uplink; a channel in tests).
@@ -61,6 +65,9 @@ pub struct ExecutorOptions {
     pub retention: Duration,
     /// A log follow ends after this long unless cancelled sooner.
     pub follow_limit: Duration,
+    /// A deployed revision answers once its component started, or after this long (it
+    /// may wait for its dependencies): succeeded either way, with its state.
+    pub start_wait: Duration,
 }
 
 impl Default for ExecutorOptions {
@@ -68,6 +75,7 @@ impl Default for ExecutorOptions {
         ExecutorOptions {
             retention: DEFAULT_RETENTION,
             follow_limit: DEFAULT_FOLLOW_LIMIT,
+            start_wait: DEFAULT_START_WAIT,
         }
     }
 }
@@ -285,13 +293,13 @@ impl<O: Outbox> Executor<O> {
             | CommandAction::Resolve { component, .. }
             | CommandAction::Pulse { component, .. }
             | CommandAction::Rollback { component, .. }
+            | CommandAction::DeployRevision { component, .. }
             | CommandAction::TailLogs { component, .. } => component.clone(),
             CommandAction::CancelTail { .. } => String::new(),
             // TODO(issue 12): GPU, deployment and profile commands.
             CommandAction::DrainGpu { .. }
             | CommandAction::ResetGpu { .. }
             | CommandAction::SetGpuHealth { .. }
-            | CommandAction::DeployRevision { .. }
             | CommandAction::SwitchProfile { .. } => {
                 return failed(format!(
                     "{} is not supported by this agent yet",
@@ -317,6 +325,9 @@ impl<O: Outbox> Executor<O> {
             CommandAction::Rollback { revision, .. } => {
                 return self.roll_back(&component, &revision).await;
             }
+            CommandAction::DeployRevision { revision, .. } => {
+                return self.deploy(&component, &revision).await;
+            }
             CommandAction::TailLogs { lines, follow, .. } => {
                 return self.tail(id, &component, lines, follow).await;
             }
@@ -324,7 +335,6 @@ impl<O: Outbox> Executor<O> {
             | CommandAction::DrainGpu { .. }
             | CommandAction::ResetGpu { .. }
             | CommandAction::SetGpuHealth { .. }
-            | CommandAction::DeployRevision { .. }
             | CommandAction::SwitchProfile { .. } => return failed("unreachable".into()),
         };
         match self.agent.command(&component, control).await {
@@ -349,6 +359,73 @@ impl<O: Outbox> Executor<O> {
         match self.agent.reload_with(Some(config)).await {
             Ok(_) => (CommandOutcome::Succeeded, format!("rolled back {summary}")),
             Err(error) => (CommandOutcome::Failed, error.to_string()),
+        }
+    }
+
+    /// Pins `component` to the pushed revision, applies it (the component restarts on
+    /// it) and waits, up to `options.start_wait`, until it has started on it.
+    async fn deploy(&self, component: &str, spec: &RevisionSpec) -> (CommandOutcome, String) {
+        // The history first holds what runs now: a rollback returns to it.
+        self.record_revisions().await;
+        let current = self.agent.view().config();
+        let (name, spec) = (component.to_owned(), spec.clone());
+        let planned = self
+            .blocking(move |_| revisions::deploy(&current, &name, &spec))
+            .await;
+        let (config, summary) = match planned {
+            Some(Ok(planned)) => planned,
+            Some(Err(error)) => return (CommandOutcome::Failed, error.to_string()),
+            None => return (CommandOutcome::Failed, "deployment task failed".into()),
+        };
+        let to = config
+            .component(component)
+            .map(|c| c.revision.clone())
+            .unwrap_or_default();
+        if let Err(error) = self.agent.reload_with(Some(config)).await {
+            return (CommandOutcome::Failed, error.to_string());
+        }
+        self.record_revisions().await;
+        let mut statuses = self.agent.watch_statuses();
+        let started = tokio::time::timeout(self.options.start_wait, async {
+            loop {
+                let state = statuses
+                    .borrow_and_update()
+                    .get(component)
+                    .filter(|s| s.revision == to)
+                    .map(|s| s.state);
+                if let Some(state) = state.filter(|s| started_state(*s)) {
+                    return Ok(state);
+                }
+                if statuses.changed().await.is_err() {
+                    return Err(());
+                }
+            }
+        })
+        .await;
+        match started {
+            Ok(Ok(state)) => (
+                CommandOutcome::Succeeded,
+                format!("deployed {summary} ({})", state.as_str()),
+            ),
+            Ok(Err(())) => (
+                CommandOutcome::Failed,
+                format!("deployed {summary}, but the agent is stopping"),
+            ),
+            Err(_) => {
+                let now = self
+                    .agent
+                    .statuses()
+                    .get(component)
+                    .map(|s| format!("{}: {}", s.state.as_str(), s.reason))
+                    .unwrap_or_default();
+                (
+                    CommandOutcome::Succeeded,
+                    format!(
+                        "deployed {summary}; not started within {}s ({now})",
+                        self.options.start_wait.as_secs()
+                    ),
+                )
+            }
         }
     }
 
@@ -456,6 +533,19 @@ impl<O: Outbox> Executor<O> {
             format!("following {component} (up to {}s)", limit.as_secs()),
         )
     }
+}
+
+/// The component runs (or ran) a process of its current spec: started, whatever its
+/// readiness (the collector watches that).
+fn started_state(state: ComponentState) -> bool {
+    matches!(
+        state,
+        ComponentState::Starting
+            | ComponentState::Ready
+            | ComponentState::Unhealthy
+            | ComponentState::Backoff
+            | ComponentState::Quarantined
+    )
 }
 
 /// The action's name for messages.

@@ -195,6 +195,7 @@ impl Daemon {
                     ExecutorOptions {
                         retention: config_arc.agent.command_retention,
                         follow_limit: config_arc.agent.log_follow_limit,
+                        ..ExecutorOptions::default()
                     },
                 );
                 tasks.push(tokio::spawn(executor.run(commands)));
