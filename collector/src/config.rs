@@ -49,6 +49,8 @@ pub struct CollectorConfig {
     pub lost_after_restart: Duration,
     /// When `/api/v1/health` says `degraded`.
     pub health: HealthLimits,
+    /// The deployments driver (`[deployments]`).
+    pub deployments: crate::deployments::DeploymentSettings,
 }
 
 /// Limits past which health says `degraded` (`[health]`).
@@ -117,6 +119,15 @@ struct RawConfig {
     ingest: RawIngest,
     #[serde(default)]
     health: RawHealth,
+    #[serde(default)]
+    deployments: RawDeployments,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDeployments {
+    tick: Option<Spanned<String>>,
+    command_deadline: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -216,6 +227,7 @@ impl CollectorConfig {
             compact_after: Duration::from_secs(15 * 60),
             lost_after_restart: Duration::from_secs(60),
             health: HealthLimits::default(),
+            deployments: crate::deployments::DeploymentSettings::default(),
             max_clock_skew: Duration::from_secs(5 * 60),
             max_series_per_host: NonZeroU32::new(100_000).unwrap_or(NonZeroU32::MIN),
         }
@@ -429,6 +441,23 @@ impl Validator<'_> {
             ),
         ];
         for (key, raw, value) in health {
+            if let Some(d) = raw.as_ref().and_then(|d| v.duration(key, d)) {
+                *value = d;
+            }
+        }
+        let deployments = [
+            (
+                "deployments.tick",
+                &raw.deployments.tick,
+                &mut cfg.deployments.tick,
+            ),
+            (
+                "deployments.command_deadline",
+                &raw.deployments.command_deadline,
+                &mut cfg.deployments.command_deadline,
+            ),
+        ];
+        for (key, raw, value) in deployments {
             if let Some(d) = raw.as_ref().and_then(|d| v.duration(key, d)) {
                 *value = d;
             }

@@ -4,6 +4,7 @@
 
 use crate::api::{self, ApiState, Ready};
 use crate::config::{CollectorConfig, Database};
+use crate::deployments::Deployments;
 use crate::embedded_pg::{EmbeddedPg, EmbeddedPgError, EmbeddedPgOptions};
 use crate::server::{Collector, IngestConfig, ServerError};
 use crate::store::{Store, StoreError};
@@ -48,6 +49,8 @@ struct Serving {
     store: Store,
     collector: Collector,
     maintenance: JoinHandle<()>,
+    deployments: Deployments,
+    deployments_task: JoinHandle<()>,
 }
 
 /// A running collector.
@@ -58,6 +61,7 @@ pub struct Service {
     collector: Collector,
     http_addr: SocketAddr,
     stop: watch::Sender<bool>,
+    deployments: Deployments,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -136,6 +140,8 @@ impl Service {
                 store,
                 collector,
                 maintenance,
+                deployments,
+                deployments_task,
             }) => {
                 let _ = api_state.ready.set(Ready {
                     pool: store.pool().clone(),
@@ -151,7 +157,8 @@ impl Service {
                     collector,
                     http_addr,
                     stop,
-                    tasks: vec![http, maintenance],
+                    deployments,
+                    tasks: vec![http, maintenance, deployments_task],
                 })
             }
             Err(e) => {
@@ -212,12 +219,31 @@ impl Service {
                 move |beat| maintain(store.clone(), config.clone(), stop.clone(), beat),
             )
         };
+        let deployments = Deployments::new(
+            store.pool().clone(),
+            collector.dispatch(),
+            registry,
+            config.deployments,
+        )?;
+        let deployments_task = {
+            let (deployments, stop) = (deployments.clone(), stop.clone());
+            // Late when no pass completed for a minute beyond a few ticks.
+            let deadline = config.deployments.tick.saturating_mul(10) + Duration::from_secs(60);
+            collector.tasks().spawn(
+                "deployments",
+                Some(deadline),
+                Some(stop.clone()),
+                move |beat| deployments.clone().run(stop.clone(), beat),
+            )
+        };
         Ok(Serving {
             config,
             pg,
             store,
             collector,
             maintenance,
+            deployments,
+            deployments_task,
         })
     }
 
@@ -237,6 +263,12 @@ impl Service {
 
     pub fn collector(&self) -> &Collector {
         &self.collector
+    }
+
+    /// Deployments: operations (create, pause, resume, promote, roll back) and the
+    /// driver's state.
+    pub fn deployments(&self) -> &Deployments {
+        &self.deployments
     }
 
     /// The embedded PostgreSQL, when the collector runs one.

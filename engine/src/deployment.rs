@@ -285,6 +285,16 @@ impl Rollout {
         if !self.config.auto_revert {
             return self.enter(Phase::Failed);
         }
+        self.revert()
+    }
+
+    /// Reverts every host that got the new revision (an operator's roll back, also
+    /// after a failure without auto-revert); the reverts go out with the next step's
+    /// [`Rollout::step`] (`Tick`), `max_parallel` at a time, failed hosts first.
+    pub fn revert(&mut self) -> Vec<DeployAction> {
+        if matches!(self.phase, Phase::Reverting | Phase::Reverted) {
+            return Vec::new();
+        }
         let actions = self.enter(Phase::Reverting);
         let failed = |p: &HostPhase| *p == HostPhase::Failed;
         let (first, rest): (Vec<&String>, Vec<&String>) = self
@@ -558,7 +568,11 @@ mod tests {
                 (
                     130,
                     failed("h3"),
-                    vec![DeployAction::Phase(Phase::Reverting), down("h3"), down("h1")],
+                    vec![
+                        DeployAction::Phase(Phase::Reverting),
+                        down("h3"),
+                        down("h1"),
+                    ],
                 ),
                 (140, DeployInput::Tick, vec![]),
                 (150, reverted("h3"), vec![down("h2")]),
@@ -570,7 +584,11 @@ mod tests {
                 ),
             ],
         );
-        assert_eq!(r.hosts.get("h4"), Some(&HostPhase::Pending), "never touched");
+        assert_eq!(
+            r.hosts.get("h4"),
+            Some(&HostPhase::Pending),
+            "never touched"
+        );
     }
 
     #[test]
