@@ -1060,9 +1060,22 @@ impl Deployments {
                         idempotency_key: Some(format!("deployment/{id}/{host}/revert")),
                         request_id: None,
                     };
-                    let record = self.dispatch.submit(request).await?;
-                    self.metrics.step("revert", "sent");
-                    sent.insert(host.clone(), record.id);
+                    match self.dispatch.submit(request).await {
+                        Ok(record) => {
+                            self.metrics.step("revert", "sent");
+                            sent.insert(host.clone(), record.id);
+                        }
+                        Err(DispatchError::Db(e)) => return Err(DeploymentError::Db(e)),
+                        Err(e) => {
+                            // Refused (the host no longer runs the component...): the
+                            // deployment cannot bring it back; it stops for an operator.
+                            let why = cap(format!("revert of {host} refused: {e}"));
+                            self.metrics.step("revert", "failed");
+                            host_reasons.insert(host.clone(), why.clone());
+                            reason = Some(why);
+                            rollout.phase = Phase::Failed;
+                        }
+                    }
                 }
                 DeployAction::Phase(phase) => {
                     tracing::info!(deployment = id, component = %deployment.component, revision = %to, ?phase, "deployment phase");
