@@ -167,13 +167,11 @@ impl Fixture {
 
     /// Commands stored per host.
     async fn commands_of(&self, host: &str) -> Vec<(String, String)> {
-        sqlx::query_as(
-            "SELECT kind, state FROM commands WHERE host_id = $1 ORDER BY created_at",
-        )
-        .bind(host)
-        .fetch_all(&self.pool)
-        .await
-        .expect("commands")
+        sqlx::query_as("SELECT kind, state FROM commands WHERE host_id = $1 ORDER BY created_at")
+            .bind(host)
+            .fetch_all(&self.pool)
+            .await
+            .expect("commands")
     }
 }
 
@@ -268,7 +266,12 @@ async fn a_crashing_revision_reverts_the_canary_and_touches_no_other_host() {
     assert_eq!(starts.first().map(String::as_str), Some("v1"));
     assert!(starts.iter().any(|s| s == "v2"), "{starts:?}");
     assert_eq!(starts.last().map(String::as_str), Some("v1"), "{starts:?}");
-    let kinds: Vec<String> = f.commands_of(&canary).await.into_iter().map(|c| c.0).collect();
+    let kinds: Vec<String> = f
+        .commands_of(&canary)
+        .await
+        .into_iter()
+        .map(|c| c.0)
+        .collect();
     assert_eq!(kinds, ["deploy_revision", "rollback"]);
     for host in &f.hosts[1..] {
         assert_eq!(f.starts(host), ["v1"], "{host} was touched");
@@ -282,8 +285,16 @@ async fn a_crashing_revision_reverts_the_canary_and_touches_no_other_host() {
     service.deployments().drive_once().await.expect("a pass");
     let m = service.deployments().metrics();
     assert_eq!(m.by_state.with_label_values(&["reverted"]).get(), 1);
-    assert_eq!(m.host_steps.with_label_values(&["deploy", "failed"]).get(), 1);
-    assert_eq!(m.host_steps.with_label_values(&["revert", "reverted"]).get(), 1);
+    assert_eq!(
+        m.host_steps.with_label_values(&["deploy", "failed"]).get(),
+        1
+    );
+    assert_eq!(
+        m.host_steps
+            .with_label_values(&["revert", "reverted"])
+            .get(),
+        1
+    );
     shutdown(service, daemons).await;
 }
 
@@ -310,7 +321,11 @@ async fn a_good_revision_waits_for_promotion_holds_while_paused_and_rolls_throug
     let order: Vec<&str> = created.hosts.iter().map(|h| h.host.as_str()).collect();
     assert_eq!(
         order,
-        [f.hosts[2].as_str(), f.hosts[0].as_str(), f.hosts[1].as_str()],
+        [
+            f.hosts[2].as_str(),
+            f.hosts[0].as_str(),
+            f.hosts[1].as_str()
+        ],
         "listed hosts first, then the profile's"
     );
     let waiting = wait_state(&service, created.id, "waiting_promotion").await;
@@ -319,23 +334,46 @@ async fn a_good_revision_waits_for_promotion_holds_while_paused_and_rolls_throug
     for _ in 0..3 {
         deployments.drive_once().await.expect("a pass");
     }
-    let still = deployments.get(created.id).await.expect("get").expect("stored");
+    let still = deployments
+        .get(created.id)
+        .await
+        .expect("get")
+        .expect("stored");
     assert_eq!(still.state, "waiting_promotion");
-    assert!(still.hosts[1..].iter().all(|h| h.state == "pending"), "{still:#?}");
+    assert!(
+        still.hosts[1..].iter().all(|h| h.state == "pending"),
+        "{still:#?}"
+    );
 
     // Paused, then promoted: it still holds.
-    let paused = deployments.pause(created.id, "change freeze").await.expect("pause");
+    let paused = deployments
+        .pause(created.id, "change freeze")
+        .await
+        .expect("pause");
     assert_eq!(paused.state, "paused");
-    assert!(paused.reason.as_deref().is_some_and(|r| r.contains("change freeze")));
+    assert!(paused
+        .reason
+        .as_deref()
+        .is_some_and(|r| r.contains("change freeze")));
     let promoted = deployments.promote(created.id).await.expect("promote");
     assert_eq!(promoted.state, "paused", "{promoted:#?}");
     for _ in 0..3 {
         deployments.drive_once().await.expect("a pass");
     }
-    let held = deployments.get(created.id).await.expect("get").expect("stored");
-    assert!(held.hosts[1..].iter().all(|h| h.state == "pending"), "{held:#?}");
+    let held = deployments
+        .get(created.id)
+        .await
+        .expect("get")
+        .expect("stored");
+    assert!(
+        held.hosts[1..].iter().all(|h| h.state == "pending"),
+        "{held:#?}"
+    );
     assert!(f.commands_of(&f.hosts[0]).await.is_empty());
-    assert!(deployments.promote(created.id).await.is_err(), "promoted once");
+    assert!(
+        deployments.promote(created.id).await.is_err(),
+        "promoted once"
+    );
 
     let resumed = deployments.resume(created.id).await.expect("resume");
     assert_eq!(resumed.state, "rolling", "{resumed:#?}");
@@ -379,6 +417,9 @@ async fn a_good_revision_waits_for_promotion_holds_while_paused_and_rolls_throug
     deployments.drive_once().await.expect("a pass");
     let m = deployments.metrics();
     assert_eq!(m.by_state.with_label_values(&["succeeded"]).get(), 2);
-    assert_eq!(m.host_steps.with_label_values(&["deploy", "healthy"]).get(), 6);
+    assert_eq!(
+        m.host_steps.with_label_values(&["deploy", "healthy"]).get(),
+        6
+    );
     shutdown(service, daemons).await;
 }
