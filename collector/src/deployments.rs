@@ -770,6 +770,41 @@ impl Deployments {
         let mut host_reasons: BTreeMap<String, String> = BTreeMap::new();
         let mut actions = Vec::new();
         let stored: Option<Json<Rollout>> = row.try_get("rollout")?;
+        if stored.is_none() {
+            // Not started yet: a pause holds the start itself, a roll back ends it.
+            let set = |state: &'static str, paused: bool, reason: Option<String>| {
+                sqlx::query(
+                    "UPDATE deployments SET state = $2, paused = $3, reason = $4,
+                         updated_at = $5,
+                         finished_at = CASE WHEN $2 = 'reverted' THEN $5 ELSE NULL END
+                     WHERE deployment_id = $1",
+                )
+                .bind(id)
+                .bind(state)
+                .bind(paused)
+                .bind(reason)
+                .bind(now)
+            };
+            match &op {
+                Some(Op::Pause(why)) => {
+                    set("paused", true, Some(cap(format!("paused: {why}"))))
+                        .execute(&mut **tx)
+                        .await?;
+                    return Ok(true);
+                }
+                Some(Op::Resume) if deployment.paused => {
+                    set("created", false, None).execute(&mut **tx).await?;
+                    return Ok(true);
+                }
+                Some(Op::RollBack(why)) => {
+                    let why = cap(format!("rolled back before it started: {why}"));
+                    set("reverted", false, Some(why)).execute(&mut **tx).await?;
+                    return Ok(true);
+                }
+                None if deployment.paused => return Ok(false),
+                _ => {}
+            }
+        }
         let mut rollout = match stored {
             Some(Json(r)) => r,
             None => {

@@ -345,11 +345,17 @@ async fn a_good_revision_waits_for_promotion_holds_while_paused_and_rolls_throug
         "{still:#?}"
     );
 
-    // Paused, then promoted: it still holds.
-    let paused = deployments
-        .pause(created.id, "change freeze")
+    // Paused (by the engine's blame rule, as it would), then promoted: it still holds.
+    let blamed = deployments
+        .pause_for_blame("api", "v2", "change freeze")
         .await
-        .expect("pause");
+        .expect("pause for blame");
+    assert_eq!(blamed, [created.id]);
+    let paused = deployments
+        .get(created.id)
+        .await
+        .expect("get")
+        .expect("stored");
     assert_eq!(paused.state, "paused");
     assert!(paused
         .reason
@@ -392,6 +398,59 @@ async fn a_good_revision_waits_for_promotion_holds_while_paused_and_rolls_throug
         assert_eq!((state.as_str(), rev.as_str()), ("ready", "v2"), "{host}");
     }
 
+    // A deployment paused before it started sends nothing until resumed; rolled back
+    // then, it ends without touching a host.
+    let mut held = NewDeployment::new(
+        "api",
+        revision("v9", "exit 3"),
+        HostSelector {
+            all: true,
+            ..HostSelector::default()
+        },
+    );
+    held.promotion = Promotion::Auto;
+    let held = deployments.create(held).await.expect("deployment created");
+    let before = f.commands_of(&f.hosts[0]).await.len();
+    // The driver may start it first (then the pause holds only what follows the canary).
+    let paused = deployments.pause(held.id, "not yet").await.expect("pause");
+    let canary_sent = paused.hosts[0].state != "pending";
+    for _ in 0..3 {
+        deployments.drive_once().await.expect("a pass");
+    }
+    let still = deployments
+        .get(held.id)
+        .await
+        .expect("get")
+        .expect("stored");
+    assert!(
+        still.hosts[1..].iter().all(|h| h.state == "pending"),
+        "{still:#?}"
+    );
+    if !canary_sent {
+        assert_eq!(still.state, "paused");
+        assert!(
+            still.hosts.iter().all(|h| h.state == "pending"),
+            "{still:#?}"
+        );
+        let ended = deployments
+            .roll_back(held.id, "abandoned")
+            .await
+            .expect("roll back");
+        assert_eq!(ended.state, "reverted", "{ended:#?}");
+        assert_eq!(f.commands_of(&f.hosts[0]).await.len(), before);
+    } else {
+        // Its canary (v9 crashes) is reverted: wait for the end before going on.
+        wait_state(&service, held.id, "reverted").await;
+        wait_for("every host ready on v2", || async {
+            f.components()
+                .await
+                .iter()
+                .all(|c| c.1 == "ready" && c.2 == "v2")
+                .then_some(())
+        })
+        .await;
+    }
+
     // Automatic promotion, two at a time: through every wave by itself.
     let mut new = NewDeployment::new(
         "api",
@@ -412,11 +471,20 @@ async fn a_good_revision_waits_for_promotion_holds_while_paused_and_rolls_throug
         assert_eq!((state.as_str(), rev.as_str()), ("ready", "v3"), "{host}");
     }
     for host in &f.hosts {
-        assert_eq!(f.starts(host), ["v1", "v2", "v3"], "{host}");
+        let starts = f.starts(host);
+        // (A v9 canary that got out is reverted to v2: that start is v2 again.)
+        let mut kept: Vec<&str> = starts
+            .iter()
+            .map(String::as_str)
+            .filter(|s| *s != "v9")
+            .collect();
+        kept.dedup();
+        assert_eq!(kept, ["v1", "v2", "v3"], "{host}");
     }
     deployments.drive_once().await.expect("a pass");
     let m = deployments.metrics();
     assert_eq!(m.by_state.with_label_values(&["succeeded"]).get(), 2);
+    assert_eq!(m.by_state.with_label_values(&["reverted"]).get(), 1);
     assert_eq!(
         m.host_steps.with_label_values(&["deploy", "healthy"]).get(),
         6
