@@ -449,6 +449,24 @@ impl Deployments {
                 order.push((*host).to_owned());
             }
         }
+        // One active deployment of a component per host at a time.
+        let busy: Option<(i64, String)> = sqlx::query_as(
+            "SELECT d.deployment_id, h.host_id FROM deployments d
+             JOIN deployment_hosts h ON h.deployment_id = d.deployment_id
+             WHERE d.component = $1 AND d.state NOT IN ('succeeded', 'reverted', 'failed')
+               AND h.host_id = ANY($2)
+             ORDER BY d.deployment_id, h.position LIMIT 1",
+        )
+        .bind(&new.component)
+        .bind(&order)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if let Some((other, host)) = busy {
+            return Err(DeploymentError::Invalid(format!(
+                "deployment {other} of {:?} is still active on {host}",
+                new.component
+            )));
+        }
         // The machine checks the numbers (and the host list) as it will run them.
         Rollout::start(
             &new.component,
@@ -1227,4 +1245,52 @@ fn decode_deployment(row: &sqlx::postgres::PgRow) -> Result<Deployment, Deployme
         finished_at: row.try_get("finished_at")?,
         hosts: Vec::new(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rollout(phase: Phase, paused: bool) -> Rollout {
+        let config = WaveConfig {
+            canaries: 1,
+            max_parallel: 1,
+            min_healthy_ms: 1,
+            healthy_deadline_ms: 2,
+            auto_revert: true,
+            manual_promote: false,
+        };
+        let (mut r, _) = Rollout::start("c", "v1", "v2", vec!["h".into()], config, 0)
+            .unwrap_or_else(|e| panic!("{e}"));
+        r.phase = phase;
+        r.paused = paused;
+        r
+    }
+
+    #[test]
+    fn stored_states_pause_only_a_running_rollout() {
+        let cases = [
+            (Phase::Canary, false, "canary"),
+            (Phase::Canary, true, "paused"),
+            (Phase::AwaitingPromotion, false, "waiting_promotion"),
+            (Phase::Rolling, true, "paused"),
+            (Phase::Reverting, true, "reverting"),
+            (Phase::Reverted, true, "reverted"),
+            (Phase::Succeeded, false, "succeeded"),
+            (Phase::Failed, true, "failed"),
+        ];
+        for (phase, paused, want) in cases {
+            let got = state_of(&rollout(phase.clone(), paused));
+            assert_eq!(got, want, "{phase:?} paused={paused}");
+            assert!(STATES.contains(&got));
+        }
+    }
+
+    #[test]
+    fn reasons_are_capped_at_a_character_boundary_without_nul() {
+        let long = format!("{}\0{}", "é".repeat(MAX_REASON_BYTES), "x");
+        let capped = cap(long);
+        assert!(capped.len() <= MAX_REASON_BYTES);
+        assert!(!capped.contains('\0'));
+    }
 }

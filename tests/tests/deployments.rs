@@ -15,7 +15,9 @@
 use razar_agent::config::Config;
 use razar_agent::daemon::{Daemon, DaemonOptions};
 use razar_collector::config::{CollectorConfig, Database, TlsPaths};
-use razar_collector::deployments::{Deployment, HostSelector, NewDeployment, Promotion};
+use razar_collector::deployments::{
+    Deployment, DeploymentError, HostSelector, NewDeployment, Promotion,
+};
 use razar_collector::service::Service;
 use razar_shared::protocol::RevisionSpec;
 use razar_tests::ca::{TestCa, COLLECTOR_NAMES};
@@ -379,6 +381,21 @@ async fn a_good_revision_waits_for_promotion_holds_while_paused_and_rolls_throug
     assert!(
         deployments.promote(created.id).await.is_err(),
         "promoted once"
+    );
+    // One active deployment of a component per host.
+    let mut overlapping = NewDeployment::new(
+        "api",
+        revision("v4", "exec sleep 1000.64"),
+        HostSelector {
+            hosts: vec![f.hosts[0].clone()],
+            ..HostSelector::default()
+        },
+    );
+    overlapping.canaries = 0;
+    let refused = deployments.create(overlapping).await;
+    assert!(
+        matches!(&refused, Err(DeploymentError::Invalid(m)) if m.contains("still active")),
+        "{refused:?}"
     );
 
     let resumed = deployments.resume(created.id).await.expect("resume");
