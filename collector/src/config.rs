@@ -55,6 +55,8 @@ pub struct CollectorConfig {
     pub engine: crate::engine_loop::EngineSettings,
     /// `[notify]`: webhooks for escalations.
     pub notify: crate::notify::NotifySettings,
+    /// The deployments driver (`[deployments]`).
+    pub deployments: crate::deployments::DeploymentSettings,
 }
 
 /// Limits past which health says `degraded` (`[health]`).
@@ -129,6 +131,8 @@ struct RawConfig {
     engine: RawEngine,
     #[serde(default)]
     notify: RawNotify,
+    #[serde(default)]
+    deployments: RawDeployments,
 }
 
 /// `[engine]` (the decision loop, `engine_loop.rs`).
@@ -181,6 +185,13 @@ struct RawWebhook {
     url: Spanned<String>,
     min_severity: Option<Spanned<String>>,
     timeout: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDeployments {
+    tick: Option<Spanned<String>>,
+    command_deadline: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -280,6 +291,7 @@ impl CollectorConfig {
             compact_after: Duration::from_secs(15 * 60),
             lost_after_restart: Duration::from_secs(60),
             health: HealthLimits::default(),
+            deployments: crate::deployments::DeploymentSettings::default(),
             max_clock_skew: Duration::from_secs(5 * 60),
             max_series_per_host: NonZeroU32::new(100_000).unwrap_or(NonZeroU32::MIN),
             pulses: crate::pulses::PulsesConfig::default(),
@@ -505,6 +517,23 @@ impl Validator<'_> {
         });
         v.engine(&raw.engine, &mut cfg.engine);
         v.notify(&raw.notify, &mut cfg.notify);
+        let deployments = [
+            (
+                "deployments.tick",
+                &raw.deployments.tick,
+                &mut cfg.deployments.tick,
+            ),
+            (
+                "deployments.command_deadline",
+                &raw.deployments.command_deadline,
+                &mut cfg.deployments.command_deadline,
+            ),
+        ];
+        for (key, raw, value) in deployments {
+            if let Some(d) = raw.as_ref().and_then(|d| v.duration(key, d)) {
+                *value = d;
+            }
+        }
         if files == Files::Check {
             v.check_tls_files(&tls_files, &cfg.tls);
         }

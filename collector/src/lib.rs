@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod config;
+pub mod deployments;
 pub mod dispatch;
 pub mod embedded_pg;
 pub mod engine_loop;

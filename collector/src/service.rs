@@ -4,9 +4,10 @@
 
 use crate::api::{self, ApiState, Ready};
 use crate::config::{CollectorConfig, Database};
+use crate::deployments::Deployments;
 use crate::embedded_pg::{EmbeddedPg, EmbeddedPgError, EmbeddedPgOptions};
 use crate::engine_loop::{
-    DeploymentHooks, EngineHandle, EngineLoop, EngineMetrics, LogDeploymentHooks,
+    DeploymentHooks, EngineHandle, EngineLoop, EngineMetrics,
 };
 use crate::notify::NotifyMetrics;
 use crate::server::{Collector, IngestConfig, ServerError};
@@ -55,6 +56,7 @@ struct Serving {
     pause: crate::pulses::PauseHook,
     /// The pulse scheduler, when `[pulses]` is enabled.
     pulses: Option<JoinHandle<()>>,
+    deployments: Deployments,
 }
 
 /// A running collector.
@@ -65,6 +67,7 @@ pub struct Service {
     collector: Collector,
     http_addr: SocketAddr,
     stop: watch::Sender<bool>,
+    deployments: Deployments,
     tasks: Vec<JoinHandle<()>>,
     pause: crate::pulses::PauseHook,
 }
@@ -82,8 +85,9 @@ impl Service {
     /// Serves the HTTP API at once, then starts PostgreSQL if embedded (or reaches the
     /// external one, retrying while it is down: health says `unavailable` meanwhile),
     /// migrates, and serves agents. Returns once agents are served.
+    /// A blamed revision's deployment is paused through this collector's deployments.
     pub async fn start(config: CollectorConfig) -> Result<Service, ServiceError> {
-        Service::start_with(config, Arc::new(LogDeploymentHooks)).await
+        Service::start_hooked(config, None).await
     }
 
     /// [`Service::start`] with the engine's deployment hooks (what a blamed revision's
@@ -91,6 +95,13 @@ impl Service {
     pub async fn start_with(
         config: CollectorConfig,
         hooks: Arc<dyn DeploymentHooks>,
+    ) -> Result<Service, ServiceError> {
+        Service::start_hooked(config, Some(hooks)).await
+    }
+
+    async fn start_hooked(
+        config: CollectorConfig,
+        hooks: Option<Arc<dyn DeploymentHooks>>,
     ) -> Result<Service, ServiceError> {
         razar_shared::tls::install_crypto_provider();
         // TLS first: a bad certificate refuses start before anything runs.
@@ -156,6 +167,7 @@ impl Service {
                 background,
                 pause,
                 pulses,
+                deployments,
             }) => {
                 let _ = api_state.ready.set(Ready {
                     pool: store.pool().clone(),
@@ -171,6 +183,7 @@ impl Service {
                     collector,
                     http_addr,
                     stop,
+                    deployments,
                     tasks: std::iter::once(http).chain(background).chain(pulses).collect(),
                     pause,
                 })
@@ -191,7 +204,7 @@ impl Service {
         registry: &prometheus::Registry,
         api: &ApiState,
         stop: &watch::Receiver<bool>,
-        hooks: Arc<dyn DeploymentHooks>,
+        hooks: Option<Arc<dyn DeploymentHooks>>,
     ) -> Result<Serving, ServiceError> {
         let (pg, store) = match &config.database {
             Database::Url(url) => (None, connect_retrying(url, &config, api).await?),
@@ -232,6 +245,23 @@ impl Service {
                 Some(config.health.maintenance_deadline),
                 Some(stop.clone()),
                 move |beat| maintain(store.clone(), config.clone(), stop.clone(), beat),
+            )
+        };
+        let deployments = Deployments::new(
+            store.pool().clone(),
+            collector.dispatch(),
+            registry,
+            config.deployments,
+        )?;
+        let deployments_task = {
+            let (deployments, stop) = (deployments.clone(), stop.clone());
+            // Late when no pass completed for a minute beyond a few ticks.
+            let deadline = config.deployments.tick.saturating_mul(10) + Duration::from_secs(60);
+            collector.tasks().spawn(
+                "deployments",
+                Some(deadline),
+                Some(stop.clone()),
+                move |beat| deployments.clone().run(stop.clone(), beat),
             )
         };
         let pause = crate::pulses::PauseHook::default();
@@ -280,7 +310,7 @@ impl Service {
                 dispatch: collector.dispatch(),
                 settings: config.engine.clone(),
                 notify: config.notify.clone(),
-                hooks,
+                hooks: hooks.unwrap_or_else(|| Arc::new(deployments.clone())),
                 metrics: engine_metrics,
                 name: format!(
                     "collector pid {} ({})",
@@ -321,6 +351,7 @@ impl Service {
                 ),
             );
         }
+        background.push(deployments_task);
         Ok(Serving {
             config,
             pg,
@@ -329,6 +360,7 @@ impl Service {
             background,
             pause,
             pulses: pulses_task,
+            deployments,
         })
     }
 
@@ -360,6 +392,12 @@ impl Service {
     /// overrides).
     pub fn engine(&self) -> EngineHandle {
         EngineHandle::new(self.store.pool().clone())
+    }
+
+    /// Deployments: operations (create, pause, resume, promote, roll back) and the
+    /// driver's state.
+    pub fn deployments(&self) -> &Deployments {
+        &self.deployments
     }
 
     /// The embedded PostgreSQL, when the collector runs one.

@@ -827,6 +827,8 @@ fn a_v3_command_is_never_sent_on_an_older_session() {
         pair.agent_events_where(|e| matches!(e, AgentEvent::Command(_))),
         vec![(pair.now, AgentEvent::Command(drain))]
     );
+}
+
 /// A batch holding an attributed GPU fault (`EventKind::GpuFault`, version 3).
 fn fault_batch(seq: u64) -> Batch {
     use razar_shared::domain::{Severity, XidClass};
