@@ -49,6 +49,29 @@ pub struct CollectorConfig {
     pub lost_after_restart: Duration,
     /// When `/api/v1/health` says `degraded`.
     pub health: HealthLimits,
+    /// The operator API (`[api]`).
+    pub api: ApiSettings,
+}
+
+/// The operator API's limits (`[api]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ApiSettings {
+    /// Requests a second per token (`api.rate_per_second`), refilling its bucket.
+    pub rate_per_second: u32,
+    /// Requests a token may make at once before the rate applies (`api.burst`).
+    pub burst: u32,
+    /// Largest request body accepted (`api.max_body_bytes`); larger ones get 413.
+    pub max_body_bytes: usize,
+}
+
+impl Default for ApiSettings {
+    fn default() -> ApiSettings {
+        ApiSettings {
+            rate_per_second: 20,
+            burst: 100,
+            max_body_bytes: 64 * 1024,
+        }
+    }
 }
 
 /// Limits past which health says `degraded` (`[health]`).
@@ -117,6 +140,16 @@ struct RawConfig {
     ingest: RawIngest,
     #[serde(default)]
     health: RawHealth,
+    #[serde(default)]
+    api: RawApi,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawApi {
+    rate_per_second: Option<Spanned<u32>>,
+    burst: Option<Spanned<u32>>,
+    max_body_bytes: Option<Spanned<u32>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -216,6 +249,7 @@ impl CollectorConfig {
             compact_after: Duration::from_secs(15 * 60),
             lost_after_restart: Duration::from_secs(60),
             health: HealthLimits::default(),
+            api: ApiSettings::default(),
             max_clock_skew: Duration::from_secs(5 * 60),
             max_series_per_host: NonZeroU32::new(100_000).unwrap_or(NonZeroU32::MIN),
         }
@@ -431,6 +465,21 @@ impl Validator<'_> {
         for (key, raw, value) in health {
             if let Some(d) = raw.as_ref().and_then(|d| v.duration(key, d)) {
                 *value = d;
+            }
+        }
+        if let Some(n) = &raw.api.rate_per_second {
+            if let Some(n) = v.nonzero("api.rate_per_second", n) {
+                cfg.api.rate_per_second = n.get();
+            }
+        }
+        if let Some(n) = &raw.api.burst {
+            if let Some(n) = v.nonzero("api.burst", n) {
+                cfg.api.burst = n.get();
+            }
+        }
+        if let Some(n) = &raw.api.max_body_bytes {
+            if let Some(n) = v.nonzero("api.max_body_bytes", n) {
+                cfg.api.max_body_bytes = usize::try_from(n.get()).unwrap_or(usize::MAX);
             }
         }
         if files == Files::Check {

@@ -7,6 +7,7 @@ pub mod dispatch;
 pub mod embedded_pg;
 pub mod group;
 mod ingest;
+pub mod logs;
 pub mod lost;
 pub mod server;
 pub mod service;
