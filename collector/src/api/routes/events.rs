@@ -170,7 +170,8 @@ impl Stream {
         // was seen, so once no transaction that old is open, the gap is final.
         let open_since: Option<DateTime<Utc>> = sqlx::query_scalar(
             "SELECT min(xact_start) FROM pg_stat_activity
-             WHERE xact_start IS NOT NULL AND pid <> pg_backend_pid()",
+             WHERE xact_start IS NOT NULL AND pid <> pg_backend_pid()
+               AND backend_type = 'client backend' AND datname = current_database()",
         )
         .fetch_one(&self.pool)
         .await?;
@@ -273,7 +274,7 @@ pub async fn stream_events(
         }
     });
     Ok(Sse::new(events)
-        .keep_alive(KeepAlive::default())
+        .keep_alive(KeepAlive::new().interval(Duration::from_secs(5)))
         .into_response())
 }
 

@@ -201,6 +201,6 @@ pub async fn tail_logs(
         Some((Ok::<_, Infallible>(event), tail))
     });
     Ok(Sse::new(events)
-        .keep_alive(KeepAlive::default())
+        .keep_alive(KeepAlive::new().interval(Duration::from_secs(5)))
         .into_response())
 }

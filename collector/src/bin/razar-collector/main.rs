@@ -3,6 +3,7 @@
 
 mod demo;
 mod dev;
+mod token;
 
 use clap::{Parser, Subcommand};
 use razar_collector::config::CollectorConfig;
@@ -32,6 +33,9 @@ enum Command {
     /// Run Razar on this machine: dev CA, embedded PostgreSQL, collector, and an agent
     /// supervising demo components with two fake GPUs.
     Dev(dev::DevArgs),
+    /// Operator API tokens: `token create --role R --name N [--expires 30d]`, `list`,
+    /// `revoke ID`.
+    Token(token::TokenArgs),
     /// Run a demo component (used by `dev`).
     #[command(subcommand, hide = true)]
     Demo(demo::DemoKind),
@@ -76,6 +80,7 @@ fn main() -> ExitCode {
         },
         Command::Dev(args) => block_on(dev::run(args)),
         Command::Demo(kind) => block_on(demo::run(kind)),
+        Command::Token(args) => block_on(token::run(args)),
     }
 }
 
