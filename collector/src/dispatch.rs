@@ -418,7 +418,11 @@ impl Ledger {
                 // The caller's audit row commits with the command, or neither does.
                 if let Some(audit) = audit {
                     audit
-                        .write(&mut tx, &format!("queued command {}", hex_id(&record.id)), now)
+                        .write(
+                            &mut tx,
+                            &format!("queued command {}", hex_id(&record.id)),
+                            now,
+                        )
                         .await?;
                 }
                 tx.commit().await?;

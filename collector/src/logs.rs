@@ -191,7 +191,7 @@ impl LogHub {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use razar_shared::protocol::LogStream;
+    use razar_shared::domain::LogStream;
 
     fn chunk(id: u8, line: &str) -> LogChunk {
         LogChunk {
@@ -211,15 +211,27 @@ mod tests {
         let mut sub = hub.subscribe([1; 16]);
         assert_eq!(hub.metrics().follows.get(), 1);
         hub.publish(chunk(1, "late"));
-        assert_eq!(sub.chunks.recv().await.map(|c| c.lines), Some(vec!["early".to_owned()]));
-        assert_eq!(sub.chunks.recv().await.map(|c| c.lines), Some(vec!["late".to_owned()]));
+        assert_eq!(
+            sub.chunks.recv().await.map(|c| c.lines),
+            Some(vec!["early".to_owned()])
+        );
+        assert_eq!(
+            sub.chunks.recv().await.map(|c| c.lines),
+            Some(vec!["late".to_owned()])
+        );
         drop(sub);
         assert_eq!(hub.metrics().follows.get(), 0);
         assert!(hub.lock().subscribers.is_empty());
         // The other id's chunk is still parked, then expires and is counted.
         let later = Instant::now() + PARKED_FOR + Duration::from_secs(1);
         hub.publish_at(chunk(3, "x"), later);
-        assert_eq!(hub.metrics().dropped.with_label_values(&["unclaimed"]).get(), 1);
+        assert_eq!(
+            hub.metrics()
+                .dropped
+                .with_label_values(&["unclaimed"])
+                .get(),
+            1
+        );
     }
 
     #[test]
@@ -229,6 +241,12 @@ mod tests {
             hub.publish(chunk((i % 200) as u8, "l"));
         }
         assert_eq!(hub.lock().parked.len(), MAX_PARKED);
-        assert_eq!(hub.metrics().dropped.with_label_values(&["unclaimed"]).get(), 5);
+        assert_eq!(
+            hub.metrics()
+                .dropped
+                .with_label_values(&["unclaimed"])
+                .get(),
+            5
+        );
     }
 }

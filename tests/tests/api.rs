@@ -154,11 +154,13 @@ impl Fixture {
             .await
             .expect("revoke");
         let (expired_info, expired) = make("expired", Role::Admin).await;
-        sqlx::query("UPDATE api_tokens SET expires_at = now() - interval '1 second' WHERE token_id = $1")
-            .bind(expired_info.id)
-            .execute(pool)
-            .await
-            .expect("expire");
+        sqlx::query(
+            "UPDATE api_tokens SET expires_at = now() - interval '1 second' WHERE token_id = $1",
+        )
+        .bind(expired_info.id)
+        .execute(pool)
+        .await
+        .expect("expire");
         Tokens {
             viewer,
             operator,
@@ -222,7 +224,14 @@ fn concrete(path: &str, method: &Method) -> (String, Option<Value>) {
     let path = path
         .replace("{host}", HOST)
         .replace("{component}", COMPONENT)
-        .replace("{id}", if path.starts_with("/api/v1/tokens") { "999999" } else { "00000000000000000000000000000000" });
+        .replace(
+            "{id}",
+            if path.starts_with("/api/v1/tokens") {
+                "999999"
+            } else {
+                "00000000000000000000000000000000"
+            },
+        );
     let body = match (method.as_str(), path.as_str()) {
         ("POST", "/api/v1/commands") => Some(json!({
             "host": HOST, "action": {"kind": "restart", "component": COMPONENT}
@@ -247,7 +256,9 @@ async fn every_documented_route_enforces_its_role_and_the_document_matches_the_r
         .await
         .expect("JSON document");
     assert!(
-        doc["openapi"].as_str().is_some_and(|v| v.starts_with("3.1")),
+        doc["openapi"]
+            .as_str()
+            .is_some_and(|v| v.starts_with("3.1")),
         "{}",
         doc["openapi"]
     );
@@ -347,8 +358,14 @@ async fn every_mutation_writes_one_audit_row_with_its_request_id() {
     .fetch_one(&f.pool)
     .await
     .expect("one audit row for the command");
-    assert_eq!((who.as_str(), role.as_str(), route.as_str()), ("operator", "operator", "/api/v1/commands"));
-    assert!(result.contains(command["id"].as_str().expect("id")), "{result}");
+    assert_eq!(
+        (who.as_str(), role.as_str(), route.as_str()),
+        ("operator", "operator", "/api/v1/commands")
+    );
+    assert!(
+        result.contains(command["id"].as_str().expect("id")),
+        "{result}"
+    );
     assert_eq!(args["host"], HOST);
 
     let created: Value = f
@@ -364,7 +381,11 @@ async fn every_mutation_writes_one_audit_row_with_its_request_id() {
     let id = created["info"]["id"].as_i64().expect("token id");
     let secret = created["token"].as_str().expect("token text").to_owned();
     let revoked = f
-        .request(Method::DELETE, &format!("/api/v1/tokens/{id}"), Some(&t.admin))
+        .request(
+            Method::DELETE,
+            &format!("/api/v1/tokens/{id}"),
+            Some(&t.admin),
+        )
         .header("x-request-id", "req-token-2")
         .send()
         .await
@@ -420,7 +441,11 @@ async fn hostile_input_is_answered_4xx_and_nothing_is_stored() {
     let t = f.tokens().await;
     let tokens_before = f.count("SELECT count(*) FROM api_tokens").await;
     let sql = "x'; DROP TABLE events; --";
-    let enc = |s: &str| s.replace(' ', "%20").replace('\'', "%27").replace(';', "%3B");
+    let enc = |s: &str| {
+        s.replace(' ', "%20")
+            .replace('\'', "%27")
+            .replace(';', "%3B")
+    };
     let huge = "a".repeat(1 << 20);
     let posts: Vec<(&str, &str, String)> = vec![
         ("malformed JSON", "/api/v1/commands", "{\"host\": ".to_owned()),
@@ -450,7 +475,10 @@ async fn hostile_input_is_answered_4xx_and_nothing_is_stored() {
         let status = response.status();
         assert!(status.is_client_error(), "{what}: {status}");
         let body: Value = response.json().await.unwrap_or(Value::Null);
-        assert!(body["code"].is_string() && body["message"].is_string(), "{what}: {body}");
+        assert!(
+            body["code"].is_string() && body["message"].is_string(),
+            "{what}: {body}"
+        );
     }
     let gets = [
         format!("/api/v1/events?host={}", enc(sql)),
@@ -479,7 +507,10 @@ async fn hostile_input_is_answered_4xx_and_nothing_is_stored() {
             .expect("response");
         let status = response.status();
         // SQL metacharacters in a filter are only values: an empty answer.
-        if path.starts_with("/api/v1/events?host") || path.starts_with("/api/v1/events?kind") || path.contains("labels=%7B") {
+        if path.starts_with("/api/v1/events?host")
+            || path.starts_with("/api/v1/events?kind")
+            || path.contains("labels=%7B")
+        {
             assert_eq!(status, StatusCode::OK, "{path}");
             continue;
         }
@@ -503,8 +534,14 @@ async fn hostile_input_is_answered_4xx_and_nothing_is_stored() {
 
     assert_eq!(f.count("SELECT count(*) FROM commands").await, 0);
     assert_eq!(f.count("SELECT count(*) FROM audit_log").await, 0);
-    assert_eq!(f.count("SELECT count(*) FROM api_tokens").await, tokens_before);
-    assert!(f.count("SELECT count(*) FROM events").await >= 0, "events table still there");
+    assert_eq!(
+        f.count("SELECT count(*) FROM api_tokens").await,
+        tokens_before
+    );
+    assert!(
+        f.count("SELECT count(*) FROM events").await >= 0,
+        "events table still there"
+    );
     f.stop().await;
 }
 
@@ -587,7 +624,10 @@ async fn a_day_of_one_second_samples_comes_back_as_at_most_1000_points_from_roll
     let service = f.service.as_ref().expect("service");
     service.store().compact(end).await.expect("compaction");
     assert_eq!(
-        f.count(&format!("SELECT count(*) FROM samples WHERE series_id = {series}")).await,
+        f.count(&format!(
+            "SELECT count(*) FROM samples WHERE series_id = {series}"
+        ))
+        .await,
         0,
         "compaction moved every sample into chunks and rollups"
     );
@@ -691,7 +731,7 @@ async fn the_event_stream_resumes_with_no_gap_and_no_duplicate() {
     let f = Fixture::new(|_| {}).await;
     let t = f.tokens().await;
     let mut conn = f.pool.acquire().await.expect("connection");
-    let first = insert_event(&mut *conn, 0).await;
+    let first = insert_event(&mut conn, 0).await;
     let mut stream = f
         .request(Method::GET, "/api/v1/events/stream", Some(&t.viewer))
         .header("last-event-id", (first - 1).to_string())
@@ -704,26 +744,30 @@ async fn the_event_stream_resumes_with_no_gap_and_no_duplicate() {
 
     // An id taken first but committed last: the later one must wait for it.
     let mut slow = f.pool.begin().await.expect("transaction");
-    let held = insert_event(&mut *slow, 1).await;
-    let quick = insert_event(&mut *conn, 2).await;
+    let held = insert_event(&mut slow, 1).await;
+    let quick = insert_event(&mut conn, 2).await;
     assert!(quick > held);
     // And an id rolled back for good.
     let mut undone = f.pool.begin().await.expect("transaction");
-    let lost = insert_event(&mut *undone, 3).await;
+    let lost = insert_event(&mut undone, 3).await;
     undone.rollback().await.expect("rollback");
-    let after_lost = insert_event(&mut *conn, 4).await;
+    let after_lost = insert_event(&mut conn, 4).await;
     assert!(after_lost > lost);
     // Give the stream time to (wrongly) pass the open gap, then commit it.
     tokio::time::sleep(Duration::from_millis(800)).await;
     slow.commit().await.expect("commit");
     let ids = read_ids(&mut stream, 3, &mut buf).await;
-    assert_eq!(ids, vec![held, quick, after_lost], "in id order, the rolled-back one skipped");
+    assert_eq!(
+        ids,
+        vec![held, quick, after_lost],
+        "in id order, the rolled-back one skipped"
+    );
     drop(stream);
 
     // Missed while away, then resumed from the last id seen.
     let mut missed = Vec::new();
     for n in 5..10 {
-        missed.push(insert_event(&mut *conn, n).await);
+        missed.push(insert_event(&mut conn, n).await);
     }
     let mut resumed = f
         .request(Method::GET, "/api/v1/events/stream", Some(&t.viewer))
@@ -735,7 +779,7 @@ async fn the_event_stream_resumes_with_no_gap_and_no_duplicate() {
     let ids = read_ids(&mut resumed, missed.len(), &mut buf).await;
     assert_eq!(ids, missed);
     // Nothing more (no duplicate) until a new one.
-    let next = insert_event(&mut *conn, 10).await;
+    let next = insert_event(&mut conn, 10).await;
     assert_eq!(read_ids(&mut resumed, 1, &mut buf).await, vec![next]);
     drop(resumed);
     drop(conn);

@@ -83,7 +83,9 @@ impl RouteTable {
                             .collect::<Result<_, _>>()?;
                         match roles.iter().min() {
                             Some(role) => Access::Role(*role),
-                            None => return Err(format!("{method} {path}: security without a role")),
+                            None => {
+                                return Err(format!("{method} {path}: security without a role"))
+                            }
                         }
                     }
                 };
@@ -206,8 +208,12 @@ pub async fn authorize(State(state): State<ApiState>, mut req: Request, next: Ne
     };
     let Some(access) = state.routes.access(req.method(), &path) else {
         // A route the document does not describe: refused rather than guessed.
-        return ApiError::new(StatusCode::FORBIDDEN, "forbidden", "route has no access rule")
-            .into_response();
+        return ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "route has no access rule",
+        )
+        .into_response();
     };
     let Access::Role(needed) = access else {
         return next.run(req).await;
@@ -285,7 +291,10 @@ mod tests {
     #[test]
     fn bucket_refills_at_the_rate_and_caps_at_the_burst() {
         let t0 = Instant::now();
-        let mut b = Bucket { tokens: 2.0, at: t0 };
+        let mut b = Bucket {
+            tokens: 2.0,
+            at: t0,
+        };
         assert!(take(&mut b, t0, 1.0, 2.0).is_ok());
         assert!(take(&mut b, t0, 1.0, 2.0).is_ok());
         let wait = take(&mut b, t0, 1.0, 2.0).unwrap_err();
@@ -315,10 +324,17 @@ mod tests {
         }});
         let t = RouteTable::from_openapi(&doc).unwrap();
         assert_eq!(t.access(&Method::GET, "/a"), Some(Access::Public));
-        assert_eq!(t.access(&Method::POST, "/a"), Some(Access::Role(Role::Operator)));
-        assert_eq!(t.access(&Method::DELETE, "/b/{id}"), Some(Access::Role(Role::Admin)));
+        assert_eq!(
+            t.access(&Method::POST, "/a"),
+            Some(Access::Role(Role::Operator))
+        );
+        assert_eq!(
+            t.access(&Method::DELETE, "/b/{id}"),
+            Some(Access::Role(Role::Admin))
+        );
         assert_eq!(t.access(&Method::PUT, "/a"), None);
-        let bad = serde_json::json!({"paths": {"/a": {"get": {"security": [{"bearer": ["root"]}]}}}});
+        let bad =
+            serde_json::json!({"paths": {"/a": {"get": {"security": [{"bearer": ["root"]}]}}}});
         assert!(RouteTable::from_openapi(&bad).is_err());
     }
 }

@@ -198,17 +198,46 @@ pub struct History {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Action {
-    Restart { component: String },
-    Stop { component: String },
-    Start { component: String },
-    Quarantine { component: String, note: String },
-    Resolve { component: String, note: String },
-    Pulse { component: String, budget_ms: u64 },
-    Rollback { component: String, revision: String },
-    DrainGpu { gpu: String, note: String },
-    ResetGpu { gpu: String },
-    SetGpuHealth { gpu: String, healthy: bool, note: String },
-    SwitchProfile { profile: String },
+    Restart {
+        component: String,
+    },
+    Stop {
+        component: String,
+    },
+    Start {
+        component: String,
+    },
+    Quarantine {
+        component: String,
+        note: String,
+    },
+    Resolve {
+        component: String,
+        note: String,
+    },
+    Pulse {
+        component: String,
+        budget_ms: u64,
+    },
+    Rollback {
+        component: String,
+        revision: String,
+    },
+    DrainGpu {
+        gpu: String,
+        note: String,
+    },
+    ResetGpu {
+        gpu: String,
+    },
+    SetGpuHealth {
+        gpu: String,
+        healthy: bool,
+        note: String,
+    },
+    SwitchProfile {
+        profile: String,
+    },
 }
 
 /// `POST /api/v1/commands`.

@@ -157,7 +157,8 @@ fn info(row: &PgRow) -> Result<TokenInfo, sqlx::Error> {
     Ok(TokenInfo {
         id: row.try_get(0)?,
         name: row.try_get(1)?,
-        role: Role::parse(&role).ok_or_else(|| sqlx::Error::Decode(format!("role {role:?}").into()))?,
+        role: Role::parse(&role)
+            .ok_or_else(|| sqlx::Error::Decode(format!("role {role:?}").into()))?,
         created_at: row.try_get(3)?,
         expires_at: row.try_get(4)?,
         revoked_at: row.try_get(5)?,
@@ -245,7 +246,10 @@ pub async fn revoke(
 
 /// The token a presented text stands for, if usable now; marks it used (at most once a
 /// minute).
-pub async fn verify(pool: &PgPool, token: &str) -> Result<Result<TokenInfo, TokenRefusal>, sqlx::Error> {
+pub async fn verify(
+    pool: &PgPool,
+    token: &str,
+) -> Result<Result<TokenInfo, TokenRefusal>, sqlx::Error> {
     let (id, presented) = match parse_token(token) {
         Ok(p) => p,
         Err(refusal) => return Ok(Err(refusal)),
@@ -309,9 +313,18 @@ mod tests {
             usable(&h, &hash_secret("t"), None, None, now),
             Err(TokenRefusal::Unknown)
         );
-        assert_eq!(usable(&h[..31], &h, None, None, now), Err(TokenRefusal::Unknown));
-        assert_eq!(usable(&h, &h, Some(now), None, now), Err(TokenRefusal::Revoked));
-        assert_eq!(usable(&h, &h, None, Some(now), now), Err(TokenRefusal::Expired));
+        assert_eq!(
+            usable(&h[..31], &h, None, None, now),
+            Err(TokenRefusal::Unknown)
+        );
+        assert_eq!(
+            usable(&h, &h, Some(now), None, now),
+            Err(TokenRefusal::Revoked)
+        );
+        assert_eq!(
+            usable(&h, &h, None, Some(now), now),
+            Err(TokenRefusal::Expired)
+        );
         let later = now + chrono::Duration::hours(1);
         assert_eq!(usable(&h, &h, None, Some(later), now), Ok(()));
     }

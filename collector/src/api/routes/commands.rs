@@ -124,10 +124,7 @@ pub async fn create_command(
         idempotency_key: body.idempotency_key,
         request_id: Some(request_id.0.clone()),
     };
-    let record = ready
-        .dispatch
-        .submit_audited(request, Some(&audit))
-        .await?;
+    let record = ready.dispatch.submit_audited(request, Some(&audit)).await?;
     Ok((StatusCode::CREATED, Json(view(&record))))
 }
 
@@ -141,8 +138,8 @@ pub async fn get_command(
     ApiPath(id): ApiPath<String>,
 ) -> Result<Json<CommandView>, ApiError> {
     let ready = state.ready()?;
-    let parsed = parse_id(&id)
-        .ok_or_else(|| ApiError::bad_request("a command id is 32 hex digits"))?;
+    let parsed =
+        parse_id(&id).ok_or_else(|| ApiError::bad_request("a command id is 32 hex digits"))?;
     match ready.dispatch.command(&parsed).await? {
         Some(record) => Ok(Json(view(&record))),
         None => Err(ApiError::not_found(format!("no command {id}"))),

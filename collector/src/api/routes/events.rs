@@ -235,12 +235,10 @@ pub async fn stream_events(
     }
     let last = match resume {
         Some(id) => id,
-        None => {
-            sqlx::query_scalar::<_, Option<i64>>("SELECT max(event_id) FROM events")
-                .fetch_one(&pool)
-                .await?
-                .unwrap_or(0)
-        }
+        None => sqlx::query_scalar::<_, Option<i64>>("SELECT max(event_id) FROM events")
+            .fetch_one(&pool)
+            .await?
+            .unwrap_or(0),
     };
     let stream = Stream {
         pool,

@@ -296,7 +296,10 @@ mod tests {
         let pts = [(0, 1.0), (500, 3.0), (1000, 10.0), (2500, 4.0)];
         let b = bucket_points(&pts, 0, 1000);
         assert_eq!(b.len(), 3);
-        assert_eq!((b[0].ts_ms, b[0].value, b[0].min, b[0].max, b[0].count), (0, 2.0, 1.0, 3.0, 2));
+        assert_eq!(
+            (b[0].ts_ms, b[0].value, b[0].min, b[0].max, b[0].count),
+            (0, 2.0, 1.0, 3.0, 2)
+        );
         assert_eq!(b[2].ts_ms, 2000);
         let r = |m: i64, avg: f64, count: u32| Rollup {
             minute_ms: m * MINUTE_MS,
@@ -306,7 +309,11 @@ mod tests {
             last: avg,
             count,
         };
-        let b = bucket_rollups(&[r(0, 1.0, 60), r(1, 4.0, 30), r(2, 7.0, 60)], 0, 2 * MINUTE_MS);
+        let b = bucket_rollups(
+            &[r(0, 1.0, 60), r(1, 4.0, 30), r(2, 7.0, 60)],
+            0,
+            2 * MINUTE_MS,
+        );
         assert_eq!(b.len(), 2);
         assert_eq!(b[0].value, 2.0);
         assert_eq!((b[0].min, b[0].max, b[0].count), (0.0, 5.0, 90));

@@ -179,10 +179,7 @@ pub async fn tail_logs(
         idempotency_key: None,
         request_id: Some(request_id.0.clone()),
     };
-    let record = ready
-        .dispatch
-        .submit_audited(request, Some(&audit))
-        .await?;
+    let record = ready.dispatch.submit_audited(request, Some(&audit)).await?;
     let tail = Tail {
         sub: ready.logs.subscribe(record.id),
         guard: FollowGuard {

@@ -79,7 +79,8 @@ pub async fn create_token(
     ApiJson(body): ApiJson<CreateToken>,
 ) -> Result<(StatusCode, Json<CreatedToken>), ApiError> {
     let ready = state.ready()?;
-    let expires_at = expiry(body.expires_in.as_deref(), Utc::now()).map_err(ApiError::bad_request)?;
+    let expires_at =
+        expiry(body.expires_in.as_deref(), Utc::now()).map_err(ApiError::bad_request)?;
     let audit = audit_entry(
         &caller,
         &request_id,

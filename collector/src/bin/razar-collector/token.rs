@@ -65,7 +65,10 @@ pub async fn run(args: TokenArgs) -> anyhow::Result<()> {
                     let pg = EmbeddedPg::start(options)
                         .await
                         .context("starting the embedded PostgreSQL")?;
-                    (Store::connect_with(pg.connect_options(), 2).await?, Some(pg))
+                    (
+                        Store::connect_with(pg.connect_options(), 2).await?,
+                        Some(pg),
+                    )
                 }
             }
         }
@@ -131,7 +134,10 @@ async fn command(store: &Store, command: TokenCommand) -> anyhow::Result<()> {
             println!("{text}");
         }
         TokenCommand::List => {
-            println!("{:>6}  {:<9} {:<26} {:<26} {:<8} NAME", "ID", "ROLE", "CREATED", "EXPIRES", "STATE");
+            println!(
+                "{:>6}  {:<9} {:<26} {:<26} {:<8} NAME",
+                "ID", "ROLE", "CREATED", "EXPIRES", "STATE"
+            );
             for t in tokens::list(store.pool()).await? {
                 let state = if t.revoked_at.is_some() {
                     "revoked"
@@ -145,7 +151,9 @@ async fn command(store: &Store, command: TokenCommand) -> anyhow::Result<()> {
                     t.id,
                     t.role.as_str(),
                     t.created_at.to_rfc3339(),
-                    t.expires_at.map(|e| e.to_rfc3339()).unwrap_or_else(|| "never".into()),
+                    t.expires_at
+                        .map(|e| e.to_rfc3339())
+                        .unwrap_or_else(|| "never".into()),
                     state,
                     t.name
                 );
@@ -154,7 +162,10 @@ async fn command(store: &Store, command: TokenCommand) -> anyhow::Result<()> {
         TokenCommand::Revoke { id } => match tokens::revoke(
             store.pool(),
             id,
-            Some(&local_audit("razar-collector token revoke", serde_json::json!({ "id": id }))),
+            Some(&local_audit(
+                "razar-collector token revoke",
+                serde_json::json!({ "id": id }),
+            )),
         )
         .await?
         {
