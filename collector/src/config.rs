@@ -839,6 +839,29 @@ mod tests {
     }
 
     #[test]
+    fn api_settings_default_and_bounds() {
+        let parse = |text: &str| CollectorConfig::parse(Path::new("c.toml"), text);
+        assert_eq!(parse("").unwrap().api, ApiSettings::default());
+        let set = parse("[api]\nrate_per_second = 5\nburst = 7\nmax_body_bytes = 1024\n").unwrap();
+        assert_eq!(
+            set.api,
+            ApiSettings {
+                rate_per_second: 5,
+                burst: 7,
+                max_body_bytes: 1024,
+            }
+        );
+        check_err(
+            "[api]\nrate_per_second = 0\nburst = 0\nmax_body_bytes = 0\n",
+            &[
+                (2, "api.rate_per_second", "at least 1"),
+                (3, "api.burst", "at least 1"),
+                (4, "api.max_body_bytes", "at least 1"),
+            ],
+        );
+    }
+
+    #[test]
     fn ingest_rules_default_and_bounds() {
         let parse = |text: &str| CollectorConfig::parse(Path::new("c.toml"), text);
         let rules = parse("").unwrap().ingest_rules();

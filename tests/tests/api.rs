@@ -696,7 +696,7 @@ async fn read_ids(response: &mut reqwest::Response, n: usize, buf: &mut String) 
         assert!(!left.is_zero(), "only {ids:?} of {n} events arrived");
         let chunk = tokio::time::timeout(left, response.chunk())
             .await
-            .expect("events in time")
+            .unwrap_or_else(|_| panic!("only {ids:?} of {n} events arrived"))
             .expect("stream");
         let Some(chunk) = chunk else {
             panic!("stream ended after {ids:?}");
