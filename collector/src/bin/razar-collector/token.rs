@@ -147,7 +147,7 @@ async fn command(store: &Store, command: TokenCommand) -> anyhow::Result<()> {
                     "active"
                 };
                 println!(
-                    "{:>6}  {:<9} {:<26} {:<26} {:<8} {}",
+                    "{:>6}  {:<9} {:<20} {:<20} {:<8} {}",
                     t.id,
                     t.role.as_str(),
                     t.created_at.to_rfc3339(),
