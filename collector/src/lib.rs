@@ -9,6 +9,7 @@ pub mod embedded_pg;
 pub mod engine_loop;
 pub mod group;
 mod ingest;
+pub mod logs;
 pub mod lost;
 pub mod pulses;
 pub mod notify;

@@ -16,8 +16,8 @@ use crate::supervise::Beat;
 use razar_shared::protocol::SessionConfig;
 use razar_shared::tls::{ServerTlsFiles, TlsError};
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -44,6 +44,8 @@ pub enum ServiceError {
     },
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
+    #[error("API: {0}")]
+    Api(#[from] crate::api::ApiSetupError),
 }
 
 /// What [`Service::start`] starts behind the API.
@@ -128,13 +130,7 @@ impl Service {
             source,
         })?;
         let (stop, stop_rx) = watch::channel(false);
-        let api_state = ApiState {
-            registry: registry.clone(),
-            started: Instant::now(),
-            limits: config.health,
-            ready: Arc::new(OnceLock::new()),
-            waiting: Arc::new(Mutex::new(None)),
-        };
+        let api_state = ApiState::new(registry.clone(), config.health, config.api)?;
         let app = api::router(api_state.clone());
         let mut http_stop = stop_rx.clone();
         let http = tokio::spawn(async move {
@@ -171,6 +167,9 @@ impl Service {
             }) => {
                 let _ = api_state.ready.set(Ready {
                     pool: store.pool().clone(),
+                    store: store.clone(),
+                    dispatch: collector.dispatch(),
+                    logs: collector.logs().clone(),
                     ingest: collector.metrics().clone(),
                     tasks: collector.tasks().clone(),
                     liveness: collector.liveness().clone(),
