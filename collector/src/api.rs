@@ -32,6 +32,8 @@ pub struct ApiState {
     pub ready: Arc<OnceLock<Ready>>,
     /// Until then, why not (the last error reaching the database).
     pub waiting: Arc<Mutex<Option<String>>>,
+    /// `/metrics/fleet`: the fleet's latest state from the store.
+    pub fleet: crate::fleet_metrics::FleetMetrics,
 }
 
 /// The running collector's parts health reads.
@@ -80,10 +82,12 @@ pub struct DatabaseCheck {
 
 /// The API's routes.
 pub fn router(state: ApiState) -> Router {
+    let fleet = crate::fleet_metrics::router(state.fleet.clone());
     Router::new()
         .route("/api/v1/health", get(health))
         .route("/metrics", get(metrics))
         .with_state(state)
+        .merge(fleet)
 }
 
 async fn health(State(state): State<ApiState>) -> Response {

@@ -5,6 +5,7 @@ pub mod api;
 pub mod config;
 pub mod dispatch;
 pub mod embedded_pg;
+pub mod fleet_metrics;
 pub mod group;
 mod ingest;
 pub mod lost;

@@ -5,6 +5,7 @@
 use crate::api::{self, ApiState, Ready};
 use crate::config::{CollectorConfig, Database};
 use crate::embedded_pg::{EmbeddedPg, EmbeddedPgError, EmbeddedPgOptions};
+use crate::fleet_metrics::{FleetMetrics, FleetMetricsOptions, NoQuarantines, ScrapeGauges};
 use crate::server::{Collector, IngestConfig, ServerError};
 use crate::store::{Store, StoreError};
 use crate::supervise::Beat;
@@ -100,12 +101,28 @@ impl Service {
             source,
         })?;
         let (stop, stop_rx) = watch::channel(false);
+        let ready = Arc::new(OnceLock::new());
+        registry.register(Box::new(ScrapeGauges::new(
+            ready.clone(),
+            config.health.stuck_after,
+            config.pool_size.get(),
+            vec![
+                ("collector", config.tls.cert.clone()),
+                ("ca", config.tls.ca.clone()),
+            ],
+        )?))?;
         let api_state = ApiState {
             registry: registry.clone(),
             started: Instant::now(),
             limits: config.health,
-            ready: Arc::new(OnceLock::new()),
+            ready: ready.clone(),
             waiting: Arc::new(Mutex::new(None)),
+            // The GPU quarantine source is wired once the decision loop keeps GPU states.
+            fleet: FleetMetrics::new(
+                ready,
+                Arc::new(NoQuarantines),
+                FleetMetricsOptions::default(),
+            ),
         };
         let app = api::router(api_state.clone());
         let mut http_stop = stop_rx.clone();
