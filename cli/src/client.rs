@@ -195,10 +195,7 @@ impl Client {
     }
 }
 
-fn checked(
-    url: &Url,
-    response: Result<Response, reqwest::Error>,
-) -> Result<Response, ClientError> {
+fn checked(url: &Url, response: Result<Response, reqwest::Error>) -> Result<Response, ClientError> {
     let response = response.map_err(|e| ClientError::Transport {
         url: url.to_string(),
         message: transport_message(&e),
@@ -326,16 +323,16 @@ mod tests {
     fn api_errors_read_code_and_message() {
         let e = api_error(401, r#"{"code":"unauthorized","message":"unknown token"}"#);
         let text = e.to_string();
-        assert!(text.starts_with("unknown token (HTTP 401, unauthorized)"), "{text}");
+        assert!(
+            text.starts_with("unknown token (HTTP 401, unauthorized)"),
+            "{text}"
+        );
         assert!(text.contains("RAZAR_TOKEN"), "{text}");
         let nested = api_error(
             422,
             r#"{"error":{"code":"bad_request","message":"limit: too big"}}"#,
         );
-        assert_eq!(
-            nested.to_string(),
-            "limit: too big (HTTP 422, bad_request)"
-        );
+        assert_eq!(nested.to_string(), "limit: too big (HTTP 422, bad_request)");
         let plain = api_error(404, "");
         assert_eq!(plain.to_string(), "no details (HTTP 404, not_found)");
         let text = api_error(502, &"e".repeat(1000)).to_string();
@@ -350,7 +347,10 @@ mod tests {
             "http://collector:7080/base/api/v1/hosts/a%2Fb%20c/components"
         );
         let c = Client::new("http://collector:7080", None).expect("client");
-        assert_eq!(c.url(&["health"]).as_str(), "http://collector:7080/api/v1/health");
+        assert_eq!(
+            c.url(&["health"]).as_str(),
+            "http://collector:7080/api/v1/health"
+        );
         assert!(Client::new("mailto:x@y", None).is_err());
     }
 }

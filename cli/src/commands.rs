@@ -57,10 +57,19 @@ const GPUS: [Column; 9] = [
     col("HOST", "host|host_id"),
     col("GPU", "index|gpu_index|gpu"),
     col("MODEL", "name|model"),
-    col("UTIL", "utilization|utilization_ratio|values/utilization|live/utilization"),
-    col("MEM USED", "memory_used_bytes|values/memory_used_bytes|live/memory_used_bytes"),
+    col(
+        "UTIL",
+        "utilization|utilization_ratio|values/utilization|live/utilization",
+    ),
+    col(
+        "MEM USED",
+        "memory_used_bytes|values/memory_used_bytes|live/memory_used_bytes",
+    ),
     col("MEM TOTAL", "memory_total_bytes"),
-    col("TEMP", "temperature_celsius|values/temperature_celsius|live/temperature_celsius"),
+    col(
+        "TEMP",
+        "temperature_celsius|values/temperature_celsius|live/temperature_celsius",
+    ),
     col("POWER", "power_watts|values/power_watts|live/power_watts"),
     col("HEALTH", "health|quarantine|state"),
 ];
@@ -163,8 +172,7 @@ pub fn run(cli: &Cli, settings: &Settings) -> Result<(), Failure> {
             }
         }
         Command::Escalations { state } => {
-            let query: Vec<(&str, String)> =
-                state.iter().map(|s| ("state", s.clone())).collect();
+            let query: Vec<(&str, String)> = state.iter().map(|s| ("state", s.clone())).collect();
             let list = client.get(&["escalations"], &query)?;
             print(&output::list(&list, format, &ESCALATIONS));
         }
@@ -177,8 +185,8 @@ pub fn run(cli: &Cli, settings: &Settings) -> Result<(), Failure> {
                 client.post(&["escalations", &a.id, "resolve"], &json!({"note": a.note}))?;
             print(&output::one(&answer, format));
         }
-        Command::Restart(c) => command(&client, c, format, |component| {
-            CommandAction::Restart { component }
+        Command::Restart(c) => command(&client, c, format, |component| CommandAction::Restart {
+            component,
         })?,
         Command::Stop(c) => command(&client, c, format, |component| CommandAction::Stop {
             component,
@@ -237,13 +245,18 @@ pub fn run(cli: &Cli, settings: &Settings) -> Result<(), Failure> {
             let list = client.get(&["decisions"], &query)?;
             print(&output::list(&list, format, &DECISIONS));
         }
-        Command::Why { decision } => {
-            print(&output::one(&client.get(&["decisions", decision], &[])?, format))
-        }
+        Command::Why { decision } => print(&output::one(
+            &client.get(&["decisions", decision], &[])?,
+            format,
+        )),
         Command::Audit { limit } => {
             let query: Vec<(&str, String)> =
                 limit.iter().map(|l| ("limit", l.to_string())).collect();
-            print(&output::list(&client.get(&["audit"], &query)?, format, &AUDIT));
+            print(&output::list(
+                &client.get(&["audit"], &query)?,
+                format,
+                &AUDIT,
+            ));
         }
     }
     Ok(())
@@ -252,7 +265,11 @@ pub fn run(cli: &Cli, settings: &Settings) -> Result<(), Failure> {
 /// Writes to stdout; a closed pipe (`razar hosts | head`) ends quietly.
 fn print(text: &str) {
     let mut out = std::io::stdout().lock();
-    if out.write_all(text.as_bytes()).and_then(|()| out.flush()).is_err() {
+    if out
+        .write_all(text.as_bytes())
+        .and_then(|()| out.flush())
+        .is_err()
+    {
         std::process::exit(0);
     }
 }
@@ -437,8 +454,8 @@ fn command(
     action: impl FnOnce(String) -> CommandAction,
 ) -> Result<(), Failure> {
     let (host, component) = split_target(&c.target)?;
-    let action = serde_json::to_value(action(component.to_owned()))
-        .context("encoding the command")?;
+    let action =
+        serde_json::to_value(action(component.to_owned())).context("encoding the command")?;
     let mut body = json!({"host": host, "action": action});
     if let (Some(key), Value::Object(o)) = (&c.idempotency_key, &mut body) {
         o.insert("idempotency_key".into(), Value::String(key.clone()));
@@ -513,7 +530,10 @@ mod tests {
 
     #[test]
     fn targets_are_host_slash_component() {
-        assert!(matches!(split_target("gpu-1/trainer"), Ok(("gpu-1", "trainer"))));
+        assert!(matches!(
+            split_target("gpu-1/trainer"),
+            Ok(("gpu-1", "trainer"))
+        ));
         assert!(matches!(split_target("gpu-1/a/b"), Ok(("gpu-1", "a/b"))));
         for bad in ["gpu-1", "/trainer", "gpu-1/", ""] {
             assert!(matches!(split_target(bad), Err(Failure::Usage(_))), "{bad}");

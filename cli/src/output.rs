@@ -336,7 +336,10 @@ mod tests {
     #[test]
     fn an_empty_list_says_none() {
         let text = list(&json!([]), Format::Table, &HOSTS);
-        assert!(text.starts_with("HOST") && text.contains("(none)"), "{text}");
+        assert!(
+            text.starts_with("HOST") && text.contains("(none)"),
+            "{text}"
+        );
     }
 
     #[test]
@@ -352,8 +355,16 @@ mod tests {
 
     #[test]
     fn without_columns_the_first_rows_scalars_are_shown() {
-        let text = table(&json!([{"id": 7, "kind": "restart", "nested": {"a": 1}}]), &[]);
-        let header: Vec<&str> = text.lines().next().unwrap_or("").split_whitespace().collect();
+        let text = table(
+            &json!([{"id": 7, "kind": "restart", "nested": {"a": 1}}]),
+            &[],
+        );
+        let header: Vec<&str> = text
+            .lines()
+            .next()
+            .unwrap_or("")
+            .split_whitespace()
+            .collect();
         assert_eq!(header, vec!["ID", "KIND"], "{text}");
     }
 
@@ -381,7 +392,10 @@ mod tests {
 
     #[test]
     fn sparkline_spans_lowest_to_highest() {
-        assert_eq!(sparkline(&[0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]), "▁▂▃▄▅▆▇█");
+        assert_eq!(
+            sparkline(&[0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]),
+            "▁▂▃▄▅▆▇█"
+        );
         assert_eq!(sparkline(&[5.0, 5.0]), "▄▄");
         assert_eq!(sparkline(&[0.0, f64::NAN, 1.0]), "▁ █");
         assert_eq!(sparkline(&[]), "");

@@ -201,13 +201,16 @@ pub struct Snapshot {
     pub quarantine_error: Option<String>,
 }
 
+/// A rendered page and when it was rendered.
+type Rendered = (Instant, Arc<str>);
+
 /// The fleet page: the store, the quarantine source and the render cache.
 #[derive(Clone)]
 pub struct FleetMetrics {
     ready: Arc<OnceLock<Ready>>,
     quarantines: Arc<dyn QuarantineSource>,
     options: FleetMetricsOptions,
-    cache: Arc<tokio::sync::Mutex<Option<(Instant, Arc<str>)>>>,
+    cache: Arc<tokio::sync::Mutex<Option<Rendered>>>,
 }
 
 impl std::fmt::Debug for FleetMetrics {
@@ -276,13 +279,15 @@ impl FleetMetrics {
         .fetch_all(pool)
         .await?
         .into_iter()
-        .map(|(host, state, last_seen_seconds, agent_version, profile)| HostRow {
-            host,
-            online: state == "online",
-            last_seen_seconds,
-            agent_version,
-            profile,
-        })
+        .map(
+            |(host, state, last_seen_seconds, agent_version, profile)| HostRow {
+                host,
+                online: state == "online",
+                last_seen_seconds,
+                agent_version,
+                profile,
+            },
+        )
         .collect();
         let components = sqlx::query_as::<_, (String, String, String, bool)>(
             "SELECT host_id, name, state, critical FROM components ORDER BY host_id, name",
@@ -553,7 +558,11 @@ pub fn render(s: &Snapshot, took: Duration) -> String {
         let gpu = q.gpu.to_string();
         page.sample(
             "razar_fleet_gpu_quarantine_state",
-            &[("host", &q.host), ("gpu", &gpu), ("state", q.state.as_str())],
+            &[
+                ("host", &q.host),
+                ("gpu", &gpu),
+                ("state", q.state.as_str()),
+            ],
             1.0,
         );
     }
@@ -863,7 +872,13 @@ mod tests {
                 // Unknown engine and a GPU index that is not a number: not shown.
                 value("razar_gpu_utilization_ratio", "0", Some("warp"), None, 0.1),
                 value("razar_gpu_power_watts", "x", None, None, 300.0),
-                value("razar_gpu_temperature_celsius", "0", None, Some("gpu"), 61.0),
+                value(
+                    "razar_gpu_temperature_celsius",
+                    "0",
+                    None,
+                    Some("gpu"),
+                    61.0,
+                ),
                 value("razar_gpu_memory_used_bytes", "0", None, None, 1024.0),
                 value("razar_gpu_power_watts", "0", None, None, f64::NAN),
             ],

@@ -22,7 +22,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-
 /// A binary built by this workspace, next to the test executable.
 fn binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("path of the test executable");
@@ -173,6 +172,9 @@ fn value_of(page: &str, series: &str) -> Option<f64> {
         .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
 }
 
+/// A seeded series: metric, labels (JSON) and its points as (age in ms, value).
+type Seeded = (&'static str, &'static str, &'static [(i64, f64)]);
+
 async fn seed_fleet(pool: &PgPool) {
     let now = chrono::Utc::now();
     for (host, state) in [("fleet-a", "online"), ("fleet-b", "lost")] {
@@ -209,7 +211,7 @@ async fn seed_fleet(pool: &PgPool) {
     .expect("gpu");
     // (metric, labels, [(age, value)]): the newest within the window is shown; the
     // power series is older than the window and must not be.
-    let series: [(&str, &str, &[(i64, f64)]); 3] = [
+    let series: [Seeded; 3] = [
         (
             "razar_gpu_utilization_ratio",
             r#"{"gpu":"0","uuid":"GPU-a0","engine":"gpu"}"#,
