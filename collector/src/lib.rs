@@ -7,6 +7,7 @@ pub mod deployments;
 pub mod dispatch;
 pub mod embedded_pg;
 pub mod engine_loop;
+pub mod fleet_metrics;
 pub mod group;
 mod ingest;
 pub mod logs;

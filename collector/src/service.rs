@@ -10,6 +10,7 @@ use crate::engine_loop::{
     DeploymentHooks, EngineHandle, EngineLoop, EngineMetrics,
 };
 use crate::notify::NotifyMetrics;
+use crate::fleet_metrics::{FleetMetrics, FleetMetricsOptions, NoQuarantines, ScrapeGauges};
 use crate::server::{Collector, IngestConfig, ServerError};
 use crate::store::{Store, StoreError};
 use crate::supervise::Beat;
@@ -130,7 +131,23 @@ impl Service {
             source,
         })?;
         let (stop, stop_rx) = watch::channel(false);
-        let api_state = ApiState::new(registry.clone(), config.health, config.api)?;
+        let mut api_state = ApiState::new(registry.clone(), config.health, config.api)?;
+        let ready = api_state.ready.clone();
+        registry.register(Box::new(ScrapeGauges::new(
+            ready.clone(),
+            config.health.stuck_after,
+            config.pool_size.get(),
+            vec![
+                ("collector", config.tls.cert.clone()),
+                ("ca", config.tls.ca.clone()),
+            ],
+        )?))?;
+        // The GPU quarantine source is wired once the decision loop keeps GPU states.
+        api_state.fleet = Some(FleetMetrics::new(
+            ready,
+            Arc::new(NoQuarantines),
+            FleetMetricsOptions::default(),
+        ));
         let app = api::router(api_state.clone());
         let mut http_stop = stop_rx.clone();
         let http = tokio::spawn(async move {

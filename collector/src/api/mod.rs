@@ -56,6 +56,8 @@ pub struct ApiState {
     pub metrics: ApiMetrics,
     /// The OpenAPI document, served as is.
     pub openapi: Arc<String>,
+    /// `/metrics/fleet`: the fleet's latest state from the store.
+    pub fleet: Option<crate::fleet_metrics::FleetMetrics>,
 }
 
 /// The running collector's parts the API reads and drives.
@@ -126,6 +128,7 @@ impl ApiState {
             settings,
             routes: Arc::new(routes),
             openapi: Arc::new(json),
+            fleet: None,
         })
     }
 
@@ -202,7 +205,8 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
 /// The API's routes.
 pub fn router(state: ApiState) -> Router {
     let (api, _) = documented().split_for_parts();
-    api.route_layer(axum::middleware::from_fn_with_state(
+    let fleet = state.fleet.clone().map(crate::fleet_metrics::router);
+    let router = api.route_layer(axum::middleware::from_fn_with_state(
         state.clone(),
         auth::authorize,
     ))
@@ -212,7 +216,11 @@ pub fn router(state: ApiState) -> Router {
     .method_not_allowed_fallback(method_not_allowed)
     .layer(DefaultBodyLimit::max(state.settings.max_body_bytes))
     .layer(axum::middleware::from_fn(auth::request_id))
-    .with_state(state)
+    .with_state(state);
+    match fleet {
+        Some(fleet) => router.merge(fleet),
+        None => router,
+    }
 }
 
 async fn openapi_json(State(state): State<ApiState>) -> Response {
