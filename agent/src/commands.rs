@@ -20,6 +20,9 @@
 //! `gpu.reset_command` (an argv with `{index}`/`{uuid}`, killed after
 //! `gpu.reset_timeout`) and succeeds iff it exits 0; the GPU stays drained.
 //! `SwitchProfile` switches to a profile the config file defines ([`crate::profile`]).
+//!
+//! ([`crate::revisions`]); `DeployRevision` pins it to a revision the collector pushes
+//! (same mechanism) and succeeds once the component has started on it.
 
 use crate::config::{Argv, Config};
 use crate::revisions;
@@ -31,7 +34,7 @@ use crate::uplink::{Outbound, Uplink};
 use razar_shared::domain::{ComponentState, GpuRef};
 use razar_shared::protocol::{
     Command, CommandAction, CommandId, CommandOutcome, CommandResult, Event, EventKind, GpuInfo,
-    LogChunk, UnixMillis,
+    LogChunk, RevisionSpec, UnixMillis,
 };
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -45,6 +48,8 @@ pub const MAX_TAIL_LINES: u32 = 10_000;
 pub const DEFAULT_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
 /// How long a log follow runs at most by default (the collector renews it).
 pub const DEFAULT_FOLLOW_LIMIT: Duration = Duration::from_secs(3600);
+/// How long a deployment waits for its component to start by default.
+pub const DEFAULT_START_WAIT: Duration = Duration::from_secs(30);
 const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 
 /// Where results and log chunks go (the uplink; a channel in tests).
@@ -72,6 +77,9 @@ pub struct ExecutorOptions {
     pub retention: Duration,
     /// A log follow ends after this long unless cancelled sooner.
     pub follow_limit: Duration,
+    /// A deployed revision answers once its component started, or after this long (it
+    /// may wait for its dependencies): succeeded either way, with its state.
+    pub start_wait: Duration,
 }
 
 impl Default for ExecutorOptions {
@@ -79,6 +87,7 @@ impl Default for ExecutorOptions {
         ExecutorOptions {
             retention: DEFAULT_RETENTION,
             follow_limit: DEFAULT_FOLLOW_LIMIT,
+            start_wait: DEFAULT_START_WAIT,
         }
     }
 }
@@ -305,6 +314,7 @@ impl<O: Outbox> Executor<O> {
             | CommandAction::Resolve { component, .. }
             | CommandAction::Pulse { component, .. }
             | CommandAction::Rollback { component, .. }
+            | CommandAction::DeployRevision { component, .. }
             | CommandAction::TailLogs { component, .. } => component.clone(),
             CommandAction::CancelTail { .. } => String::new(),
             CommandAction::DrainGpu { gpu, note } => {
@@ -329,13 +339,6 @@ impl<O: Outbox> Executor<O> {
             CommandAction::SwitchProfile { profile } => {
                 return self.switch_profile(profile).await;
             }
-            // TODO(issue 12): deployments (the `deploy` work).
-            CommandAction::DeployRevision { .. } => {
-                return failed(format!(
-                    "{} is not supported by this agent yet",
-                    action_name(&action)
-                ));
-            }
         };
         let config = self.agent.view().config();
         if config.component(&component).is_none() {
@@ -355,6 +358,9 @@ impl<O: Outbox> Executor<O> {
             CommandAction::Rollback { revision, .. } => {
                 return self.roll_back(&component, &revision).await;
             }
+            CommandAction::DeployRevision { revision, .. } => {
+                return self.deploy(&component, &revision).await;
+            }
             CommandAction::TailLogs { lines, follow, .. } => {
                 return self.tail(id, &component, lines, follow).await;
             }
@@ -362,7 +368,6 @@ impl<O: Outbox> Executor<O> {
             | CommandAction::DrainGpu { .. }
             | CommandAction::ResetGpu { .. }
             | CommandAction::SetGpuHealth { .. }
-            | CommandAction::DeployRevision { .. }
             | CommandAction::SwitchProfile { .. } => return failed("unreachable".into()),
         };
         match self.agent.command(&component, control).await {
@@ -603,6 +608,73 @@ impl<O: Outbox> Executor<O> {
         }
     }
 
+    /// Pins `component` to the pushed revision, applies it (the component restarts on
+    /// it) and waits, up to `options.start_wait`, until it has started on it.
+    async fn deploy(&self, component: &str, spec: &RevisionSpec) -> (CommandOutcome, String) {
+        // The history first holds what runs now: a rollback returns to it.
+        self.record_revisions().await;
+        let current = self.agent.view().config();
+        let (name, spec) = (component.to_owned(), spec.clone());
+        let planned = self
+            .blocking(move |_| revisions::deploy(&current, &name, &spec))
+            .await;
+        let (config, summary) = match planned {
+            Some(Ok(planned)) => planned,
+            Some(Err(error)) => return (CommandOutcome::Failed, error.to_string()),
+            None => return (CommandOutcome::Failed, "deployment task failed".into()),
+        };
+        let to = config
+            .component(component)
+            .map(|c| c.revision.clone())
+            .unwrap_or_default();
+        if let Err(error) = self.agent.reload_with(Some(config)).await {
+            return (CommandOutcome::Failed, error.to_string());
+        }
+        self.record_revisions().await;
+        let mut statuses = self.agent.watch_statuses();
+        let started = tokio::time::timeout(self.options.start_wait, async {
+            loop {
+                let state = statuses
+                    .borrow_and_update()
+                    .get(component)
+                    .filter(|s| s.revision == to)
+                    .map(|s| s.state);
+                if let Some(state) = state.filter(|s| started_state(*s)) {
+                    return Ok(state);
+                }
+                if statuses.changed().await.is_err() {
+                    return Err(());
+                }
+            }
+        })
+        .await;
+        match started {
+            Ok(Ok(state)) => (
+                CommandOutcome::Succeeded,
+                format!("deployed {summary} ({})", state.as_str()),
+            ),
+            Ok(Err(())) => (
+                CommandOutcome::Failed,
+                format!("deployed {summary}, but the agent is stopping"),
+            ),
+            Err(_) => {
+                let now = self
+                    .agent
+                    .statuses()
+                    .get(component)
+                    .map(|s| format!("{}: {}", s.state.as_str(), s.reason))
+                    .unwrap_or_default();
+                (
+                    CommandOutcome::Succeeded,
+                    format!(
+                        "deployed {summary}; not started within {}s ({now})",
+                        self.options.start_wait.as_secs()
+                    ),
+                )
+            }
+        }
+    }
+
     async fn tail(
         &self,
         id: CommandId,
@@ -794,6 +866,19 @@ async fn run_reset(argv: &[String], timeout: Duration) -> Result<(), String> {
             ))
         }
     }
+}
+
+/// The component runs (or ran) a process of its current spec: started, whatever its
+/// readiness (the collector watches that).
+fn started_state(state: ComponentState) -> bool {
+    matches!(
+        state,
+        ComponentState::Starting
+            | ComponentState::Ready
+            | ComponentState::Unhealthy
+            | ComponentState::Backoff
+            | ComponentState::Quarantined
+    )
 }
 
 /// The action's name for messages.

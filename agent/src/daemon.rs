@@ -196,6 +196,7 @@ impl Daemon {
                     ExecutorOptions {
                         retention: config_arc.agent.command_retention,
                         follow_limit: config_arc.agent.log_follow_limit,
+                        ..ExecutorOptions::default()
                     },
                 )
                 .with_gpus(gpu.inventory().iter().map(|g| g.to_info()).collect());

@@ -8,10 +8,18 @@
 //! carries that same spec; once an operator changes the component's spec in the file,
 //! the file wins again and the pin is removed (their new intent replaces the rollback).
 //! Pins are plain files so an operator can see (and delete) them.
+//!
+//! A revision pushed by the collector (a deployment, [`deploy`]) is held the same way: a
+//! pin whose spec is the file's own table of the component with `command`, `args`,
+//! `env` and `revision` replaced (probes, limits, GPUs stay as the file says). It
+//! survives an agent restart, enters the revision history when it runs (so a
+//! `Rollback` to `previous` returns to what ran before it), and yields to the operator
+//! like a rollback does: once the file's own spec of the component changes, the file
+//! wins and the pin goes. A later deployment or rollback replaces the pin.
 
 use crate::config::{Config, ConfigErrors};
 use crate::store::{Store, StoreError, StoredRevision};
-use razar_shared::protocol::UnixMillis;
+use razar_shared::protocol::{RevisionSpec, UnixMillis};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
@@ -20,7 +28,7 @@ use std::path::{Path, PathBuf};
 /// Directory of the pin files inside the data directory.
 pub const PINS_DIR: &str = "pins";
 
-/// Why a rollback could not be carried out.
+/// Why a rollback or a deployment could not be carried out.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum RollbackError {
@@ -40,6 +48,8 @@ pub enum RollbackError {
     Config(#[from] ConfigErrors),
     #[error("{what}: {reason}")]
     Io { what: String, reason: String },
+    #[error("the pushed revision is invalid: {0}")]
+    InvalidRevision(String),
 }
 
 /// Each `[[component]]` table of a config text, by name (none when the text is not TOML).
@@ -171,12 +181,98 @@ pub fn roll_back(
     if config.component(component).is_none() {
         return Err(RollbackError::UnknownComponent(component.to_owned()));
     }
-    write_pin(&current.agent.data_dir, component, &pin)?;
+    write_pin(&current.agent.data_dir, component, &pin, "a rollback")?;
     let from = running.revision.clone();
     Ok((config, format!("{component}: {from} → {}", target.revision)))
 }
 
-fn write_pin(data_dir: &Path, component: &str, pin: &Pin) -> Result<(), RollbackError> {
+/// The file's own table of `component` with the pushed revision's `command`, `args`,
+/// `env` and `revision` in place of its own (an empty version: the spec digest, as for
+/// a file spec without `revision`).
+fn revision_table(file_table: &toml::Table, spec: &RevisionSpec) -> Result<toml::Table, String> {
+    if spec.command.trim().is_empty() {
+        return Err("empty command".into());
+    }
+    let mut env = toml::Table::new();
+    for (key, value) in &spec.env {
+        if key.is_empty() || key.contains('=') || key.contains('\0') || value.contains('\0') {
+            return Err(format!("invalid environment variable {key:?}"));
+        }
+        env.insert(key.clone(), toml::Value::String(value.clone()));
+    }
+    let mut table = file_table.clone();
+    table.insert("command".into(), toml::Value::String(spec.command.clone()));
+    table.insert(
+        "args".into(),
+        toml::Value::Array(
+            spec.args
+                .iter()
+                .map(|a| toml::Value::String(a.clone()))
+                .collect(),
+        ),
+    );
+    if env.is_empty() {
+        table.remove("env");
+    } else {
+        table.insert("env".into(), toml::Value::Table(env));
+    }
+    if spec.version.is_empty() {
+        table.remove("revision");
+    } else {
+        table.insert("revision".into(), toml::Value::String(spec.version.clone()));
+    }
+    Ok(table)
+}
+
+/// Pins `component` to a revision pushed by the collector and returns the config to
+/// apply (the file's config with every pin, this one included) and a summary
+/// `component: from → to`. Blocking (files). See the module docs for how the pin and
+/// the file interact.
+pub fn deploy(
+    current: &Config,
+    component: &str,
+    spec: &RevisionSpec,
+) -> Result<(Config, String), RollbackError> {
+    let unknown = || RollbackError::UnknownComponent(component.to_owned());
+    let running = current.component(component).ok_or_else(unknown)?;
+    let file_text = std::fs::read_to_string(&current.path).map_err(|e| RollbackError::Io {
+        what: format!("reading {}", current.path.display()),
+        reason: e.to_string(),
+    })?;
+    let tables = component_tables(&file_text);
+    let file_table = tables.get(component).ok_or_else(unknown)?;
+    let table = revision_table(file_table, spec).map_err(RollbackError::InvalidRevision)?;
+    let file_spec = toml::to_string(file_table)
+        .map(|s| sha256(&s))
+        .unwrap_or_default();
+    let mut pin = Pin {
+        revision: spec.version.clone(),
+        file_spec,
+        spec: table,
+    };
+    let mut pins = BTreeMap::new();
+    pins.insert(component.to_owned(), pin.clone());
+    // Refused here, before anything is written, when the new spec does not validate.
+    let alone = overlay(&current.path, &file_text, &pins)?;
+    let to = alone
+        .component(component)
+        .ok_or_else(unknown)?
+        .revision
+        .clone();
+    pin.revision.clone_from(&to);
+    write_pin(&current.agent.data_dir, component, &pin, "a deployment")?;
+    // With every other pin too, as the next start or reload will apply them.
+    let (config, _notes) = load_effective(&current.path)?;
+    if config.component(component).map(|c| c.revision.as_str()) != Some(to.as_str()) {
+        let _ = std::fs::remove_file(pin_path(&current.agent.data_dir, component));
+        return Err(RollbackError::InvalidRevision(format!(
+            "{component} {to} does not validate together with the other pins"
+        )));
+    }
+    Ok((config, format!("{component}: {} → {to}", running.revision)))
+}
+
+fn write_pin(data_dir: &Path, component: &str, pin: &Pin, by: &str) -> Result<(), RollbackError> {
     let io = |what: &str, e: std::io::Error| RollbackError::Io {
         what: what.to_owned(),
         reason: e.to_string(),
@@ -184,7 +280,7 @@ fn write_pin(data_dir: &Path, component: &str, pin: &Pin) -> Result<(), Rollback
     let dir = data_dir.join(PINS_DIR);
     std::fs::create_dir_all(&dir).map_err(|e| io("creating the pins directory", e))?;
     let text = format!(
-        "# {component} is pinned to revision {:?} by a rollback. This file overrides the\n\
+        "# {component} is pinned to revision {:?} by {by}. This file overrides the\n\
          # component's spec in the agent config for as long as that spec is unchanged;\n\
          # delete it (and reload) to run the file's spec again.\n{}",
         pin.revision,
@@ -261,7 +357,7 @@ pub fn load_effective(path: &Path) -> Result<(Config, Vec<String>), ConfigErrors
         match pin {
             Some(pin) if file_spec.as_deref() == Some(pin.file_spec.as_str()) => {
                 notes.push(format!(
-                    "{component} pinned to revision {} by a rollback",
+                    "{component} pinned to revision {} by a rollback or deployment",
                     pin.revision
                 ));
                 pins.insert(component, pin);

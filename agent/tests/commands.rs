@@ -11,7 +11,7 @@ use razar_agent::store::{CommandRecord, Store};
 use razar_agent::supervisor::runtime::{Agent, AgentOptions};
 use razar_agent::uplink::Outbound;
 use razar_shared::domain::ComponentState::*;
-use razar_shared::protocol::{Command, CommandAction, CommandOutcome};
+use razar_shared::protocol::{Command, CommandAction, CommandOutcome, RevisionSpec};
 use std::sync::Arc;
 use std::time::Duration;
 use support::*;
@@ -56,6 +56,7 @@ fn executor(
     let options = ExecutorOptions {
         retention: Duration::from_secs(3600),
         follow_limit: Duration::from_secs(600),
+        start_wait: Duration::from_secs(60),
     };
     (
         Executor::new(agent.clone(), store.clone(), Arc::new(tx), options),
@@ -300,5 +301,113 @@ async fn rollback_returns_to_the_previous_revision_until_the_file_changes() {
 
     drop(commands);
     let _ = results.await;
+    agent.shutdown().await;
+}
+
+fn deploy_action(component: &str, version: &str, arg: &str) -> CommandAction {
+    CommandAction::DeployRevision {
+        component: component.into(),
+        revision: RevisionSpec {
+            version: version.into(),
+            command: "sh".into(),
+            args: vec!["-c".into(), format!("exec sleep {arg}")],
+            env: vec![("RAZAR_DEPLOYED".into(), version.into())],
+        },
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deployed_revision_runs_survives_a_restart_and_rolls_back_to_the_previous() {
+    let dir = Dir::new();
+    let spec = |rev: &str, arg: &str| {
+        format!(
+            "[[component]]\nname = \"api\"\ncommand = \"sleep\"\nargs = [\"{arg}\"]\nrevision = \"{rev}\"\n\
+             [component.readiness]\nkind = \"exec\"\ncommand = [\"true\"]\ninterval = \"100ms\"\n\n\
+             [[component]]\nname = \"side\"\ncommand = \"sleep\"\nargs = [\"1000.69\"]\n"
+        )
+    };
+    let (agent, store) = agent_with(&dir, &spec("v1", "1000.81")).await;
+    wait_state(&agent, "api", Ready).await;
+    let (exec, _out) = executor(&agent, &store);
+
+    // v2 is pushed: the component restarts on it, with the pushed env and the file's probe.
+    let result = exec
+        .execute(command(20, deploy_action("api", "v2", "1000.82")))
+        .await;
+    assert_eq!(result.outcome, CommandOutcome::Succeeded, "{result:?}");
+    assert!(result.message.contains("v1 → v2"), "{}", result.message);
+    wait_for("v2 running alone", || {
+        (processes_with("sleep 1000.82").len() == 1 && processes_with("sleep 1000.81").is_empty())
+            .then_some(())
+    })
+    .await;
+    let config = agent.view().config();
+    let api = config.component("api").expect("api configured");
+    assert_eq!(api.revision, "v2");
+    assert!(api.readiness.is_some(), "the file's probe stays");
+    assert!(dir.join("data/pins/api.toml").exists(), "held as a pin");
+    let history = store.revision_history("api").expect("history");
+    let labels: Vec<&str> = history.iter().map(|r| r.revision.as_str()).collect();
+    assert_eq!(labels, ["v1", "v2"], "both revisions are in the history");
+
+    // Delivered again: not run again, the first outcome answers.
+    let again = exec
+        .execute(command(20, deploy_action("api", "v2", "1000.82")))
+        .await;
+    assert_eq!(again.outcome, CommandOutcome::Duplicate, "{again:?}");
+    assert!(again.message.starts_with("succeeded"), "{}", again.message);
+    assert_eq!(processes_with("sleep 1000.82").len(), 1);
+
+    // What an agent restart runs: the file with its pins.
+    let (effective, notes) =
+        razar_agent::revisions::load_effective(&config.path).expect("effective config");
+    assert_eq!(
+        effective.component("api").map(|c| c.revision.as_str()),
+        Some("v2"),
+        "{notes:?}"
+    );
+
+    // Unknown component, and a spec that does not validate: refused with the reason,
+    // nothing changes.
+    let unknown = exec
+        .execute(command(21, deploy_action("nope", "v2", "1")))
+        .await;
+    assert_eq!(unknown.outcome, CommandOutcome::Failed);
+    assert!(unknown.message.contains("nope"), "{}", unknown.message);
+    let mut empty = deploy_action("api", "v3", "1");
+    if let CommandAction::DeployRevision { revision, .. } = &mut empty {
+        revision.command.clear();
+    }
+    let bad = exec.execute(command(22, empty)).await;
+    assert_eq!(bad.outcome, CommandOutcome::Failed, "{bad:?}");
+    assert_eq!(
+        agent
+            .view()
+            .config()
+            .component("api")
+            .map(|c| c.revision.clone()),
+        Some("v2".into())
+    );
+
+    // Rollback to the previous revision: v1 again.
+    let back = exec
+        .execute(command(
+            23,
+            CommandAction::Rollback {
+                component: "api".into(),
+                revision: "previous".into(),
+            },
+        ))
+        .await;
+    assert_eq!(back.outcome, CommandOutcome::Succeeded, "{back:?}");
+    assert!(back.message.contains("v2 → v1"), "{}", back.message);
+    wait_for("v1 running again", || {
+        (processes_with("sleep 1000.81").len() == 1 && processes_with("sleep 1000.82").is_empty())
+            .then_some(())
+    })
+    .await;
+    // The other component was never restarted.
+    assert_eq!(processes_with("sleep 1000.69").len(), 1);
+    assert_eq!(agent.statuses().get("side").map(|s| s.restarts), Some(0));
     agent.shutdown().await;
 }

@@ -55,6 +55,31 @@ pub struct CollectorConfig {
     pub engine: crate::engine_loop::EngineSettings,
     /// `[notify]`: webhooks for escalations.
     pub notify: crate::notify::NotifySettings,
+    /// The deployments driver (`[deployments]`).
+    pub deployments: crate::deployments::DeploymentSettings,
+    /// The operator API (`[api]`).
+    pub api: ApiSettings,
+}
+
+/// The operator API's limits (`[api]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ApiSettings {
+    /// Requests a second per token (`api.rate_per_second`), refilling its bucket.
+    pub rate_per_second: u32,
+    /// Requests a token may make at once before the rate applies (`api.burst`).
+    pub burst: u32,
+    /// Largest request body accepted (`api.max_body_bytes`); larger ones get 413.
+    pub max_body_bytes: usize,
+}
+
+impl Default for ApiSettings {
+    fn default() -> ApiSettings {
+        ApiSettings {
+            rate_per_second: 20,
+            burst: 100,
+            max_body_bytes: 64 * 1024,
+        }
+    }
 }
 
 /// Limits past which health says `degraded` (`[health]`).
@@ -129,6 +154,18 @@ struct RawConfig {
     engine: RawEngine,
     #[serde(default)]
     notify: RawNotify,
+    #[serde(default)]
+    deployments: RawDeployments,
+    #[serde(default)]
+    api: RawApi,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawApi {
+    rate_per_second: Option<Spanned<u32>>,
+    burst: Option<Spanned<u32>>,
+    max_body_bytes: Option<Spanned<u32>>,
 }
 
 /// `[engine]` (the decision loop, `engine_loop.rs`).
@@ -181,6 +218,13 @@ struct RawWebhook {
     url: Spanned<String>,
     min_severity: Option<Spanned<String>>,
     timeout: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDeployments {
+    tick: Option<Spanned<String>>,
+    command_deadline: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -280,6 +324,8 @@ impl CollectorConfig {
             compact_after: Duration::from_secs(15 * 60),
             lost_after_restart: Duration::from_secs(60),
             health: HealthLimits::default(),
+            deployments: crate::deployments::DeploymentSettings::default(),
+            api: ApiSettings::default(),
             max_clock_skew: Duration::from_secs(5 * 60),
             max_series_per_host: NonZeroU32::new(100_000).unwrap_or(NonZeroU32::MIN),
             pulses: crate::pulses::PulsesConfig::default(),
@@ -505,6 +551,38 @@ impl Validator<'_> {
         });
         v.engine(&raw.engine, &mut cfg.engine);
         v.notify(&raw.notify, &mut cfg.notify);
+        let deployments = [
+            (
+                "deployments.tick",
+                &raw.deployments.tick,
+                &mut cfg.deployments.tick,
+            ),
+            (
+                "deployments.command_deadline",
+                &raw.deployments.command_deadline,
+                &mut cfg.deployments.command_deadline,
+            ),
+        ];
+        for (key, raw, value) in deployments {
+            if let Some(d) = raw.as_ref().and_then(|d| v.duration(key, d)) {
+                *value = d;
+            }
+        }
+        if let Some(n) = &raw.api.rate_per_second {
+            if let Some(n) = v.nonzero("api.rate_per_second", n) {
+                cfg.api.rate_per_second = n.get();
+            }
+        }
+        if let Some(n) = &raw.api.burst {
+            if let Some(n) = v.nonzero("api.burst", n) {
+                cfg.api.burst = n.get();
+            }
+        }
+        if let Some(n) = &raw.api.max_body_bytes {
+            if let Some(n) = v.nonzero("api.max_body_bytes", n) {
+                cfg.api.max_body_bytes = usize::try_from(n.get()).unwrap_or(usize::MAX);
+            }
+        }
         if files == Files::Check {
             v.check_tls_files(&tls_files, &cfg.tls);
         }
@@ -1082,6 +1160,29 @@ mod tests {
                     "notify.webhook.min_severity",
                     "info, warning or critical",
                 ),
+            ],
+        );
+    }
+
+    #[test]
+    fn api_settings_default_and_bounds() {
+        let parse = |text: &str| CollectorConfig::parse(Path::new("c.toml"), text);
+        assert_eq!(parse("").unwrap().api, ApiSettings::default());
+        let set = parse("[api]\nrate_per_second = 5\nburst = 7\nmax_body_bytes = 1024\n").unwrap();
+        assert_eq!(
+            set.api,
+            ApiSettings {
+                rate_per_second: 5,
+                burst: 7,
+                max_body_bytes: 1024,
+            }
+        );
+        check_err(
+            "[api]\nrate_per_second = 0\nburst = 0\nmax_body_bytes = 0\n",
+            &[
+                (2, "api.rate_per_second", "at least 1"),
+                (3, "api.burst", "at least 1"),
+                (4, "api.max_body_bytes", "at least 1"),
             ],
         );
     }

@@ -37,6 +37,7 @@
 //! at the bottom; the [`Ledger`] is the only code that touches the table.
 
 use crate::server::{Delivery, Shared};
+use crate::store::audit::AuditEntry;
 use chrono::{DateTime, Utc};
 use prometheus::{IntCounterVec, IntGauge, Opts, Registry};
 use razar_shared::domain::GpuRef;
@@ -122,7 +123,8 @@ impl CommandState {
         }
     }
 
-    fn parse(s: &str) -> Option<CommandState> {
+    /// The state named `s` (as stored).
+    pub fn parse(s: &str) -> Option<CommandState> {
         Some(match s {
             "queued" => CommandState::Queued,
             "sent" => CommandState::Sent,
@@ -335,6 +337,7 @@ impl Ledger {
         &self,
         request: &CommandRequest,
         now: DateTime<Utc>,
+        audit: Option<&AuditEntry>,
     ) -> Result<(CommandRecord, bool), DispatchError> {
         check_request(request)?;
         if let Some(key) = &request.idempotency_key {
@@ -437,6 +440,7 @@ impl Ledger {
             }
         }
         let id: CommandId = rand::random();
+        let mut tx = self.pool.begin().await?;
         let inserted = sqlx::query(&format!(
             "INSERT INTO commands (command_id, host_id, kind, component, gpu, action, state, \
                  caller, idempotency_key, request_id, created_at, deadline)
@@ -455,10 +459,24 @@ impl Ledger {
         .bind(&request.request_id)
         .bind(now)
         .bind(request.deadline)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *tx)
         .await?;
         match inserted {
-            Some(row) => Ok((record(&row)?, true)),
+            Some(row) => {
+                let record = record(&row)?;
+                // The caller's audit row commits with the command, or neither does.
+                if let Some(audit) = audit {
+                    audit
+                        .write(
+                            &mut tx,
+                            &format!("queued command {}", hex_id(&record.id)),
+                            now,
+                        )
+                        .await?;
+                }
+                tx.commit().await?;
+                Ok((record, true))
+            }
             // Another submission with the same key won the race.
             None => {
                 let key = request.idempotency_key.as_deref().unwrap_or_default();
@@ -701,9 +719,20 @@ impl Dispatch {
     /// delivered when it reconnects, until its deadline. The same idempotency key from
     /// the same caller returns the existing command and sends nothing.
     pub async fn submit(&self, request: CommandRequest) -> Result<CommandRecord, DispatchError> {
+        self.submit_audited(request, None).await
+    }
+
+    /// [`Dispatch::submit`], writing `audit` (with the command's id as its result) in the
+    /// transaction that persists the command; nothing is audited when the command is
+    /// refused or an idempotent repeat.
+    pub async fn submit_audited(
+        &self,
+        request: CommandRequest,
+        audit: Option<&AuditEntry>,
+    ) -> Result<CommandRecord, DispatchError> {
         let ledger = &self.shared.ledger;
         let kind = kind(&request.action);
-        let (mut record, new) = match ledger.insert(&request, Utc::now()).await {
+        let (mut record, new) = match ledger.insert(&request, Utc::now(), audit).await {
             Ok(r) => r,
             Err(e) => {
                 if !matches!(e, DispatchError::Db(_)) {
@@ -751,6 +780,32 @@ impl Dispatch {
     /// The command `id` as stored.
     pub async fn command(&self, id: &CommandId) -> Result<Option<CommandRecord>, DispatchError> {
         self.shared.ledger.get(id).await
+    }
+
+    /// Commands newest first, filtered by host and state, with `seq < before` (a cursor:
+    /// the `seq` of the last one of the previous page).
+    pub async fn list(
+        &self,
+        host: Option<&str>,
+        state: Option<CommandState>,
+        before: Option<i64>,
+        limit: i64,
+    ) -> Result<Vec<(i64, CommandRecord)>, DispatchError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {COLUMNS}, seq FROM commands
+             WHERE ($1::text IS NULL OR host_id = $1) AND ($2::text IS NULL OR state = $2)
+               AND ($3::bigint IS NULL OR seq < $3)
+             ORDER BY seq DESC LIMIT $4"
+        ))
+        .bind(host)
+        .bind(state.map(CommandState::as_str))
+        .bind(before)
+        .bind(limit)
+        .fetch_all(&self.shared.ledger.pool)
+        .await?;
+        rows.iter()
+            .map(|row| Ok((row.try_get::<i64, _>("seq")?, record(row)?)))
+            .collect()
     }
 
     /// Expires every command past its deadline now (the periodic sweep does it too);

@@ -427,6 +427,7 @@ impl Conn {
             }
             CollectorEvent::LogChunk(chunk) => {
                 tracing::debug!(host = %self.host, component = %chunk.component, lines = chunk.lines.len(), "log chunk");
+                self.shared.logs.publish(chunk);
             }
             CollectorEvent::Inventory(inventory) => {
                 // Rare (a component changed state, a reload, a GPU change) and small.

@@ -3,11 +3,14 @@
 
 pub mod api;
 pub mod config;
+pub mod deployments;
 pub mod dispatch;
 pub mod embedded_pg;
 pub mod engine_loop;
+pub mod fleet_metrics;
 pub mod group;
 mod ingest;
+pub mod logs;
 pub mod lost;
 pub mod pulses;
 pub mod notify;

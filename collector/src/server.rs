@@ -468,6 +468,8 @@ pub(crate) struct Shared {
     pub writer: GroupWriter,
     /// The persisted commands ([`crate::dispatch`]).
     pub ledger: Ledger,
+    /// Log chunks from agents to the API clients following them.
+    pub logs: crate::logs::LogHub,
     connections: Mutex<Connections>,
     next_id: AtomicU64,
     log_limiter: Mutex<LogLimiter>,
@@ -693,6 +695,8 @@ impl Collector {
             DispatchMetrics::new(metrics)?,
             config.command_result_grace,
         );
+        let logs = crate::logs::LogHub::new()?;
+        logs.register_metrics(metrics)?;
         let metrics = IngestMetrics::new(metrics)?;
         let (writer, writer_tasks) =
             GroupWriter::start_supervised(store.clone(), group, metrics.group.clone(), &tasks);
@@ -701,6 +705,7 @@ impl Collector {
             db_writers: Arc::new(Semaphore::new(config.db_writers)),
             writer,
             ledger,
+            logs,
             liveness: Arc::new(Liveness::default()),
             metrics,
             connections: Mutex::new(Connections::default()),
@@ -887,6 +892,11 @@ impl Collector {
 
     /// The supervised background tasks (lost hosts, group writers); the service adds
     /// its own (maintenance).
+    /// Where agents' log chunks go (the API's log follows subscribe here).
+    pub fn logs(&self) -> &crate::logs::LogHub {
+        &self.shared.logs
+    }
+
     pub fn tasks(&self) -> &Arc<Tasks> {
         &self.tasks
     }

@@ -4,19 +4,21 @@
 
 use crate::api::{self, ApiState, Ready};
 use crate::config::{CollectorConfig, Database};
+use crate::deployments::Deployments;
 use crate::embedded_pg::{EmbeddedPg, EmbeddedPgError, EmbeddedPgOptions};
 use crate::engine_loop::{
-    DeploymentHooks, EngineHandle, EngineLoop, EngineMetrics, LogDeploymentHooks,
+    DeploymentHooks, EngineHandle, EngineLoop, EngineMetrics,
 };
 use crate::notify::NotifyMetrics;
+use crate::fleet_metrics::{FleetMetrics, FleetMetricsOptions, NoQuarantines, ScrapeGauges};
 use crate::server::{Collector, IngestConfig, ServerError};
 use crate::store::{Store, StoreError};
 use crate::supervise::Beat;
 use razar_shared::protocol::SessionConfig;
 use razar_shared::tls::{ServerTlsFiles, TlsError};
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -43,6 +45,8 @@ pub enum ServiceError {
     },
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
+    #[error("API: {0}")]
+    Api(#[from] crate::api::ApiSetupError),
 }
 
 /// What [`Service::start`] starts behind the API.
@@ -55,6 +59,7 @@ struct Serving {
     pause: crate::pulses::PauseHook,
     /// The pulse scheduler, when `[pulses]` is enabled.
     pulses: Option<JoinHandle<()>>,
+    deployments: Deployments,
 }
 
 /// A running collector.
@@ -65,6 +70,7 @@ pub struct Service {
     collector: Collector,
     http_addr: SocketAddr,
     stop: watch::Sender<bool>,
+    deployments: Deployments,
     tasks: Vec<JoinHandle<()>>,
     pause: crate::pulses::PauseHook,
 }
@@ -82,8 +88,9 @@ impl Service {
     /// Serves the HTTP API at once, then starts PostgreSQL if embedded (or reaches the
     /// external one, retrying while it is down: health says `unavailable` meanwhile),
     /// migrates, and serves agents. Returns once agents are served.
+    /// A blamed revision's deployment is paused through this collector's deployments.
     pub async fn start(config: CollectorConfig) -> Result<Service, ServiceError> {
-        Service::start_with(config, Arc::new(LogDeploymentHooks)).await
+        Service::start_hooked(config, None).await
     }
 
     /// [`Service::start`] with the engine's deployment hooks (what a blamed revision's
@@ -91,6 +98,13 @@ impl Service {
     pub async fn start_with(
         config: CollectorConfig,
         hooks: Arc<dyn DeploymentHooks>,
+    ) -> Result<Service, ServiceError> {
+        Service::start_hooked(config, Some(hooks)).await
+    }
+
+    async fn start_hooked(
+        config: CollectorConfig,
+        hooks: Option<Arc<dyn DeploymentHooks>>,
     ) -> Result<Service, ServiceError> {
         razar_shared::tls::install_crypto_provider();
         // TLS first: a bad certificate refuses start before anything runs.
@@ -117,13 +131,23 @@ impl Service {
             source,
         })?;
         let (stop, stop_rx) = watch::channel(false);
-        let api_state = ApiState {
-            registry: registry.clone(),
-            started: Instant::now(),
-            limits: config.health,
-            ready: Arc::new(OnceLock::new()),
-            waiting: Arc::new(Mutex::new(None)),
-        };
+        let mut api_state = ApiState::new(registry.clone(), config.health, config.api)?;
+        let ready = api_state.ready.clone();
+        registry.register(Box::new(ScrapeGauges::new(
+            ready.clone(),
+            config.health.stuck_after,
+            config.pool_size.get(),
+            vec![
+                ("collector", config.tls.cert.clone()),
+                ("ca", config.tls.ca.clone()),
+            ],
+        )?))?;
+        // The GPU quarantine source is wired once the decision loop keeps GPU states.
+        api_state.fleet = Some(FleetMetrics::new(
+            ready,
+            Arc::new(NoQuarantines),
+            FleetMetricsOptions::default(),
+        ));
         let app = api::router(api_state.clone());
         let mut http_stop = stop_rx.clone();
         let http = tokio::spawn(async move {
@@ -156,9 +180,13 @@ impl Service {
                 background,
                 pause,
                 pulses,
+                deployments,
             }) => {
                 let _ = api_state.ready.set(Ready {
                     pool: store.pool().clone(),
+                    store: store.clone(),
+                    dispatch: collector.dispatch(),
+                    logs: collector.logs().clone(),
                     ingest: collector.metrics().clone(),
                     tasks: collector.tasks().clone(),
                     liveness: collector.liveness().clone(),
@@ -171,6 +199,7 @@ impl Service {
                     collector,
                     http_addr,
                     stop,
+                    deployments,
                     tasks: std::iter::once(http).chain(background).chain(pulses).collect(),
                     pause,
                 })
@@ -191,7 +220,7 @@ impl Service {
         registry: &prometheus::Registry,
         api: &ApiState,
         stop: &watch::Receiver<bool>,
-        hooks: Arc<dyn DeploymentHooks>,
+        hooks: Option<Arc<dyn DeploymentHooks>>,
     ) -> Result<Serving, ServiceError> {
         let (pg, store) = match &config.database {
             Database::Url(url) => (None, connect_retrying(url, &config, api).await?),
@@ -232,6 +261,23 @@ impl Service {
                 Some(config.health.maintenance_deadline),
                 Some(stop.clone()),
                 move |beat| maintain(store.clone(), config.clone(), stop.clone(), beat),
+            )
+        };
+        let deployments = Deployments::new(
+            store.pool().clone(),
+            collector.dispatch(),
+            registry,
+            config.deployments,
+        )?;
+        let deployments_task = {
+            let (deployments, stop) = (deployments.clone(), stop.clone());
+            // Late when no pass completed for a minute beyond a few ticks.
+            let deadline = config.deployments.tick.saturating_mul(10) + Duration::from_secs(60);
+            collector.tasks().spawn(
+                "deployments",
+                Some(deadline),
+                Some(stop.clone()),
+                move |beat| deployments.clone().run(stop.clone(), beat),
             )
         };
         let pause = crate::pulses::PauseHook::default();
@@ -280,7 +326,7 @@ impl Service {
                 dispatch: collector.dispatch(),
                 settings: config.engine.clone(),
                 notify: config.notify.clone(),
-                hooks,
+                hooks: hooks.unwrap_or_else(|| Arc::new(deployments.clone())),
                 metrics: engine_metrics,
                 name: format!(
                     "collector pid {} ({})",
@@ -321,6 +367,7 @@ impl Service {
                 ),
             );
         }
+        background.push(deployments_task);
         Ok(Serving {
             config,
             pg,
@@ -329,6 +376,7 @@ impl Service {
             background,
             pause,
             pulses: pulses_task,
+            deployments,
         })
     }
 
@@ -360,6 +408,12 @@ impl Service {
     /// overrides).
     pub fn engine(&self) -> EngineHandle {
         EngineHandle::new(self.store.pool().clone())
+    }
+
+    /// Deployments: operations (create, pause, resume, promote, roll back) and the
+    /// driver's state.
+    pub fn deployments(&self) -> &Deployments {
+        &self.deployments
     }
 
     /// The embedded PostgreSQL, when the collector runs one.

@@ -47,7 +47,7 @@ struct TaskState {
 }
 
 /// One health check: a name, whether it passes, and what was found.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
 pub struct Check {
     pub name: String,
     pub ok: bool,

@@ -2,9 +2,13 @@
 //! set of hosts: canaries first, then waves of at most `max_parallel` hosts; a host
 //! counts as done once it has run the new revision for `min_healthy_ms` without a
 //! failure, and fails if that has not happened within `healthy_deadline_ms` of its
-//! update. A failure pauses the rollout, or, with `auto_revert`, reverts every host
-//! that got the new revision (straight away, without canaries). Canaries can wait for a
-//! manual promote. Operators (and the engine's `PauseDeployment`) pause and resume.
+//! update. A failure stops the rollout (failed), or, with `auto_revert`, reverts every
+//! host that got the new revision, without canaries: the failed hosts first, then the
+//! others in rollout order, at most `max_parallel` at a time, the next one only once a
+//! reverting host runs the old revision again (a healthy instance is never stopped while
+//! `max_parallel` reverts are still coming up). Canaries can wait for a manual promote.
+//! Operators (and the engine's `PauseDeployment`) pause and resume; a pause holds new
+//! updates, never a revert.
 
 use std::collections::BTreeMap;
 
@@ -73,6 +77,8 @@ pub enum HostPhase {
     Failed,
     Reverting,
     Reverted,
+    /// To be reverted when a revert slot frees up (appended: stored rollouts decode).
+    AwaitingRevert,
 }
 
 /// What happened to the rollout.
@@ -124,6 +130,9 @@ pub struct Rollout {
     pub hosts: BTreeMap<String, HostPhase>,
     pub phase: Phase,
     pub paused: bool,
+    /// The hosts to revert, in the order their reverts go out (failed hosts first).
+    #[serde(default)]
+    pub revert_order: Vec<String>,
 }
 
 impl Rollout {
@@ -171,6 +180,7 @@ impl Rollout {
             },
             config,
             paused: false,
+            revert_order: Vec::new(),
         };
         let mut actions = vec![DeployAction::Phase(rollout.phase.clone())];
         actions.extend(rollout.advance(now));
@@ -275,11 +285,50 @@ impl Rollout {
         if !self.config.auto_revert {
             return self.enter(Phase::Failed);
         }
-        let mut actions = self.enter(Phase::Reverting);
-        for host in &self.order {
+        self.revert()
+    }
+
+    /// Reverts every host that got the new revision (an operator's roll back, also
+    /// after a failure without auto-revert); the reverts go out with the next step's
+    /// [`Rollout::step`] (`Tick`), `max_parallel` at a time, failed hosts first.
+    pub fn revert(&mut self) -> Vec<DeployAction> {
+        if matches!(self.phase, Phase::Reverting | Phase::Reverted) {
+            return Vec::new();
+        }
+        let actions = self.enter(Phase::Reverting);
+        let failed = |p: &HostPhase| *p == HostPhase::Failed;
+        let (first, rest): (Vec<&String>, Vec<&String>) = self
+            .order
+            .iter()
+            .filter(|h| self.hosts.get(*h).is_some_and(|p| *p != HostPhase::Pending))
+            .partition(|h| self.hosts.get(*h).is_some_and(failed));
+        self.revert_order = first.into_iter().chain(rest).cloned().collect();
+        for host in &self.revert_order {
             if let Some(phase) = self.hosts.get_mut(host) {
-                if !matches!(phase, HostPhase::Pending) {
+                *phase = HostPhase::AwaitingRevert;
+            }
+        }
+        // The reverts go out from `advance`, `max_parallel` at a time.
+        actions
+    }
+
+    /// Sends reverts while fewer than `max_parallel` hosts are reverting.
+    fn revert_next(&mut self) -> Vec<DeployAction> {
+        let max = usize::try_from(self.config.max_parallel).unwrap_or(usize::MAX);
+        let mut busy = self
+            .hosts
+            .values()
+            .filter(|p| **p == HostPhase::Reverting)
+            .count();
+        let mut actions = Vec::new();
+        for host in &self.revert_order {
+            if busy >= max {
+                break;
+            }
+            if let Some(phase) = self.hosts.get_mut(host) {
+                if *phase == HostPhase::AwaitingRevert {
                     *phase = HostPhase::Reverting;
+                    busy += 1;
                     actions.push(DeployAction::Revert {
                         host: host.clone(),
                         revision: self.from.clone(),
@@ -316,6 +365,9 @@ impl Rollout {
         }
         if self.phase == Phase::Rolling && all(self, &self.order, |p| *p == HostPhase::Done) {
             actions.extend(self.enter(Phase::Succeeded));
+        }
+        if self.phase == Phase::Reverting {
+            actions.extend(self.revert_next());
         }
         let eligible = match self.phase {
             Phase::Canary => canaries,
@@ -478,8 +530,8 @@ mod tests {
                     },
                     vec![
                         DeployAction::Phase(Phase::Reverting),
-                        down("h1"),
                         down("h2"),
+                        down("h1"),
                     ],
                 ),
                 (30, DeployInput::HostReverted { host: "h1".into() }, vec![]),
@@ -491,6 +543,51 @@ mod tests {
                 // h3 never got it; nothing more happens.
                 (50, DeployInput::Tick, vec![]),
             ],
+        );
+    }
+
+    #[test]
+    fn a_revert_goes_failed_first_max_parallel_at_a_time_and_ignores_a_pause() {
+        let failed = |h: &str| DeployInput::HostFailed {
+            host: h.into(),
+            reason: "crash loop".into(),
+        };
+        let reverted = |h: &str| DeployInput::HostReverted { host: h.into() };
+        let r = check(
+            WaveConfig {
+                canaries: 0,
+                ..config()
+            },
+            4,
+            vec![DeployAction::Phase(Phase::Rolling), up("h1"), up("h2")],
+            vec![
+                (10, started("h1"), vec![]),
+                (110, DeployInput::Tick, vec![up("h3")]),
+                (120, DeployInput::Pause, vec![]),
+                // h3 fails: it goes first, then h1 (healthy) only with a free slot.
+                (
+                    130,
+                    failed("h3"),
+                    vec![
+                        DeployAction::Phase(Phase::Reverting),
+                        down("h3"),
+                        down("h1"),
+                    ],
+                ),
+                (140, DeployInput::Tick, vec![]),
+                (150, reverted("h3"), vec![down("h2")]),
+                (160, reverted("h1"), vec![]),
+                (
+                    170,
+                    reverted("h2"),
+                    vec![DeployAction::Phase(Phase::Reverted)],
+                ),
+            ],
+        );
+        assert_eq!(
+            r.hosts.get("h4"),
+            Some(&HostPhase::Pending),
+            "never touched"
         );
     }
 

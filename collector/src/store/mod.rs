@@ -5,6 +5,7 @@
 //!
 //! Row types here are the store's own; the protocol's types are converted at this edge.
 
+pub mod audit;
 mod boundary;
 mod codec;
 mod compaction;
@@ -12,6 +13,7 @@ mod copy;
 mod ingest;
 mod partitions;
 mod query;
+pub mod tokens;
 
 pub use boundary::{IngestRules, Reason, Refusals, Window};
 pub use codec::CodecError;

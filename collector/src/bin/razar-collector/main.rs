@@ -2,6 +2,8 @@
 //! binary found next to this one (dev mode needs the agent, which the collector does
 //! not depend on).
 
+mod token;
+
 use clap::{Parser, Subcommand};
 use razar_collector::config::CollectorConfig;
 use std::io::Write;
@@ -36,6 +38,9 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<std::ffi::OsString>,
     },
+    /// Operator API tokens: `token create --role R --name N [--expires 30d]`, `list`,
+    /// `revoke ID`.
+    Token(token::TokenArgs),
 }
 
 /// mimalloc: the collector allocates and frees millions of small buffers a second
@@ -76,6 +81,7 @@ fn main() -> ExitCode {
             }
         },
         Command::Dev { args } => exec_dev(&args),
+        Command::Token(args) => block_on(token::run(args)),
     }
 }
 

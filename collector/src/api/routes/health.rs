@@ -1,50 +1,19 @@
-//! The collector's HTTP API: `/api/v1/health` (JSON) and `/metrics` (Prometheus text).
-//! The operator API grows here.
-//!
-//! Health is `ok`, `degraded` (HTTP 200, the failing checks listed: a stuck host, a
-//! background task that failed or missed its deadline, a slow database) or
-//! `unavailable` (HTTP 503: the database is unreachable, or not reached yet since
-//! start).
+//! `GET /api/v1/health`.
 
-use crate::config::HealthLimits;
-use crate::lost::Liveness;
-use crate::server::IngestMetrics;
-use crate::supervise::{Check, Tasks};
+use crate::api::ApiState;
+use crate::supervise::Check;
 use axum::extract::State;
-use axum::http::{header, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use axum::{Json, Router};
+use axum::Json;
 use serde::Serialize;
-use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 /// Most stuck hosts named in the health body.
 const STUCK_NAMED: usize = 20;
 
-/// What the API handlers read.
-#[derive(Clone)]
-pub struct ApiState {
-    pub registry: prometheus::Registry,
-    pub started: Instant,
-    pub limits: HealthLimits,
-    /// Set once the database is reached and ingest runs.
-    pub ready: Arc<OnceLock<Ready>>,
-    /// Until then, why not (the last error reaching the database).
-    pub waiting: Arc<Mutex<Option<String>>>,
-}
-
-/// The running collector's parts health reads.
-#[derive(Clone)]
-pub struct Ready {
-    pub pool: sqlx::PgPool,
-    pub ingest: IngestMetrics,
-    pub tasks: Arc<Tasks>,
-    pub liveness: Arc<Liveness>,
-}
-
 /// Body of `GET /api/v1/health`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Health {
     /// `ok`, `degraded` (a check fails) or `unavailable` (database unreachable).
     pub status: &'static str,
@@ -70,7 +39,7 @@ pub struct Health {
     pub connections_paused: i64,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct DatabaseCheck {
     /// Reachable (it may still be slow: see the `database` check).
     pub ok: bool,
@@ -78,15 +47,12 @@ pub struct DatabaseCheck {
     pub error: Option<String>,
 }
 
-/// The API's routes.
-pub fn router(state: ApiState) -> Router {
-    Router::new()
-        .route("/api/v1/health", get(health))
-        .route("/metrics", get(metrics))
-        .with_state(state)
-}
-
-async fn health(State(state): State<ApiState>) -> Response {
+/// Health of the collector: `ok`, `degraded` (the failing checks listed) or
+/// `unavailable` (503: the database is unreachable).
+#[utoipa::path(get, path = "/api/v1/health", tag = "health",
+    responses((status = 200, description = "ok or degraded", body = Health),
+              (status = 503, description = "the database is unreachable", body = Health)))]
+pub async fn health(State(state): State<ApiState>) -> Response {
     let Some(ready) = state.ready.get() else {
         let error = state
             .waiting
@@ -236,14 +202,6 @@ fn ingest_check(stuck: &[(String, Duration)], stuck_after: Duration) -> Check {
             stuck_after.as_secs_f64(),
             named.join(", ")
         ),
-    }
-}
-
-async fn metrics(State(state): State<ApiState>) -> Response {
-    let encoder = prometheus::TextEncoder::new();
-    match encoder.encode_to_string(&state.registry.gather()) {
-        Ok(text) => ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response(),
-        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
     }
 }
 

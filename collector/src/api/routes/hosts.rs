@@ -1,0 +1,185 @@
+//! Hosts, their components and GPUs.
+
+use super::events::event_from_row;
+use crate::api::error::{ApiError, ApiPath};
+use crate::api::types::{Component, ComponentRevision, Gpu, GpuValue, Host};
+use crate::api::ApiState;
+use axum::extract::State;
+use axum::Json;
+use sqlx::postgres::PgRow;
+use sqlx::types::Json as SqlJson;
+use sqlx::Row;
+use std::collections::HashMap;
+
+const HOST_SELECT: &str = "SELECT h.host_id, h.state, h.first_seen, h.last_seen, h.lost_since,
+        h.agent_version, h.profile,
+        coalesce((SELECT jsonb_agg(jsonb_build_object('name', c.name, 'state', c.state,
+                                   'revision', c.revision) ORDER BY c.name)
+                  FROM components c WHERE c.host_id = h.host_id), '[]'::jsonb),
+        (SELECT count(*) FROM gpus g WHERE g.host_id = h.host_id)
+    FROM hosts h WHERE ($1::text IS NULL OR h.host_id = $1) ORDER BY h.host_id";
+
+fn host_from_row(row: &PgRow) -> Result<Host, sqlx::Error> {
+    let SqlJson(components): SqlJson<Vec<ComponentRevision>> = row.try_get(7)?;
+    Ok(Host {
+        host_id: row.try_get(0)?,
+        state: row.try_get(1)?,
+        first_seen: row.try_get(2)?,
+        last_seen: row.try_get(3)?,
+        lost_since: row.try_get(4)?,
+        agent_version: row.try_get(5)?,
+        profile: row.try_get(6)?,
+        components,
+        gpu_count: row.try_get(8)?,
+    })
+}
+
+/// Every host with its state, agent version, profile and component revisions.
+#[utoipa::path(get, path = "/api/v1/hosts", tag = "hosts",
+    security(("bearer" = ["viewer"])),
+    responses((status = 200, body = Vec<Host>),
+              (status = 401, body = crate::api::types::ErrorBody)))]
+pub async fn list_hosts(State(state): State<ApiState>) -> Result<Json<Vec<Host>>, ApiError> {
+    let ready = state.ready()?;
+    let rows = sqlx::query(HOST_SELECT)
+        .bind(None::<String>)
+        .fetch_all(&ready.pool)
+        .await?;
+    let hosts = rows.iter().map(host_from_row).collect::<Result<_, _>>()?;
+    Ok(Json(hosts))
+}
+
+async fn one_host(state: &ApiState, host: &str) -> Result<Host, ApiError> {
+    let ready = state.ready()?;
+    let row = sqlx::query(HOST_SELECT)
+        .bind(host)
+        .fetch_optional(&ready.pool)
+        .await?;
+    match row {
+        Some(row) => Ok(host_from_row(&row)?),
+        None => Err(ApiError::not_found(format!("no host {host:?}"))),
+    }
+}
+
+/// One host.
+#[utoipa::path(get, path = "/api/v1/hosts/{host}", tag = "hosts",
+    security(("bearer" = ["viewer"])),
+    params(("host" = String, Path, description = "host id")),
+    responses((status = 200, body = Host), (status = 404, body = crate::api::types::ErrorBody)))]
+pub async fn get_host(
+    State(state): State<ApiState>,
+    ApiPath(host): ApiPath<String>,
+) -> Result<Json<Host>, ApiError> {
+    Ok(Json(one_host(&state, &host).await?))
+}
+
+/// A host's components with their states and recent events (transitions among them).
+#[utoipa::path(get, path = "/api/v1/hosts/{host}/components", tag = "hosts",
+    security(("bearer" = ["viewer"])),
+    params(("host" = String, Path, description = "host id")),
+    responses((status = 200, body = Vec<Component>), (status = 404, body = crate::api::types::ErrorBody)))]
+pub async fn list_components(
+    State(state): State<ApiState>,
+    ApiPath(host): ApiPath<String>,
+) -> Result<Json<Vec<Component>>, ApiError> {
+    one_host(&state, &host).await?;
+    let pool = &state.ready()?.pool;
+    let rows = sqlx::query(
+        "SELECT name, state, revision, critical, updated_at FROM components
+         WHERE host_id = $1 ORDER BY name",
+    )
+    .bind(&host)
+    .fetch_all(pool)
+    .await?;
+    let events = sqlx::query(&format!(
+        "SELECT {} FROM (SELECT *, row_number() OVER (PARTITION BY subject_id ORDER BY event_id DESC) AS rn
+               FROM events WHERE host_id = $1 AND subject_kind = 'component') e
+         WHERE rn <= 20 ORDER BY event_id DESC",
+        super::events::EVENT_COLUMNS
+    ))
+    .bind(&host)
+    .fetch_all(pool)
+    .await?;
+    let mut by_component: HashMap<String, Vec<_>> = HashMap::new();
+    for row in &events {
+        let event = event_from_row(row)?;
+        if let Some(name) = event.subject_id.clone() {
+            by_component.entry(name).or_default().push(event);
+        }
+    }
+    let components = rows
+        .iter()
+        .map(|r| {
+            let name: String = r.try_get(0)?;
+            Ok(Component {
+                recent_events: by_component.remove(&name).unwrap_or_default(),
+                name,
+                state: r.try_get(1)?,
+                revision: r.try_get(2)?,
+                critical: r.try_get(3)?,
+                updated_at: r.try_get(4)?,
+            })
+        })
+        .collect::<Result<_, sqlx::Error>>()?;
+    Ok(Json(components))
+}
+
+/// A host's GPUs: inventory and the newest value of each of their series.
+#[utoipa::path(get, path = "/api/v1/hosts/{host}/gpus", tag = "hosts",
+    security(("bearer" = ["viewer"])),
+    params(("host" = String, Path, description = "host id")),
+    responses((status = 200, body = Vec<Gpu>), (status = 404, body = crate::api::types::ErrorBody)))]
+pub async fn list_gpus(
+    State(state): State<ApiState>,
+    ApiPath(host): ApiPath<String>,
+) -> Result<Json<Vec<Gpu>>, ApiError> {
+    one_host(&state, &host).await?;
+    let pool = &state.ready()?.pool;
+    let rows = sqlx::query(
+        "SELECT gpu_index, uuid, name, pci_bus_id, memory_total_bytes, updated_at FROM gpus
+         WHERE host_id = $1 ORDER BY gpu_index",
+    )
+    .bind(&host)
+    .fetch_all(pool)
+    .await?;
+    let latest = sqlx::query(
+        "SELECT s.metric, s.labels->>'gpu', l.ts, l.value
+         FROM series s CROSS JOIN LATERAL (
+             SELECT ts, value FROM samples
+             WHERE series_id = s.series_id AND ts > now() - interval '10 minutes'
+             ORDER BY ts DESC LIMIT 1) l
+         WHERE s.host_id = $1 AND s.labels ? 'gpu'
+         ORDER BY s.metric",
+    )
+    .bind(&host)
+    .fetch_all(pool)
+    .await?;
+    let mut values: HashMap<String, Vec<GpuValue>> = HashMap::new();
+    for r in &latest {
+        let gpu: Option<String> = r.try_get(1)?;
+        if let Some(gpu) = gpu {
+            values.entry(gpu).or_default().push(GpuValue {
+                metric: r.try_get(0)?,
+                ts: r.try_get(2)?,
+                value: r.try_get(3)?,
+            });
+        }
+    }
+    let gpus = rows
+        .iter()
+        .map(|r| {
+            let index: i32 = r.try_get(0)?;
+            Ok(Gpu {
+                index,
+                uuid: r.try_get(1)?,
+                name: r.try_get(2)?,
+                pci_bus_id: r.try_get(3)?,
+                memory_total_bytes: r.try_get(4)?,
+                updated_at: r.try_get(5)?,
+                health_state: None,
+                values: values.remove(&index.to_string()).unwrap_or_default(),
+            })
+        })
+        .collect::<Result<_, sqlx::Error>>()?;
+    Ok(Json(gpus))
+}
