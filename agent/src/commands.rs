@@ -880,15 +880,3 @@ fn started_state(state: ComponentState) -> bool {
             | ComponentState::Quarantined
     )
 }
-
-/// The action's name for messages.
-fn action_name(action: &CommandAction) -> &'static str {
-    match action {
-        CommandAction::DrainGpu { .. } => "drain_gpu",
-        CommandAction::ResetGpu { .. } => "reset_gpu",
-        CommandAction::SetGpuHealth { .. } => "set_gpu_health",
-        CommandAction::DeployRevision { .. } => "deploy_revision",
-        CommandAction::SwitchProfile { .. } => "switch_profile",
-        _ => "command",
-    }
-}

@@ -52,6 +52,7 @@ fn executor(agent: &Agent, store: &Arc<Store>) -> Executor<mpsc::UnboundedSender
     let options = ExecutorOptions {
         retention: Duration::from_secs(3600),
         follow_limit: Duration::from_secs(600),
+        start_wait: Duration::from_secs(60),
     };
     Executor::new(agent.clone(), store.clone(), Arc::new(tx), options).with_gpus(gpus())
 }

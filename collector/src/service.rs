@@ -6,11 +6,9 @@ use crate::api::{self, ApiState, Ready};
 use crate::config::{CollectorConfig, Database};
 use crate::deployments::Deployments;
 use crate::embedded_pg::{EmbeddedPg, EmbeddedPgError, EmbeddedPgOptions};
-use crate::engine_loop::{
-    DeploymentHooks, EngineHandle, EngineLoop, EngineMetrics,
-};
-use crate::notify::NotifyMetrics;
+use crate::engine_loop::{DeploymentHooks, EngineHandle, EngineLoop, EngineMetrics};
 use crate::fleet_metrics::{FleetMetrics, FleetMetricsOptions, NoQuarantines, ScrapeGauges};
+use crate::notify::NotifyMetrics;
 use crate::server::{Collector, IngestConfig, ServerError};
 use crate::store::{Store, StoreError};
 use crate::supervise::Beat;
@@ -200,7 +198,10 @@ impl Service {
                     http_addr,
                     stop,
                     deployments,
-                    tasks: std::iter::once(http).chain(background).chain(pulses).collect(),
+                    tasks: std::iter::once(http)
+                        .chain(background)
+                        .chain(pulses)
+                        .collect(),
                     pause,
                 })
             }

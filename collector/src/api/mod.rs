@@ -206,17 +206,18 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
 pub fn router(state: ApiState) -> Router {
     let (api, _) = documented().split_for_parts();
     let fleet = state.fleet.clone().map(crate::fleet_metrics::router);
-    let router = api.route_layer(axum::middleware::from_fn_with_state(
-        state.clone(),
-        auth::authorize,
-    ))
-    .route("/api/v1/openapi.json", get(openapi_json))
-    .route("/metrics", get(metrics))
-    .fallback(not_found)
-    .method_not_allowed_fallback(method_not_allowed)
-    .layer(DefaultBodyLimit::max(state.settings.max_body_bytes))
-    .layer(axum::middleware::from_fn(auth::request_id))
-    .with_state(state);
+    let router = api
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::authorize,
+        ))
+        .route("/api/v1/openapi.json", get(openapi_json))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(state.settings.max_body_bytes))
+        .layer(axum::middleware::from_fn(auth::request_id))
+        .with_state(state);
     match fleet {
         Some(fleet) => router.merge(fleet),
         None => router,
