@@ -1247,6 +1247,26 @@ fn decode_deployment(row: &sqlx::postgres::PgRow) -> Result<Deployment, Deployme
     })
 }
 
+/// The engine's blame rule pauses the deployments of a blamed revision through this.
+impl crate::engine_loop::DeploymentHooks for Deployments {
+    fn pause_for_blame<'a>(
+        &'a self,
+        component: &'a str,
+        revision: &'a str,
+        decision_id: i64,
+    ) -> futures::future::BoxFuture<'a, Result<(), String>> {
+        Box::pin(async move {
+            let reason = format!(
+                "decision #{decision_id}: revision {revision} of {component} blamed for failures"
+            );
+            Deployments::pause_for_blame(self, component, revision, &reason)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1292,25 +1312,5 @@ mod tests {
         let capped = cap(long);
         assert!(capped.len() <= MAX_REASON_BYTES);
         assert!(!capped.contains('\0'));
-    }
-}
-
-/// The engine's blame rule pauses the deployments of a blamed revision through this.
-impl crate::engine_loop::DeploymentHooks for Deployments {
-    fn pause_for_blame<'a>(
-        &'a self,
-        component: &'a str,
-        revision: &'a str,
-        decision_id: i64,
-    ) -> futures::future::BoxFuture<'a, Result<(), String>> {
-        Box::pin(async move {
-            let reason = format!(
-                "decision #{decision_id}: revision {revision} of {component} blamed for failures"
-            );
-            Deployments::pause_for_blame(self, component, revision, &reason)
-                .await
-                .map(|_| ())
-                .map_err(|e| e.to_string())
-        })
     }
 }
