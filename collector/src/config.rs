@@ -174,7 +174,7 @@ struct RawApi {
 struct RawEngine {
     enabled: Option<bool>,
     tick: Option<Spanned<String>>,
-    lock_key: Option<i64>,
+    lock_key: Option<Spanned<i64>>,
     command_deadline: Option<Spanned<String>>,
     max_lag: Option<Spanned<String>>,
     batch_events: Option<Spanned<u32>>,
@@ -594,8 +594,15 @@ impl Validator<'_> {
         if let Some(on) = raw.enabled {
             e.enabled = on;
         }
-        if let Some(k) = raw.lock_key {
-            e.lock_key = k;
+        if let Some(k) = &raw.lock_key {
+            match crate::store::locks::reserved_by(*k.get_ref()) {
+                Some(task) => self.push(
+                    "engine.lock_key",
+                    k.span(),
+                    format!("is the advisory lock key of {task}: pick another"),
+                ),
+                None => e.lock_key = *k.get_ref(),
+            }
         }
         let durations = [
             ("engine.tick", &raw.tick, &mut e.tick),
@@ -1212,6 +1219,17 @@ mod tests {
                 (3, "ingest.max_series_per_host", "at least 1"),
             ],
         );
+    }
+
+    #[test]
+    fn engine_lock_key_may_not_take_a_reserved_key() {
+        let text = format!("[engine]\nlock_key = {}\n", crate::store::locks::COMPACTION);
+        check_err(
+            &text,
+            &[(2, "engine.lock_key", "advisory lock key of compaction")],
+        );
+        let ok = CollectorConfig::parse(Path::new("c.toml"), "[engine]\nlock_key = 42\n");
+        assert!(ok.is_ok(), "{ok:?}");
     }
 
     #[test]

@@ -74,7 +74,7 @@ impl Default for EngineSettings {
         EngineSettings {
             enabled: true,
             tick: Duration::from_secs(1),
-            lock_key: 0x7261_7a61_7200_0001,
+            lock_key: crate::store::locks::ENGINE_LEADER,
             command_deadline: Duration::from_secs(600),
             max_lag: Duration::from_secs(60),
             batch_events: 5_000,

@@ -465,13 +465,21 @@ async fn hostile_input_is_answered_4xx_and_nothing_is_stored() {
         ("endless expiry", "/api/v1/tokens", json!({"name": "x", "role": "viewer", "expires_in": "300000years"}).to_string()),
     ];
     for (what, path, body) in posts {
-        let response = f
+        let sent = f
             .request(Method::POST, path, Some(&t.admin))
             .header("content-type", "application/json")
             .body(body)
             .send()
-            .await
-            .expect("response");
+            .await;
+        let response = match sent {
+            Ok(response) => response,
+            // The server answers 413 after reading `max_body_bytes` and closes the
+            // connection; a client still writing the rest of a 1 MiB body may see the
+            // close before the answer. That is a refusal too (nothing stored is checked
+            // below); any other error is not.
+            Err(e) if what == "huge body" && e.is_request() => continue,
+            Err(e) => panic!("{what}: {e:?}"),
+        };
         let status = response.status();
         assert!(status.is_client_error(), "{what}: {status}");
         let body: Value = response.json().await.unwrap_or(Value::Null);

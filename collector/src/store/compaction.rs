@@ -20,7 +20,7 @@ use super::codec::{decode_points, encode_points, encode_rollups, rollup};
 use super::{day_of, Store, StoreError, WINDOW_MS};
 
 /// Advisory lock key held by the transaction compacting a window.
-const COMPACTION_LOCK: i64 = 0x7261_7a61_7200_0001;
+const COMPACTION_LOCK: i64 = super::locks::COMPACTION;
 /// Retries of a window whose transaction hit a serialisation failure.
 const MAX_RETRIES: u32 = 5;
 const DAY_MS: i64 = 86_400_000;

@@ -11,6 +11,7 @@ mod codec;
 mod compaction;
 mod copy;
 mod ingest;
+pub mod locks;
 mod partitions;
 mod query;
 pub mod tokens;
