@@ -1410,7 +1410,7 @@ fn decisions_round_trip_through_json_for_the_store() {
     }
     let json = serde_json::to_value(&d[0]).expect("serialize");
     assert_eq!(json["rule_id"], "xid.48");
-    assert_eq!(json["rule_version"], 1);
+    assert_eq!(json["rule_version"], 2);
 }
 
 #[test]
