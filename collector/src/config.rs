@@ -47,6 +47,12 @@ pub struct CollectorConfig {
     /// A host the store has online when the collector starts is marked lost unless it
     /// reconnects within this time (it died while the collector was down).
     pub lost_after_restart: Duration,
+    /// `[silence] samples_stalled_after`: a connected host whose heartbeats arrive but
+    /// whose samples stopped this long ago (a stalled sampler or NVML call) gets a
+    /// `heartbeats_without_samples` event (the engine escalates it); `samples_resumed`
+    /// when they come back. Default 2 min: longer than any agent's `sample_interval`
+    /// plus its batching.
+    pub samples_stalled_after: Duration,
     /// When `/api/v1/health` says `degraded`.
     pub health: HealthLimits,
     /// `[pulses]`: scheduled failure pulses (off by default).
@@ -158,6 +164,8 @@ struct RawConfig {
     deployments: RawDeployments,
     #[serde(default)]
     api: RawApi,
+    #[serde(default)]
+    silence: RawSilence,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -225,6 +233,13 @@ struct RawWebhook {
 struct RawDeployments {
     tick: Option<Spanned<String>>,
     command_deadline: Option<Spanned<String>>,
+}
+
+/// `[silence]` (session 7, "gaps"): hosts that talk but send no data.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSilence {
+    samples_stalled_after: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -323,6 +338,7 @@ impl CollectorConfig {
             retention_days: NonZeroU32::new(30).unwrap_or(NonZeroU32::MIN),
             compact_after: Duration::from_secs(15 * 60),
             lost_after_restart: Duration::from_secs(60),
+            samples_stalled_after: Duration::from_secs(120),
             health: HealthLimits::default(),
             deployments: crate::deployments::DeploymentSettings::default(),
             api: ApiSettings::default(),
@@ -522,6 +538,11 @@ impl Validator<'_> {
         if let Some(d) = &raw.heartbeat.lost_after_restart {
             if let Some(d) = v.duration("heartbeat.lost_after_restart", d) {
                 cfg.lost_after_restart = d;
+            }
+        }
+        if let Some(d) = &raw.silence.samples_stalled_after {
+            if let Some(d) = v.duration("silence.samples_stalled_after", d) {
+                cfg.samples_stalled_after = d;
             }
         }
         let health = [
@@ -1111,6 +1132,9 @@ mod tests {
         )
         .unwrap();
         assert_eq!(set.lost_after_restart, Duration::from_secs(300));
+        assert_eq!(d.samples_stalled_after, Duration::from_secs(120));
+        let silence = parse("[silence]\nsamples_stalled_after = \"45s\"\n").expect("valid");
+        assert_eq!(silence.samples_stalled_after, Duration::from_secs(45));
         assert_eq!(
             set.health,
             HealthLimits {

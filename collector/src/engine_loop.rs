@@ -434,6 +434,17 @@ pub struct StoredEvent {
     pub kind: String,
     pub payload: serde_json::Value,
     pub message: String,
+    /// The GPU of an attributed GPU event (issue 15: protocol version 3).
+    pub gpu_uuid: Option<String>,
+    /// Read from the kernel log as written before the agent started: not a new fault.
+    pub historical: bool,
+    /// The revision a component event's component ran (attributed events).
+    pub component_revision: Option<String>,
+    /// The GPUs a component event's component used (attributed events).
+    pub gpu_uuids: Option<Vec<String>>,
+    /// A fault's components mapped to its GPU then, with their revisions
+    /// (`fault_components`), sorted.
+    pub fault_components: Vec<(String, String)>,
 }
 
 /// Who did what to an escalation, kept for the projection.
@@ -443,12 +454,59 @@ struct OperatorNote {
     note: Option<String>,
 }
 
+/// Learns the component→GPU mapping from an attributed event (issue 15): a fault's
+/// components ran on its GPU; a component event names the GPUs its processes used. The
+/// store's inventory has no such mapping, so without this the engine could neither drain
+/// a faulty GPU's components nor tie a later failure to a GPU. Pure.
+pub fn learn(view: &mut FleetView, e: &StoredEvent) {
+    if e.subject_kind == "gpu" && !e.fault_components.is_empty() {
+        let Some(gpu) = e.gpu_uuid.clone().or_else(|| {
+            let index = e.subject_id.as_deref()?.parse::<u32>().ok()?;
+            view.hosts
+                .get(&e.host)?
+                .gpus
+                .iter()
+                .find(|(_, g)| g.index == index)
+                .map(|(u, _)| u.clone())
+        }) else {
+            return;
+        };
+        let Some(h) = view.hosts.get_mut(&e.host) else {
+            return;
+        };
+        for (name, _) in &e.fault_components {
+            if let Some(c) = h.components.get_mut(name) {
+                if !c.gpus.contains(&gpu) {
+                    c.gpus.push(gpu.clone());
+                }
+            }
+        }
+    } else if e.subject_kind == "component" {
+        let (Some(name), Some(gpus)) = (&e.subject_id, &e.gpu_uuids) else {
+            return;
+        };
+        if gpus.is_empty() {
+            return;
+        }
+        if let Some(c) = view
+            .hosts
+            .get_mut(&e.host)
+            .and_then(|h| h.components.get_mut(name))
+        {
+            c.gpus.clone_from(gpus);
+        }
+    }
+}
+
 /// Turns a stored event into the engine's input (pure: the view only resolves GPU
 /// indexes to UUIDs and components to their revisions). `None`: not the engine's
 /// business.
 pub fn translate(view: &FleetView, e: &StoredEvent) -> Option<Input> {
     let host = e.host.clone();
     let gpu_uuid = |view: &FleetView| -> Option<String> {
+        if let Some(uuid) = &e.gpu_uuid {
+            return Some(uuid.clone());
+        }
         let sid = e.subject_id.as_deref()?;
         let h = view.hosts.get(&e.host);
         let by_index = sid.parse::<u32>().ok().and_then(|i| {
@@ -472,12 +530,20 @@ pub fn translate(view: &FleetView, e: &StoredEvent) -> Option<Input> {
             .unwrap_or_default()
     };
     let xid = |view: &FleetView, code: u32| -> Option<Input> {
-        if e.subject_kind != "gpu" {
+        // A fault from before the agent started is history, not a new fault.
+        if e.subject_kind != "gpu" || e.historical {
             return None;
         }
         let gpu = gpu_uuid(view)?;
+        // What ran on the GPU when the fault was seen (attributed faults); the view's
+        // mapping now only for unattributed ones (older agents).
+        let revisions = if e.fault_components.is_empty() {
+            revisions_on(view, &gpu)
+        } else {
+            e.fault_components.clone()
+        };
         Some(Input::XidObserved {
-            revisions: revisions_on(view, &gpu),
+            revisions,
             host: host.clone(),
             gpu,
             xid: code,
@@ -506,12 +572,14 @@ pub fn translate(view: &FleetView, e: &StoredEvent) -> Option<Input> {
                 _ => return None,
             };
             let component = e.subject_id.clone()?;
-            let revision = view
-                .hosts
-                .get(&e.host)
-                .and_then(|h| h.components.get(&component))
-                .map(|c| c.revision.clone())
-                .unwrap_or_default();
+            // The revision it ran when it failed (attributed events), else the view's.
+            let revision = e.component_revision.clone().unwrap_or_else(|| {
+                view.hosts
+                    .get(&e.host)
+                    .and_then(|h| h.components.get(&component))
+                    .map(|c| c.revision.clone())
+                    .unwrap_or_default()
+            });
             Some(Input::ComponentFailed {
                 host,
                 component,
@@ -534,6 +602,7 @@ pub fn translate(view: &FleetView, e: &StoredEvent) -> Option<Input> {
         "host_lost" => Some(Input::HostLost { host, event: e.id }),
         "host_back" => Some(Input::HostBack { host, event: e.id }),
         "heartbeats_without_samples" => Some(Input::HeartbeatsWithoutSamples { host, event: e.id }),
+        "samples_resumed" => Some(Input::SamplesResumed { host, event: e.id }),
         "gpu_reset_result" => Some(Input::GpuResetDone {
             host,
             gpu: field("gpu")?.as_str()?.to_owned(),
@@ -717,6 +786,7 @@ impl EngineLoop {
             razar_engine::decide(view, &input, now);
         }
         for e in &events {
+            learn(view, e);
             let Some(input) = translate(view, e) else {
                 continue;
             };
@@ -1139,8 +1209,14 @@ async fn read_events(
         return Ok(Vec::new());
     }
     let rows = sqlx::query(&format!(
-        "SELECT event_id, host_id, subject_kind, subject_id, kind, payload, message FROM events
-         WHERE xact >= $1::bigint{XID8} AND xact < $2::bigint{XID8} ORDER BY event_id"
+        "SELECT e.event_id, e.host_id, e.subject_kind, e.subject_id, e.kind, e.payload, e.message,
+                e.gpu_uuid, e.historical, e.component_revision, e.gpu_uuids,
+                coalesce((SELECT jsonb_agg(jsonb_build_array(f.component, f.revision)
+                                           ORDER BY f.component)
+                          FROM fault_components f WHERE f.event_id = e.event_id),
+                         '[]'::jsonb) AS fault_components
+         FROM events e
+         WHERE e.xact >= $1::bigint{XID8} AND e.xact < $2::bigint{XID8} ORDER BY e.event_id"
     ))
     .bind(from)
     .bind(to)
@@ -1156,6 +1232,12 @@ async fn read_events(
                 kind: r.try_get("kind")?,
                 payload: r.try_get("payload")?,
                 message: r.try_get("message")?,
+                gpu_uuid: r.try_get("gpu_uuid")?,
+                historical: r.try_get("historical")?,
+                component_revision: r.try_get("component_revision")?,
+                gpu_uuids: r.try_get("gpu_uuids")?,
+                fault_components: serde_json::from_value(r.try_get("fault_components")?)
+                    .unwrap_or_default(),
             })
         })
         .collect::<Result<Vec<_>, sqlx::Error>>()
@@ -1704,7 +1786,78 @@ mod tests {
             kind: kind.to_owned(),
             payload,
             message: "m".to_owned(),
+            gpu_uuid: None,
+            historical: false,
+            component_revision: None,
+            gpu_uuids: None,
+            fault_components: Vec::new(),
         }
+    }
+
+    /// An attributed XID 13 of GPU 0 (`GPU-a`) with what ran on it then.
+    fn attributed_xid(components: &[(&str, &str)]) -> StoredEvent {
+        StoredEvent {
+            gpu_uuid: Some("GPU-a".to_owned()),
+            fault_components: components
+                .iter()
+                .map(|(c, r)| ((*c).to_owned(), (*r).to_owned()))
+                .collect(),
+            ..event(
+                "xid",
+                "gpu",
+                Some("0"),
+                serde_json::json!({ "Xid": { "xid": 13, "class": "RestartApplication" } }),
+            )
+        }
+    }
+
+    #[test]
+    fn an_attributed_fault_carries_the_revisions_that_ran_on_its_gpu_then() {
+        // The view maps nothing to GPU-a (the store's inventory has no mapping); the
+        // fault says llm@v1 ran there when it was seen (before v2 started).
+        let e = attributed_xid(&[("llm", "v1")]);
+        match translate(&view(), &e) {
+            Some(Input::XidObserved { gpu, revisions, .. }) => {
+                assert_eq!(gpu, "GPU-a");
+                assert_eq!(revisions, vec![("llm".to_owned(), "v1".to_owned())]);
+            }
+            other => panic!("{other:?}"),
+        }
+        // The mapping is learnt: GPU-a's components are drained with it from now on.
+        let mut v = view();
+        learn(&mut v, &e);
+        assert_eq!(v.hosts["h1"].components_on("GPU-a"), vec!["llm".to_owned()]);
+        assert_eq!(v.hosts["h1"].components["llm"].gpus, vec!["GPU-b", "GPU-a"]);
+    }
+
+    #[test]
+    fn a_historical_fault_is_not_a_new_one() {
+        let e = StoredEvent {
+            historical: true,
+            ..attributed_xid(&[("llm", "v2")])
+        };
+        assert_eq!(translate(&view(), &e), None);
+    }
+
+    #[test]
+    fn a_component_failure_carries_the_revision_it_ran_and_its_gpus() {
+        let e = StoredEvent {
+            component_revision: Some("v1".to_owned()),
+            gpu_uuids: Some(vec!["GPU-a".to_owned()]),
+            ..event(
+                "state_changed",
+                "component",
+                Some("llm"),
+                serde_json::json!({ "StateChanged": { "from": "Starting", "to": "Backoff" } }),
+            )
+        };
+        match translate(&view(), &e) {
+            Some(Input::ComponentFailed { revision, .. }) => assert_eq!(revision, "v1"),
+            other => panic!("{other:?}"),
+        }
+        let mut v = view();
+        learn(&mut v, &e);
+        assert_eq!(v.hosts["h1"].components["llm"].gpus, vec!["GPU-a"]);
     }
 
     fn view() -> FleetView {

@@ -408,6 +408,9 @@ impl Conn {
                 }
                 self.pending_batches += 1;
                 self.pending_samples += batch.sample_count();
+                if batch.sample_count() > 0 {
+                    self.shared.liveness.sampled(&self.host, Instant::now());
+                }
                 self.ops.push_back(Op::Batch(batch, Instant::now()));
             }
             CollectorEvent::Heartbeat(_) => {}

@@ -41,6 +41,11 @@ struct Host {
     unacked_since: Option<Instant>,
     /// Agent timestamp (Unix ms) of the newest data of this host stored by this process.
     newest_stored_ms: Option<i64>,
+    /// When the last batch with samples arrived (or the agent was welcomed, which starts
+    /// the clock).
+    last_sample: Instant,
+    /// A `heartbeats_without_samples` event is recorded for the current stall.
+    sampler_stalled: bool,
 }
 
 impl Host {
@@ -55,6 +60,8 @@ impl Host {
             heard_since_touch: true,
             unacked_since: None,
             newest_stored_ms: None,
+            last_sample: now,
+            sampler_stalled: false,
         }
     }
 }
@@ -98,6 +105,15 @@ impl Liveness {
             h.last_heard = now;
             h.back_pending = true;
             h.heard_since_touch = true;
+            // A (re)connected agent gets the whole stall time to send its first samples.
+            h.last_sample = now;
+        }
+    }
+
+    /// A batch carrying samples arrived from `host`.
+    pub fn sampled(&self, host: &str, now: Instant) {
+        if let Some(h) = self.lock().get_mut(host) {
+            h.last_sample = h.last_sample.max(now);
         }
     }
 
@@ -211,16 +227,36 @@ struct Due {
     lost: Vec<String>,
     back: Vec<String>,
     touch: Vec<String>,
+    /// Heard within the grace, but no samples for `stall`: the sampler is stalled.
+    stalled: Vec<String>,
+    /// Samples again after a recorded stall.
+    resumed: Vec<String>,
 }
 
-fn due(liveness: &Liveness, grace: Duration, now: Instant) -> Due {
+fn due(liveness: &Liveness, grace: Duration, stall: Duration, now: Instant) -> Due {
     let mut out = Due::default();
     let mut hosts = liveness.lock();
     for (name, h) in hosts.iter_mut() {
+        let silent = now.saturating_duration_since(h.last_heard) >= grace;
         if h.back_pending {
             out.back.push(name.clone());
-        } else if !h.lost && h.paused == 0 && now.saturating_duration_since(h.last_heard) >= grace {
+        } else if !h.lost && h.paused == 0 && silent {
             out.lost.push(name.clone());
+        }
+        let starved = now.saturating_duration_since(h.last_sample) >= stall;
+        if h.sampler_stalled && !starved {
+            out.resumed.push(name.clone());
+        } else if !h.sampler_stalled
+            && starved
+            && !silent
+            && !h.lost
+            && !h.back_pending
+            && h.connections > 0
+            && h.paused == 0
+        {
+            // Talking (heartbeats within the grace) while no samples arrive: not a lost
+            // host, a stalled sampler. A paused connection is us not reading.
+            out.stalled.push(name.clone());
         }
         if h.heard_since_touch
             && h.last_touch
@@ -240,6 +276,8 @@ pub struct LostTiming {
     /// Silence after the collector's start after which a host the store had online is
     /// lost (it died while the collector was down, or does not come back).
     pub restart_grace: Duration,
+    /// Heartbeats without samples for this long: the sampler is stalled.
+    pub samples_stalled_after: Duration,
 }
 
 impl LostTiming {
@@ -298,7 +336,45 @@ pub async fn run(
             }
         }
         let now = Instant::now();
-        let work = due(&liveness, grace, now);
+        let work = due(&liveness, grace, timing.samples_stalled_after, now);
+        for (host, stalled) in work
+            .stalled
+            .into_iter()
+            .map(|h| (h, true))
+            .chain(work.resumed.into_iter().map(|h| (h, false)))
+        {
+            let (kind, severity, message) = if stalled {
+                (
+                    "heartbeats_without_samples",
+                    "warning",
+                    format!(
+                        "heartbeats arrive but no samples for {} s: sampler stalled",
+                        timing.samples_stalled_after.as_secs()
+                    ),
+                )
+            } else {
+                ("samples_resumed", "info", "samples arrive again".to_owned())
+            };
+            match store
+                .record_host_event(&host, Utc::now(), kind, severity, &message)
+                .await
+            {
+                Ok(()) => {
+                    if let Some(h) = liveness.lock().get_mut(&host) {
+                        h.sampler_stalled = stalled;
+                    }
+                    if stalled {
+                        tracing::warn!(host = %host, "heartbeats without samples: sampler stalled");
+                    } else {
+                        tracing::info!(host = %host, "samples arrive again");
+                    }
+                }
+                Err(e) => {
+                    clean = false;
+                    tracing::warn!(host = %host, error = %e, "cannot record a sampler stall; retrying");
+                }
+            }
+        }
         for host in work.back {
             match store.mark_back(&host, Utc::now()).await {
                 Ok(changed) => {
@@ -383,6 +459,48 @@ pub enum HostTransition {
 mod tests {
     use super::*;
 
+    /// Long enough that the lost-host tests never see a stall.
+    const STALL: Duration = Duration::from_secs(3600);
+
+    #[test]
+    fn heartbeats_without_samples_are_a_stall_of_their_own_until_samples_resume() {
+        let l = Liveness::default();
+        let t0 = Instant::now();
+        let grace = Duration::from_secs(3);
+        let stall = Duration::from_secs(10);
+        l.connected("a", t0);
+        l.welcomed("a", t0);
+        l.connected("quiet", t0);
+        l.welcomed("quiet", t0);
+        l.lock().values_mut().for_each(|h| h.back_pending = false);
+        // Both heartbeat; only "a" sends samples.
+        for s in 1..=12 {
+            let t = t0 + Duration::from_secs(s);
+            l.heard("a", t);
+            l.heard("quiet", t);
+            l.sampled("a", t);
+        }
+        let at = t0 + Duration::from_secs(12);
+        let d = due(&l, grace, stall, at);
+        assert_eq!(d.stalled, vec!["quiet".to_string()]);
+        assert!(d.lost.is_empty() && d.resumed.is_empty());
+        l.lock().get_mut("quiet").expect("quiet").sampler_stalled = true;
+        // Recorded once per stall.
+        assert!(due(&l, grace, stall, at).stalled.is_empty());
+        // Samples again: resumed.
+        l.sampled("quiet", at);
+        assert_eq!(due(&l, grace, stall, at).resumed, vec!["quiet".to_string()]);
+        // A silent host is lost, not stalled; a paused one (we do not read) neither.
+        l.lock().get_mut("quiet").expect("quiet").sampler_stalled = false;
+        let later = at + Duration::from_secs(20);
+        let d = due(&l, grace, stall, later);
+        assert!(d.stalled.is_empty(), "{d:?}");
+        assert_eq!(d.lost.len(), 2);
+        l.heard("a", later);
+        l.paused("a", true, later);
+        assert!(due(&l, grace, stall, later).stalled.is_empty());
+    }
+
     #[test]
     fn silent_host_is_due_lost_after_the_grace_unless_paused() {
         let l = Liveness::default();
@@ -391,19 +509,19 @@ mod tests {
         l.connected("a", t0);
         l.connected("b", t0);
         l.paused("b", true, t0);
-        let d = due(&l, grace, t0 + Duration::from_millis(2_999));
+        let d = due(&l, grace, STALL, t0 + Duration::from_millis(2_999));
         assert!(d.lost.is_empty());
-        let d = due(&l, grace, t0 + grace);
+        let d = due(&l, grace, STALL, t0 + grace);
         assert_eq!(d.lost, vec!["a".to_string()]);
         l.heard("a", t0 + grace);
-        assert!(due(&l, grace, t0 + grace).lost.is_empty());
+        assert!(due(&l, grace, STALL, t0 + grace).lost.is_empty());
         // Resuming counts from the resume, not from the last message.
         l.paused("b", false, t0 + Duration::from_secs(10));
         let b = "b".to_string();
-        assert!(!due(&l, grace, t0 + Duration::from_secs(12))
+        assert!(!due(&l, grace, STALL, t0 + Duration::from_secs(12))
             .lost
             .contains(&b));
-        assert!(due(&l, grace, t0 + Duration::from_secs(13))
+        assert!(due(&l, grace, STALL, t0 + Duration::from_secs(13))
             .lost
             .contains(&b));
     }
@@ -423,17 +541,22 @@ mod tests {
         );
         // "back" reconnected before the restart and keeps talking.
         l.heard("back", t0 + Duration::from_secs(18));
-        assert!(due(&l, grace, t0 + Duration::from_secs(19)).lost.is_empty());
+        assert!(due(&l, grace, STALL, t0 + Duration::from_secs(19))
+            .lost
+            .is_empty());
         l.connected("late", t0 + Duration::from_secs(19));
-        let d = due(&l, grace, t0 + restart);
+        let d = due(&l, grace, STALL, t0 + restart);
         assert_eq!(d.lost, vec!["dead".to_string()]);
         // A restart grace below the grace is the grace.
         let l = Liveness::default();
         l.seed_online(&["dead".into()], t0, grace, Duration::from_secs(1));
-        assert!(due(&l, grace, t0 + Duration::from_millis(2_999))
+        assert!(due(&l, grace, STALL, t0 + Duration::from_millis(2_999))
             .lost
             .is_empty());
-        assert_eq!(due(&l, grace, t0 + grace).lost, vec!["dead".to_string()]);
+        assert_eq!(
+            due(&l, grace, STALL, t0 + grace).lost,
+            vec!["dead".to_string()]
+        );
     }
 
     #[test]
@@ -471,7 +594,12 @@ mod tests {
         let t0 = Instant::now();
         l.connected("a", t0);
         l.welcomed("a", t0);
-        let d = due(&l, Duration::from_millis(1), t0 + Duration::from_secs(5));
+        let d = due(
+            &l,
+            Duration::from_millis(1),
+            STALL,
+            t0 + Duration::from_secs(5),
+        );
         assert_eq!(d.back, vec!["a".to_string()]);
         assert!(d.lost.is_empty());
     }

@@ -101,6 +101,9 @@ pub struct IngestConfig {
     /// A host the store has online when the collector starts is marked lost unless it
     /// reconnects within this time (it died while the collector was down).
     pub lost_after_restart: Duration,
+    /// Heartbeats without samples this long: `heartbeats_without_samples`
+    /// (`[silence] samples_stalled_after`).
+    pub samples_stalled_after: Duration,
     /// Most bytes of replies (acks, heartbeat acks, commands) waiting to be sent to one
     /// agent. At the bound the connection stops reading (and taking commands) until the
     /// agent takes its replies: a peer that never reads cannot grow the collector.
@@ -153,6 +156,7 @@ impl IngestConfig {
             hello_timeout: Duration::from_millis(2_500),
             reset_key: None,
             lost_after_restart: Duration::from_secs(60),
+            samples_stalled_after: Duration::from_secs(120),
             max_pending_reply_bytes: 256 * 1024,
             reply_stall_timeout: Duration::from_secs(5),
             refusals: HandshakeRefusals::default(),
@@ -742,6 +746,7 @@ impl Collector {
         let timing = LostTiming {
             grace: shared.config.lost_grace(),
             restart_grace: shared.config.lost_after_restart,
+            samples_stalled_after: shared.config.samples_stalled_after,
         };
         let lost_task = {
             let shared = shared.clone();

@@ -249,6 +249,7 @@ impl Service {
             ..SessionConfig::default()
         };
         ingest.lost_after_restart = config.lost_after_restart;
+        ingest.samples_stalled_after = config.samples_stalled_after;
         // Stable across restarts (and shared by collectors with the same key), so agents
         // learn at once that a restarted collector lost their connection.
         ingest.reset_key = std::fs::read(&config.tls.key)

@@ -26,6 +26,8 @@ pub enum EscalationKind {
     RevisionBlamed,
     /// The circuit breaker holds automatic actions back.
     BreakerOpen,
+    /// The recovery ladder asks a person to reboot a host (no agent command does it).
+    RebootRequested,
 }
 
 /// Escalations are deduplicated by this key.

@@ -70,8 +70,23 @@ impl Rule {
     }
 
     /// The rule's version (recorded with each decision).
+    ///
+    /// 2 (session 7): every rule that can climb the GPU ladder to a host reboot escalates
+    /// that reboot to a person (`RebootRequested`), resolved when the host is back;
+    /// `silence.no_samples` resolves its escalation when samples resume.
     pub fn version(self) -> u32 {
-        1
+        match self {
+            Rule::XidBucket
+            | Rule::Xid13And31
+            | Rule::Xid48
+            | Rule::Xid154
+            | Rule::XidNvlink
+            | Rule::GpuLadder
+            | Rule::Blame
+            | Rule::HostBack
+            | Rule::SamplerStalled => 2,
+            _ => 1,
+        }
     }
 }
 

@@ -64,6 +64,8 @@ pub enum Input {
     HostBack { host: String, event: EventId },
     /// Heartbeats arrive but no samples: the sampler is stalled.
     HeartbeatsWithoutSamples { host: String, event: EventId },
+    /// Samples arrive again after [`Input::HeartbeatsWithoutSamples`].
+    SamplesResumed { host: String, event: EventId },
     /// A failure pulse did not recover within its budget.
     PulseMissed {
         host: String,
@@ -112,6 +114,7 @@ impl Input {
             | Input::HostLost { event, .. }
             | Input::HostBack { event, .. }
             | Input::HeartbeatsWithoutSamples { event, .. }
+            | Input::SamplesResumed { event, .. }
             | Input::PulseMissed { event, .. }
             | Input::GpuResetDone { event, .. }
             | Input::OperatorOverride { event, .. }

@@ -9,7 +9,7 @@
 //! The same inputs at the same times always give the same actions and decisions, so
 //! every rule is tested on a simulated clock (`tests/fixtures.rs`).
 //!
-//! # Rules (id, version 1 each; [`Rule::version`] is recorded with each decision, as
+//! # Rules (id; [`Rule::version`] is recorded with each decision, as
 //! is the XID catalog's [`CATALOG_REVISION`](razar_shared::xid_catalog::CATALOG_REVISION))
 //!
 //! | id | what it decides |
@@ -21,13 +21,13 @@
 //! | `xid.154` | the recovery action decoded from the message (reset, reboot, drain P2P, drain and reset, none); unreadable → escalate |
 //! | `xid.nvlink` | NVLink workflows (74, 144-150...) → quarantine, drain, reset |
 //! | `xid.unknown` | codes outside the catalog or without a bucket → escalate, never dropped |
-//! | `gpu.ladder` | hardware path: quarantine that GPU only, drain its components, escalate; reset → (failed) host reboot → inspection; a recovered GPU is on probation for `probation_ms` and returns to service only without a fault; a fault in probation climbs one rung; `lemon_cycles` quarantines → inspection |
+//! | `gpu.ladder` | hardware path: quarantine that GPU only, drain its components, escalate; reset → (failed) host reboot (no agent command reboots a host: a reboot that passes the breaker is escalated as `RebootRequested`, a request to a person, resolved when the host is back) → inspection (escalated to a person); a recovered GPU is on probation for `probation_ms` and returns to service only without a fault; a fault in probation climbs one rung; `lemon_cycles` quarantines → inspection |
 //! | `gpu.override` | an operator sets a GPU healthy (back to service, cycles cleared, escalations resolved) or unhealthy (held for inspection), recorded with who and the note |
 //! | `component.failed` | a component the agent gave up on → escalation; every failure feeds blame |
 //! | `blame.revision` | a failure is the revision's fault only when it began after the revision started on that host, shows on the new revision on ≥ `blame_min_places` distinct GPUs/hosts, does not show on older revisions, and is not a hardware-class fault or one repeating on one GPU across revisions → roll back every host on it, pause its deployment, escalate; otherwise the rejected alternative says why |
 //! | `revision.started` | a component's new revision on a host (remembers the previous one) |
 //! | `silence.host_lost` / `silence.host_back` | escalate / auto-resolve; GPUs waiting for a reboot enter probation when their host is back; more hosts lost within the breaker's window than its limits (count or share) is a mass silence: the fleet scope opens and one `BreakerOpen` escalation replaces the per-host ones |
-//! | `silence.no_samples` | heartbeats without samples → its own escalation |
+//! | `silence.no_samples` | heartbeats without samples (the collector's `heartbeats_without_samples` event) → its own escalation; samples again (`samples_resumed`) → resolved |
 //! | `silence.pulse_missed` | a pulse not recovered in budget → escalation |
 //! | `breaker` | see [`breaker`]: per-scope limits on disruptive actions, half-open trial, held actions re-evaluated |
 //! | `escalation.lifecycle` | open → acknowledged → resolved, de-duplicated by (host, subject, kind); unacknowledged ones re-notified a level higher after `renotify_after_ms` |

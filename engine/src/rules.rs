@@ -203,6 +203,14 @@ pub(crate) fn decide(view: &mut FleetView, input: &Input, now: UnixMillis) -> Ve
             );
             ctxs.push(ctx);
         }
+        Input::SamplesResumed { host, event } => {
+            let mut ctx = Ctx::new(Rule::SamplerStalled, Some(*event));
+            ctx.fact(format!("{host} sends samples again"));
+            ctx.act(Action::ResolveEscalation {
+                key: EscalationKey::new(Some(host), "sampler", EscalationKind::SamplerStalled),
+            });
+            ctxs.push(ctx);
+        }
         Input::PulseMissed {
             host,
             component,
@@ -592,7 +600,7 @@ fn hardware(
                 rung: start,
                 since: now,
             };
-            ctx.act(rung_action(host, gpu, start));
+            climb(ctx, host, &name, gpu, start);
             return;
         }
         GpuHealth::Quarantined { rung, .. } => {
@@ -622,7 +630,7 @@ fn hardware(
             if drain {
                 ctx.act(drain_action(view, host, gpu));
             }
-            ctx.act(rung_action(host, gpu, rung));
+            climb(ctx, host, &name, gpu, rung);
             ctx.escalate(
                 gpu_fault_key(host, gpu),
                 if rung == Rung::Reboot {
@@ -651,9 +659,42 @@ fn hardware(
             ctx.escalate(
                 EscalationKey::new(Some(host), gpu, EscalationKind::GpuInspection),
                 Severity::Critical,
-                format!("{name} needs hardware inspection: {why}"),
+                format!(
+                    "{name} needs hardware inspection by a person: {why}; it stays out of \
+                     service until an operator sets it healthy with a note"
+                ),
             );
         }
+    }
+}
+
+/// The key of "a person must reboot this host" (resolved when the host is back).
+fn reboot_key(host: &str) -> EscalationKey {
+    EscalationKey::new(Some(host), "host", EscalationKind::RebootRequested)
+}
+
+/// Acts on a ladder rung. A GPU reset is a command the agent carries out; a host reboot
+/// is not (no agent command reboots its own host): [`finish`] escalates it, once the
+/// breaker let it through, as a request to a person, and the host's return starts the
+/// GPU's probation.
+fn climb(ctx: &mut Ctx, host: &str, name: &str, gpu: &str, rung: Rung) {
+    if rung == Rung::Reboot {
+        ctx.fact(format!(
+            "{name} needs {host} rebooted: asked of a person (no agent command reboots a host)"
+        ));
+    }
+    ctx.act(rung_action(host, gpu, rung));
+}
+
+/// The escalation that asks a person to carry out a reboot the engine decided.
+fn reboot_request(host: &str) -> Action {
+    Action::Escalate {
+        key: reboot_key(host),
+        severity: Severity::Critical,
+        summary: format!(
+            "a person must reboot {host}: Razar does not reboot hosts itself; its quarantined \
+             GPUs stay out of service and start probation when {host} is back"
+        ),
     }
 }
 
@@ -713,7 +754,7 @@ fn on_reset_done(
                     since: now,
                 };
             }
-            ctx.act(rung_action(host, gpu, Rung::Reboot));
+            climb(&mut ctx, host, &name, gpu, Rung::Reboot);
         }
         other => ctx.fact(format!(
             "reset result ({ok}) for {name} ignored: it is {other:?}"
@@ -753,6 +794,12 @@ fn on_host_back(
     ctx.act(Action::ResolveEscalation {
         key: EscalationKey::new(Some(host), "host", EscalationKind::HostLost),
     });
+    if !rebooting.is_empty() {
+        // GPUs waited for its reboot: the request to a person is done.
+        ctx.act(Action::ResolveEscalation {
+            key: reboot_key(host),
+        });
+    }
     ctxs.push(ctx);
     if !rebooting.is_empty() {
         let mut ladder = Ctx::new(Rule::GpuLadder, Some(event));
@@ -1243,10 +1290,16 @@ fn finish(view: &mut FleetView, ctx: Ctx, now: UnixMillis) -> Vec<Action> {
         }
     }
     view.breaker = breaker;
-    let actions: Vec<Action> = passed
-        .into_iter()
-        .filter(|a| dedup_escalation(view, a, now))
-        .collect();
+    // A reboot that goes through is a request to a person (escalated right after it); a
+    // held one asks nobody.
+    let passed = passed.into_iter().flat_map(|a| {
+        let ask = match &a {
+            Action::RequestReboot { host } => Some(reboot_request(host)),
+            _ => None,
+        };
+        std::iter::once(a).chain(ask)
+    });
+    let actions: Vec<Action> = passed.filter(|a| dedup_escalation(view, a, now)).collect();
     let record = ctx.always_record || !actions.is_empty() || !held.is_empty();
     if record {
         let id = view.next_decision;

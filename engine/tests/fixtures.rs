@@ -159,6 +159,16 @@ fn reboot(host: &str) -> Action {
     Action::RequestReboot { host: host.into() }
 }
 
+/// A reboot is asked of a person: its escalation.
+fn reboot_esc(host: &str) -> Action {
+    esc(
+        Some(host),
+        "host",
+        EscalationKind::RebootRequested,
+        Severity::Critical,
+    )
+}
+
 fn inspect(host: &str, gpu: &str) -> Action {
     Action::RequireInspection {
         host: host.into(),
@@ -435,6 +445,7 @@ fn xid_45_alone_asks_for_the_fabric_manager_and_follows_another_xid() {
                     quarantine("h1", "h1-g0"),
                     drain("h1", "h1-g0", &["llm"]),
                     reboot("h1"),
+                    reboot_esc("h1"),
                     gpu_fault("h1", "h1-g0", Severity::Critical),
                 ],
             ),
@@ -480,6 +491,7 @@ fn xid_154_follows_the_recovery_action_in_its_message() {
                     quarantine("h2", "h2-g1"),
                     drain("h2", "h2-g1", &["embed"]),
                     reboot("h2"),
+                    reboot_esc("h2"),
                     gpu_fault("h2", "h2-g1", Severity::Critical),
                 ],
             ),
@@ -610,6 +622,7 @@ fn the_ladder_climbs_reset_then_reboot_then_inspection() {
                     quarantine("h1", "h1-g0"),
                     drain("h1", "h1-g0", &["llm"]),
                     reboot("h1"),
+                    reboot_esc("h1"),
                 ],
             ),
             (
@@ -631,7 +644,10 @@ fn the_ladder_climbs_reset_then_reboot_then_inspection() {
                     host: "h1".into(),
                     event: 5,
                 },
-                vec![resolve(Some("h1"), "host", EscalationKind::HostLost)],
+                vec![
+                    resolve(Some("h1"), "host", EscalationKind::HostLost),
+                    resolve(Some("h1"), "host", EscalationKind::RebootRequested),
+                ],
             ),
             // Probation after the reboot: a fault now exhausts the ladder.
             (
@@ -670,7 +686,11 @@ fn a_failed_reset_requests_a_reboot() {
                 xid("h2", "h2-g0", 119, &[], 1),
                 hardware_reset("h2", "h2-g0", &["llm"]),
             ),
-            (MIN, reset_done("h2", "h2-g0", false, 2), vec![reboot("h2")]),
+            (
+                MIN,
+                reset_done("h2", "h2-g0", false, 2),
+                vec![reboot("h2"), reboot_esc("h2")],
+            ),
             // A late, duplicate result changes nothing.
             (2 * MIN, reset_done("h2", "h2-g0", true, 3), vec![]),
         ],
@@ -1091,6 +1111,27 @@ fn silence_escalates_and_host_back_resolves() {
                     Severity::Warning,
                 )],
             ),
+            // Samples again: the stall's escalation resolves (and only once).
+            (
+                4 * MIN + 1,
+                Input::SamplesResumed {
+                    host: "h3".into(),
+                    event: 7,
+                },
+                vec![resolve(
+                    Some("h3"),
+                    "sampler",
+                    EscalationKind::SamplerStalled,
+                )],
+            ),
+            (
+                4 * MIN + 2,
+                Input::SamplesResumed {
+                    host: "h3".into(),
+                    event: 8,
+                },
+                vec![],
+            ),
             // Lost again after being back: a new escalation.
             (
                 5 * MIN,
@@ -1369,7 +1410,7 @@ fn decisions_round_trip_through_json_for_the_store() {
     }
     let json = serde_json::to_value(&d[0]).expect("serialize");
     assert_eq!(json["rule_id"], "xid.48");
-    assert_eq!(json["rule_version"], 1);
+    assert_eq!(json["rule_version"], 2);
 }
 
 #[test]

@@ -86,6 +86,10 @@ fn input() -> impl Strategy<Value = Input> {
             .prop_map(|host| Input::HostLost { host, event: 0 }),
         host.clone()
             .prop_map(|host| Input::HostBack { host, event: 0 }),
+        host.clone()
+            .prop_map(|host| Input::HeartbeatsWithoutSamples { host, event: 0 }),
+        host.clone()
+            .prop_map(|host| Input::SamplesResumed { host, event: 0 }),
         (host.clone(), gpu.clone(), any::<bool>()).prop_map(|(host, g, ok)| {
             Input::GpuResetDone {
                 gpu: format!("{host}-g{g}"),
@@ -116,6 +120,7 @@ fn with_event(input: Input, id: i64) -> Input {
         | Input::HostLost { event, .. }
         | Input::HostBack { event, .. }
         | Input::HeartbeatsWithoutSamples { event, .. }
+        | Input::SamplesResumed { event, .. }
         | Input::PulseMissed { event, .. }
         | Input::GpuResetDone { event, .. }
         | Input::OperatorOverride { event, .. }

@@ -1016,3 +1016,626 @@ async fn an_escalation_nobody_acknowledges_is_notified_again_a_level_higher() {
     assert!(seen.lock().expect("log").len() >= 2);
     collector.shutdown().await;
 }
+
+// ---------------------------------------------------------------- session 7 ("gaps")
+
+/// An attributed GPU fault (protocol version 3, issue 15) of GPU `index` of `host`, with
+/// the components (and their revisions) that ran on it when it was seen.
+fn fault(host: &str, index: u32, code: u32, class: XidClass, components: &[(&str, &str)]) -> Event {
+    use razar_shared::protocol::{ComponentRevision, GpuFault, GpuFaultKind, GpuRef};
+    let now = razar_tests::fixtures::now_ms();
+    Event {
+        ts_ms: now,
+        severity: Severity::Critical,
+        subject: Subject::Gpu(index),
+        kind: EventKind::GpuFault(Box::new(GpuFault {
+            fault: GpuFaultKind::Xid {
+                xid: code,
+                class,
+                count: 1,
+                first_ms: now,
+                last_ms: now,
+            },
+            gpu: GpuRef {
+                index,
+                uuid: format!("GPU-{host}-{index}"),
+                pci_bus_id: format!("00000000:{index:02X}:00.0"),
+            },
+            processes: Vec::new(),
+            components: components
+                .iter()
+                .map(|(c, v)| ComponentRevision {
+                    component: (*c).to_owned(),
+                    version: (*v).to_owned(),
+                    spec_hash: format!("sha-{c}-{v}"),
+                    pid: Some(4242),
+                })
+                .collect(),
+            historical: false,
+        })),
+        message: format!("Xid {code}"),
+    }
+}
+
+/// `model-server` moves to `revision` on `host` (its inventory, as the agent reports it
+/// after a deploy), the host having `gpus` GPUs.
+async fn deploy_inventory(f: &Fixture, host: &str, gpus: u32, revision: &str) {
+    use razar_shared::protocol::{ComponentInfo, Inventory};
+    let inventory = Inventory {
+        components: vec![ComponentInfo {
+            name: "model-server".to_owned(),
+            revision: revision.to_owned(),
+            state: ComponentState::Starting,
+            critical: true,
+        }],
+        gpus: (0..gpus)
+            .map(|i| GpuInfo {
+                index: i,
+                uuid: format!("GPU-{host}-{i}"),
+                name: "NVIDIA H100 80GB HBM3".to_owned(),
+                pci_bus_id: format!("0000:{i:02x}:00.0"),
+                memory_total_bytes: 80 << 30,
+            })
+            .collect(),
+    };
+    f.store
+        .record_inventory(host, &inventory, Utc::now())
+        .await
+        .expect("inventory");
+}
+
+/// During a rollout (r2 on h1 and h2, h3 still on r1, same GPU model): XID 79 on one GPU
+/// of h3 quarantines and drains that GPU only, no rollback; XID 13 on r2 on the two hosts,
+/// tied to r2 by the fault's own attribution (what ran on the GPU then), rolls them back
+/// and pauses the deployment; the blame rests on both faults.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn during_a_rollout_xid_79_quarantines_one_gpu_and_xid_13_on_the_new_revision_on_two_hosts_rolls_back(
+) {
+    let f = Fixture::new().await;
+    for h in ["h1", "h2", "h3"] {
+        f.host(h, 2).await;
+    }
+    let hooks = Arc::new(RecordingHooks::default());
+    let mut config = f.config("c1");
+    config.lost_after_restart = Duration::from_secs(600);
+    let collector = Service::start_with(config, hooks.clone())
+        .await
+        .expect("collector starts");
+    wait_for("the fleet known", || async {
+        (f.scalar("SELECT count(*) FROM gpu_health").await == 6).then_some(())
+    })
+    .await;
+    for h in ["h1", "h2"] {
+        deploy_inventory(&f, h, 2, "r2").await;
+    }
+    wait_for("r2 seen on two hosts", || async {
+        (f.scalar("SELECT count(*) FROM decisions WHERE rule = 'revision.started'")
+            .await
+            >= 2)
+            .then_some(())
+    })
+    .await;
+    // XID 79 on h3's GPU 1 (model-server r1 on it): hardware, that GPU only.
+    let gpu_fault = f
+        .events(
+            "h3",
+            vec![fault(
+                "h3",
+                1,
+                79,
+                XidClass::RebootHost,
+                &[("model-server", "r1")],
+            )],
+        )
+        .await[0];
+    wait_for("h3's GPU 1 quarantined", || async {
+        f.gpu_state("h3", "GPU-h3-1")
+            .await
+            .filter(|(s, _)| s == "quarantined")
+    })
+    .await;
+    let other = f.gpu_state("h3", "GPU-h3-0").await;
+    assert!(
+        other.as_ref().is_none_or(|(s, _)| s == "healthy"),
+        "{other:?}"
+    );
+    let drains = wait_for("h3's drain", || async {
+        let c = f.commands("h3").await;
+        c.iter().any(|(k, _, _)| k == "drain_gpu").then_some(c)
+    })
+    .await;
+    for (kind, action, _) in &drains {
+        assert_ne!(kind, "rollback", "{drains:?}");
+        assert_eq!(action["DrainGpu"]["gpu"], "GPU-h3-1", "{kind}: {action}");
+    }
+    // XID 13 on r2 on h1 and h2.
+    let x1 = f
+        .events(
+            "h1",
+            vec![fault(
+                "h1",
+                0,
+                13,
+                XidClass::RestartApplication,
+                &[("model-server", "r2")],
+            )],
+        )
+        .await[0];
+    let x2 = f
+        .events(
+            "h2",
+            vec![fault(
+                "h2",
+                1,
+                13,
+                XidClass::RestartApplication,
+                &[("model-server", "r2")],
+            )],
+        )
+        .await[0];
+    let rollbacks = wait_for("rollbacks", || async {
+        let n = f
+            .scalar("SELECT count(*) FROM commands WHERE kind = 'rollback' AND caller = 'engine'")
+            .await;
+        (n >= 2).then_some(n)
+    })
+    .await;
+    assert_eq!(rollbacks, 2);
+    for h in ["h1", "h2"] {
+        let c = f.commands(h).await;
+        assert!(
+            c.iter()
+                .any(|(k, a, _)| k == "rollback" && a["Rollback"]["revision"] == "r1"),
+            "{h}: {c:?}"
+        );
+        // Its GPUs stay in service: an application fault.
+        for i in 0..2 {
+            let s = f.gpu_state(h, &format!("GPU-{h}-{i}")).await;
+            assert!(
+                s.as_ref().is_none_or(|(s, _)| s == "healthy"),
+                "{h}/{i}: {s:?}"
+            );
+        }
+    }
+    assert!(
+        f.commands("h3")
+            .await
+            .iter()
+            .all(|(k, _, _)| k != "rollback"),
+        "h3 (old revision) is not rolled back"
+    );
+    wait_for("the deployment paused", || async {
+        (!hooks.0.lock().expect("hooks").is_empty()).then_some(())
+    })
+    .await;
+    assert_eq!(
+        hooks.0.lock().expect("hooks").clone(),
+        vec![("model-server".to_owned(), "r2".to_owned())]
+    );
+    let engine = collector.engine();
+    let blamed = engine
+        .decisions(None, 100)
+        .await
+        .expect("decisions")
+        .into_iter()
+        .find(|d| d.rule == "blame.revision" && d.actions.to_string().contains("RollBack"))
+        .expect("the blame decision");
+    let mut events = blamed.events();
+    events.sort_unstable();
+    assert_eq!(events, vec![x1, x2], "{:?}", blamed.evidence);
+    assert!(!events.contains(&gpu_fault));
+    collector.shutdown().await;
+}
+
+/// During a rollout (r2 on h1 and h2), a crash loop on h3, still on r1, is escalated and
+/// nothing else: no command to any host, no pause; and when r2 then crashes too, the blame
+/// is rejected because the old revision fails the same way (even with one place enough).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_loop_on_a_host_still_on_the_old_revision_during_a_rollout_is_escalated_only() {
+    let f = Fixture::new().await;
+    for h in ["h1", "h2", "h3"] {
+        f.host(h, 1).await;
+    }
+    let hooks = Arc::new(RecordingHooks::default());
+    let mut config = f.config("c1");
+    config.lost_after_restart = Duration::from_secs(600);
+    config.engine.rules.blame_min_places = 1;
+    let collector = Service::start_with(config, hooks.clone())
+        .await
+        .expect("collector starts");
+    wait_for("the fleet known", || async {
+        (f.scalar("SELECT count(*) FROM gpu_health").await == 3).then_some(())
+    })
+    .await;
+    for h in ["h1", "h2"] {
+        deploy_inventory(&f, h, 1, "r2").await;
+    }
+    wait_for("r2 seen on two hosts", || async {
+        (f.scalar("SELECT count(*) FROM decisions WHERE rule = 'revision.started'")
+            .await
+            >= 2)
+            .then_some(())
+    })
+    .await;
+    use ComponentState::{Backoff, Quarantined, Starting};
+    let ids = f
+        .events(
+            "h3",
+            vec![
+                state("model-server", Starting, Backoff),
+                state("model-server", Backoff, Starting),
+                state("model-server", Starting, Backoff),
+                state("model-server", Backoff, Quarantined),
+            ],
+        )
+        .await;
+    let engine = collector.engine();
+    let esc = wait_for("the quarantine escalation", || async {
+        engine
+            .escalations(true, 50)
+            .await
+            .expect("escalations")
+            .into_iter()
+            .find(|e| e.kind == "ComponentQuarantined")
+    })
+    .await;
+    assert_eq!(
+        (esc.host_id.as_str(), esc.subject.as_str()),
+        ("h3", "model-server")
+    );
+    // Backoff → Starting is no failure: the other three are decided.
+    wait_for("every failure decided", || async {
+        for e in [&ids[0], &ids[2], &ids[3]] {
+            if f.decided(*e).await.is_empty() {
+                return None;
+            }
+        }
+        Some(())
+    })
+    .await;
+    // r2 now crashes on h1: r1 fails the same way, so r2 is not to blame.
+    let crash = f
+        .events("h1", vec![state("model-server", Starting, Backoff)])
+        .await[0];
+    let decisions = wait_for("the crash on r2 decided", || async {
+        let d = f.decided(crash).await;
+        d.iter()
+            .any(|(_, rule, _)| rule == "blame.revision")
+            .then_some(d)
+    })
+    .await;
+    let blame = decisions
+        .iter()
+        .find(|(_, rule, _)| rule == "blame.revision")
+        .expect("blame considered");
+    let blame = engine
+        .decision(blame.0)
+        .await
+        .expect("decision")
+        .expect("stored");
+    assert!(
+        blame.actions.as_array().is_some_and(Vec::is_empty),
+        "{}",
+        blame.actions
+    );
+    let rejected = blame.rejected.to_string();
+    assert!(rejected.contains("fails on r1 too"), "{rejected}");
+    // Escalation only: no command to any host, the deployment not paused.
+    for h in ["h1", "h2", "h3"] {
+        assert!(
+            f.commands(h).await.is_empty(),
+            "{h}: {:?}",
+            f.commands(h).await
+        );
+    }
+    assert!(hooks.0.lock().expect("hooks").is_empty());
+    assert_eq!(
+        f.scalar("SELECT count(*) FROM escalations WHERE kind = 'RevisionBlamed'")
+            .await,
+        0
+    );
+    collector.shutdown().await;
+}
+
+/// XID 48 three times on one GPU: reset (probation), a fault in probation climbs to a
+/// host reboot (recorded and escalated to a person: no agent command reboots a host),
+/// the host's return after the reboot starts probation again, and a fault in that
+/// probation exhausts the ladder: hardware inspection, escalated. The GPU is out of
+/// service throughout, the lemon count is not what sends it to inspection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn xid_48_three_times_on_one_gpu_climbs_the_ladder_and_a_probation_fault_restarts_it_higher()
+{
+    let f = Fixture::new().await;
+    f.host("h1", 2).await;
+    let mut config = f.config("c1");
+    config.lost_after_restart = Duration::from_secs(600);
+    config.engine.rules.probation_ms = 600_000;
+    config.engine.rules.lemon_cycles = 10;
+    let collector = f.collector(config).await;
+    wait_for("the fleet known", || async {
+        (f.scalar("SELECT count(*) FROM gpu_health").await == 2).then_some(())
+    })
+    .await;
+    let gpu_is = |state: &'static str, rung: Option<&'static str>| {
+        let f = &f;
+        async move {
+            f.gpu_state("h1", "GPU-h1-0")
+                .await
+                .filter(|(s, r)| s == state && r.as_deref() == rung)
+        }
+    };
+    // 1. Reset, then probation.
+    f.events("h1", vec![xid(0, 48, XidClass::ResetGpu)]).await;
+    wait_for("quarantined for a reset", || {
+        gpu_is("quarantined", Some("reset"))
+    })
+    .await;
+    wait_for("the reset command", || async {
+        let c = f.commands("h1").await;
+        c.iter().any(|(k, _, _)| k == "reset_gpu").then_some(())
+    })
+    .await;
+    settle_reset(&f, "h1", true).await;
+    wait_for("probation after the reset", || {
+        gpu_is("probation", Some("reset"))
+    })
+    .await;
+    // 2. A fault in probation: one rung up, a host reboot, recorded and escalated.
+    f.events("h1", vec![xid(0, 48, XidClass::ResetGpu)]).await;
+    wait_for("quarantined for a reboot", || {
+        gpu_is("quarantined", Some("reboot"))
+    })
+    .await;
+    wait_for("the reboot recorded for a person", || async {
+        let n = f
+            .scalar(
+                "SELECT count(*) FROM engine_actions WHERE kind = 'reboot' AND state = 'skipped'",
+            )
+            .await;
+        (n == 1).then_some(())
+    })
+    .await;
+    // A person reboots the host: it goes away and comes back; probation starts again,
+    // from the reboot rung.
+    assert!(f.store.mark_lost("h1", Utc::now()).await.expect("lost"));
+    wait_for("h1 lost seen", || async {
+        let n = f
+            .scalar("SELECT count(*) FROM escalations WHERE host_id = 'h1' AND kind = 'HostLost'")
+            .await;
+        (n == 1).then_some(())
+    })
+    .await;
+    assert!(f.store.mark_back("h1", Utc::now()).await.expect("back"));
+    wait_for("probation after the reboot", || {
+        gpu_is("probation", Some("reboot"))
+    })
+    .await;
+    // 3. A fault in that probation: the ladder is exhausted, hardware inspection.
+    let third = f.events("h1", vec![xid(0, 48, XidClass::ResetGpu)]).await[0];
+    wait_for("inspection", || gpu_is("inspection", None)).await;
+    let engine = collector.engine();
+    let esc = wait_for("the inspection escalation", || async {
+        engine
+            .escalations(true, 50)
+            .await
+            .expect("escalations")
+            .into_iter()
+            .find(|e| e.kind == "GpuInspection" && e.subject == "GPU-h1-0")
+    })
+    .await;
+    assert_eq!(esc.state, "open");
+    wait_for("the inspection recorded for a person", || async {
+        let n = f
+            .scalar(
+                "SELECT count(*) FROM engine_actions WHERE kind = 'inspection' AND state = 'skipped'",
+            )
+            .await;
+        (n == 1).then_some(())
+    })
+    .await;
+    let d = f.decided(third).await;
+    let d = engine
+        .decision(d[0].0)
+        .await
+        .expect("decision")
+        .expect("stored");
+    let facts = d.evidence["facts"].to_string();
+    assert!(facts.contains("faulted in probation"), "{facts}");
+    assert!(
+        d.rejected.to_string().contains("ladder is exhausted"),
+        "{}",
+        d.rejected
+    );
+    // Three cycles, one reset command only; the other GPU kept serving.
+    let cycles = f
+        .scalar("SELECT cycles::bigint FROM gpu_health WHERE gpu_uuid = 'GPU-h1-0'")
+        .await;
+    assert_eq!(cycles, 3);
+    let c = f.commands("h1").await;
+    assert_eq!(
+        c.iter().filter(|(k, _, _)| k == "reset_gpu").count(),
+        1,
+        "{c:?}"
+    );
+    let other = f.gpu_state("h1", "GPU-h1-1").await;
+    assert!(
+        other.as_ref().is_none_or(|(s, _)| s == "healthy"),
+        "{other:?}"
+    );
+    collector.shutdown().await;
+}
+
+/// A real QUIC peer with `host`'s certificate, welcomed, that sends heartbeats every
+/// 200 ms and never a sample (a stalled sampler) until `stop` turns true.
+async fn heartbeats_only(
+    f: &mut Fixture,
+    addr: std::net::SocketAddr,
+    host: &str,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
+    use quinn::crypto::rustls::QuicClientConfig;
+    use razar_shared::protocol::codec::{encode_agent, CollectorFrameDecoder};
+    use razar_shared::protocol::{
+        AgentMessage, CollectorMessage, Heartbeat, Hello, StatusDigest, PROTOCOL_MAX, PROTOCOL_MIN,
+    };
+    let issued = f.ca.agent(host).expect("agent certificate");
+    let config = f.ca.client_config(&issued).expect("client config");
+    let mut endpoint =
+        quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("endpoint");
+    let crypto = QuicClientConfig::try_from(Arc::new(config)).expect("quic crypto");
+    endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
+    let conn = endpoint
+        .connect(addr, "localhost")
+        .expect("connect")
+        .await
+        .expect("connected");
+    let (mut send, mut recv) = conn.open_bi().await.expect("stream");
+    let hello = Hello {
+        protocol_min: PROTOCOL_MIN,
+        protocol_max: PROTOCOL_MAX,
+        host_id: host.to_owned(),
+        agent_version: "test".to_owned(),
+        profile: "core".to_owned(),
+        components: Vec::new(),
+        gpus: Vec::new(),
+        last_acked_seq: 0,
+        agent_time_ms: razar_tests::fixtures::now_ms(),
+    };
+    send.write_all(&encode_agent(&AgentMessage::Hello(hello)).expect("encode"))
+        .await
+        .expect("hello sent");
+    let mut decoder = CollectorFrameDecoder::new();
+    loop {
+        let chunk = tokio::time::timeout(PATIENCE, recv.read_chunk(4096, true))
+            .await
+            .expect("a Welcome in time")
+            .expect("read")
+            .expect("stream open");
+        let mut input = &chunk.bytes[..];
+        if let Some(m) = decoder.feed(&mut input).expect("decode") {
+            assert!(matches!(m, CollectorMessage::Welcome(_)), "{m:?}");
+            break;
+        }
+    }
+    tokio::spawn(async move {
+        let mut stop = stop;
+        // Keep reading (acks) so the collector never sees a slow reader.
+        let reader =
+            tokio::spawn(
+                async move { while let Ok(Some(_)) = recv.read_chunk(4096, true).await {} },
+            );
+        while !*stop.borrow() {
+            let beat = AgentMessage::Heartbeat(Heartbeat {
+                agent_time_ms: razar_tests::fixtures::now_ms(),
+                digest: StatusDigest::default(),
+            });
+            if send
+                .write_all(&encode_agent(&beat).expect("encode"))
+                .await
+                .is_err()
+            {
+                break;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                _ = stop.changed() => {}
+            }
+        }
+        reader.abort();
+        conn.close(0u32.into(), b"done");
+        endpoint.close(0u32.into(), b"done");
+    })
+}
+
+/// Silence of its own kind: a connected host whose heartbeats arrive while its samples
+/// have stopped is not lost; it gets a `SamplerStalled` escalation (once), decided from
+/// the collector's `heartbeats_without_samples` event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeats_while_samples_have_stopped_escalate_a_stalled_sampler_not_a_lost_host() {
+    let mut f = Fixture::new().await;
+    let mut config = f.config("c1");
+    config.samples_stalled_after = Duration::from_secs(2);
+    let collector = f.collector(config).await;
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    let peer = heartbeats_only(&mut f, collector.quic_addr(), "h1", stop).await;
+    let engine = collector.engine();
+    let esc = wait_for("the stalled-sampler escalation", || async {
+        engine
+            .escalations(true, 50)
+            .await
+            .expect("escalations")
+            .into_iter()
+            .find(|e| e.kind == "SamplerStalled")
+    })
+    .await;
+    assert_eq!(
+        (esc.host_id.as_str(), esc.subject.as_str()),
+        ("h1", "sampler")
+    );
+    assert_eq!(esc.state, "open");
+    let events = f
+        .scalar("SELECT count(*) FROM events WHERE host_id = 'h1' AND kind = 'heartbeats_without_samples'")
+        .await;
+    assert_eq!(events, 1, "recorded once per stall");
+    let d = engine
+        .decisions(None, 100)
+        .await
+        .expect("decisions")
+        .into_iter()
+        .find(|d| d.rule == "silence.no_samples")
+        .expect("the decision");
+    assert_eq!(d.events().len(), 1);
+    // Not a lost host: it keeps talking.
+    assert_eq!(
+        f.scalar("SELECT count(*) FROM escalations WHERE kind = 'HostLost'")
+            .await,
+        0
+    );
+    let _ = stop_tx.send(true);
+    peer.await.expect("peer");
+    collector.shutdown().await;
+}
+
+/// A failure pulse the component did not recover from within its budget (the agent's
+/// `PulseResult { passed: false }`) is escalated; a passed one is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failure_pulse_not_recovered_within_its_budget_is_escalated() {
+    let f = Fixture::new().await;
+    f.host("h1", 0).await;
+    let collector = f.collector(f.config("c1")).await;
+    let pulse = |recovered_ms: Option<u64>, passed: bool| Event {
+        ts_ms: razar_tests::fixtures::now_ms(),
+        severity: Severity::Warning,
+        subject: Subject::Component("model-server".to_owned()),
+        kind: EventKind::PulseResult {
+            recovered_ms,
+            budget_ms: 5_000,
+            passed,
+        },
+        message: "pulse".to_owned(),
+    };
+    let ok = f.events("h1", vec![pulse(Some(1_200), true)]).await[0];
+    let missed = f.events("h1", vec![pulse(None, false)]).await[0];
+    let engine = collector.engine();
+    let esc = wait_for("the pulse escalation", || async {
+        engine
+            .escalations(true, 50)
+            .await
+            .expect("escalations")
+            .into_iter()
+            .find(|e| e.kind == "PulseMissed")
+    })
+    .await;
+    assert_eq!(
+        (esc.host_id.as_str(), esc.subject.as_str()),
+        ("h1", "model-server")
+    );
+    let d = f.decided(missed).await;
+    assert_eq!(d.len(), 1);
+    assert_eq!(d[0].1, "silence.pulse_missed");
+    assert!(
+        f.decided(ok).await.is_empty(),
+        "a passed pulse needs no decision"
+    );
+    collector.shutdown().await;
+}

@@ -417,6 +417,30 @@ impl Store {
         Ok(hosts)
     }
 
+    /// Records a host-level event of the collector's own (`kind`, e.g.
+    /// `heartbeats_without_samples`) for the engine to read by its cursor.
+    pub async fn record_host_event(
+        &self,
+        host: &str,
+        at: DateTime<Utc>,
+        kind: &str,
+        severity: &str,
+        message: &str,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO events (host_id, ts, severity, subject_kind, subject_id, kind, payload, message)
+             SELECT host_id, $2, $3, 'host', NULL, $4, '{}'::jsonb, $5 FROM hosts WHERE host_id = $1",
+        )
+        .bind(host)
+        .bind(at)
+        .bind(severity)
+        .bind(kind)
+        .bind(message)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
     /// Marks an online host lost since `at`, with a `host_lost` event. Returns whether
     /// the state changed (false if unknown or already lost).
     pub async fn mark_lost(
