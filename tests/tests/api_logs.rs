@@ -268,7 +268,11 @@ async fn read_until(
 }
 
 /// The agent's own `/metrics` value of `name`.
-async fn agent_metric(http: &reqwest::Client, data_dir: &std::path::Path, name: &str) -> Option<f64> {
+async fn agent_metric(
+    http: &reqwest::Client,
+    data_dir: &std::path::Path,
+    name: &str,
+) -> Option<f64> {
     let addr = std::fs::read_to_string(data_dir.join("agent.addr")).ok()?;
     let text = http
         .get(format!("http://{}/metrics", addr.trim()))
@@ -327,7 +331,10 @@ async fn a_log_follow_survives_a_restart_and_a_rotation_and_ends_with_its_compon
         .expect("response");
     assert_eq!(response.status(), reqwest::StatusCode::OK);
     let mut sse = Sse::default();
-    read_until(&mut response, &mut sse, "a few lines", |s| s.lines.len() >= 5).await;
+    read_until(&mut response, &mut sse, "a few lines", |s| {
+        s.lines.len() >= 5
+    })
+    .await;
     assert_eq!(
         fleet.metric(&http, "razar_collector_log_follows").await,
         Some(1.0)
@@ -347,9 +354,12 @@ async fn a_log_follow_survives_a_restart_and_a_rotation_and_ends_with_its_compon
     .await;
     let second = inode(&live_file).expect("live file");
     let seen = sse.lines.len();
-    read_until(&mut response, &mut sse, "lines after a second rotation", |s| {
-        s.lines.len() > seen + 5 && inode(&live_file).is_some_and(|i| i != second)
-    })
+    read_until(
+        &mut response,
+        &mut sse,
+        "lines after a second rotation",
+        |s| s.lines.len() > seen + 5 && inode(&live_file).is_some_and(|i| i != second),
+    )
     .await;
     assert!(logs.join("talker.log.1").exists());
 
@@ -357,21 +367,37 @@ async fn a_log_follow_survives_a_restart_and_a_rotation_and_ends_with_its_compon
     let runs_before = sse.runs();
     assert_eq!(runs_before.len(), 1, "{sse:?}");
     fleet.agent_cli(&["restart", "talker"]);
-    read_until(&mut response, &mut sse, "lines of the restarted process", |s| {
-        s.runs().len() >= 2 && s.lines.iter().filter(|(r, _)| *r != runs_before[0]).count() >= 5
-    })
+    read_until(
+        &mut response,
+        &mut sse,
+        "lines of the restarted process",
+        |s| {
+            s.runs().len() >= 2 && s.lines.iter().filter(|(r, _)| *r != runs_before[0]).count() >= 5
+        },
+    )
     .await;
     // In order within each run, none twice.
     for run in sse.runs() {
-        let numbers: Vec<u64> = sse.lines.iter().filter(|(r, _)| *r == run).map(|(_, n)| *n).collect();
-        assert!(numbers.windows(2).all(|w| w[1] > w[0]), "run {run}: {numbers:?}");
+        let numbers: Vec<u64> = sse
+            .lines
+            .iter()
+            .filter(|(r, _)| *r == run)
+            .map(|(_, n)| *n)
+            .collect();
+        assert!(
+            numbers.windows(2).all(|w| w[1] > w[0]),
+            "run {run}: {numbers:?}"
+        );
     }
     assert!(!sse.ended);
 
     // Removed by a reload: the follow ends with an `end` event and the body closes.
     fleet.write_components(KEEPER);
     fleet.agent_cli(&["reload"]);
-    read_until(&mut response, &mut sse, "the end of the follow", |s| s.ended).await;
+    read_until(&mut response, &mut sse, "the end of the follow", |s| {
+        s.ended
+    })
+    .await;
     let rest = tokio::time::timeout(PATIENCE, response.chunk())
         .await
         .expect("the body closes after `end`")

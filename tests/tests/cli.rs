@@ -6,6 +6,7 @@
 //!
 //! Build first: `cargo build -p razar-agent --bins -p razar-cli`.
 
+use razar_collector::store::tokens::{self, Role};
 use razar_tests::live::{binary, toml_str, wait_for, LiveFleet, PATIENCE};
 use serde_json::Value;
 use std::process::{Output, Stdio};
@@ -204,7 +205,13 @@ async fn the_cli_reads_and_steers_a_live_fleet() {
         assert_eq!(out["state"], "succeeded", "{action}: {out}");
     }
     let out = cli
-        .json(&["pulse", &format!("{HOST}/talker"), "--wait", "--budget", "60s"])
+        .json(&[
+            "pulse",
+            &format!("{HOST}/talker"),
+            "--wait",
+            "--budget",
+            "60s",
+        ])
         .await;
     assert_eq!(out["state"], "succeeded", "pulse: {out}");
     // Without --wait: the created command, in a table.
@@ -244,7 +251,9 @@ async fn the_cli_reads_and_steers_a_live_fleet() {
     })
     .await;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let tail = cli.ok(&["logs", &format!("{HOST}/talker"), "--tail", "3"]).await;
+    let tail = cli
+        .ok(&["logs", &format!("{HOST}/talker"), "--tail", "3"])
+        .await;
     let lines: Vec<&str> = tail.lines().collect();
     assert_eq!(lines.len(), 3, "{tail}");
     assert!(lines.iter().all(|l| l.starts_with("line-")), "{tail}");
@@ -300,15 +309,41 @@ async fn the_cli_reads_and_steers_a_live_fleet() {
         ])
         .await;
     assert!(
-        spark.chars().any(|c| ('\u{2581}'..='\u{2588}').contains(&c)),
+        spark
+            .chars()
+            .any(|c| ('\u{2581}'..='\u{2588}').contains(&c)),
         "{spark}"
     );
 
-    // Audit: the commands are there, with who did them.
-    let audit = cli.json(&["audit"]).await;
+    // Audit (admin only): the commands are there, with who did them.
+    let out = cli.run(&["audit"]).await;
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("403"),
+        "{}",
+        text(&out)
+    );
+    let (_, admin) = tokens::create(&fleet.pool, "live-admin", Role::Admin, None, None)
+        .await
+        .expect("admin token");
+    let admin_args = |extra: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = ["--server", &fleet.base, "--token", &admin]
+            .iter()
+            .map(|s| (*s).to_owned())
+            .collect();
+        v.extend(extra.iter().map(|s| (*s).to_owned()));
+        v
+    };
+    let args = admin_args(&["audit", "-o", "json"]);
+    let out = razar_env(&args.iter().map(String::as_str).collect::<Vec<_>>(), &[]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let audit: Value = serde_json::from_slice(&out.stdout).expect("audit JSON");
     assert!(audit.to_string().contains("live-ops"), "{audit}");
     assert!(audit.to_string().contains("commands"), "{audit}");
-    assert!(cli.ok(&["audit", "--limit", "3"]).await.contains("ROUTE"));
+    let args = admin_args(&["audit", "--limit", "3"]);
+    let out = razar_env(&args.iter().map(String::as_str).collect::<Vec<_>>(), &[]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(stdout(&out).contains("ROUTE"), "{}", text(&out));
 
     // Server and token from the environment, then from a config file.
     let env = [
@@ -357,13 +392,27 @@ async fn the_cli_reads_and_steers_a_live_fleet() {
     // Unknown host and unknown component: failures.
     let out = cli.run(&["host", "no-such-host"]).await;
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("404"), "{}", text(&out));
-    let out = cli.run(&["logs", &format!("{HOST}/no-such-component"), "--tail", "1"]).await;
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("404"),
+        "{}",
+        text(&out)
+    );
+    let out = cli
+        .run(&["logs", &format!("{HOST}/no-such-component"), "--tail", "1"])
+        .await;
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     // Unreachable server: a failure naming it.
-    let out = razar_env(&["--server", "http://127.0.0.1:9", "--token", "t", "hosts"], &[]).await;
+    let out = razar_env(
+        &["--server", "http://127.0.0.1:9", "--token", "t", "hosts"],
+        &[],
+    )
+    .await;
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("127.0.0.1:9"), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("127.0.0.1:9"),
+        "{}",
+        text(&out)
+    );
     // Usage: exit 2.
     for args in [
         &["frobnicate"][..],
@@ -382,7 +431,11 @@ async fn the_cli_reads_and_steers_a_live_fleet() {
     std::fs::write(&bad, "sever = \"x\"\n").expect("bad.toml");
     let out = razar_env(&["--config", &bad.to_string_lossy(), "hosts"], &[]).await;
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("sever"), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("sever"),
+        "{}",
+        text(&out)
+    );
     // --help and --version succeed.
     assert_eq!(razar_env(&["--help"], &[]).await.status.code(), Some(0));
     assert_eq!(razar_env(&["--version"], &[]).await.status.code(), Some(0));
