@@ -589,15 +589,6 @@ mod tests {
     }
 
     #[test]
-    fn commands_are_the_wire_action_as_json() {
-        let v = serde_json::to_value(CommandAction::Restart {
-            component: "trainer".into(),
-        })
-        .expect("json");
-        assert_eq!(v, json!({"Restart": {"component": "trainer"}}));
-    }
-
-    #[test]
     fn specs_read_in_three_formats() {
         let dir = tempfile::tempdir().expect("dir");
         let expected = json!({"component": "trainer", "waves": [1, 5]});
