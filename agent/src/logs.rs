@@ -98,6 +98,8 @@ enum WriterMsg {
         line: LogLine,
     },
     Flush(oneshot::Sender<()>),
+    /// The component is gone: close its live file.
+    Close(Arc<str>),
 }
 
 struct Channel {
@@ -181,6 +183,18 @@ impl Logs {
         Ok(())
     }
 
+    /// Forgets `component` (removed from the config): its followers see the end of the
+    /// log once they have read what was sent, its live file is closed, and lines still
+    /// read from its pipes are no longer kept. Registering it again starts afresh.
+    pub async fn unregister(&self, component: &str) {
+        let Some((name, _)) = self.components().remove_entry(component) else {
+            return;
+        };
+        // After every line queued before (the writer may be behind).
+        let queue = self.inner.queue.clone();
+        let _ = tokio::task::spawn_blocking(move || queue.send(WriterMsg::Close(name))).await;
+    }
+
     /// Captures a process's stdout and stderr until both pipes close. Must be called
     /// inside a tokio runtime; `component` must be registered.
     pub fn attach<O, E>(&self, component: &str, stdout: O, stderr: E) -> Result<(), LogError>
@@ -243,6 +257,15 @@ impl Logs {
                 Ok(receiver)
             }
         }
+    }
+
+    /// Live followers over all components (receivers of [`follow`](Self::follow)).
+    pub fn followers(&self) -> u64 {
+        self.components()
+            .values()
+            .filter_map(|c| c.follow.as_ref())
+            .map(|f| u64::try_from(f.receiver_count()).unwrap_or(u64::MAX))
+            .sum()
     }
 
     /// Lines dropped from the files because the writer fell behind.
@@ -483,6 +506,14 @@ fn writer_loop(rx: Receiver<WriterMsg>, write_errors: &AtomicU64) {
                     flush_all(&mut files, write_errors);
                     let _ = done.send(());
                 }
+                WriterMsg::Close(component) => {
+                    if let Some(mut live) = files.remove(&component) {
+                        if let Err(error) = live.out.flush() {
+                            write_errors.fetch_add(1, Ordering::Relaxed);
+                            tracing::warn!(path = %live.path.display(), %error, "cannot flush component log");
+                        }
+                    }
+                }
             }
             next = rx.try_recv().ok();
         }
@@ -716,6 +747,49 @@ mod tests {
         let line = tokio::time::timeout(Duration::from_secs(10), second.recv()).await??;
         assert_eq!(line.text, "seen");
         assert_eq!(logs.tail("f", 5).await?.len(), 2);
+        Ok(())
+    }
+
+    /// Descriptors of this process open on files under `dir`.
+    fn open_under(dir: &Path) -> Vec<PathBuf> {
+        fs::read_dir("/proc/self/fd")
+            .map(|rd| {
+                rd.filter_map(|e| e.ok())
+                    .filter_map(|e| fs::read_link(e.path()).ok())
+                    .filter(|target| target.starts_with(dir))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    #[tokio::test]
+    async fn unregister_ends_followers_and_closes_the_live_file(
+    ) -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let dir = dir.path().canonicalize()?;
+        let logs = Logs::start()?;
+        logs.register("gone", policy(&dir, 1 << 20, 2))?;
+        let mut rx = logs.follow("gone")?;
+        logs.record("gone", LogStream::Stdout, "last words")?;
+        logs.flush().await?;
+        assert_eq!(open_under(&dir).len(), 1, "the live file is open");
+        logs.unregister("gone").await;
+        // What was sent before still arrives, then the end.
+        assert_eq!(rx.recv().await?.text, "last words");
+        assert!(matches!(
+            rx.recv().await,
+            Err(broadcast::error::RecvError::Closed)
+        ));
+        logs.flush().await?;
+        assert_eq!(open_under(&dir), Vec::<PathBuf>::new());
+        assert!(matches!(
+            logs.record("gone", LogStream::Stdout, "late"),
+            Err(LogError::UnknownComponent(_))
+        ));
+        // Registered again, it starts afresh.
+        logs.register("gone", policy(&dir, 1 << 20, 2))?;
+        logs.record("gone", LogStream::Stdout, "again")?;
+        assert_eq!(logs.tail("gone", 1).await?[0].text, "again");
         Ok(())
     }
 

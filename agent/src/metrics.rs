@@ -51,6 +51,8 @@ pub struct Flow {
     pub uplink_commands_dropped_total: u64,
     pub uplink_outbound_dropped_total: u64,
     pub log_lines_dropped_total: u64,
+    /// Live followers of component logs (one per running log follow).
+    pub log_followers: u64,
 }
 
 struct FlowMetrics {
@@ -63,6 +65,7 @@ struct FlowMetrics {
     uplink_commands_dropped: IntCounter,
     uplink_outbound_dropped: IntCounter,
     log_lines_dropped: IntCounter,
+    log_followers: IntGauge,
 }
 
 impl FlowMetrics {
@@ -101,6 +104,10 @@ impl FlowMetrics {
             log_lines_dropped: counter(
                 "razar_log_lines_dropped_total",
                 "Component log lines not written to their files (writer behind) or lost by a follower.",
+            )?,
+            log_followers: gauge(
+                "razar_log_followers",
+                "Live followers of component logs (log follows the collector asked for).",
             )?,
         })
     }
@@ -305,6 +312,7 @@ impl Metrics {
         gauge_u64(&m.spool_bytes, flow.spool_bytes);
         gauge_u64(&m.spool_budget_bytes, flow.spool_budget_bytes);
         m.uplink_connected.set(i64::from(flow.uplink_connected));
+        gauge_u64(&m.log_followers, flow.log_followers);
         let drops = [
             (
                 &m.spool_dropped_samples,
@@ -483,6 +491,7 @@ mod tests {
             uplink_commands_dropped_total: 1,
             uplink_outbound_dropped_total: 3,
             log_lines_dropped_total: 5,
+            log_followers: 2,
         };
         metrics.flow(&flow);
         flow.spool_dropped_samples_total = 50;
@@ -499,6 +508,7 @@ mod tests {
             "razar_uplink_commands_dropped_total 1",
             "razar_uplink_outbound_dropped_total 3",
             "razar_log_lines_dropped_total 5",
+            "razar_log_followers 2",
         ] {
             assert!(
                 text.lines().any(|l| l == line),

@@ -581,6 +581,7 @@ fn flow(agent: &Agent, uplink: Option<&Uplink>) -> crate::metrics::Flow {
     let logs = agent.logs();
     let mut flow = crate::metrics::Flow {
         log_lines_dropped_total: logs.dropped_lines_total() + logs.dropped_follow_lines_total(),
+        log_followers: logs.followers(),
         ..crate::metrics::Flow::default()
     };
     if let Some(uplink) = uplink {

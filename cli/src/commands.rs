@@ -4,8 +4,6 @@ use crate::args::{Cli, Command, ComponentCommand, EventsArgs, HistoryArgs, Rollo
 use crate::client::{Client, ClientError, SseEvent};
 use crate::output::{self, col, Column, Format};
 use crate::settings::Settings;
-use anyhow::Context as _;
-use razar_shared::protocol::CommandAction;
 use serde_json::{json, Value};
 use std::io::Write as _;
 use std::ops::ControlFlow;
@@ -185,22 +183,19 @@ pub fn run(cli: &Cli, settings: &Settings) -> Result<(), Failure> {
                 client.post(&["escalations", &a.id, "resolve"], &json!({"note": a.note}))?;
             print(&output::one(&answer, format));
         }
-        Command::Restart(c) => command(&client, c, format, |component| CommandAction::Restart {
-            component,
-        })?,
-        Command::Stop(c) => command(&client, c, format, |component| CommandAction::Stop {
-            component,
-        })?,
-        Command::Start(c) => command(&client, c, format, |component| CommandAction::Start {
-            component,
-        })?,
+        Command::Restart(c) => command(&client, c, format, "restart", json!({}))?,
+        Command::Stop(c) => command(&client, c, format, "stop", json!({}))?,
+        Command::Start(c) => command(&client, c, format, "start", json!({}))?,
         Command::Pulse { target, budget } => {
             let budget_ms = u64::try_from(budget.as_millis())
                 .map_err(|_| Failure::Usage(format!("--budget {budget:?} is too long")))?;
-            command(&client, target, format, |component| CommandAction::Pulse {
-                component,
-                budget_ms,
-            })?
+            command(
+                &client,
+                target,
+                format,
+                "pulse",
+                json!({ "budget_ms": budget_ms }),
+            )?
         }
         Command::Inspect { id } => {
             print(&output::one(&client.get(&["commands", id], &[])?, format))
@@ -401,20 +396,18 @@ fn logs(
     format: Format,
 ) -> Result<(), Failure> {
     let (host, component) = split_target(target)?;
-    let query = [("tail", tail.to_string()), ("follow", follow.to_string())];
+    let query = [("lines", tail.to_string()), ("follow", follow.to_string())];
+    let mut end: Option<String> = None;
     let mut each = |event: SseEvent| {
+        if event.event.as_deref() == Some("end") {
+            end = Some(event.data);
+            return ControlFlow::Break(());
+        }
         match format {
             Format::Table => {
-                // A JSON line object shows its text; anything else as sent.
-                let line = serde_json::from_str::<Value>(&event.data)
-                    .ok()
-                    .and_then(|v| {
-                        output::field(&v, "line|text|message")
-                            .and_then(Value::as_str)
-                            .map(str::to_owned)
-                    })
-                    .unwrap_or_else(|| event.data.clone());
-                print(&format!("{line}\n"));
+                for line in log_lines(&event.data) {
+                    print(&format!("{line}\n"));
+                }
             }
             _ => print_streamed(&event, format, &[]),
         }
@@ -426,7 +419,30 @@ fn logs(
         None,
         &mut each,
     )?;
-    Ok(())
+    match end.as_deref().and_then(tail_failure) {
+        Some(why) => Err(anyhow::anyhow!("log tail of {target} {why}").into()),
+        None => Ok(()),
+    }
+}
+
+/// The text lines of one `log` event (`{stream, lines}`); other data as sent.
+fn log_lines(data: &str) -> Vec<String> {
+    match serde_json::from_str::<Value>(data) {
+        Ok(v) => match v.get("lines").and_then(Value::as_array) {
+            Some(lines) => lines
+                .iter()
+                .map(|l| l.as_str().map_or_else(|| l.to_string(), str::to_owned))
+                .collect(),
+            None => vec![data.to_owned()],
+        },
+        Err(_) => vec![data.to_owned()],
+    }
+}
+
+/// Why a tail failed, from its `end` event (`failed: ...`, `expired: ...`); `None` when it
+/// ended normally.
+fn tail_failure(end: &str) -> Option<&str> {
+    (end.starts_with("failed") || end.starts_with("expired")).then_some(end)
 }
 
 fn history(client: &Client, args: &HistoryArgs, format: Format) -> Result<(), Failure> {
@@ -451,12 +467,11 @@ fn command(
     client: &Client,
     c: &ComponentCommand,
     format: Format,
-    action: impl FnOnce(String) -> CommandAction,
+    kind: &str,
+    fields: Value,
 ) -> Result<(), Failure> {
     let (host, component) = split_target(&c.target)?;
-    let action =
-        serde_json::to_value(action(component.to_owned())).context("encoding the command")?;
-    let mut body = json!({"host": host, "action": action});
+    let mut body = json!({"host": host, "action": action_body(kind, component, fields)});
     if let (Some(key), Value::Object(o)) = (&c.idempotency_key, &mut body) {
         o.insert("idempotency_key".into(), Value::String(key.clone()));
     }
@@ -496,6 +511,15 @@ fn command(
     }
 }
 
+/// The API's action object: `{"kind": KIND, "component": C, ...fields}`.
+fn action_body(kind: &str, component: &str, fields: Value) -> Value {
+    let mut action = json!({ "kind": kind, "component": component });
+    if let (Value::Object(a), Value::Object(f)) = (&mut action, fields) {
+        a.extend(f);
+    }
+    action
+}
+
 fn deployment_action(
     client: &Client,
     id: &str,
@@ -529,6 +553,30 @@ mod tests {
     use super::*;
 
     #[test]
+    fn actions_are_tagged_by_kind_as_the_api_takes_them() {
+        assert_eq!(
+            action_body("pulse", "trainer", json!({"budget_ms": 5000})),
+            json!({"kind": "pulse", "component": "trainer", "budget_ms": 5000})
+        );
+        assert_eq!(
+            action_body("restart", "trainer", json!({})),
+            json!({"kind": "restart", "component": "trainer"})
+        );
+    }
+
+    #[test]
+    fn log_events_show_their_lines_and_failed_ends_are_failures() {
+        assert_eq!(
+            log_lines(r#"{"stream":"stdout","lines":["a","b c"]}"#),
+            ["a", "b c"]
+        );
+        assert_eq!(log_lines("not json"), ["not json"]);
+        assert_eq!(tail_failure("tail ended"), None);
+        assert!(tail_failure("failed: no logs for component `x`").is_some());
+        assert!(tail_failure("expired: ").is_some());
+    }
+
+    #[test]
     fn targets_are_host_slash_component() {
         assert!(matches!(
             split_target("gpu-1/trainer"),
@@ -538,15 +586,6 @@ mod tests {
         for bad in ["gpu-1", "/trainer", "gpu-1/", ""] {
             assert!(matches!(split_target(bad), Err(Failure::Usage(_))), "{bad}");
         }
-    }
-
-    #[test]
-    fn commands_are_the_wire_action_as_json() {
-        let v = serde_json::to_value(CommandAction::Restart {
-            component: "trainer".into(),
-        })
-        .expect("json");
-        assert_eq!(v, json!({"Restart": {"component": "trainer"}}));
     }
 
     #[test]

@@ -246,10 +246,16 @@ pub fn history_table(value: &Value, width: usize) -> String {
             .cloned()
             .unwrap_or_default();
         let values: Vec<f64> = points.iter().filter_map(point_value).collect();
-        let name = match (field(s, "metric"), field(s, "labels")) {
-            (Some(m), Some(l)) => format!("{}{{{}}}", cell(Some(m)), cell(Some(l))),
+        let labels = field(s, "labels").map(|l| cell(Some(l)));
+        let name = match (field(s, "metric"), labels) {
+            (Some(m), Some(l)) => format!("{}{{{l}}}", cell(Some(m))),
             (Some(m), None) => cell(Some(m)),
-            (None, l) => cell(l),
+            (None, l) => l.unwrap_or_default(),
+        };
+        // Series of several hosts look alike without their host.
+        let name = match field(s, "host_id|host") {
+            Some(h) => format!("{} {name}", cell(Some(h))),
+            None => name,
         };
         let fmt = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.4}"));
         let min = values.iter().copied().reduce(f64::min);

@@ -311,6 +311,8 @@ impl ComponentTask {
                 Wake::Mail(None) => break,
                 Wake::Mail(Some(ToComponent::Exit)) => {
                     self.remove_fifos();
+                    // Removed from the config: its log follows end, its log file closes.
+                    self.shared.logs.unregister(&self.name).await;
                     break;
                 }
                 Wake::Mail(Some(ToComponent::Input(input))) => self.step(input).await,
