@@ -71,7 +71,10 @@ const GPUS: [Column; 9] = [
         "temperature_celsius|values/temperature_celsius|live/temperature_celsius",
     ),
     col("POWER", "power_watts|values/power_watts|live/power_watts"),
-    col("HEALTH", "health_state|health/state|health|quarantine|state"),
+    col(
+        "HEALTH",
+        "health_state|health/state|health|quarantine|state",
+    ),
 ];
 const EVENTS: [Column; 7] = [
     col("ID", "id|event_id"),

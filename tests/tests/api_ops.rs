@@ -241,9 +241,7 @@ impl Fixture {
     }
 
     async fn get(&self, path: &str) -> Value {
-        let (status, body) = self
-            .call(Method::GET, path, &self.viewer, None, None)
-            .await;
+        let (status, body) = self.call(Method::GET, path, &self.viewer, None, None).await;
         assert_eq!(status, StatusCode::OK, "GET {path}: {body}");
         body
     }
@@ -341,9 +339,7 @@ fn json_out(out: &Output) -> Value {
 /// XID 79 on GPU 1 of `h1`: waits for its open escalation; returns (event id, escalation).
 async fn gpu_fault(f: &Fixture) -> (i64, Value) {
     f.host("h1", 2).await;
-    let ids = f
-        .events("h1", vec![xid(1, 79, XidClass::RebootHost)])
-        .await;
+    let ids = f.events("h1", vec![xid(1, 79, XidClass::RebootHost)]).await;
     let esc = wait_for("the GPU fault escalation in the API", || async {
         let page = f.get("/api/v1/escalations?state=open&host=h1").await;
         page["escalations"]
@@ -365,7 +361,10 @@ async fn escalations_decisions_and_gpu_overrides_through_the_api() {
     assert_eq!(esc["state"], "open");
     let one = f.get(&format!("/api/v1/escalations/{id}")).await;
     assert_eq!(one["id"], id);
-    assert!(one["summary"].as_str().is_some_and(|s| !s.is_empty()), "{one}");
+    assert!(
+        one["summary"].as_str().is_some_and(|s| !s.is_empty()),
+        "{one}"
+    );
     // Filters: another host has none; a bad state is a 400; an unknown id 404.
     let none = f.get("/api/v1/escalations?host=nobody").await;
     assert_eq!(none["escalations"], json!([]), "{none}");
@@ -399,13 +398,18 @@ async fn escalations_decisions_and_gpu_overrides_through_the_api() {
     assert_eq!(first["host"], "h1", "{first}");
     let d = f.get(&format!("/api/v1/decisions/{did}")).await;
     assert_eq!(d["evidence"]["events"], json!([event]), "{d}");
-    assert!(d["summary"].as_str().is_some_and(|s| s.contains("XID 79")), "{d}");
+    assert!(
+        d["summary"].as_str().is_some_and(|s| s.contains("XID 79")),
+        "{d}"
+    );
     assert_eq!(d["events"][0]["id"], event, "{d}");
     assert_eq!(d["events"][0]["kind"], "xid", "{d}");
     assert!(d["rule"].as_str().is_some_and(|r| !r.is_empty()), "{d}");
     assert!(d["rule_version"].as_i64() >= Some(1), "{d}");
     assert!(
-        d["catalog_revision"].as_str().is_some_and(|r| !r.is_empty()),
+        d["catalog_revision"]
+            .as_str()
+            .is_some_and(|r| !r.is_empty()),
         "{d}"
     );
     assert_eq!(d["term"], 1, "{d}");
@@ -427,9 +431,18 @@ async fn escalations_decisions_and_gpu_overrides_through_the_api() {
             .is_some_and(|a| a.iter().any(|x| x["id"] == did)),
         "{by_host}"
     );
-    assert_eq!(f.get("/api/v1/decisions?host=nobody").await["decisions"], json!([]));
+    assert_eq!(
+        f.get("/api/v1/decisions?host=nobody").await["decisions"],
+        json!([])
+    );
     let (status, _) = f
-        .call(Method::GET, "/api/v1/decisions/999999", &f.viewer, None, None)
+        .call(
+            Method::GET,
+            "/api/v1/decisions/999999",
+            &f.viewer,
+            None,
+            None,
+        )
         .await;
     assert_eq!(status, StatusCode::NOT_FOUND);
 
@@ -542,16 +555,18 @@ async fn escalations_decisions_and_gpu_overrides_through_the_api() {
         .post("/api/v1/escalations/999999/ack", json!({}), "req-ack-3")
         .await;
     assert_eq!(status, StatusCode::NOT_FOUND);
-    for (i, bad) in [json!({"note": 7}), json!({"note": "x", "extra": 1}), json!([1])]
-        .into_iter()
-        .enumerate()
+    for (i, bad) in [
+        json!({"note": 7}),
+        json!({"note": "x", "extra": 1}),
+        json!([1]),
+    ]
+    .into_iter()
+    .enumerate()
     {
         let (status, body) = f.post(&path, bad, &format!("req-bad-{i}")).await;
         assert!(status.is_client_error(), "{status}: {body}");
     }
-    let (status, body) = f
-        .post(&path, json!({"note": "a\u{0}b"}), "req-nul")
-        .await;
+    let (status, body) = f.post(&path, json!({"note": "a\u{0}b"}), "req-nul").await;
     assert!(status.is_client_error(), "{status}: {body}");
 
     // Resolve; then both ack and resolve are 409.
@@ -610,9 +625,7 @@ async fn escalations_decisions_and_gpu_overrides_through_the_api() {
         ("/api/v1/hosts/h1/gpus/7/health", "req-gpu-2"),
         ("/api/v1/hosts/nobody/gpus/0/health", "req-gpu-3"),
     ] {
-        let (status, _) = f
-            .post(p, json!({"healthy": false, "note": ""}), rid)
-            .await;
+        let (status, _) = f.post(p, json!({"healthy": false, "note": ""}), rid).await;
         assert_eq!(status, StatusCode::NOT_FOUND, "{p}");
         assert!(f.audit(rid).await.is_empty(), "{rid}");
     }
@@ -673,10 +686,7 @@ async fn deployments_through_the_api_with_409_for_illegal_transitions() {
     let audit = f.audit("req-dep-1").await;
     assert_eq!(
         audit,
-        vec![(
-            "/api/v1/deployments".to_owned(),
-            format!("deployment {id}")
-        )]
+        vec![("/api/v1/deployments".to_owned(), format!("deployment {id}"))]
     );
     let got = f.get(&format!("/api/v1/deployments/{id}")).await;
     assert_eq!(got["id"], id);
@@ -690,11 +700,19 @@ async fn deployments_through_the_api_with_409_for_illegal_transitions() {
     // Refused creations: overlapping (409), unknown host (422), hostile bodies (4xx);
     // none stored or audited.
     let (status, body) = f
-        .post("/api/v1/deployments", spec("trainer", &["d2"], "v3"), "req-dep-2")
+        .post(
+            "/api/v1/deployments",
+            spec("trainer", &["d2"], "v3"),
+            "req-dep-2",
+        )
         .await;
     assert_eq!(status, StatusCode::CONFLICT, "{body}");
     let (status, body) = f
-        .post("/api/v1/deployments", spec("trainer", &["zz"], "v3"), "req-dep-3")
+        .post(
+            "/api/v1/deployments",
+            spec("trainer", &["zz"], "v3"),
+            "req-dep-3",
+        )
         .await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
     let mut unknown_field = spec("web", &["d1"], "w2");
@@ -717,7 +735,11 @@ async fn deployments_through_the_api_with_409_for_illegal_transitions() {
     // Pause (before it started), resume; resume again is 409.
     let op = |verb: &str| format!("/api/v1/deployments/{id}/{verb}");
     let (status, paused) = f
-        .post(&op("pause"), json!({"reason": "change freeze"}), "req-dep-4")
+        .post(
+            &op("pause"),
+            json!({"reason": "change freeze"}),
+            "req-dep-4",
+        )
         .await;
     assert_eq!(status, StatusCode::OK, "{paused}");
     assert_eq!(paused["state"], "paused");
@@ -749,7 +771,9 @@ async fn deployments_through_the_api_with_409_for_illegal_transitions() {
         back["state"] == "reverting" || back["state"] == "reverted",
         "{back}"
     );
-    assert!(back["reason"].as_str().is_some_and(|r| r.contains("bad build")));
+    assert!(back["reason"]
+        .as_str()
+        .is_some_and(|r| r.contains("bad build")));
     let audit = f.audit("req-dep-8").await;
     assert_eq!(audit.len(), 1);
     assert_eq!(audit[0].0, "/api/v1/deployments/{id}/rollback");
@@ -758,7 +782,11 @@ async fn deployments_through_the_api_with_409_for_illegal_transitions() {
 
     // A finished deployment: promote and resume are 409; an unknown one 404.
     let (status, web) = f
-        .post("/api/v1/deployments", spec("web", &["d1"], "w2"), "req-dep-10")
+        .post(
+            "/api/v1/deployments",
+            spec("web", &["d1"], "w2"),
+            "req-dep-10",
+        )
         .await;
     assert_eq!(status, StatusCode::CREATED, "{web}");
     let wid = web["id"].as_i64().expect("id");
@@ -774,7 +802,11 @@ async fn deployments_through_the_api_with_409_for_illegal_transitions() {
     for verb in ["promote", "resume", "pause", "rollback"] {
         let rid = format!("req-dep-ended-{verb}");
         let (status, body) = f
-            .post(&format!("/api/v1/deployments/{wid}/{verb}"), json!({}), &rid)
+            .post(
+                &format!("/api/v1/deployments/{wid}/{verb}"),
+                json!({}),
+                &rid,
+            )
             .await;
         assert_eq!(status, StatusCode::CONFLICT, "{verb}: {body}");
         assert!(f.audit(&rid).await.is_empty());
@@ -784,13 +816,7 @@ async fn deployments_through_the_api_with_409_for_illegal_transitions() {
         .await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     let (status, _) = f
-        .call(
-            Method::POST,
-            &op("pause"),
-            &f.viewer,
-            Some(json!({})),
-            None,
-        )
+        .call(Method::POST, &op("pause"), &f.viewer, Some(json!({})), None)
         .await;
     assert_eq!(status, StatusCode::FORBIDDEN);
     // Audited: two creations, pause, resume, two roll backs.
@@ -807,7 +833,10 @@ async fn razar_cli_escalations_decisions_and_deployments_against_a_live_collecto
 
     // Escalations as a table and as JSON.
     let table = ok(&f.razar(&["escalations", "--state", "open"]).await);
-    assert!(table.contains("SEVERITY") && table.contains("GPU-h1-1"), "{table}");
+    assert!(
+        table.contains("SEVERITY") && table.contains("GPU-h1-1"),
+        "{table}"
+    );
     let list = json_out(&f.razar(&["escalations", "-o", "json"]).await);
     assert!(
         list["escalations"]
@@ -841,8 +870,11 @@ async fn razar_cli_escalations_decisions_and_deployments_against_a_live_collecto
     let did = decisions["decisions"]
         .as_array()
         .and_then(|a| {
-            a.iter()
-                .find(|d| d["evidence"]["events"].as_array().is_some_and(|e| e.contains(&json!(event))))
+            a.iter().find(|d| {
+                d["evidence"]["events"]
+                    .as_array()
+                    .is_some_and(|e| e.contains(&json!(event)))
+            })
         })
         .and_then(|d| d["id"].as_i64())
         .expect("the XID's decision")

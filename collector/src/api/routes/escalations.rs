@@ -210,7 +210,10 @@ mod tests {
         let empty: EscalationNote = serde_json::from_str("{}").unwrap();
         assert_eq!(empty.note, "");
         for bad in [r#"{"note":7}"#, r#"{"note":"x","extra":1}"#, "[]"] {
-            assert!(serde_json::from_str::<EscalationNote>(bad).is_err(), "{bad}");
+            assert!(
+                serde_json::from_str::<EscalationNote>(bad).is_err(),
+                "{bad}"
+            );
         }
     }
 }

@@ -178,9 +178,7 @@ pub async fn list_gpus(
         .map(|r| {
             let index: i32 = r.try_get(0)?;
             let uuid: String = r.try_get(1)?;
-            let health = health
-                .remove(&uuid)
-                .map(|h| super::gpus::health_view(&h));
+            let health = health.remove(&uuid).map(|h| super::gpus::health_view(&h));
             Ok(Gpu {
                 index,
                 health_state: Some(
