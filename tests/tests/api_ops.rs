@@ -841,7 +841,9 @@ async fn razar_cli_escalations_decisions_and_deployments_against_a_live_collecto
     assert!(
         list["escalations"]
             .as_array()
-            .is_some_and(|a| a.iter().any(|e| e["id"].to_string() == id)),
+            .is_some_and(|a| a
+                .iter()
+                .any(|e| e["id"].as_i64().map(|v| v.to_string()).as_deref() == Some(id.as_str()))),
         "{list}"
     );
     // Ack, then a second ack is refused (exit 1, the API's message).
