@@ -209,7 +209,12 @@ mod tests {
         assert_eq!(ok.note, "on it");
         let empty: EscalationNote = serde_json::from_str("{}").unwrap();
         assert_eq!(empty.note, "");
-        for bad in [r#"{"note":7}"#, r#"{"note":"x","extra":1}"#, "[]"] {
+        for bad in [
+            r#"{"note":7}"#,
+            r#"{"note":"x","extra":1}"#,
+            r#""note""#,
+            "[1]",
+        ] {
             assert!(
                 serde_json::from_str::<EscalationNote>(bad).is_err(),
                 "{bad}"
