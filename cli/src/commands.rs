@@ -69,7 +69,10 @@ const GPUS: [Column; 9] = [
         "temperature_celsius|values/temperature_celsius|live/temperature_celsius",
     ),
     col("POWER", "power_watts|values/power_watts|live/power_watts"),
-    col("HEALTH", "health|quarantine|state"),
+    col(
+        "HEALTH",
+        "health_state|health/state|health|quarantine|state",
+    ),
 ];
 const EVENTS: [Column; 7] = [
     col("ID", "id|event_id"),
@@ -94,7 +97,7 @@ const DEPLOYMENTS: [Column; 6] = [
     col("COMPONENT", "component"),
     col("REVISION", "revision/version|revision|version"),
     col("STATE", "state|status"),
-    col("WAVE", "current_wave|wave"),
+    col("PROGRESS", "progress|current_wave|wave"),
     col("CREATED", "created_at"),
 ];
 const DECISIONS: [Column; 6] = [

@@ -26,6 +26,7 @@
 //! twice at once. Operations are a Rust API ([`Deployments`]); the HTTP API wraps them.
 
 use crate::dispatch::{CommandRequest, CommandState, Dispatch, DispatchError};
+use crate::store::audit::AuditEntry;
 use crate::supervise::Beat;
 use chrono::{DateTime, Utc};
 use prometheus::{IntCounterVec, IntGaugeVec, Opts, Registry};
@@ -90,6 +91,13 @@ pub enum DeploymentError {
     /// The request is inconsistent (selector, numbers, revision).
     #[error("invalid deployment: {0}")]
     Invalid(String),
+    /// Another deployment of the component is still active on a selected host.
+    #[error("deployment {other} of {component:?} is still active on {host}")]
+    Busy {
+        other: i64,
+        component: String,
+        host: String,
+    },
     /// The operation does not apply in the deployment's state.
     #[error("deployment {id} is {state}: {reason}")]
     State {
@@ -259,6 +267,15 @@ impl DeploymentMetrics {
     }
 }
 
+/// An operator's operation on a deployment (with its reason where it takes one).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Operation {
+    Pause(String),
+    Resume,
+    Promote,
+    RollBack(String),
+}
+
 /// An operator's (or the engine's) input to a deployment.
 #[derive(Debug, Clone)]
 enum Op {
@@ -376,6 +393,16 @@ impl Deployments {
     /// tick. The hosts are resolved now: the listed ones first (each must run the
     /// component), then those of the profile or all, in host id order.
     pub async fn create(&self, new: NewDeployment) -> Result<Deployment, DeploymentError> {
+        self.create_audited(new, None).await
+    }
+
+    /// [`Deployments::create`], writing `audit` (result: the deployment id) in the
+    /// transaction that stores the deployment.
+    pub async fn create_audited(
+        &self,
+        new: NewDeployment,
+        audit: Option<&AuditEntry>,
+    ) -> Result<Deployment, DeploymentError> {
         for (field, value) in [
             ("component", new.component.as_str()),
             ("revision.version", new.revision.version.as_str()),
@@ -462,10 +489,11 @@ impl Deployments {
         .fetch_optional(&mut *tx)
         .await?;
         if let Some((other, host)) = busy {
-            return Err(DeploymentError::Invalid(format!(
-                "deployment {other} of {:?} is still active on {host}",
-                new.component
-            )));
+            return Err(DeploymentError::Busy {
+                other,
+                component: new.component.clone(),
+                host,
+            });
         }
         // The machine checks the numbers (and the host list) as it will run them.
         Rollout::start(
@@ -521,6 +549,11 @@ impl Deployments {
             .bind(now)
             .execute(&mut *tx)
             .await?;
+        }
+        if let Some(audit) = audit {
+            audit
+                .write(&mut tx, &format!("deployment {id}"), now)
+                .await?;
         }
         tx.commit().await?;
         tracing::info!(deployment = id, component = %new.component, revision = %new.revision.version, hosts = order.len(), "deployment created");
@@ -596,23 +629,76 @@ impl Deployments {
 
     /// Holds new updates (reverts go on) with `reason` shown.
     pub async fn pause(&self, id: i64, reason: &str) -> Result<Deployment, DeploymentError> {
-        self.operate(id, Op::Pause(reason.to_owned())).await
+        self.operate(id, Op::Pause(reason.to_owned()), None).await
     }
 
     /// Lets a paused deployment go on.
     pub async fn resume(&self, id: i64) -> Result<Deployment, DeploymentError> {
-        self.operate(id, Op::Resume).await
+        self.operate(id, Op::Resume, None).await
     }
 
     /// Rolls on past the canaries (manual promotion).
     pub async fn promote(&self, id: i64) -> Result<Deployment, DeploymentError> {
-        self.operate(id, Op::Promote).await
+        self.operate(id, Op::Promote, None).await
     }
 
     /// Reverts every host that got the revision (failed hosts first, `max_parallel` at a
     /// time), also after a failure without auto-revert.
     pub async fn roll_back(&self, id: i64, reason: &str) -> Result<Deployment, DeploymentError> {
-        self.operate(id, Op::RollBack(reason.to_owned())).await
+        self.operate(id, Op::RollBack(reason.to_owned()), None)
+            .await
+    }
+
+    /// An operator's operation (the HTTP API): `audit` (result: the state reached) is
+    /// written in the transaction of the step; a refused operation writes nothing.
+    pub async fn operate_audited(
+        &self,
+        id: i64,
+        operation: Operation,
+        audit: &AuditEntry,
+    ) -> Result<Deployment, DeploymentError> {
+        let op = match operation {
+            Operation::Pause(why) => Op::Pause(why),
+            Operation::Resume => Op::Resume,
+            Operation::Promote => Op::Promote,
+            Operation::RollBack(why) => Op::RollBack(why),
+        };
+        self.operate(id, op, Some(audit)).await
+    }
+
+    /// Deployments newest first, with `deployment_id < before` when given, of one state
+    /// (or `active`: not ended) and component when given.
+    pub async fn list_filtered(
+        &self,
+        state: Option<&str>,
+        component: Option<&str>,
+        before: Option<i64>,
+        limit: u32,
+    ) -> Result<Vec<Deployment>, DeploymentError> {
+        let rows = sqlx::query(
+            "SELECT deployment_id, component, revision, spec, selector, canaries,
+                 max_parallel, min_healthy_ms, healthy_deadline_ms, auto_revert, promotion,
+                 state, paused, reason, created_by, created_at, updated_at, finished_at
+             FROM deployments
+             WHERE ($1::text IS NULL OR state = $1
+                    OR ($1 = 'active' AND state NOT IN ('succeeded', 'reverted', 'failed')))
+               AND ($2::text IS NULL OR component = $2)
+               AND ($3::bigint IS NULL OR deployment_id < $3)
+             ORDER BY deployment_id DESC LIMIT $4",
+        )
+        .bind(state)
+        .bind(component)
+        .bind(before)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let mut d = decode_deployment(row)?;
+            d.hosts = self.hosts_of(d.id).await?;
+            out.push(d);
+        }
+        Ok(out)
     }
 
     /// Pauses every active deployment of `component` at `revision` with `reason` (the
@@ -636,7 +722,7 @@ impl Deployments {
         .await?;
         let mut paused = Vec::new();
         for id in ids {
-            match self.operate(id, Op::Pause(reason.to_owned())).await {
+            match self.operate(id, Op::Pause(reason.to_owned()), None).await {
                 Ok(_) => paused.push(id),
                 // Ended meanwhile: nothing to pause.
                 Err(DeploymentError::State { .. }) => {}
@@ -646,9 +732,24 @@ impl Deployments {
         Ok(paused)
     }
 
-    async fn operate(&self, id: i64, op: Op) -> Result<Deployment, DeploymentError> {
+    async fn operate(
+        &self,
+        id: i64,
+        op: Op,
+        audit: Option<&AuditEntry>,
+    ) -> Result<Deployment, DeploymentError> {
         let mut tx = self.pool.begin().await?;
         self.step(&mut tx, id, Some(op), false).await?;
+        if let Some(audit) = audit {
+            let state: String =
+                sqlx::query_scalar("SELECT state FROM deployments WHERE deployment_id = $1")
+                    .bind(id)
+                    .fetch_one(&mut *tx)
+                    .await?;
+            audit
+                .write(&mut tx, &format!("deployment {id} {state}"), Utc::now())
+                .await?;
+        }
         tx.commit().await?;
         self.get(id).await?.ok_or(DeploymentError::NotFound(id))
     }

@@ -27,6 +27,7 @@
 
 use crate::dispatch::{hex_id, CommandRequest, Dispatch, DispatchError};
 use crate::notify::{self, NotifySettings};
+use crate::store::audit::AuditEntry;
 use crate::supervise::Beat;
 use chrono::{DateTime, Utc};
 use futures::future::BoxFuture;
@@ -1396,6 +1397,8 @@ pub enum HandleError {
     UnknownEscalation(i64),
     #[error("escalation {0} is already resolved")]
     AlreadyResolved(i64),
+    #[error("escalation {0} is already acknowledged")]
+    AlreadyAcknowledged(i64),
     #[error("host {host:?} has no GPU {gpu:?}")]
     UnknownGpu { host: String, gpu: String },
     #[error("{field}: {reason}")]
@@ -1538,12 +1541,39 @@ impl EngineHandle {
     /// Acknowledges an escalation (`who`, `note` recorded); returns the event id the
     /// engine decides on.
     pub async fn acknowledge(&self, id: i64, who: &str, note: &str) -> Result<i64, HandleError> {
-        self.escalation_event(id, "escalation_ack", who, note).await
+        self.escalation_event(id, "escalation_ack", who, note, None)
+            .await
     }
 
     /// Resolves an escalation (`who`, `note` recorded); returns the event id.
     pub async fn resolve(&self, id: i64, who: &str, note: &str) -> Result<i64, HandleError> {
-        self.escalation_event(id, "escalation_resolve", who, note)
+        self.escalation_event(id, "escalation_resolve", who, note, None)
+            .await
+    }
+
+    /// [`EngineHandle::acknowledge`], writing `audit` (result: the event id) in the
+    /// transaction that stores the request's event. An escalation already acknowledged
+    /// or resolved is refused.
+    pub async fn acknowledge_audited(
+        &self,
+        id: i64,
+        who: &str,
+        note: &str,
+        audit: &AuditEntry,
+    ) -> Result<i64, HandleError> {
+        self.escalation_event(id, "escalation_ack", who, note, Some(audit))
+            .await
+    }
+
+    /// [`EngineHandle::resolve`], writing `audit` in the event's transaction.
+    pub async fn resolve_audited(
+        &self,
+        id: i64,
+        who: &str,
+        note: &str,
+        audit: &AuditEntry,
+    ) -> Result<i64, HandleError> {
+        self.escalation_event(id, "escalation_resolve", who, note, Some(audit))
             .await
     }
 
@@ -1553,15 +1583,28 @@ impl EngineHandle {
         kind: &str,
         who: &str,
         note: &str,
+        audit: Option<&AuditEntry>,
     ) -> Result<i64, HandleError> {
         check_text("who", who, 256)?;
         check_text("note", note, MAX_NOTE_BYTES)?;
-        let e = self
-            .escalation(id)
-            .await?
-            .ok_or(HandleError::UnknownEscalation(id))?;
+        let mut tx = self.pool.begin().await?;
+        let e: EscalationRecord = sqlx::query_as(
+            "SELECT escalation_id, host_id, subject, kind, state, severity, summary, level,
+                 occurrences, opened_at, last_seen, acknowledged_at, acknowledged_by,
+                 resolved_at, resolved_by, note, decision_id
+             FROM escalations WHERE escalation_id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await?
+        .ok_or(HandleError::UnknownEscalation(id))?;
         if e.state == "resolved" {
             return Err(HandleError::AlreadyResolved(id));
+        }
+        // The API refuses a second acknowledgement; the Rust API keeps accepting it
+        // (the engine ignores it).
+        if audit.is_some() && kind == "escalation_ack" && e.state == "acknowledged" {
+            return Err(HandleError::AlreadyAcknowledged(id));
         }
         let host = (!e.host_id.is_empty()).then(|| e.host_id.clone());
         let event: i64 = sqlx::query_scalar(
@@ -1576,8 +1619,14 @@ impl EngineHandle {
             "who": who, "note": note,
         }))
         .bind(format!("{kind} of escalation {id} by {who}: {note}"))
-        .fetch_one(&self.pool)
+        .fetch_one(&mut *tx)
         .await?;
+        if let Some(audit) = audit {
+            audit
+                .write(&mut tx, &format!("event {event}"), Utc::now())
+                .await?;
+        }
+        tx.commit().await?;
         Ok(event)
     }
 
@@ -1590,14 +1639,30 @@ impl EngineHandle {
         who: &str,
         note: &str,
     ) -> Result<i64, HandleError> {
+        self.override_gpu_audited(host, gpu, healthy, who, note, None)
+            .await
+    }
+
+    /// [`EngineHandle::override_gpu`], writing `audit` (result: the event id) in the
+    /// transaction that stores the request's event.
+    pub async fn override_gpu_audited(
+        &self,
+        host: &str,
+        gpu: &str,
+        healthy: bool,
+        who: &str,
+        note: &str,
+        audit: Option<&AuditEntry>,
+    ) -> Result<i64, HandleError> {
         check_text("who", who, 256)?;
         check_text("note", note, MAX_NOTE_BYTES)?;
+        let mut tx = self.pool.begin().await?;
         let uuid: Option<String> = sqlx::query_scalar(
             "SELECT uuid FROM gpus WHERE host_id = $1 AND (uuid = $2 OR gpu_index::text = $2)",
         )
         .bind(host)
         .bind(gpu)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *tx)
         .await?;
         let Some(uuid) = uuid else {
             return Err(HandleError::UnknownGpu {
@@ -1616,8 +1681,14 @@ impl EngineHandle {
             "operator {who} sets {host}/{uuid} {}: {note}",
             if healthy { "healthy" } else { "unhealthy" }
         ))
-        .fetch_one(&self.pool)
+        .fetch_one(&mut *tx)
         .await?;
+        if let Some(audit) = audit {
+            audit
+                .write(&mut tx, &format!("event {event}"), Utc::now())
+                .await?;
+        }
+        tx.commit().await?;
         Ok(event)
     }
 

@@ -132,8 +132,8 @@ pub struct GpuQuarantine {
     pub state: GpuQuarantineState,
 }
 
-/// Where the fleet page reads GPU quarantine states from. Until the decision loop
-/// keeps them, [`NoQuarantines`] (nothing quarantined is known) is wired.
+/// Where the fleet page reads GPU quarantine states from: [`EngineQuarantines`] (the
+/// decision engine's `gpu_health`) in the collector; [`NoQuarantines`] knows none.
 pub trait QuarantineSource: Send + Sync {
     /// Every GPU currently quarantined, on probation or awaiting inspection.
     fn gpu_quarantines(&self) -> BoxFuture<'_, Result<Vec<GpuQuarantine>, String>>;
@@ -146,6 +146,55 @@ pub struct NoQuarantines;
 impl QuarantineSource for NoQuarantines {
     fn gpu_quarantines(&self) -> BoxFuture<'_, Result<Vec<GpuQuarantine>, String>> {
         Box::pin(async { Ok(Vec::new()) })
+    }
+}
+
+/// The decision engine's GPU states (`gpu_health`, kept by the engine's leader on any
+/// collector of the database).
+#[derive(Clone)]
+pub struct EngineQuarantines {
+    ready: Arc<OnceLock<Ready>>,
+}
+
+impl EngineQuarantines {
+    pub fn new(ready: Arc<OnceLock<Ready>>) -> EngineQuarantines {
+        EngineQuarantines { ready }
+    }
+}
+
+impl GpuQuarantineState {
+    /// The state of a stored `gpu_health` state; `None` for `healthy` (pure).
+    pub fn parse(state: &str) -> Option<GpuQuarantineState> {
+        GpuQuarantineState::ALL
+            .into_iter()
+            .find(|s| s.as_str() == state)
+    }
+}
+
+impl QuarantineSource for EngineQuarantines {
+    fn gpu_quarantines(&self) -> BoxFuture<'_, Result<Vec<GpuQuarantine>, String>> {
+        Box::pin(async move {
+            let ready = self
+                .ready
+                .get()
+                .ok_or_else(|| "the database has not been reached yet".to_owned())?;
+            let rows = crate::engine_loop::EngineHandle::new(ready.pool.clone())
+                .gpu_health(None)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok(rows
+                .into_iter()
+                .filter_map(|r| {
+                    let state = GpuQuarantineState::parse(&r.state)?;
+                    let gpu = u32::try_from(r.gpu_index).ok()?;
+                    Some(GpuQuarantine {
+                        host: r.host_id,
+                        gpu,
+                        state,
+                    })
+                })
+                .collect())
+        })
     }
 }
 

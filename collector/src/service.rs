@@ -7,7 +7,7 @@ use crate::config::{CollectorConfig, Database};
 use crate::deployments::Deployments;
 use crate::embedded_pg::{EmbeddedPg, EmbeddedPgError, EmbeddedPgOptions};
 use crate::engine_loop::{DeploymentHooks, EngineHandle, EngineLoop, EngineMetrics};
-use crate::fleet_metrics::{FleetMetrics, FleetMetricsOptions, NoQuarantines, ScrapeGauges};
+use crate::fleet_metrics::{EngineQuarantines, FleetMetrics, FleetMetricsOptions, ScrapeGauges};
 use crate::notify::NotifyMetrics;
 use crate::server::{Collector, IngestConfig, ServerError};
 use crate::store::{Store, StoreError};
@@ -140,10 +140,10 @@ impl Service {
                 ("ca", config.tls.ca.clone()),
             ],
         )?))?;
-        // The GPU quarantine source is wired once the decision loop keeps GPU states.
+        // GPU quarantine states: the decision engine's `gpu_health`.
         api_state.fleet = Some(FleetMetrics::new(
-            ready,
-            Arc::new(NoQuarantines),
+            ready.clone(),
+            Arc::new(EngineQuarantines::new(ready)),
             FleetMetricsOptions::default(),
         ));
         let app = api::router(api_state.clone());
@@ -188,6 +188,7 @@ impl Service {
                     ingest: collector.metrics().clone(),
                     tasks: collector.tasks().clone(),
                     liveness: collector.liveness().clone(),
+                    deployments: deployments.clone(),
                 });
                 tracing::info!(quic = %collector.local_addr(), http = %http_addr, "collector started");
                 Ok(Service {

@@ -224,6 +224,7 @@ fn concrete(path: &str, method: &Method) -> (String, Option<Value>) {
     let path = path
         .replace("{host}", HOST)
         .replace("{component}", COMPONENT)
+        .replace("{gpu}", "0")
         .replace(
             "{id}",
             if path.starts_with("/api/v1/tokens") {

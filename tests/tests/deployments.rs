@@ -394,7 +394,7 @@ async fn a_good_revision_waits_for_promotion_holds_while_paused_and_rolls_throug
     overlapping.canaries = 0;
     let refused = deployments.create(overlapping).await;
     assert!(
-        matches!(&refused, Err(DeploymentError::Invalid(m)) if m.contains("still active")),
+        matches!(&refused, Err(DeploymentError::Busy { .. })),
         "{refused:?}"
     );
 

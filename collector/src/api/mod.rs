@@ -70,6 +70,8 @@ pub struct Ready {
     pub liveness: Arc<Liveness>,
     pub dispatch: Dispatch,
     pub logs: LogHub,
+    /// Deployments: the operations the API exposes.
+    pub deployments: crate::deployments::Deployments,
 }
 
 /// The API's own metrics.
@@ -153,7 +155,8 @@ pub enum ApiSetupError {
     info(title = "Razar operator API", description = "Hosts, GPUs, history, events, commands, logs, tokens and audit of a Razar fleet."),
     modifiers(&BearerScheme),
     tags((name = "health"), (name = "hosts"), (name = "history"), (name = "events"),
-         (name = "commands"), (name = "logs"), (name = "tokens"), (name = "audit"))
+         (name = "commands"), (name = "logs"), (name = "tokens"), (name = "audit"),
+         (name = "escalations"), (name = "decisions"), (name = "deployments"))
 )]
 struct ApiDoc;
 
@@ -180,6 +183,7 @@ impl utoipa::Modify for BearerScheme {
 /// The documented routes and their document, built together so they cannot drift.
 fn documented() -> OpenApiRouter<ApiState> {
     use routes::{audit, commands, events, health, history, hosts, logs, tokens};
+    use routes::{decisions, deployments, escalations, gpus};
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(health::health))
         .routes(routes!(hosts::list_hosts))
@@ -195,6 +199,23 @@ fn documented() -> OpenApiRouter<ApiState> {
         .routes(routes!(tokens::create_token, tokens::list_tokens))
         .routes(routes!(tokens::revoke_token))
         .routes(routes!(audit::list_audit))
+        // ops (session 7)
+        .routes(routes!(escalations::list_escalations))
+        .routes(routes!(escalations::get_escalation))
+        .routes(routes!(escalations::ack_escalation))
+        .routes(routes!(escalations::resolve_escalation))
+        .routes(routes!(decisions::list_decisions))
+        .routes(routes!(decisions::get_decision))
+        .routes(routes!(gpus::override_gpu_health))
+        .routes(routes!(
+            deployments::create_deployment,
+            deployments::list_deployments
+        ))
+        .routes(routes!(deployments::get_deployment))
+        .routes(routes!(deployments::pause_deployment))
+        .routes(routes!(deployments::resume_deployment))
+        .routes(routes!(deployments::promote_deployment))
+        .routes(routes!(deployments::rollback_deployment))
 }
 
 /// The OpenAPI document of the API.

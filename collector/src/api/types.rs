@@ -79,8 +79,11 @@ pub struct Gpu {
     pub pci_bus_id: String,
     pub memory_total_bytes: i64,
     pub updated_at: DateTime<Utc>,
-    /// Quarantine / probation state from the decision loop; null until it runs.
+    /// `healthy`, `quarantined`, `probation` or `inspection` (the decision engine's).
     pub health_state: Option<String>,
+    /// The engine's record of the GPU (null while it never judged the GPU).
+    #[serde(default)]
+    pub health: Option<GpuHealth>,
     /// Newest sample of each of the GPU's series in the last 10 minutes.
     pub values: Vec<GpuValue>,
 }
@@ -372,6 +375,317 @@ pub struct AuditPage {
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
 pub struct PageQuery {
+    pub before: Option<i64>,
+    /// 1 to 1000 (default 100).
+    pub limit: Option<u32>,
+}
+
+// ---------------------------------------------------------------- ops (session 7):
+// escalations, decisions, GPU health, deployments.
+
+/// A GPU's health in the decision engine's eyes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct GpuHealth {
+    /// `healthy`, `quarantined`, `probation` or `inspection`.
+    pub state: String,
+    /// Quarantined / probation: the recovery ladder's rung (`reset`, `reboot`).
+    pub rung: Option<String>,
+    pub since: Option<DateTime<Utc>>,
+    /// Probation: back in service at this time unless it faults first.
+    pub until: Option<DateTime<Utc>>,
+    /// Failed recovery cycles so far.
+    pub cycles: i32,
+}
+
+/// An operator's override of a GPU's health (recorded as a decision).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GpuHealthOverride {
+    pub healthy: bool,
+    /// Why (kept with the decision and in the audit log).
+    #[serde(default)]
+    pub note: String,
+}
+
+/// An operator request the decision engine decides on (asynchronously): the event it
+/// reads. Poll the escalation, GPU or decisions to see its effect.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Requested {
+    /// The stored event the engine decides on.
+    pub event_id: i64,
+    /// `ack`, `resolve` or `gpu_health`.
+    pub request: String,
+    /// The escalation as it stands (before the engine decided), for ack / resolve.
+    pub escalation: Option<Escalation>,
+}
+
+/// An escalation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Escalation {
+    pub id: i64,
+    /// Null for fleet-wide escalations.
+    pub host: Option<String>,
+    pub subject: String,
+    pub kind: String,
+    /// `open`, `acknowledged` or `resolved`.
+    pub state: String,
+    pub severity: String,
+    pub summary: String,
+    /// Notification level (raised while nobody acknowledges).
+    pub level: i32,
+    pub occurrences: i32,
+    pub opened_at: DateTime<Utc>,
+    pub last_seen: DateTime<Utc>,
+    pub acknowledged_at: Option<DateTime<Utc>>,
+    pub acknowledged_by: Option<String>,
+    pub resolved_at: Option<DateTime<Utc>>,
+    pub resolved_by: Option<String>,
+    pub note: Option<String>,
+    /// The last decision that raised, re-notified or settled it.
+    pub decision_id: Option<i64>,
+}
+
+/// A page of escalations, newest first.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct EscalationPage {
+    pub escalations: Vec<Escalation>,
+    /// Pass as `before` for the next page; null on the last.
+    pub next_cursor: Option<i64>,
+}
+
+/// Escalation filters.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct EscalationQuery {
+    /// `open`, `acknowledged`, `resolved`, or `live` (open or acknowledged).
+    pub state: Option<String>,
+    pub host: Option<String>,
+    pub severity: Option<String>,
+    pub kind: Option<String>,
+    /// Only escalations with a smaller id (the previous page's `next_cursor`).
+    pub before: Option<i64>,
+    /// 1 to 1000 (default 100).
+    pub limit: Option<u32>,
+}
+
+/// An operator's note on an escalation.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EscalationNote {
+    #[serde(default)]
+    pub note: String,
+}
+
+/// An alternative the rule considered and rejected.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct RejectedAlternative {
+    pub alternative: String,
+    pub reason: String,
+}
+
+/// A decision of the engine (list entry).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Decision {
+    pub id: i64,
+    /// Sequence number within the engine's view.
+    pub seq: i64,
+    /// The leader's term (fencing) when decided.
+    pub term: i64,
+    pub rule: String,
+    pub rule_version: i32,
+    /// The XID catalog revision the rule followed.
+    pub catalog_revision: String,
+    /// Host of the first event it rests on (null for fleet-wide decisions).
+    pub host: Option<String>,
+    /// Subject (component, GPU...) of the first event it rests on.
+    pub subject: Option<String>,
+    /// The first fact the rule saw.
+    pub summary: String,
+    /// The operator, for overrides.
+    pub operator: Option<String>,
+    /// When the engine decided.
+    pub created_at: DateTime<Utc>,
+    /// `{events: [event ids], facts: [what the rule saw]}`.
+    pub evidence: serde_json::Value,
+    pub rejected: Vec<RejectedAlternative>,
+    /// What the engine does (engine actions).
+    pub actions: serde_json::Value,
+    /// Actions the circuit breaker held back.
+    pub held: serde_json::Value,
+    /// The breaker's scopes when decided.
+    pub breaker: serde_json::Value,
+}
+
+/// An engine action of a decision as carried out (the outbox).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct DecisionAction {
+    pub id: i64,
+    pub kind: String,
+    pub host: Option<String>,
+    pub action: serde_json::Value,
+    /// `pending`, `done`, `failed`...
+    pub state: String,
+    /// The command it sent (32 hex digits).
+    pub command_id: Option<String>,
+    pub error: Option<String>,
+}
+
+/// A decision with its evidence events and what became of its actions.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct DecisionDetail {
+    #[serde(flatten)]
+    pub decision: Decision,
+    /// The stored events it rests on.
+    pub events: Vec<Event>,
+    pub engine_actions: Vec<DecisionAction>,
+}
+
+/// A page of decisions, newest first.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct DecisionPage {
+    pub decisions: Vec<Decision>,
+    pub next_cursor: Option<i64>,
+}
+
+/// Decision filters.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct DecisionQuery {
+    /// Rule id, e.g. `gpu_quarantine`.
+    pub rule: Option<String>,
+    /// Decisions resting on an event of this host.
+    pub host: Option<String>,
+    /// Decisions resting on this event.
+    pub event: Option<i64>,
+    pub before: Option<i64>,
+    /// 1 to 1000 (default 100).
+    pub limit: Option<u32>,
+}
+
+/// A component revision to deploy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RevisionBody {
+    /// The version label, e.g. `v2`.
+    pub version: String,
+    pub command: String,
+    #[serde(default)]
+    pub args: Vec<String>,
+    #[serde(default)]
+    pub env: std::collections::BTreeMap<String, String>,
+}
+
+/// A deployment to start: a revision of one component to the selected hosts (the
+/// listed ones first, then those of `profile`, or every host with `all`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateDeployment {
+    pub component: String,
+    pub revision: RevisionBody,
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    pub profile: Option<String>,
+    #[serde(default)]
+    pub all: bool,
+    /// Default 1.
+    pub canaries: Option<u32>,
+    /// Default 1.
+    pub max_parallel: Option<u32>,
+    /// Healthy after running this long, e.g. `30s` (default).
+    pub min_healthy: Option<String>,
+    /// Failed when not healthy this long after its update, e.g. `5m` (default).
+    pub healthy_deadline: Option<String>,
+    /// Revert on a failure (default true).
+    pub auto_revert: Option<bool>,
+    /// `manual` (default) or `auto`.
+    pub promotion: Option<String>,
+}
+
+/// An operation on a deployment; `reason` is shown (pause, rollback).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DeploymentOp {
+    pub reason: Option<String>,
+}
+
+/// Which hosts a deployment goes to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct DeploymentSelector {
+    pub hosts: Vec<String>,
+    pub profile: Option<String>,
+    pub all: bool,
+}
+
+/// A host of a deployment.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct DeploymentHost {
+    pub host: String,
+    pub position: i32,
+    pub canary: bool,
+    /// `canary` or `main`.
+    pub wave: String,
+    /// The revision it ran before (a revert goes back to it).
+    pub from_revision: String,
+    /// `pending`, `deploying`, `healthy`, `failed`, `reverting` or `reverted`.
+    pub state: String,
+    pub reason: Option<String>,
+    /// Its latest step.
+    pub updated_at: Option<DateTime<Utc>>,
+    pub deploying_at: Option<DateTime<Utc>>,
+    pub running_at: Option<DateTime<Utc>>,
+    pub healthy_at: Option<DateTime<Utc>>,
+    pub failed_at: Option<DateTime<Utc>>,
+    pub reverting_at: Option<DateTime<Utc>>,
+    pub reverted_at: Option<DateTime<Utc>>,
+}
+
+/// A deployment with its hosts in rollout order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Deployment {
+    pub id: i64,
+    pub component: String,
+    /// The version label deployed.
+    pub revision: String,
+    pub spec: RevisionBody,
+    pub selector: DeploymentSelector,
+    pub canaries: u32,
+    pub max_parallel: u32,
+    pub min_healthy_ms: i64,
+    pub healthy_deadline_ms: i64,
+    pub auto_revert: bool,
+    pub promotion: String,
+    /// `created`, `canary`, `waiting_promotion`, `rolling`, `succeeded`, `paused`,
+    /// `reverting`, `reverted` or `failed`.
+    pub state: String,
+    pub paused: bool,
+    /// Why it paused, failed or reverted.
+    pub reason: Option<String>,
+    /// e.g. `1/3 healthy`.
+    pub progress: String,
+    pub created_by: String,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub hosts: Vec<DeploymentHost>,
+}
+
+/// A page of deployments, newest first.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct DeploymentPage {
+    pub deployments: Vec<Deployment>,
+    pub next_cursor: Option<i64>,
+}
+
+/// Deployment filters.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct DeploymentQuery {
+    /// One of the deployment states, or `active` (not ended).
+    pub state: Option<String>,
+    pub component: Option<String>,
     pub before: Option<i64>,
     /// 1 to 1000 (default 100).
     pub limit: Option<u32>,

@@ -154,6 +154,14 @@ pub async fn list_gpus(
     .bind(&host)
     .fetch_all(pool)
     .await?;
+    // The decision engine's view of each GPU (ops, session 7).
+    let mut health: HashMap<String, crate::engine_loop::GpuHealthRecord> =
+        crate::engine_loop::EngineHandle::new(pool.clone())
+            .gpu_health(Some(&host))
+            .await?
+            .into_iter()
+            .map(|r| (r.gpu_uuid.clone(), r))
+            .collect();
     let mut values: HashMap<String, Vec<GpuValue>> = HashMap::new();
     for r in &latest {
         let gpu: Option<String> = r.try_get(1)?;
@@ -169,14 +177,21 @@ pub async fn list_gpus(
         .iter()
         .map(|r| {
             let index: i32 = r.try_get(0)?;
+            let uuid: String = r.try_get(1)?;
+            let health = health.remove(&uuid).map(|h| super::gpus::health_view(&h));
             Ok(Gpu {
                 index,
-                uuid: r.try_get(1)?,
+                health_state: Some(
+                    health
+                        .as_ref()
+                        .map_or_else(|| "healthy".to_owned(), |h| h.state.clone()),
+                ),
+                health,
+                uuid,
                 name: r.try_get(2)?,
                 pci_bus_id: r.try_get(3)?,
                 memory_total_bytes: r.try_get(4)?,
                 updated_at: r.try_get(5)?,
-                health_state: None,
                 values: values.remove(&index.to_string()).unwrap_or_default(),
             })
         })

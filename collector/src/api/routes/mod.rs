@@ -9,3 +9,8 @@ pub mod history;
 pub mod hosts;
 pub mod logs;
 pub mod tokens;
+// ops (session 7)
+pub mod decisions;
+pub mod deployments;
+pub mod escalations;
+pub mod gpus;
