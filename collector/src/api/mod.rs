@@ -153,7 +153,7 @@ pub enum ApiSetupError {
     info(title = "Razar operator API", description = "Hosts, GPUs, history, events, commands, logs, tokens and audit of a Razar fleet."),
     modifiers(&BearerScheme),
     tags((name = "health"), (name = "hosts"), (name = "history"), (name = "events"),
-         (name = "commands"), (name = "logs"), (name = "tokens"), (name = "audit"))
+         (name = "commands"), (name = "logs"), (name = "tokens"), (name = "audit"), (name = "overview"))
 )]
 struct ApiDoc;
 
@@ -179,7 +179,7 @@ impl utoipa::Modify for BearerScheme {
 
 /// The documented routes and their document, built together so they cannot drift.
 fn documented() -> OpenApiRouter<ApiState> {
-    use routes::{audit, commands, events, health, history, hosts, logs, tokens};
+    use routes::{audit, commands, events, health, history, hosts, logs, overview, tokens};
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(health::health))
         .routes(routes!(hosts::list_hosts))
@@ -195,6 +195,8 @@ fn documented() -> OpenApiRouter<ApiState> {
         .routes(routes!(tokens::create_token, tokens::list_tokens))
         .routes(routes!(tokens::revoke_token))
         .routes(routes!(audit::list_audit))
+        // dash
+        .routes(routes!(overview::overview))
 }
 
 /// The OpenAPI document of the API.

@@ -8,4 +8,5 @@ pub mod health;
 pub mod history;
 pub mod hosts;
 pub mod logs;
+pub mod overview;
 pub mod tokens;
