@@ -141,7 +141,12 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     }
     say!("The razar CLI (`cargo build -p razar-cli`, then target/debug/razar):");
     say!("  export RAZAR_SERVER=http://{http} RAZAR_TOKEN={token}");
-    for line in ["razar hosts", "razar gpus", "razar escalations", "razar events -f"] {
+    for line in [
+        "razar hosts",
+        "razar gpus",
+        "razar escalations",
+        "razar events -f",
+    ] {
         say!("  RAZAR_SERVER=http://{http} RAZAR_TOKEN={token} {line}");
     }
     say!("Press Ctrl-C to stop everything.");
@@ -170,7 +175,10 @@ async fn operator_token(pool: &sqlx::PgPool, data_dir: &Path) -> anyhow::Result<
             let kept = text.trim();
             match tokens::verify(pool, kept).await? {
                 Ok(info) if info.role == tokens::Role::Operator => return Ok(kept.to_owned()),
-                Ok(info) => tracing::warn!(role = info.role.as_str(), "kept token has another role; creating one"),
+                Ok(info) => tracing::warn!(
+                    role = info.role.as_str(),
+                    "kept token has another role; creating one"
+                ),
                 Err(refusal) => tracing::warn!(?refusal, "kept token refused; creating one"),
             }
         }

@@ -10,8 +10,8 @@
 
 use crate::api::error::ApiError;
 use crate::api::types::{
-    Overview, OverviewBreaker, OverviewDeployment, OverviewEscalation, OverviewGpus,
-    OverviewHost, OverviewHosts,
+    Overview, OverviewBreaker, OverviewDeployment, OverviewEscalation, OverviewGpus, OverviewHost,
+    OverviewHosts,
 };
 use crate::api::ApiState;
 use axum::extract::State;
@@ -36,7 +36,7 @@ WITH latest AS (
     FROM samples s JOIN series se ON se.series_id = s.series_id
     WHERE s.ts >= $1 AND se.metric IN ($2, $3)
       AND coalesce(se.labels->>'engine', 'gpu') = 'gpu'
-      AND s.value = s.value -- not NaN
+      AND abs(s.value) < 'Infinity'::float8 -- finite (NaN sorts above Infinity)
     ORDER BY s.series_id, s.ts DESC
 ), per_host AS (
     SELECT host_id,
@@ -138,8 +138,8 @@ pub async fn overview(State(state): State<ApiState>) -> Result<Json<Overview>, A
     let deployments = sqlx::query_as::<_, DeploymentRow>(DEPLOYMENTS_SQL)
         .bind(DEPLOYMENTS_SHOWN)
         .fetch_all(pool);
-    let breaker = sqlx::query_scalar::<_, Option<serde_json::Value>>(BREAKER_SQL)
-        .fetch_optional(pool);
+    let breaker =
+        sqlx::query_scalar::<_, Option<serde_json::Value>>(BREAKER_SQL).fetch_optional(pool);
     let (hosts, gpus, escalations, escalations_count, deployments, breaker) = tokio::try_join!(
         hosts,
         gpus,
@@ -174,7 +174,19 @@ fn assemble(
     let host_list: Vec<OverviewHost> = hosts
         .into_iter()
         .map(
-            |(host, state, last_seen, agent_version, gpus, unhealthy, u_sum, u_n, mem, comps, failed)| {
+            |(
+                host,
+                state,
+                last_seen,
+                agent_version,
+                gpus,
+                unhealthy,
+                u_sum,
+                u_n,
+                mem,
+                comps,
+                failed,
+            )| {
                 if state == "online" {
                     online += 1;
                 }
@@ -344,12 +356,39 @@ mod tests {
     fn totals_and_means() {
         let now = Utc::now();
         let hosts = vec![
-            ("a".into(), "online".into(), now, "1".into(), 2, 1, Some(1.0), 2, 10.0, 3, 1),
-            ("b".into(), "lost".into(), now, "1".into(), 2, 0, None, 0, 0.0, 1, 0),
+            (
+                "a".into(),
+                "online".into(),
+                now,
+                "1".into(),
+                2,
+                1,
+                Some(1.0),
+                2,
+                10.0,
+                3,
+                1,
+            ),
+            (
+                "b".into(),
+                "lost".into(),
+                now,
+                "1".into(),
+                2,
+                0,
+                None,
+                0,
+                0.0,
+                1,
+                0,
+            ),
         ];
         let o = assemble(hosts, (4, 100, 1, 0, 0), Vec::new(), 0, Vec::new(), None);
         assert_eq!((o.hosts.total, o.hosts.online, o.hosts.lost), (2, 1, 1));
-        assert_eq!((o.gpus.total, o.gpus.healthy, o.gpus.quarantined), (4, 3, 1));
+        assert_eq!(
+            (o.gpus.total, o.gpus.healthy, o.gpus.quarantined),
+            (4, 3, 1)
+        );
         assert_eq!(o.gpus.utilization_avg, Some(0.5));
         assert_eq!(o.gpus.memory_used_bytes, 10);
         assert_eq!(o.host_list[0].gpu_util, Some(0.5));
