@@ -66,6 +66,8 @@ pub struct ApiState {
     pub openapi: Arc<String>,
     /// `/metrics/fleet`: the fleet's latest state from the store.
     pub fleet: Option<crate::fleet_metrics::FleetMetrics>,
+    /// `GET /api/v1/overview`'s last answer and when it was computed.
+    pub overview_cache: Arc<tokio::sync::Mutex<Option<(Instant, types::Overview)>>>,
 }
 
 /// The running collector's parts the API reads and drives.
@@ -137,6 +139,7 @@ impl ApiState {
             routes: Arc::new(routes),
             openapi: Arc::new(json),
             fleet: None,
+            overview_cache: Arc::new(tokio::sync::Mutex::new(None)),
         })
     }
 

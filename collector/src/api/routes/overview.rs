@@ -3,10 +3,12 @@
 //! automation breaker, and one line per host.
 //!
 //! A handful of set-based queries run concurrently, never one per host: hosts with
-//! their component, GPU and GPU-health counts joined in; the latest GPU values as
-//! `/metrics/fleet` reads them (the newest sample of each series within
-//! [`LATEST_WINDOW`], bounded by the samples' BRIN index on `ts`); the GPU totals;
-//! escalations; deployments; the breaker from the engine's snapshot.
+//! their component, GPU and GPU-health counts joined in, and their GPUs' recent values
+//! (each series' mean over [`LATEST_WINDOW`], the samples' BRIN index on `ts` bounding
+//! the scan as for `/metrics/fleet`); the GPU totals; escalations; deployments; the
+//! breaker from the engine's snapshot. One answer serves every request for
+//! [`CACHE_FOR`]; concurrent requests wait for the one being computed instead of each
+//! querying (as `/metrics/fleet` does).
 
 use crate::api::error::ApiError;
 use crate::api::types::{
@@ -18,8 +20,11 @@ use axum::extract::State;
 use axum::Json;
 use chrono::{DateTime, Utc};
 
-/// GPU values come from samples this recent (agents sample every second by default).
+/// GPU values are means over samples this recent (agents sample every second by
+/// default; a few periods cover a slow batch).
 pub const LATEST_WINDOW: chrono::TimeDelta = chrono::TimeDelta::seconds(15);
+/// One answer serves every request for this long.
+pub const CACHE_FOR: std::time::Duration = std::time::Duration::from_secs(1);
 /// Escalations listed (all are counted).
 const ESCALATIONS_SHOWN: i64 = 10;
 /// Deployments listed.
@@ -28,16 +33,18 @@ const DEPLOYMENTS_SHOWN: i64 = 20;
 const UTIL: &str = "razar_gpu_utilization_ratio";
 const MEM_USED: &str = "razar_gpu_memory_used_bytes";
 
-/// One row per host: its counts and its GPUs' latest utilisation and memory in use.
-/// Utilisation is the `gpu` engine's (series without an `engine` label count as it).
+/// One row per host: its counts and its GPUs' recent utilisation and memory in use, each
+/// GPU series' mean over [`LATEST_WINDOW`] (a hash aggregate: no sort of the window's
+/// rows, which a per-series "newest row" would need). Utilisation is the `gpu` engine's
+/// (series without an `engine` label count as it).
 pub const HOSTS_SQL: &str = "
 WITH latest AS (
-    SELECT DISTINCT ON (s.series_id) se.host_id, se.metric, s.value
+    SELECT se.host_id, se.metric, avg(s.value) AS value
     FROM samples s JOIN series se ON se.series_id = s.series_id
     WHERE s.ts >= $1 AND se.metric IN ($2, $3)
       AND coalesce(se.labels->>'engine', 'gpu') = 'gpu'
       AND abs(s.value) < 'Infinity'::float8 -- finite (NaN sorts above Infinity)
-    ORDER BY s.series_id, s.ts DESC
+    GROUP BY s.series_id, se.host_id, se.metric
 ), per_host AS (
     SELECT host_id,
            sum(value) FILTER (WHERE metric = $2) AS util_sum,
@@ -124,6 +131,18 @@ type DeploymentRow = (i64, String, String, String, bool, DateTime<Utc>, i64, i64
               (status = 503, body = crate::api::types::ErrorBody)))]
 pub async fn overview(State(state): State<ApiState>) -> Result<Json<Overview>, ApiError> {
     let pool = &state.ready()?.pool;
+    let mut cache = state.overview_cache.lock().await;
+    if let Some((at, answer)) = cache.as_ref() {
+        if at.elapsed() < CACHE_FOR {
+            return Ok(Json(answer.clone()));
+        }
+    }
+    let answer = query(pool).await?;
+    *cache = Some((std::time::Instant::now(), answer.clone()));
+    Ok(Json(answer))
+}
+
+async fn query(pool: &sqlx::PgPool) -> Result<Overview, ApiError> {
     let since = Utc::now() - LATEST_WINDOW;
     let hosts = sqlx::query_as::<_, HostRow>(HOSTS_SQL)
         .bind(since)
@@ -148,14 +167,14 @@ pub async fn overview(State(state): State<ApiState>) -> Result<Json<Overview>, A
         deployments,
         breaker
     )?;
-    Ok(Json(assemble(
+    Ok(assemble(
         hosts,
         gpus,
         escalations,
         escalations_count,
         deployments,
         breaker.flatten(),
-    )))
+    ))
 }
 
 /// The answer from the queries' rows (pure).
