@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod config;
+pub mod dashboard;
 pub mod deployments;
 pub mod dispatch;
 pub mod embedded_pg;

@@ -104,9 +104,23 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         }
     };
 
+    let token = match operator_token(service.store().pool(), &data_dir).await {
+        Ok(t) => t,
+        Err(e) => {
+            daemon.shutdown().await;
+            service.shutdown().await;
+            return Err(e);
+        }
+    };
+
     let http = service.http_addr();
     say!();
     say!("Razar is running on this machine.");
+    say!("  dashboard:  http://{http}/#token={token}");
+    say!(
+        "  token:      {token}  (role operator, kept in {})",
+        data_dir.join(TOKEN_FILE).display()
+    );
     say!("  health:     http://{http}/api/v1/health");
     say!("  metrics:    http://{http}/metrics");
     say!(
@@ -125,6 +139,16 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
             razar_collector::embedded_pg::SOCKET_PORT
         );
     }
+    say!("The razar CLI (`cargo build -p razar-cli`, then target/debug/razar):");
+    say!("  export RAZAR_SERVER=http://{http} RAZAR_TOKEN={token}");
+    for line in [
+        "razar hosts",
+        "razar gpus",
+        "razar escalations",
+        "razar events -f",
+    ] {
+        say!("  RAZAR_SERVER=http://{http} RAZAR_TOKEN={token} {line}");
+    }
     say!("Press Ctrl-C to stop everything.");
 
     let signal = wait_for_stop().await;
@@ -132,6 +156,59 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     daemon.shutdown().await;
     service.shutdown().await;
     say!("razar dev: stopped");
+    Ok(())
+}
+
+/// The file in the data dir that keeps dev mode's operator token (mode 0600).
+pub const TOKEN_FILE: &str = "operator.token";
+/// The name of dev mode's operator token.
+const TOKEN_NAME: &str = "razar-dev operator";
+
+/// Dev mode's operator token: the one kept in the data dir while the database still
+/// accepts it, else a new one (its plaintext only in the 0600 file; the database keeps
+/// its hash).
+async fn operator_token(pool: &sqlx::PgPool, data_dir: &Path) -> anyhow::Result<String> {
+    use razar_collector::store::tokens;
+    let path = data_dir.join(TOKEN_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            let kept = text.trim();
+            match tokens::verify(pool, kept).await? {
+                Ok(info) if info.role == tokens::Role::Operator => return Ok(kept.to_owned()),
+                Ok(info) => tracing::warn!(
+                    role = info.role.as_str(),
+                    "kept token has another role; creating one"
+                ),
+                Err(refusal) => tracing::warn!(?refusal, "kept token refused; creating one"),
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    }
+    let (_, token) = tokens::create(pool, TOKEN_NAME, tokens::Role::Operator, None, None)
+        .await
+        .context("cannot create the operator token")?;
+    write_private(&path, &token)?;
+    Ok(token)
+}
+
+/// Writes `text` to a file only its owner may read (0600), replacing it atomically.
+fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("cannot create {}", tmp.display()))?;
+    file.write_all(text.as_bytes())
+        .and_then(|()| file.write_all(b"\n"))
+        .and_then(|()| file.sync_all())
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
     Ok(())
 }
 

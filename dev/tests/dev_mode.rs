@@ -2,7 +2,9 @@
 //! subprocess with the embedded PostgreSQL, an in-process agent, demo components and
 //! fake GPUs. Health must report the agent connected and samples stored; SIGINT and
 //! SIGHUP (a closed terminal) must each leave nothing running; the second run reuses
-//! the data dir.
+//! the data dir. Each run prints the dashboard URL, an operator token that the API
+//! accepts (the same on the second run, kept in a 0600 file of the data dir) and
+//! ready-to-paste `razar` CLI lines.
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -79,7 +81,16 @@ fn http_get(url: &str) -> Option<serde_json::Value> {
     client.get(url).send().ok()?.json().ok()
 }
 
-fn run_dev(data_dir: &Path) -> (std::process::Child, String, String) {
+/// What a dev run printed.
+struct Banner {
+    collector: String,
+    agent: String,
+    token: String,
+    dashboard: String,
+    cli_lines: Vec<String>,
+}
+
+fn run_dev(data_dir: &Path) -> (std::process::Child, Banner) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_razar-dev"))
         .args(["--data-dir"])
         .arg(data_dir)
@@ -103,20 +114,44 @@ fn run_dev(data_dir: &Path) -> (std::process::Child, String, String) {
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
             println!("dev: {line}");
+            let trimmed = line.trim_start();
+            if let Some(rest) = trimmed.strip_prefix("token:") {
+                if let Some(token) = rest.split_whitespace().next() {
+                    let _ = tx.send(("token", token.to_string()));
+                }
+            }
+            if let Some(rest) = trimmed.strip_prefix("dashboard:") {
+                let _ = tx.send(("dashboard", rest.trim().to_string()));
+            }
+            if trimmed.starts_with("RAZAR_SERVER=") {
+                let _ = tx.send(("cli", trimmed.to_string()));
+            }
             for url in line
                 .split_whitespace()
                 .filter(|w| w.starts_with("http://") && w.ends_with("/health"))
             {
-                let _ = tx.send(url.to_string());
+                let _ = tx.send(("health", url.to_string()));
             }
         }
     });
     let mut urls = Vec::new();
+    let (mut token, mut dashboard, mut cli_lines) = (String::new(), String::new(), Vec::new());
     while urls.len() < 2 {
-        urls.push(
-            rx.recv_timeout(Duration::from_secs(120))
-                .expect("dev mode printed its health URLs"),
-        );
+        let (kind, value) = rx
+            .recv_timeout(Duration::from_secs(120))
+            .expect("dev mode printed its health URLs");
+        match kind {
+            "token" => token = value,
+            "dashboard" => dashboard = value,
+            "cli" => cli_lines.push(value),
+            _ => urls.push(value),
+        }
+    }
+    // The CLI lines follow the health URLs.
+    while let Ok((kind, value)) = rx.recv_timeout(Duration::from_secs(5)) {
+        if kind == "cli" {
+            cli_lines.push(value);
+        }
     }
     let collector = urls
         .iter()
@@ -128,7 +163,28 @@ fn run_dev(data_dir: &Path) -> (std::process::Child, String, String) {
         .find(|u| !u.ends_with("/api/v1/health"))
         .expect("agent health URL")
         .clone();
-    (child, collector, agent)
+    (
+        child,
+        Banner {
+            collector,
+            agent,
+            token,
+            dashboard,
+            cli_lines,
+        },
+    )
+}
+
+fn http_get_with_token(url: &str, token: &str) -> Option<serde_json::Value> {
+    let client = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .ok()?;
+    let response = client.get(url).bearer_auth(token).send().ok()?;
+    if !response.status().is_success() {
+        return None;
+    }
+    response.json().ok()
 }
 
 /// Stops a dev process left running by a failed assertion, before its data dir goes.
@@ -172,9 +228,63 @@ fn dev_mode_runs_everything_and_stops_cleanly_twice() {
     let dir = tempfile::tempdir().expect("tempdir");
     let data_dir = dir.path().join("razar-data");
     use nix::sys::signal::Signal;
+    let mut first_token: Option<String> = None;
     for (round, signal) in [Signal::SIGINT, Signal::SIGHUP].into_iter().enumerate() {
-        let (child, url, agent_url) = run_dev(&data_dir);
+        let (child, banner) = run_dev(&data_dir);
         let mut child = Guard(child);
+        let (url, agent_url) = (banner.collector.clone(), banner.agent.clone());
+        let base = url
+            .strip_suffix("/api/v1/health")
+            .expect("collector health URL")
+            .to_owned();
+        // The operator token: printed, kept (0600) in the data dir, the same each run,
+        // in the dashboard link and the CLI lines.
+        let token = banner.token.clone();
+        assert!(token.starts_with("rzr_"), "round {round}: token {token:?}");
+        if let Some(first) = &first_token {
+            assert_eq!(
+                &token, first,
+                "round {round}: the second run keeps the token"
+            );
+        }
+        first_token = Some(token.clone());
+        let file = data_dir.join("operator.token");
+        let kept = std::fs::read_to_string(&file).expect("the token file");
+        assert_eq!(
+            kept.trim(),
+            token,
+            "round {round}: the file keeps the printed token"
+        );
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(&file)
+            .expect("token file")
+            .permissions()
+            .mode();
+        assert_eq!(
+            mode & 0o777,
+            0o600,
+            "round {round}: token file mode {mode:o}"
+        );
+        assert_eq!(
+            banner.dashboard,
+            format!("{base}/#token={token}"),
+            "round {round}"
+        );
+        let hosts_line = banner
+            .cli_lines
+            .iter()
+            .find(|l| l.ends_with(" razar hosts"))
+            .unwrap_or_else(|| {
+                panic!(
+                    "round {round}: no `razar hosts` line in {:?}",
+                    banner.cli_lines
+                )
+            });
+        assert_eq!(
+            hosts_line,
+            &format!("RAZAR_SERVER={base} RAZAR_TOKEN={token} razar hosts"),
+            "round {round}"
+        );
         let mut last = serde_json::Value::Null;
         // Samples stored by *this* run: the second round starts with the first's.
         let mut baseline: Option<u64> = None;
@@ -195,6 +305,20 @@ fn dev_mode_runs_everything_and_stops_cleanly_twice() {
             },
         );
         assert_eq!(last["database"]["ok"], true, "round {round}: {last}");
+        // The token works against the API: the dev host is listed.
+        let mut hosts = serde_json::Value::Null;
+        wait_until(
+            "the dev host listed with the token",
+            Duration::from_secs(30),
+            || {
+                if let Some(h) = http_get_with_token(&format!("{base}/api/v1/hosts"), &token) {
+                    hosts = h;
+                }
+                hosts
+                    .as_array()
+                    .is_some_and(|l| l.iter().any(|h| h["host_id"] == "dev-host"))
+            },
+        );
         // The agent's own health shows the link to the collector.
         let mut agent_health = serde_json::Value::Null;
         wait_until(

@@ -30,6 +30,8 @@ function h(tag, attrs, ...children) {
 const badge = (s) => h("span", { class: "badge s-" + String(s || "unknown").toLowerCase() }, s ?? "—");
 const link = (href, text) => h("a", { href }, text);
 const enc = encodeURIComponent;
+// A host's link; fleet-wide items (no host) show "fleet".
+const hostLink = (host) => (host ? link("#/host/" + enc(host), host) : "fleet");
 
 function ago(ts) {
   if (!ts) return "—";
@@ -188,18 +190,24 @@ function chart(title, series, fmt) {
   return box;
 }
 
-// The history endpoint answers { series: [{ labels, points: [[ts, value]...] }] } (or
-// a bare list of such series); ts is RFC 3339 or milliseconds.
-async function fetchHistory(metric, host, range) {
+// GET /history answers { metric, from, to, step_ms, source, series: [{ series_id,
+// host_id, labels, points: [{ ts_ms, value, min, max, count }] }] }. `labels` narrows
+// the series (e.g. {"engine":"gpu"}); `rate` turns a counter into its per-second rate.
+async function fetchHistory(metric, host, range, labels, rate) {
   const to = Date.now(), from = to - range;
-  const q = `metric=${enc(metric)}&host=${enc(host)}&from=${new Date(from).toISOString()}&to=${new Date(to).toISOString()}&points=300`;
+  let q = `metric=${enc(metric)}&host=${enc(host)}&from=${enc(new Date(from).toISOString())}&to=${enc(new Date(to).toISOString())}&points=300`;
+  if (labels) q += "&labels=" + enc(JSON.stringify(labels));
   const body = await api("/history?" + q);
-  return items(body, "series").map((s) => ({
-    labels: s.labels || {},
-    points: (s.points || []).map((p) => Array.isArray(p)
-      ? [typeof p[0] === "number" ? p[0] : Date.parse(p[0]), p[1]]
-      : [typeof p.ts === "number" ? p.ts : Date.parse(p.ts || p.t), p.value ?? p.v]),
-  }));
+  return items(body, "series").map((s) => {
+    let points = (s.points || []).map((p) => [p.ts_ms, p.value]);
+    if (rate) {
+      points = points.slice(1).map((p, i) => {
+        const dt = (p[0] - points[i][0]) / 1000;
+        return [p[0], dt > 0 ? Math.max(0, (p[1] - points[i][1]) / dt) : 0];
+      });
+    }
+    return { labels: s.labels || {}, points };
+  });
 }
 
 // ---------------------------------------------------------------- pages
@@ -233,7 +241,7 @@ async function fleetPage() {
     h("div", { class: "grid", style: "grid-template-columns:1fr 1fr" },
       h("div", { class: "card" }, h("h2", {}, "Open escalations"), table([
         ["severity", (e) => badge(e.severity)],
-        ["host", (e) => link("#/host/" + enc(e.host), e.host)],
+        ["host", (e) => hostLink(e.host)],
         ["what", (e) => link("#/escalation/" + e.id, e.summary || e.kind), "wrap"],
         ["since", (e) => ago(e.opened_at)],
       ], ov.escalations_open || [], "No open escalations.")),
@@ -267,16 +275,16 @@ async function hostPage(host) {
   const range = RANGES[hostRange];
   const name = (s, key) => (s.labels[key] !== undefined ? `${key} ${s.labels[key]}` : Object.values(s.labels).join(" ") || "value");
   const charts = [
-    ["GPU utilisation", "razar_gpu_utilization_ratio", "gpu", pct],
+    ["GPU utilisation", "razar_gpu_utilization_ratio", "gpu", pct, { engine: "gpu" }],
     ["GPU memory used", "razar_gpu_memory_used_bytes", "gpu", fmtBytes],
-    ["GPU temperature", "razar_gpu_temperature_celsius", "gpu", (v) => num(v, 0) + " °C"],
+    ["GPU temperature", "razar_gpu_temperature_celsius", "gpu", (v) => num(v, 0) + " °C", { sensor: "gpu" }],
     ["GPU power", "razar_gpu_power_watts", "gpu", (v) => num(v, 0) + " W"],
-    ["Component CPU", "razar_component_cpu_seconds_total", "component", (v) => num(v, 1) + " s"],
+    ["Component CPU", "razar_component_cpu_seconds_total", "component", (v) => num(v, 2) + " cores", null, true],
     ["Component RSS", "razar_component_resident_memory_bytes", "component", fmtBytes],
   ];
-  const drawn = await Promise.all(charts.map(async ([title, metric, key, fmt]) => {
+  const drawn = await Promise.all(charts.map(async ([title, metric, key, fmt, labels, rate]) => {
     try {
-      const series = await fetchHistory(metric, host, range);
+      const series = await fetchHistory(metric, host, range, labels, rate);
       return chart(title, series.map((s) => ({ name: name(s, key), points: s.points })), fmt);
     } catch (e) {
       return h("div", { class: "card chart" }, h("h2", {}, title), h("p", { class: "error" }, e.message));
@@ -285,7 +293,7 @@ async function hostPage(host) {
   const toolbar = h("div", { class: "toolbar" }, "Range",
     h("select", { onchange: (e) => { hostRange = e.target.value; render(); } },
       Object.keys(RANGES).map((r) => h("option", { value: r, selected: r === hostRange }, r))));
-  const hi = info.host || info;
+  const hi = info;
   return [
     h("h1", {}, host, " ", badge(hi.state)),
     h("div", { class: "grid" },
@@ -299,21 +307,29 @@ async function hostPage(host) {
       ["critical", (c) => (c.critical ? "yes" : "no")],
       ["updated", (c) => ago(c.updated_at)],
       ["", (c) => h("span", {},
-        h("button", { onclick: () => command(host, { Restart: { component: c.name } }) }, "restart"), " ",
+        h("button", { onclick: () => command(host, { kind: "restart", component: c.name }) }, "restart"), " ",
         h("a", { href: `#/logs/${enc(host)}/${enc(c.name)}` }, "logs"))],
     ], comps, "No components.")),
     h("div", { class: "card", "data-test": "gpus" }, h("h2", {}, "GPUs"), table([
-      ["#", (g) => g.index ?? g.gpu_index],
-      ["model", (g) => g.name || g.model],
+      ["#", (g) => g.index],
+      ["model", (g) => g.name],
       ["uuid", (g) => g.uuid],
-      ["health", (g) => badge(g.health?.state || g.health || "healthy")],
-      ["util", (g) => pct(g.utilization ?? g.latest?.razar_gpu_utilization_ratio)],
-      ["memory", (g) => fmtBytes(g.memory_used_bytes ?? g.latest?.razar_gpu_memory_used_bytes) + " / " + fmtBytes(g.memory_total_bytes)],
-      ["temp", (g) => num(g.temperature_celsius ?? g.latest?.razar_gpu_temperature_celsius, 0)],
+      ["health", (g) => badge(g.health_state || "healthy")],
+      ["util", (g) => pct(latest(g, "razar_gpu_utilization_ratio"))],
+      ["memory", (g) => fmtBytes(latest(g, "razar_gpu_memory_used_bytes")) + " / " + fmtBytes(g.memory_total_bytes)],
+      ["temp", (g) => num(latest(g, "razar_gpu_temperature_celsius"), 0) + " °C"],
+      ["power", (g) => num(latest(g, "razar_gpu_power_watts"), 0) + " W"],
     ], gpus, "No GPUs.")),
     toolbar,
     h("div", { class: "charts" }, drawn),
   ];
+}
+
+// A GPU's newest value of a metric (GET /hosts/{host}/gpus lists `values`, the
+// utilisation of the `gpu` engine and the `gpu` sensor's temperature first).
+function latest(g, metric) {
+  const v = (g.values || []).find((x) => x.metric === metric);
+  return v ? v.value : null;
 }
 
 async function command(host, action) {
@@ -330,9 +346,9 @@ async function escalationsPage() {
   return [h("h1", {}, "Escalations"), h("div", { class: "card" }, table([
     ["severity", (e) => badge(e.severity)],
     ["state", (e) => badge(e.state)],
-    ["host", (e) => link("#/host/" + enc(e.host), e.host)],
+    ["host", (e) => hostLink(e.host ?? e.host_id)],
     ["subject", (e) => e.subject],
-    ["what", (e) => link("#/escalation/" + e.id, e.summary || e.kind), "wrap"],
+    ["what", (e) => link("#/escalation/" + (e.id ?? e.escalation_id), e.summary || e.kind), "wrap"],
     ["opened", (e) => ago(e.opened_at)],
   ], list, "No escalations."))];
 }
@@ -347,7 +363,7 @@ async function escalationPage(id) {
   return [
     h("h1", {}, "Escalation ", badge(e.state), " ", badge(e.severity)),
     h("div", { class: "card" }, kv([
-      ["summary", e.summary], ["host", e.host ? link("#/host/" + enc(e.host), e.host) : null], ["subject", e.subject], ["kind", e.kind],
+      ["summary", e.summary], ["host", hostLink(e.host ?? e.host_id)], ["subject", e.subject], ["kind", e.kind],
       ["opened", ago(e.opened_at)], ["acknowledged", e.acknowledged_at ? `${ago(e.acknowledged_at)} by ${e.acknowledged_by}` : null],
       ["resolved", e.resolved_at ? `${ago(e.resolved_at)} by ${e.resolved_by || "auto"}` : null], ["note", e.note],
       ["notification level", e.level],
@@ -361,10 +377,10 @@ async function escalationPage(id) {
 async function decisionsPage() {
   const list = items(await api("/decisions"), "decisions");
   return [h("h1", {}, "Decisions"), h("div", { class: "card" }, table([
-    ["#", (d) => link("#/decision/" + d.id, d.id)],
-    ["at", (d) => ago(d.created_at)],
+    ["#", (d) => link("#/decision/" + (d.id ?? d.decision_id), d.id ?? d.decision_id)],
+    ["at", (d) => ago(d.decided_at ?? d.created_at)],
     ["rule", (d) => d.rule],
-    ["host", (d) => d.host],
+    ["host", (d) => d.host ?? d.host_id],
     ["summary", (d) => d.summary, "wrap"],
   ], list, "No decisions yet."))];
 }
@@ -373,11 +389,11 @@ async function decisionPage(id) {
   const d = await api("/decisions/" + enc(id));
   const alts = d.rejected || d.alternatives || [];
   return [
-    h("h1", {}, "Decision #" + d.id),
+    h("h1", {}, "Decision #" + (d.id ?? d.decision_id)),
     h("div", { class: "card" }, kv([
       ["rule", `${d.rule} (v${d.rule_version ?? "?"})`], ["summary", d.summary], ["host", d.host],
       ["XID catalog", d.catalog_revision], ["breaker", d.breaker ? JSON.stringify(d.breaker) : null],
-      ["term", d.term], ["at", d.created_at]])),
+      ["term", d.term], ["at", d.decided_at ?? d.created_at]])),
     h("div", { class: "card", "data-test": "evidence" }, h("h2", {}, "Evidence"), h("pre", {}, JSON.stringify(d.evidence, null, 2))),
     h("div", { class: "card", "data-test": "rejected" }, h("h2", {}, "Rejected alternatives"),
       alts.length ? h("ul", {}, alts.map((a) => h("li", {}, typeof a === "string" ? a : `${a.alternative || a.action}: ${a.reason}`)))
@@ -389,7 +405,7 @@ async function decisionPage(id) {
 async function deploymentsPage() {
   const list = items(await api("/deployments"), "deployments");
   return [h("h1", {}, "Deployments"), h("div", { class: "card" }, table([
-    ["#", (d) => link("#/deployment/" + d.id, d.id)],
+    ["#", (d) => link("#/deployment/" + (d.id ?? d.deployment_id), d.id ?? d.deployment_id)],
     ["component", (d) => d.component],
     ["revision", (d) => d.revision?.version || d.revision],
     ["state", (d) => badge(d.state)],
@@ -404,15 +420,15 @@ async function deploymentPage(id) {
     try { await api(`/deployments/${enc(id)}/${verb}`, { method: "POST", body: {} }); render(); } catch (x) { alert(x.message); }
   };
   return [
-    h("h1", {}, `Deployment #${d.id} `, badge(d.state)),
+    h("h1", {}, `Deployment #${d.id ?? d.deployment_id} `, badge(d.state)),
     h("div", { class: "card" }, kv([
       ["component", d.component], ["revision", d.revision?.version || d.revision], ["reason", d.reason],
       ["canaries", d.canaries ?? d.canary], ["max parallel", d.max_parallel], ["created", ago(d.created_at)]])),
     h("div", { class: "toolbar" },
       ["pause", "resume", "promote", "rollback"].map((v) => h("button", { onclick: op(v) }, v))),
     h("div", { class: "card" }, h("h2", {}, "Hosts"), table([
-      ["host", (x) => link("#/host/" + enc(x.host), x.host)],
-      ["wave", (x) => x.wave],
+      ["host", (x) => hostLink(x.host ?? x.host_id)],
+      ["wave", (x) => x.wave ?? x.position],
       ["state", (x) => badge(x.state)],
       ["reason", (x) => x.reason, "wrap"],
       ["updated", (x) => ago(x.updated_at)],
@@ -425,7 +441,8 @@ async function eventsPage() {
   return [h("h1", {}, "Events"), h("div", { class: "card" }, table([
     ["at", (e) => new Date(e.ts).toLocaleString()],
     ["severity", (e) => badge(e.severity)],
-    ["host", (e) => link("#/host/" + enc(e.host), e.host)],
+    ["host", (e) => hostLink(e.host_id)],
+    ["subject", (e) => (e.subject_id ? `${e.subject_kind} ${e.subject_id}` : e.subject_kind)],
     ["kind", (e) => e.kind],
     ["message", (e) => e.message, "wrap"],
   ], list, "No events."))];
@@ -437,14 +454,21 @@ async function logsPage(host, component) {
   route.cleanup = () => ctl.abort();
   (async () => {
     try {
-      const res = await fetch(`${API}/hosts/${enc(host)}/components/${enc(component)}/logs?tail=200&follow=true`, {
+      const res = await fetch(`${API}/hosts/${enc(host)}/components/${enc(component)}/logs?lines=200&follow=true`, {
         headers: { Authorization: "Bearer " + token, Accept: "text/event-stream" }, signal: ctl.signal });
+      if (!res.ok) { pre.append(`error ${res.status}: ${await res.text()}\n`); return; }
       const reader = res.body.getReader();
       const dec = new TextDecoder();
+      let buf = "";
       for (;;) {
         const { value, done } = await reader.read();
         if (done) break;
-        for (const line of dec.decode(value, { stream: true }).split("\n")) {
+        buf += dec.decode(value, { stream: true });
+        const cut = buf.lastIndexOf("\n");
+        if (cut < 0) continue;
+        const whole = buf.slice(0, cut);
+        buf = buf.slice(cut + 1);
+        for (const line of whole.split("\n")) {
           if (line.startsWith("data:")) {
             let text = line.slice(5).trim();
             try { const j = JSON.parse(text); text = j.line ?? j.text ?? (j.lines ? j.lines.join("\n") : text); } catch (_) { /* plain text */ }
@@ -528,10 +552,12 @@ function start() {
 
 document.getElementById("logout").addEventListener("click", signOut);
 window.addEventListener("hashchange", () => render());
-// A token in the fragment (#token=...) signs in directly: dev mode prints such a link.
+// A token in the fragment (#token=...) signs in directly: dev mode prints such a link;
+// `&next=/host/h` then opens that page instead of the fleet's.
 if (location.hash.startsWith("#token=")) {
-  token = decodeURIComponent(location.hash.slice(7));
+  const [tok, next] = location.hash.slice(7).split("&next=");
+  token = decodeURIComponent(tok);
   localStorage.setItem("razar.token", token);
-  history.replaceState(null, "", "#/");
+  history.replaceState(null, "", "#" + (next ? decodeURIComponent(next) : "/"));
 }
 if (token) start(); else showLogin();

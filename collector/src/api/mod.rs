@@ -39,6 +39,14 @@ use utoipa_axum::routes;
 
 pub use routes::health::{DatabaseCheck, Health};
 
+/// The fleet overview's main query and its window, for benchmarks that time the route
+/// next to its bare SQL.
+pub mod routes_sql {
+    pub use super::routes::overview::{
+        HOSTS_SQL as OVERVIEW_HOSTS_SQL, LATEST_WINDOW as OVERVIEW_WINDOW,
+    };
+}
+
 /// What the API handlers read.
 #[derive(Clone)]
 pub struct ApiState {
@@ -58,6 +66,8 @@ pub struct ApiState {
     pub openapi: Arc<String>,
     /// `/metrics/fleet`: the fleet's latest state from the store.
     pub fleet: Option<crate::fleet_metrics::FleetMetrics>,
+    /// `GET /api/v1/overview`'s last answer and when it was computed.
+    pub overview_cache: Arc<tokio::sync::Mutex<Option<(Instant, types::Overview)>>>,
 }
 
 /// The running collector's parts the API reads and drives.
@@ -131,6 +141,7 @@ impl ApiState {
             routes: Arc::new(routes),
             openapi: Arc::new(json),
             fleet: None,
+            overview_cache: Arc::new(tokio::sync::Mutex::new(None)),
         })
     }
 
@@ -156,7 +167,7 @@ pub enum ApiSetupError {
     modifiers(&BearerScheme),
     tags((name = "health"), (name = "hosts"), (name = "history"), (name = "events"),
          (name = "commands"), (name = "logs"), (name = "tokens"), (name = "audit"),
-         (name = "escalations"), (name = "decisions"), (name = "deployments"))
+         (name = "escalations"), (name = "decisions"), (name = "deployments"), (name = "overview"))
 )]
 struct ApiDoc;
 
@@ -182,6 +193,7 @@ impl utoipa::Modify for BearerScheme {
 
 /// The documented routes and their document, built together so they cannot drift.
 fn documented() -> OpenApiRouter<ApiState> {
+    use routes::overview;
     use routes::{audit, commands, events, health, history, hosts, logs, tokens};
     use routes::{decisions, deployments, escalations, gpus};
     OpenApiRouter::with_openapi(ApiDoc::openapi())
@@ -216,6 +228,8 @@ fn documented() -> OpenApiRouter<ApiState> {
         .routes(routes!(deployments::resume_deployment))
         .routes(routes!(deployments::promote_deployment))
         .routes(routes!(deployments::rollback_deployment))
+        // dash
+        .routes(routes!(overview::overview))
 }
 
 /// The OpenAPI document of the API.
@@ -234,6 +248,8 @@ pub fn router(state: ApiState) -> Router {
         ))
         .route("/api/v1/openapi.json", get(openapi_json))
         .route("/metrics", get(metrics))
+        // The dashboard's page and assets (public: it asks for a token itself).
+        .merge(crate::dashboard::router())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(state.settings.max_body_bytes))

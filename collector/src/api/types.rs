@@ -690,3 +690,105 @@ pub struct DeploymentQuery {
     /// 1 to 1000 (default 100).
     pub limit: Option<u32>,
 }
+
+// ---- dash: the fleet overview (`GET /api/v1/overview`).
+
+/// Hosts by state.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct OverviewHosts {
+    pub total: i64,
+    pub online: i64,
+    pub lost: i64,
+}
+
+/// GPUs by health state, with their utilisation and memory.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct OverviewGpus {
+    /// GPUs of the inventory.
+    pub total: i64,
+    /// In service: the total less those quarantined, on probation or awaiting inspection.
+    pub healthy: i64,
+    pub quarantined: i64,
+    pub probation: i64,
+    pub inspection: i64,
+    /// Mean of the GPUs' latest utilisation (0-1) over those sampled recently; null if none.
+    pub utilization_avg: Option<f64>,
+    /// Sum of the GPUs' latest memory in use (those sampled recently).
+    pub memory_used_bytes: i64,
+    /// Sum of the inventory's memory sizes.
+    pub memory_total_bytes: i64,
+}
+
+/// An escalation not resolved (open or acknowledged).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct OverviewEscalation {
+    pub id: i64,
+    /// Empty for a fleet-wide escalation.
+    pub host: String,
+    pub subject: String,
+    pub kind: String,
+    pub state: String,
+    pub severity: String,
+    pub summary: String,
+    pub opened_at: DateTime<Utc>,
+    pub decision_id: Option<i64>,
+}
+
+/// A deployment in progress.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct OverviewDeployment {
+    pub id: i64,
+    pub component: String,
+    pub revision: String,
+    pub state: String,
+    pub paused: bool,
+    /// Hosts whose new revision proved healthy.
+    pub hosts_done: i64,
+    pub hosts_total: i64,
+    pub created_at: DateTime<Utc>,
+}
+
+/// The automation circuit breaker, fleet wide.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct OverviewBreaker {
+    /// `closed`, `half_open` (a trial may go through) or `open` (the worst scope).
+    pub state: String,
+    /// Scopes not closed (`fleet`, `model:...`, `revision:...` entries counted).
+    pub scopes: i64,
+    /// Actions the breaker holds back.
+    pub held: i64,
+}
+
+/// One host's line of the overview.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct OverviewHost {
+    pub host: String,
+    /// `online` or `lost`.
+    pub state: String,
+    pub last_seen: DateTime<Utc>,
+    pub gpus: i64,
+    /// GPUs quarantined, on probation or awaiting inspection.
+    pub gpus_unhealthy: i64,
+    /// Mean latest utilisation (0-1) of its GPUs sampled recently; null if none.
+    pub gpu_util: Option<f64>,
+    pub components: i64,
+    /// Components unhealthy, in backoff or quarantined.
+    pub components_failed: i64,
+    pub agent_version: String,
+}
+
+/// `GET /api/v1/overview`: what the dashboard's fleet page shows.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Overview {
+    pub hosts: OverviewHosts,
+    pub gpus: OverviewGpus,
+    /// The newest escalations not resolved (at most 10).
+    pub escalations_open: Vec<OverviewEscalation>,
+    /// Every escalation not resolved.
+    pub escalations_open_count: i64,
+    /// Deployments not finished, newest first (at most 20).
+    pub deployments_active: Vec<OverviewDeployment>,
+    pub breaker: OverviewBreaker,
+    /// Every host, by id.
+    pub host_list: Vec<OverviewHost>,
+}

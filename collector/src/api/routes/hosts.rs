@@ -149,7 +149,10 @@ pub async fn list_gpus(
              WHERE series_id = s.series_id AND ts > now() - interval '10 minutes'
              ORDER BY ts DESC LIMIT 1) l
          WHERE s.host_id = $1 AND s.labels ? 'gpu'
-         ORDER BY s.metric",
+         -- Per metric, the `gpu` engine's utilisation and the `gpu` sensor's
+         -- temperature first: a client taking a metric's first value gets those.
+         ORDER BY s.metric, coalesce(s.labels->>'engine', s.labels->>'sensor', 'gpu') <> 'gpu',
+                  s.series_id",
     )
     .bind(&host)
     .fetch_all(pool)

@@ -8,6 +8,7 @@ pub mod health;
 pub mod history;
 pub mod hosts;
 pub mod logs;
+pub mod overview;
 pub mod tokens;
 // ops (session 7)
 pub mod decisions;
