@@ -3,8 +3,9 @@
 //! host, measured against the whole collector ([`Service`], real HTTP) on a private
 //! PostgreSQL (fsync off, as in the tests):
 //!
-//! - `GET /api/v1/overview` p50/p99 (the route serves one answer for 1 s: the figures
-//!   mix cached answers with one fresh computation a second), next to the bare SQL of
+//! - `GET /api/v1/overview` p50/p99 (the route serves one answer for 1 s, then up to
+//!   5 s old while one refresh runs behind the request: a watched overview is answered
+//!   from memory and the SQL runs about once a second), next to the bare SQL of
 //!   its main query (hosts with their counts and their GPUs' recent values) run on the
 //!   same pool every iteration, uncached;
 //! - `GET /api/v1/history` over 24 h down to 1,000 points p50/p99, next to the bare SQL

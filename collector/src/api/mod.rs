@@ -67,7 +67,7 @@ pub struct ApiState {
     /// `/metrics/fleet`: the fleet's latest state from the store.
     pub fleet: Option<crate::fleet_metrics::FleetMetrics>,
     /// `GET /api/v1/overview`'s last answer and when it was computed.
-    pub overview_cache: Arc<tokio::sync::Mutex<Option<(Instant, types::Overview)>>>,
+    pub overview_cache: Arc<routes::overview::OverviewCache>,
 }
 
 /// The running collector's parts the API reads and drives.
@@ -141,7 +141,7 @@ impl ApiState {
             routes: Arc::new(routes),
             openapi: Arc::new(json),
             fleet: None,
-            overview_cache: Arc::new(tokio::sync::Mutex::new(None)),
+            overview_cache: Arc::default(),
         })
     }
 

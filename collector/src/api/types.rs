@@ -780,6 +780,8 @@ pub struct OverviewHost {
 /// `GET /api/v1/overview`: what the dashboard's fleet page shows.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Overview {
+    /// When this answer was computed (it serves requests for up to a few seconds).
+    pub as_of: DateTime<Utc>,
     pub hosts: OverviewHosts,
     pub gpus: OverviewGpus,
     /// The newest escalations not resolved (at most 10).

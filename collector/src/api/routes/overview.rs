@@ -7,8 +7,9 @@
 //! (each series' mean over [`LATEST_WINDOW`], the samples' BRIN index on `ts` bounding
 //! the scan as for `/metrics/fleet`); the GPU totals; escalations; deployments; the
 //! breaker from the engine's snapshot. One answer serves every request for
-//! [`CACHE_FOR`]; concurrent requests wait for the one being computed instead of each
-//! querying (as `/metrics/fleet` does).
+//! [`CACHE_FOR`]; then, up to [`SERVE_STALE_FOR`], requests get it while one refresh
+//! runs behind them; a request finding nothing that recent computes the answer while
+//! concurrent ones wait for it. The answer says when it was computed (`as_of`).
 
 use crate::api::error::ApiError;
 use crate::api::types::{
@@ -19,12 +20,18 @@ use crate::api::ApiState;
 use axum::extract::State;
 use axum::Json;
 use chrono::{DateTime, Utc};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 /// GPU values are means over samples this recent (agents sample every second by
 /// default; a few periods cover a slow batch).
 pub const LATEST_WINDOW: chrono::TimeDelta = chrono::TimeDelta::seconds(15);
 /// One answer serves every request for this long.
-pub const CACHE_FOR: std::time::Duration = std::time::Duration::from_secs(1);
+pub const CACHE_FOR: Duration = Duration::from_secs(1);
+/// After [`CACHE_FOR`] and up to this age, an answer is still served while one refresh
+/// runs behind it, so a request never waits for the queries while someone watches;
+/// older, the request computes a fresh one.
+pub const SERVE_STALE_FOR: Duration = Duration::from_secs(5);
 /// Escalations listed (all are counted).
 const ESCALATIONS_SHOWN: i64 = 10;
 /// Deployments listed.
@@ -131,15 +138,63 @@ type DeploymentRow = (i64, String, String, String, bool, DateTime<Utc>, i64, i64
               (status = 503, body = crate::api::types::ErrorBody)))]
 pub async fn overview(State(state): State<ApiState>) -> Result<Json<Overview>, ApiError> {
     let pool = &state.ready()?.pool;
-    let mut cache = state.overview_cache.lock().await;
-    if let Some((at, answer)) = cache.as_ref() {
+    let cache = &state.overview_cache;
+    if let Some((at, answer)) = cache.current() {
+        let age = at.elapsed();
+        if age < CACHE_FOR {
+            return Ok(Json(answer));
+        }
+        if age < SERVE_STALE_FOR {
+            // Stale while revalidating: this request gets the answer of a moment ago,
+            // one refresh runs behind it (none when one already runs).
+            if let Ok(guard) = Arc::clone(&cache.refresh).try_lock_owned() {
+                let (pool, cache) = (pool.clone(), Arc::clone(cache));
+                tokio::spawn(async move {
+                    let _one_at_a_time = guard;
+                    match query(&pool).await {
+                        Ok(answer) => cache.store(answer),
+                        Err(e) => tracing::warn!(error = %e.message, "overview refresh failed"),
+                    }
+                });
+            }
+            return Ok(Json(answer));
+        }
+    }
+    // No answer recent enough to serve: compute one; concurrent requests wait for it.
+    let _one_at_a_time = cache.refresh.lock().await;
+    if let Some((at, answer)) = cache.current() {
         if at.elapsed() < CACHE_FOR {
-            return Ok(Json(answer.clone()));
+            return Ok(Json(answer));
         }
     }
     let answer = query(pool).await?;
-    *cache = Some((std::time::Instant::now(), answer.clone()));
+    cache.store(answer.clone());
     Ok(Json(answer))
+}
+
+/// The overview last computed, shared by requests (see [`CACHE_FOR`] and
+/// [`SERVE_STALE_FOR`]). Nothing refreshes it while nobody asks.
+#[derive(Debug, Default)]
+pub struct OverviewCache {
+    answer: std::sync::RwLock<Option<(Instant, Overview)>>,
+    refresh: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl OverviewCache {
+    fn current(&self) -> Option<(Instant, Overview)> {
+        match self.answer.read() {
+            Ok(answer) => answer.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    fn store(&self, overview: Overview) {
+        let mut answer = match self.answer.write() {
+            Ok(answer) => answer,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        *answer = Some((Instant::now(), overview));
+    }
 }
 
 async fn query(pool: &sqlx::PgPool) -> Result<Overview, ApiError> {
@@ -229,6 +284,7 @@ fn assemble(
     let total = i64::try_from(host_list.len()).unwrap_or(i64::MAX);
     let out_of_service = quarantined + probation + inspection;
     Overview {
+        as_of: Utc::now(),
         hosts: OverviewHosts {
             total,
             online,
