@@ -405,7 +405,11 @@ mod tests {
         for i in 0..100 {
             ledger.record_xid(0, 79, XidOrigin::Scenario, t0, 2 + i);
         }
-        assert_eq!(wakes.load(Ordering::Relaxed), 1, "a storm folded in does not");
+        assert_eq!(
+            wakes.load(Ordering::Relaxed),
+            1,
+            "a storm folded in does not"
+        );
         ledger.record_double_bit_ecc(1, 3);
         ledger.mark_lost(1, 4);
         assert_eq!(wakes.load(Ordering::Relaxed), 3, "every other event wakes");
@@ -413,7 +417,11 @@ mod tests {
         assert_eq!(ledger.drain().len(), 3);
         assert!(ledger.is_empty());
         ledger.record_xid(0, 79, XidOrigin::Scenario, t0, 200);
-        assert_eq!(wakes.load(Ordering::Relaxed), 4, "after a drain, a new event again");
+        assert_eq!(
+            wakes.load(Ordering::Relaxed),
+            4,
+            "after a drain, a new event again"
+        );
     }
 
     #[test]
