@@ -47,7 +47,7 @@ use razar_tests::ca::TestCa;
 use razar_tests::fixtures::now_ms;
 use razar_tests::pg::TestPg;
 use sqlx::PgPool;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -470,9 +470,7 @@ async fn fault_path(
     let raised = lock(&raised).clone();
     let (d, r, s) = (lock(&decided), lock(received), lock(&settled));
     let mut out = (Vec::new(), Vec::new(), Vec::new(), 0);
-    let mut hosts: HashSet<&String> = HashSet::new();
     for (host, t0) in &raised {
-        hosts.insert(host);
         let mut complete = true;
         for (map, list) in [(&*d, &mut out.0), (&*r, &mut out.1), (&*s, &mut out.2)] {
             match map.get(host) {
@@ -577,6 +575,11 @@ mod scenario {
         fn below(&mut self, n: usize) -> usize {
             (self.next() % n as u64) as usize
         }
+        /// `base` hosts and up to `extra - 1` more, at random.
+        fn some_hosts(&mut self, base: usize, extra: usize) -> Vec<usize> {
+            let n = base + self.below(extra);
+            self.hosts(n)
+        }
         fn hosts(&mut self, n: usize) -> Vec<usize> {
             let mut all: Vec<usize> = (0..HOSTS).collect();
             for i in (1..all.len()).rev() {
@@ -663,15 +666,17 @@ mod scenario {
         let mut expect = none();
         match kind {
             Kind::RevisionFault => {
-                // A rollout reaches 2-4 hosts; the new revision fails on each of them
-                // (crash loop, liveness or an application XID); the others stay on v1.
-                let hosts = rng.hosts(2 + rng.below(3));
+                // A rollout reaches 2-4 hosts; the new revision fails the same way on
+                // each of them (crash loop, liveness or an application XID, one kind per
+                // scenario); the others stay on v1.
+                let hosts = rng.some_hosts(2, 3);
                 for (k, &i) in hosts.iter().enumerate() {
                     steps.push((MIN + k as i64 * 1000, started(i, id())));
                 }
+                let how = rng.below(4);
                 for (k, &i) in hosts.iter().enumerate() {
                     let at = 5 * MIN + k as i64 * 2000;
-                    let input = match rng.below(4) {
+                    let input = match how {
                         0 => failed(i, "v2", FailureKind::CrashLoop, id()),
                         1 => failed(i, "v2", FailureKind::Liveness, id()),
                         2 => xid(i, 0, 13, "v2", id()),
@@ -683,7 +688,7 @@ mod scenario {
             }
             Kind::HardwareXid => {
                 // Maybe a healthy rollout meanwhile; a hardware XID on one GPU.
-                let rollout = rng.hosts(rng.below(4));
+                let rollout = rng.some_hosts(0, 4);
                 for (k, &i) in rollout.iter().enumerate() {
                     steps.push((MIN + k as i64 * 1000, started(i, id())));
                 }
@@ -702,7 +707,7 @@ mod scenario {
             Kind::Xid13AcrossRevisions => {
                 // XID 13 on one GPU under v1, the rollout reaches that host (and maybe
                 // one more), XID 13 again on the same GPU under v2: hardware, not v2.
-                let hosts = rng.hosts(1 + rng.below(2));
+                let hosts = rng.some_hosts(1, 2);
                 let i = hosts[0];
                 steps.push((MIN, xid(i, 0, 13, "v1", id())));
                 for (k, &j) in hosts.iter().enumerate() {
@@ -714,7 +719,7 @@ mod scenario {
             }
             Kind::HostLoss => {
                 // 1-3 hosts lost (under the breaker's limit), some come back.
-                let hosts = rng.hosts(1 + rng.below(3));
+                let hosts = rng.some_hosts(1, 3);
                 for (k, &i) in hosts.iter().enumerate() {
                     steps.push((
                         MIN + k as i64 * 5000,
@@ -760,7 +765,7 @@ mod scenario {
             }
             Kind::MassHostLoss => {
                 // 6-8 of 8 hosts lost within seconds.
-                let hosts = rng.hosts(6 + rng.below(3));
+                let hosts = rng.some_hosts(6, 3);
                 for (k, &i) in hosts.iter().enumerate() {
                     steps.push((
                         MIN + k as i64 * 500,
@@ -776,7 +781,7 @@ mod scenario {
             Kind::MassHardwareXids => {
                 // Hardware XIDs on 6-8 hosts within a minute: at most the breaker's
                 // limit (5 hosts) acted on, the rest held.
-                let hosts = rng.hosts(6 + rng.below(3));
+                let hosts = rng.some_hosts(6, 3);
                 for (k, &i) in hosts.iter().enumerate() {
                     let code = [48, 74, 79][rng.below(3)];
                     steps.push((MIN + k as i64 * 5000, xid(i, 0, code, "v1", id())));

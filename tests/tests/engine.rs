@@ -526,7 +526,10 @@ async fn no_scheduled_pulse_is_sent_while_the_breaker_is_open_and_pulses_resume_
     let mut config = f.config("c1");
     config.engine.rules.breaker.max_hosts = 2;
     // Long enough for several skipped occurrences while open, on a loaded machine.
-    config.engine.rules.breaker.cooldown_ms = 12_000;
+    config.engine.rules.breaker.cooldown_ms = 15_000;
+    // Shorter than the cool-down: when the breaker closes, what it still held is judged
+    // against an empty window (the faults' own actions do not trip it again).
+    config.engine.rules.breaker.window_ms = 5_000;
     // The hosts stay online (pulses go to online hosts only) for the whole test.
     config.lost_after_restart = Duration::from_secs(3600);
     let text = "[pulses]\nenabled = true\n[[pulses.schedule]]\ncomponent = \"model-server\"\ncron = \"* * * * * *\"\nbudget = \"30s\"\nhosts = [\"h*\"]\n";
