@@ -115,7 +115,7 @@ async fn main() -> anyhow::Result<()> {
 
     let waiting: Waiting = Arc::default();
     let poller = {
-        let waiting = waiting.clone();
+        let (waiting, pool) = (waiting.clone(), pool.clone());
         tokio::spawn(async move {
             loop {
                 let busy = !waiting.lock().unwrap_or_else(|p| p.into_inner()).is_empty();
