@@ -12,8 +12,8 @@ use razar_gpu::host::HostSampler;
 use razar_gpu::kernel_log::KernelLogCursor;
 use razar_gpu::mapping::{vram_by_component, GhostMemoryDetector};
 use razar_gpu::{
-    GpuAttribution, GpuEvent, GpuIdentity, GpuProcesses, GpuSource, NoGpus, NvmlOptions,
-    ScenarioSource,
+    EventWaker, GpuAttribution, GpuEvent, GpuIdentity, GpuProcesses, GpuSource, NoGpus,
+    NvmlOptions, ScenarioSource,
 };
 use razar_shared::domain::ComponentState;
 use razar_shared::protocol::{
@@ -34,9 +34,15 @@ const GHOST_SAMPLES: u32 = 5;
 /// A series as the samplers name it: metric and labels.
 type SeriesKey = (&'static str, Vec<(String, String)>);
 
-/// How often the GPU source is asked for events between sampling ticks: a fault
-/// reaches the spool (and the collector) within this, whatever the sampling interval.
+/// How often the GPU source is asked for events between sampling ticks, for sources
+/// that cannot wake the loop themselves (the NVML source wakes it the moment its
+/// watcher threads queue an event: [`GpuSource::set_event_waker`]).
 const FAULT_POLL: Duration = Duration::from_millis(100);
+
+/// Least time between two GPU event drains woken by the source: under a storm the loop
+/// drains at most this often (the ledger folds repeats into counted events meanwhile),
+/// so a flapping link cannot turn into a batch per XID.
+const FAULT_WAKE_GAP: Duration = Duration::from_millis(20);
 
 /// What woke the telemetry loop.
 enum Wake {
@@ -283,6 +289,14 @@ pub async fn run_telemetry(
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut fault_poll = tokio::time::interval(FAULT_POLL.min(interval));
     fault_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The GPU source wakes us when it queues an event (a permit is kept while we work).
+    let fault_wake = Arc::new(tokio::sync::Notify::new());
+    if let Some(s) = samplers.as_mut() {
+        let wake = fault_wake.clone();
+        s.gpu
+            .set_event_waker(EventWaker::new(move || wake.notify_one()));
+    }
+    let mut last_drain = tokio::time::Instant::now();
     let mut bus_open = true;
     let mut degraded: Option<String> = None;
     // The GPUs each component used at the latest tick (component events carry them).
@@ -292,6 +306,11 @@ pub async fn run_telemetry(
             _ = ticker.tick() => Wake::Tick,
             _ = shutdown.changed() => Wake::Tick,
             _ = fault_poll.tick() => Wake::Faults,
+            _ = fault_wake.notified() => {
+                // A storm wakes us at most once per gap; the ledger coalesces meanwhile.
+                tokio::time::sleep_until(last_drain + FAULT_WAKE_GAP).await;
+                Wake::Faults
+            }
             received = events.recv(), if bus_open => Wake::Event(received),
         };
         let stopping = *shutdown.borrow();
@@ -309,6 +328,7 @@ pub async fn run_telemetry(
                 }
                 Wake::Event(Err(broadcast::error::RecvError::Closed)) => bus_open = false,
                 Wake::Faults => {
+                    last_drain = tokio::time::Instant::now();
                     let Some(mut s) = samplers.take() else { break };
                     if s.gpu.inventory().is_empty() {
                         samplers = Some(s);

@@ -44,6 +44,7 @@ use serde::{Deserialize, Serialize};
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{Connection, PgConnection, PgPool, Postgres, Row, Transaction};
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
@@ -218,6 +219,10 @@ pub struct EngineLoop {
     pub metrics: EngineMetrics,
     /// Who leads, as stored in `engine_state.leader`.
     pub name: String,
+    /// Whether the circuit breaker holds automation (a scope open or half-open): the
+    /// leader sets it after each step from its view, a follower from the stored
+    /// snapshot at each tick. Scheduled pulses read it ([`crate::pulses::PauseHook`]).
+    pub automation_paused: Arc<AtomicBool>,
 }
 
 /// The engine's state stored with the horizon (everything of the [`FleetView`] but its
@@ -699,6 +704,7 @@ impl EngineLoop {
                 if got {
                     break;
                 }
+                self.follow_breaker().await?;
                 beat.ok();
                 tokio::select! {
                     _ = tokio::time::sleep(self.settings.tick) => {}
@@ -706,6 +712,7 @@ impl EngineLoop {
                 }
             }
             let mut leader = self.take_lead().await?;
+            self.publish_breaker(&leader.view.breaker);
             tracing::info!(term = leader.term, leader = %self.name, "engine leader");
             self.metrics.is_leader.set(1);
             self.metrics.term.set(leader.term);
@@ -716,7 +723,9 @@ impl EngineLoop {
                 }
                 // The lock lives as long as this connection.
                 sqlx::query("SELECT 1").execute(&mut conn).await?;
-                match self.step(&mut leader).await? {
+                let stepped = self.step(&mut leader).await?;
+                self.publish_breaker(&leader.view.breaker);
+                match stepped {
                     Stepped::Done { lag } => {
                         if lag <= self.settings.max_lag {
                             beat.ok();
@@ -734,6 +743,33 @@ impl EngineLoop {
             }
             let _ = conn.close().await;
         }
+    }
+
+    /// Tells the pulse scheduler whether the breaker holds automation.
+    fn publish_breaker(&self, breaker: &Breaker) {
+        self.automation_paused
+            .store(!breaker.is_closed(), Ordering::Relaxed);
+    }
+
+    /// A follower: the breaker as the leader last stored it.
+    async fn follow_breaker(&self) -> Result<(), EngineError> {
+        let stored: Option<serde_json::Value> =
+            sqlx::query_scalar("SELECT snapshot -> 'breaker' FROM engine_state WHERE id = 1")
+                .fetch_optional(&self.pool)
+                .await?
+                .flatten();
+        let breaker = match stored.map(serde_json::from_value::<Breaker>) {
+            Some(Ok(b)) => b,
+            // No snapshot yet: nothing was ever held.
+            None => Breaker::default(),
+            Some(Err(e)) => {
+                return Err(EngineError::State(format!(
+                    "stored breaker does not decode: {e}"
+                )))
+            }
+        };
+        self.publish_breaker(&breaker);
+        Ok(())
     }
 
     /// Increments the term and restores the engine's state.

@@ -323,7 +323,14 @@ impl Service {
         let notify_metrics = NotifyMetrics::new(registry)?;
         let mut background = vec![maintenance];
         if config.engine.enabled {
+            // Scheduled pulses never fire while the engine's breaker holds automation.
+            let automation_paused = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let paused = automation_paused.clone();
+            pause.set(Arc::new(move || {
+                paused.load(std::sync::atomic::Ordering::Relaxed)
+            }));
             let engine = EngineLoop {
+                automation_paused,
                 pool: store.pool().clone(),
                 connect: store.pool().connect_options().as_ref().clone(),
                 dispatch: collector.dispatch(),

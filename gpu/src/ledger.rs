@@ -41,6 +41,30 @@ pub struct Ledger {
     /// The last kernel log record read, and the last one whose XIDs were drained.
     kernel_seq_read: Option<u64>,
     kernel_seq_drained: Option<u64>,
+    /// Called when an event is queued (not when one is folded into a queued event).
+    waker: Option<EventWaker>,
+}
+
+/// Wakes whoever drains the ledger as soon as an event is queued, so a fault does not
+/// wait for the next poll. Called on the watcher threads, under the ledger's lock: it
+/// must be quick and must not block (e.g. `tokio::sync::Notify::notify_one`).
+#[derive(Clone)]
+pub struct EventWaker(std::sync::Arc<dyn Fn() + Send + Sync>);
+
+impl EventWaker {
+    pub fn new(wake: impl Fn() + Send + Sync + 'static) -> EventWaker {
+        EventWaker(std::sync::Arc::new(wake))
+    }
+
+    pub fn wake(&self) {
+        (self.0)();
+    }
+}
+
+impl std::fmt::Debug for EventWaker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("EventWaker")
+    }
 }
 
 impl Ledger {
@@ -60,7 +84,13 @@ impl Ledger {
             coalesced: 0,
             kernel_seq_read: None,
             kernel_seq_drained: None,
+            waker: None,
         }
+    }
+
+    /// Calls `waker` whenever an event is queued from now on.
+    pub fn set_waker(&mut self, waker: EventWaker) {
+        self.waker = Some(waker);
     }
 
     /// Records an XID; returns whether it was counted (false: the twin of one already
@@ -238,6 +268,11 @@ impl Ledger {
         self.kernel_seq_drained
     }
 
+    /// Whether no event waits to be drained.
+    pub fn is_empty(&self) -> bool {
+        self.queue.is_empty()
+    }
+
     /// Events dropped because the agent did not drain the queue in time.
     pub fn dropped(&self) -> u64 {
         self.dropped
@@ -254,6 +289,9 @@ impl Ledger {
             self.dropped += 1;
         }
         self.queue.push_back(event);
+        if let Some(waker) = &self.waker {
+            waker.wake();
+        }
     }
 }
 
@@ -348,6 +386,42 @@ mod tests {
         // Once drained, the next XID is a new event.
         ledger.record_xid(0, 31, XidOrigin::Scenario, t0, 20_000);
         assert_eq!(ledger.drain().len(), 1);
+    }
+
+    #[test]
+    fn the_waker_is_called_when_an_event_is_queued_not_when_one_is_folded_in() {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        use std::sync::Arc;
+        let mut ledger = Ledger::new(2, Duration::ZERO);
+        let wakes = Arc::new(AtomicU64::new(0));
+        let counted = wakes.clone();
+        ledger.set_waker(EventWaker::new(move || {
+            counted.fetch_add(1, Ordering::Relaxed);
+        }));
+        let t0 = Instant::now();
+        assert_eq!(wakes.load(Ordering::Relaxed), 0);
+        ledger.record_xid(0, 79, XidOrigin::Scenario, t0, 1);
+        assert_eq!(wakes.load(Ordering::Relaxed), 1, "a new event wakes");
+        for i in 0..100 {
+            ledger.record_xid(0, 79, XidOrigin::Scenario, t0, 2 + i);
+        }
+        assert_eq!(
+            wakes.load(Ordering::Relaxed),
+            1,
+            "a storm folded in does not"
+        );
+        ledger.record_double_bit_ecc(1, 3);
+        ledger.mark_lost(1, 4);
+        assert_eq!(wakes.load(Ordering::Relaxed), 3, "every other event wakes");
+        assert!(!ledger.is_empty());
+        assert_eq!(ledger.drain().len(), 3);
+        assert!(ledger.is_empty());
+        ledger.record_xid(0, 79, XidOrigin::Scenario, t0, 200);
+        assert_eq!(
+            wakes.load(Ordering::Relaxed),
+            4,
+            "after a drain, a new event again"
+        );
     }
 
     #[test]

@@ -18,6 +18,7 @@ pub mod xid;
 /// NVIDIA's XID catalog (it lives in `razar-shared`, so the pure decision engine uses it too).
 pub use razar_shared::xid_catalog;
 
+pub use ledger::EventWaker;
 pub use nvml::{NvmlOptions, NvmlSource};
 pub use reading::{
     EccCounts, GpuAttribution, GpuEvent, GpuEventKind, GpuIdentity, GpuProcess, GpuProcesses,
@@ -77,6 +78,13 @@ pub trait GpuSource: Send {
     /// keeps it so a restart does not report them again. `None` when there is none.
     fn kernel_log_reported(&self) -> Option<u64> {
         None
+    }
+
+    /// Asks the source to call `waker` as soon as it has an event for
+    /// [`poll_events`](Self::poll_events) (a source with watcher threads: NVML). A
+    /// source that cannot (the default) is only polled.
+    fn set_event_waker(&mut self, waker: ledger::EventWaker) {
+        let _ = waker;
     }
 }
 

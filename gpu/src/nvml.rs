@@ -565,6 +565,16 @@ impl GpuSource for NvmlSource {
         lock(&self.ledger).drain()
     }
 
+    fn set_event_waker(&mut self, waker: crate::EventWaker) {
+        let mut ledger = lock(&self.ledger);
+        // Events queued before the waker was set are not left waiting for a poll.
+        let queued = !ledger.is_empty();
+        ledger.set_waker(waker.clone());
+        if queued {
+            waker.wake();
+        }
+    }
+
     fn kernel_log_reported(&self) -> Option<u64> {
         lock(&self.ledger).kernel_log_drained()
     }

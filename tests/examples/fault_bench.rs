@@ -1,25 +1,33 @@
-//! Fault path benchmark: from an agent spooling a GPU fault (an events-only batch, what
-//! the telemetry loop's fast path publishes) to its row visible in PostgreSQL, with 1
-//! and with N agents streaming on loopback, beside the sample path's figure (a 100-sample
-//! batch, spooled at each agent's 1 s tick) from the same run.
+//! Fault path benchmark: from a GPU raising a fault to its row visible in PostgreSQL,
+//! with 1 and with N agents streaming on loopback, beside the sample path's figure (a
+//! 100-sample batch, spooled at each agent's 1 s tick) from the same run.
 //!
 //! Run: `cargo build --release -p razar-agent && cargo run --release -p razar-tests
 //! --example fault_bench -- [AGENTS] [SECS] [STORM_SECS] [STORM_RATE]` (defaults 100, 20,
-//! 60 and 10,000; STORM_SECS 0 skips the storm). Each agent is the real uplink (QUIC, mTLS, its own certificate,
-//! its own redb spool); the collector is the whole [`Service`] on a private PostgreSQL
-//! (fsync off, as in the tests). Every agent spools a sample batch each second and one
-//! attributed XID (`EventKind::GpuFault`) at a random instant of each second. A batch is
-//! visible when its host's cursor (committed in the same transaction) reaches its seq;
-//! one poller reads the cursors every 2 ms, so figures carry up to ~2 ms of polling
-//! granularity. Not measured here: the wait from the GPU's fault to the agent's poll
-//! of its GPU source (every 100 ms, so up to 100 ms more). Compare runs on one machine.
+//! 60 and 10,000; STORM_SECS 0 skips the storm). The collector is the whole [`Service`]
+//! on a private PostgreSQL (fsync off, as in the tests).
 //!
-//! Storm: the real `razar-agent` binary (built in the same profile, beside this example's
-//! directory) on the fake NVML library reads a kernel log file this process writes
-//! STORM_RATE `NVRM: Xid` lines a second into for STORM_SECS, while the other agents
-//! stream as above. Printed: the agent's CPU and peak RSS, whether the XID counter and
-//! the stored events' counts equal the injected count, how many events carried them,
-//! and the other hosts' latencies during the storm.
+//! Raise → row (the honest figure): one real `razar-agent` process (built in the same
+//! profile, beside this example's directory) on the fake NVML library with a step clock;
+//! once a second, at a pseudo-random instant, this process advances the step file and
+//! the fake GPU raises an XID at that step. The clock starts at that write (the fault's
+//! raise) and stops when the XID's event row is visible: it covers the NVML event wait
+//! (the fake re-reads the step file every 5 ms while an `nvmlEventSetWait` waits, so up
+//! to 5 ms of it is the fake's own granularity), the agent's fault path (attribution,
+//! spool), QUIC, ingest and commit.
+//!
+//! Spool → row and sample path: AGENTS simulated agents, each the real uplink (QUIC,
+//! mTLS, its own certificate, its own redb spool); each spools a sample batch each
+//! second and one attributed XID (`EventKind::GpuFault`) at a random instant of each
+//! second, timed from the spooling. A batch is visible when its host's cursor
+//! (committed in the same transaction) reaches its seq; pollers read every 2 ms, so
+//! figures carry up to ~2 ms of polling granularity. Compare runs on one machine.
+//!
+//! Storm: a second real `razar-agent` on the fake NVML library reads a kernel log file
+//! this process writes STORM_RATE `NVRM: Xid` lines a second into for STORM_SECS, while
+//! the other agents stream as above. Printed: the agent's CPU and peak RSS, whether the
+//! XID counter and the stored events' counts equal the injected count, how many events
+//! carried them, and the other hosts' latencies during the storm.
 
 use anyhow::Context as _;
 use razar_agent::spool::Spool;
@@ -107,7 +115,7 @@ async fn main() -> anyhow::Result<()> {
 
     let waiting: Waiting = Arc::default();
     let poller = {
-        let waiting = waiting.clone();
+        let (waiting, pool) = (waiting.clone(), pool.clone());
         tokio::spawn(async move {
             loop {
                 let busy = !waiting.lock().unwrap_or_else(|p| p.into_inner()).is_empty();
@@ -139,7 +147,28 @@ async fn main() -> anyhow::Result<()> {
         })
     };
 
+    let raiser = RealAgent::start(
+        &mut ca,
+        dir.path(),
+        "raise-host",
+        quic_port,
+        // XID 13 on GPU 1 at every step; the bench advances the step.
+        &format!(
+            "clock = \"step\"\ndriver_version = \"550.54.15\"\n\n[[gpu]]\n\n[[gpu]]\nxid = [{}]\n",
+            (1..=2 * secs)
+                .map(|k| format!("{{ at = {k}, xid = 13 }}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    )?;
+    raiser.wait_streaming(&pool).await?;
+    let mut step = 0u64;
     for n in [1, agents] {
+        let raised = {
+            let (pool, dir, first) = (pool.clone(), raiser.dir.clone(), step);
+            tokio::spawn(async move { raise(pool, dir, "raise-host", first, secs).await })
+        };
+        step += secs;
         let mut runs = Vec::new();
         for (host, uplink) in uplinks.iter().take(n) {
             runs.push(tokio::spawn(stream(
@@ -159,12 +188,17 @@ async fn main() -> anyhow::Result<()> {
                 }
             }
         }
+        let mut raised = raised.await??;
         println!(
-            "{n} agent(s) streaming {secs} s: fault -> row visible {}; sample batch -> rows visible {}",
+            "{n} simulated agent(s) + 1 real agent streaming {secs} s: fault raised -> row visible \
+             (real agent, fake NVML) {}; fault spooled -> row visible {}; sample batch spooled -> \
+             rows visible {}",
+            summary(&mut raised),
             summary(&mut fault),
             summary(&mut sample)
         );
     }
+    raiser.stop().await;
     let storm_secs: u64 = args.next().map(|a| a.parse()).transpose()?.unwrap_or(60);
     let storm_rate: u64 = args
         .next()
@@ -240,66 +274,17 @@ async fn storm(
     rate: u64,
 ) -> anyhow::Result<()> {
     use std::io::Write as _;
-    let exe = std::env::current_exe()?;
-    let profile_dir = exe
-        .parent()
-        .and_then(std::path::Path::parent)
-        .context("target/<profile>/examples")?;
-    let agent_bin = profile_dir.join("razar-agent");
-    anyhow::ensure!(
-        agent_bin.is_file(),
-        "{} missing: build razar-agent in this profile",
-        agent_bin.display()
-    );
-    let fake = profile_dir.join("deps/libnvidia_ml.so");
-    anyhow::ensure!(fake.is_file(), "{} missing", fake.display());
-    let host_dir = dir.join("storm-host");
-    std::fs::create_dir_all(&host_dir)?;
-    let library = host_dir.join("libnvidia-ml.so.1");
-    std::fs::copy(&fake, &library)?;
-    std::fs::write(
-        host_dir.join("scenario.toml"),
+    let host = "storm-host";
+    let agent = RealAgent::start(
+        ca,
+        dir,
+        host,
+        quic_port,
         "driver_version = \"550.54.15\"\n\n[[gpu]]\n",
     )?;
-    let kmsg = host_dir.join("kmsg");
-    std::fs::write(&kmsg, "")?;
-    let host = "storm-host";
-    let issued = ca.agent(host)?;
-    let config = format!(
-        "[agent]\ndata_dir = {data:?}\nlog_dir = {logs:?}\nlisten = \"127.0.0.1:0\"\nsample_interval = \"1s\"\n\n[collector]\naddress = \"127.0.0.1:{quic_port}\"\nserver_name = \"localhost\"\nca = {ca_path:?}\ncert = {cert:?}\nkey = {key:?}\n\n[gpu]\nsource = \"nvml\"\nnvml_library = {library:?}\nkernel_log = {kmsg:?}\n",
-        data = host_dir.join("data"),
-        logs = host_dir.join("logs"),
-        ca_path = ca.ca_path(),
-        cert = issued.cert_path,
-        key = issued.key_path,
-    );
-    let config_path = host_dir.join("agent.toml");
-    std::fs::write(&config_path, config)?;
-    let mut agent = std::process::Command::new(&agent_bin)
-        .args(["run", "--config"])
-        .arg(&config_path)
-        .env("RUST_LOG", "warn")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(host_dir.join("agent.log"))?)
-        .spawn()?;
-    let pid = agent.id();
+    let (pid, kmsg) = (agent.pid, agent.dir.join("kmsg"));
     let pool = pg.pool().await?;
-    // Connected: its cursor row exists once its first batch is stored.
-    let t0 = Instant::now();
-    loop {
-        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM agent_cursors WHERE host_id = $1")
-            .bind(host)
-            .fetch_one(&pool)
-            .await?;
-        if n > 0 {
-            break;
-        }
-        anyhow::ensure!(
-            t0.elapsed() < Duration::from_secs(60),
-            "storm agent not streaming"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    agent.wait_streaming(&pool).await?;
     let (cpu0, _) = proc_usage(pid).context("agent /proc")?;
     // The other hosts stream meanwhile.
     let mut runs = Vec::new();
@@ -407,12 +392,152 @@ async fn storm(
         summary(&mut fault),
         summary(&mut sample)
     );
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(i32::try_from(pid)?),
-        nix::sys::signal::Signal::SIGTERM,
-    );
-    let _ = tokio::task::spawn_blocking(move || agent.wait()).await;
+    agent.stop().await;
     Ok(())
+}
+
+/// A real `razar-agent` process (built in this example's profile) on a copy of the fake
+/// NVML library with `scenario` beside it, its kernel log an empty file `kmsg` in `dir`.
+struct RealAgent {
+    child: std::process::Child,
+    pid: u32,
+    host: String,
+    /// The host's directory: scenario, step file, kernel log, agent data.
+    dir: std::path::PathBuf,
+}
+
+impl RealAgent {
+    fn start(
+        ca: &mut TestCa,
+        dir: &std::path::Path,
+        host: &str,
+        quic_port: u16,
+        scenario: &str,
+    ) -> anyhow::Result<RealAgent> {
+        let exe = std::env::current_exe()?;
+        let profile_dir = exe
+            .parent()
+            .and_then(std::path::Path::parent)
+            .context("target/<profile>/examples")?;
+        let agent_bin = profile_dir.join("razar-agent");
+        anyhow::ensure!(
+            agent_bin.is_file(),
+            "{} missing: build razar-agent in this profile",
+            agent_bin.display()
+        );
+        let fake = profile_dir.join("deps/libnvidia_ml.so");
+        anyhow::ensure!(fake.is_file(), "{} missing", fake.display());
+        let host_dir = dir.join(host);
+        std::fs::create_dir_all(&host_dir)?;
+        let library = host_dir.join("libnvidia-ml.so.1");
+        std::fs::copy(&fake, &library)?;
+        std::fs::write(host_dir.join("scenario.toml"), scenario)?;
+        std::fs::write(host_dir.join("step"), "0")?;
+        let kmsg = host_dir.join("kmsg");
+        std::fs::write(&kmsg, "")?;
+        let issued = ca.agent(host)?;
+        let config = format!(
+            "[agent]\ndata_dir = {data:?}\nlog_dir = {logs:?}\nlisten = \"127.0.0.1:0\"\nsample_interval = \"1s\"\n\n[collector]\naddress = \"127.0.0.1:{quic_port}\"\nserver_name = \"localhost\"\nca = {ca_path:?}\ncert = {cert:?}\nkey = {key:?}\n\n[gpu]\nsource = \"nvml\"\nnvml_library = {library:?}\nkernel_log = {kmsg:?}\n",
+            data = host_dir.join("data"),
+            logs = host_dir.join("logs"),
+            ca_path = ca.ca_path(),
+            cert = issued.cert_path,
+            key = issued.key_path,
+        );
+        let config_path = host_dir.join("agent.toml");
+        std::fs::write(&config_path, config)?;
+        let child = std::process::Command::new(&agent_bin)
+            .args(["run", "--config"])
+            .arg(&config_path)
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(host_dir.join("agent.log"))?)
+            .spawn()?;
+        Ok(RealAgent {
+            pid: child.id(),
+            child,
+            host: host.to_owned(),
+            dir: host_dir,
+        })
+    }
+
+    /// Until its cursor row exists (its first batch is stored).
+    async fn wait_streaming(&self, pool: &sqlx::PgPool) -> anyhow::Result<()> {
+        let t0 = Instant::now();
+        loop {
+            let n: i64 =
+                sqlx::query_scalar("SELECT count(*) FROM agent_cursors WHERE host_id = $1")
+                    .bind(&self.host)
+                    .fetch_one(pool)
+                    .await?;
+            if n > 0 {
+                return Ok(());
+            }
+            anyhow::ensure!(
+                t0.elapsed() < Duration::from_secs(60),
+                "agent {} not streaming (see {})",
+                self.host,
+                self.dir.join("agent.log").display()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn stop(self) {
+        if let Ok(pid) = i32::try_from(self.pid) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+        let mut child = self.child;
+        let _ = tokio::task::spawn_blocking(move || child.wait()).await;
+    }
+}
+
+/// Raises one XID a second for `secs` seconds on the real agent's fake GPU (steps
+/// `first + 1 ..= first + secs`), each at a pseudo-random instant of its second: from
+/// the step file's write to the XID's event row visible.
+async fn raise(
+    pool: sqlx::PgPool,
+    dir: std::path::PathBuf,
+    host: &str,
+    first: u64,
+    secs: u64,
+) -> anyhow::Result<Vec<Duration>> {
+    let count = |pool: sqlx::PgPool| async move {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM events WHERE host_id = $1 AND kind = 'xid'",
+        )
+        .bind(host)
+        .fetch_one(&pool)
+        .await
+    };
+    let mut out = Vec::new();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    for k in first + 1..=first + secs {
+        tick.tick().await;
+        let offset = (k.wrapping_mul(0x9E37_79B9) >> 7) % 800;
+        tokio::time::sleep(Duration::from_millis(offset)).await;
+        let before = count(pool.clone()).await?;
+        // Written whole, then renamed: the fake never reads half a number.
+        let tmp = dir.join("step.tmp");
+        std::fs::write(&tmp, k.to_string())?;
+        let t0 = Instant::now();
+        std::fs::rename(&tmp, dir.join("step"))?;
+        loop {
+            if count(pool.clone()).await? > before {
+                out.push(t0.elapsed());
+                break;
+            }
+            anyhow::ensure!(
+                t0.elapsed() < Duration::from_secs(60),
+                "XID at step {k} not visible within 60 s"
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+    Ok(out)
 }
 
 fn summary(all: &mut [Duration]) -> String {

@@ -11,6 +11,8 @@
 //! - XID 48 across resets: the ladder climbs (reset → reboot);
 //! - mass XIDs: the breaker opens, one escalation, held actions visible, no mass action;
 //!   after the cool-down one trial action goes through;
+//! - scheduled failure pulses: sent while the breaker is closed, none while it is open
+//!   (skipped and counted), sent again once it closes;
 //! - an event committed late (a smaller event id committed after a larger one) is
 //!   decided, not skipped;
 //! - two collectors on one database: one leader; it stops, the other takes over with
@@ -494,6 +496,94 @@ async fn mass_gpu_faults_open_the_breaker_with_one_escalation_and_no_mass_action
             .scalar("SELECT count(DISTINCT host_id) FROM commands WHERE kind = 'drain_gpu'")
             .await;
         (n > drains).then_some(n)
+    })
+    .await;
+    collector.shutdown().await;
+}
+
+/// A counter of the collector's `/metrics` (0 when absent).
+async fn collector_metric(collector: &Service, series: &str) -> f64 {
+    let url = format!("http://{}/metrics", collector.http_addr());
+    let text = match reqwest::get(url).await {
+        Ok(r) => r.text().await.unwrap_or_default(),
+        Err(_) => String::new(),
+    };
+    text.lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_scheduled_pulse_is_sent_while_the_breaker_is_open_and_pulses_resume_once_it_closes() {
+    const SKIPPED: &str = "razar_collector_pulses_total{result=\"skipped_paused\"}";
+    let hosts = ["h1", "h2", "h3"];
+    let f = Fixture::new().await;
+    for h in hosts {
+        f.host(h, 1).await;
+    }
+    let mut config = f.config("c1");
+    config.engine.rules.breaker.max_hosts = 2;
+    // Long enough for several skipped occurrences while open, on a loaded machine.
+    config.engine.rules.breaker.cooldown_ms = 15_000;
+    // Shorter than the cool-down: when the breaker closes, what it still held is judged
+    // against an empty window (the faults' own actions do not trip it again).
+    config.engine.rules.breaker.window_ms = 5_000;
+    // The hosts stay online (pulses go to online hosts only) for the whole test.
+    config.lost_after_restart = Duration::from_secs(3600);
+    let text = "[pulses]\nenabled = true\n[[pulses.schedule]]\ncomponent = \"model-server\"\ncron = \"* * * * * *\"\nbudget = \"30s\"\nhosts = [\"h*\"]\n";
+    let path = f.dir.path().join("pulses.toml");
+    std::fs::write(&path, text).expect("config");
+    config.pulses = CollectorConfig::parse(&path, text)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .pulses;
+    let collector = f.collector(config).await;
+    let pulses = || async {
+        f.scalar(
+            "SELECT count(*) FROM commands WHERE kind = 'pulse' AND caller = 'pulse-scheduler'",
+        )
+        .await
+    };
+    // Closed: pulses are sent (one command per host and occurrence).
+    wait_for("a pulse while the breaker is closed", || async {
+        (pulses().await > 0).then_some(())
+    })
+    .await;
+    assert!(!collector.automation_pause().paused());
+    // Three hosts' GPUs faulting at once: two are acted on, the third trips the breaker.
+    for h in hosts {
+        f.events(h, vec![xid(0, 79, XidClass::ResetGpu)]).await;
+    }
+    wait_for("the breaker open", || async {
+        collector.automation_pause().paused().then_some(())
+    })
+    .await;
+    // The scheduler skipped an occurrence for it: every pulse it fired before is stored.
+    let first = wait_for("an occurrence skipped while open", || async {
+        let n = collector_metric(&collector, SKIPPED).await;
+        (n >= 1.0).then_some(n)
+    })
+    .await;
+    let sent = pulses().await;
+    // Three more occurrences come and go while the breaker stays open: none is sent.
+    wait_for("three more occurrences skipped", || async {
+        (collector_metric(&collector, SKIPPED).await >= first + 3.0).then_some(())
+    })
+    .await;
+    let still = pulses().await;
+    assert!(
+        collector.automation_pause().paused(),
+        "the breaker closed too early for this test (cool-down too short for this machine)"
+    );
+    assert_eq!(still, sent, "no pulse while the breaker is open");
+    // After the cool-down the trial goes through and the breaker closes: pulses resume.
+    wait_for("the breaker closed", || async {
+        (!collector.automation_pause().paused()).then_some(())
+    })
+    .await;
+    wait_for("a pulse after the breaker closed", || async {
+        (pulses().await > still).then_some(())
     })
     .await;
     collector.shutdown().await;
