@@ -41,7 +41,7 @@ use razar_engine::{
 use razar_shared::domain::Severity;
 use razar_shared::protocol::CommandAction;
 use serde::{Deserialize, Serialize};
-use sqlx::postgres::PgConnectOptions;
+use sqlx::postgres::{PgConnectOptions, PgListener};
 use sqlx::{Connection, PgConnection, PgPool, Postgres, Row, Transaction};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -151,6 +151,8 @@ pub struct EngineMetrics {
     pub actions: IntCounterVec,
     /// `razar_collector_engine_events_total`
     pub events: prometheus::IntCounter,
+    /// `razar_collector_engine_wakeups_total`
+    pub wakeups: prometheus::IntCounter,
 }
 
 impl EngineMetrics {
@@ -194,6 +196,10 @@ impl EngineMetrics {
                 "razar_collector_engine_events_total",
                 "Stored events the engine read from the cursor.",
             )?,
+            wakeups: prometheus::IntCounter::new(
+                "razar_collector_engine_wakeups_total",
+                "Steps the leader took because events were committed (not on its tick).",
+            )?,
         };
         registry.register(Box::new(m.decisions.clone()))?;
         registry.register(Box::new(m.escalations_open.clone()))?;
@@ -202,6 +208,7 @@ impl EngineMetrics {
         registry.register(Box::new(m.is_leader.clone()))?;
         registry.register(Box::new(m.actions.clone()))?;
         registry.register(Box::new(m.events.clone()))?;
+        registry.register(Box::new(m.wakeups.clone()))?;
         Ok(m)
     }
 }
@@ -687,6 +694,24 @@ enum Stepped {
 
 const XID8: &str = "::text::xid8";
 
+/// The channel migration 0008's trigger notifies when events are inserted.
+const EVENTS_CHANNEL: &str = "razar_events";
+/// Shortest time from one step's start to the next when woken by events.
+const MIN_STEP: Duration = Duration::from_millis(20);
+
+/// The next notification; never, while there is no listener. A failed listener is
+/// dropped (the tick paces the loop until the next leadership).
+async fn next_notification(listener: &mut Option<PgListener>) {
+    let Some(l) = listener.as_mut() else {
+        return std::future::pending().await;
+    };
+    if let Err(e) = l.recv().await {
+        tracing::warn!(error = %e, "engine: event notifications lost; stepping on the tick");
+        *listener = None;
+        std::future::pending::<()>().await;
+    }
+}
+
 impl EngineLoop {
     /// The loop: follower until it holds the lock, then leader until it loses it or
     /// `stop`. An error ends it (the supervisor restarts it; the lock goes with the
@@ -712,6 +737,7 @@ impl EngineLoop {
                 }
             }
             let mut leader = self.take_lead().await?;
+            let mut listener = self.listen().await;
             self.publish_breaker(&leader.view.breaker);
             tracing::info!(term = leader.term, leader = %self.name, "engine leader");
             self.metrics.is_leader.set(1);
@@ -723,6 +749,7 @@ impl EngineLoop {
                 }
                 // The lock lives as long as this connection.
                 sqlx::query("SELECT 1").execute(&mut conn).await?;
+                let started = tokio::time::Instant::now();
                 let stepped = self.step(&mut leader).await?;
                 self.publish_breaker(&leader.view.breaker);
                 match stepped {
@@ -736,12 +763,39 @@ impl EngineLoop {
                         break;
                     }
                 }
-                tokio::select! {
-                    _ = tokio::time::sleep(self.settings.tick) => {}
-                    _ = stop.wait_for(|s| *s) => {}
+                // The next step: when events commit (the `razar_events` notification),
+                // at the latest after a tick; never sooner than MIN_STEP after this one
+                // started, so a stream of small commits is decided in batches.
+                let woken = tokio::select! {
+                    _ = tokio::time::sleep(self.settings.tick) => false,
+                    _ = stop.wait_for(|s| *s) => false,
+                    () = next_notification(&mut listener) => true,
+                };
+                if woken {
+                    self.metrics.wakeups.inc();
+                    tokio::time::sleep_until(started + MIN_STEP).await;
                 }
             }
             let _ = conn.close().await;
+        }
+    }
+
+    /// Listens for committed events; `None` (the tick alone paces the loop) when the
+    /// listening connection cannot be had.
+    async fn listen(&self) -> Option<PgListener> {
+        let mut listener = match PgListener::connect_with(&self.pool).await {
+            Ok(listener) => listener,
+            Err(e) => {
+                tracing::warn!(error = %e, "engine: cannot listen for events; stepping on the tick");
+                return None;
+            }
+        };
+        match listener.listen(EVENTS_CHANNEL).await {
+            Ok(()) => Some(listener),
+            Err(e) => {
+                tracing::warn!(error = %e, "engine: cannot listen for events; stepping on the tick");
+                None
+            }
         }
     }
 

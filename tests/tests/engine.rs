@@ -502,6 +502,32 @@ async fn mass_gpu_faults_open_the_breaker_with_one_escalation_and_no_mass_action
 }
 
 /// A counter of the collector's `/metrics` (0 when absent).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn committed_events_wake_the_engine_without_waiting_for_its_tick() {
+    let f = Fixture::new().await;
+    f.host("h1", 1).await;
+    f.host("h2", 1).await;
+    let mut config = f.config("c1");
+    // No tick within the test: only the events' notification can start a step.
+    config.engine.tick = Duration::from_secs(3600);
+    let collector = f.collector(config).await;
+    let first = f.events("h1", vec![xid(0, 79, XidClass::ResetGpu)]).await[0];
+    // Decided by the leader's first step or by a wake-up, whichever came first.
+    wait_for("the first fault decided", || async {
+        (!f.decided(first).await.is_empty()).then_some(())
+    })
+    .await;
+    // Committed after that step read its events: a wake-up must decide it.
+    let second = f.events("h2", vec![xid(0, 79, XidClass::ResetGpu)]).await[0];
+    wait_for("the second fault decided with no tick", || async {
+        (!f.decided(second).await.is_empty()).then_some(())
+    })
+    .await;
+    let wakeups = collector_metric(&collector, "razar_collector_engine_wakeups_total").await;
+    assert!(wakeups >= 1.0, "{wakeups}");
+    collector.shutdown().await;
+}
+
 async fn collector_metric(collector: &Service, series: &str) -> f64 {
     let url = format!("http://{}/metrics", collector.http_addr());
     let text = match reqwest::get(url).await {
