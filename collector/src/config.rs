@@ -738,8 +738,7 @@ impl Validator<'_> {
                 }
             }
             if usable {
-                if let Err(e) = razar_shared::tls::api_server_config_from_files(&settings.files())
-                {
+                if let Err(e) = razar_shared::tls::api_server_config_from_files(&settings.files()) {
                     let key = match e {
                         razar_shared::tls::TlsError::Verifier(_) => "api.tls.crl",
                         _ => "api.tls.key",
@@ -1419,9 +1418,15 @@ mod tests {
         );
         std::fs::write(&path, text).unwrap();
         let err = CollectorConfig::load_checked(&path).unwrap_err();
-        let api: Vec<_> = err.0.iter().filter(|e| e.key.starts_with("api.tls")).collect();
+        let api: Vec<_> = err
+            .0
+            .iter()
+            .filter(|e| e.key.starts_with("api.tls"))
+            .collect();
         assert!(
-            api.iter().any(|e| e.key == "api.tls.cert" && e.line == 6 && e.reason.contains("missing.pem")),
+            api.iter().any(|e| e.key == "api.tls.cert"
+                && e.line == 6
+                && e.reason.contains("missing.pem")),
             "{err}"
         );
     }

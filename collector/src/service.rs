@@ -472,7 +472,11 @@ impl Service {
 
     /// The API's base URL: `https://ADDR` with `[api.tls]`, `http://ADDR` without.
     pub fn api_url(&self) -> String {
-        let scheme = if self.api_tls.is_some() { "https" } else { "http" };
+        let scheme = if self.api_tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
         format!("{scheme}://{}", self.http_addr)
     }
 

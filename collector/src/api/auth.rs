@@ -7,9 +7,9 @@
 //! A route the document does not describe is refused (fail closed).
 
 use super::error::ApiError;
+use super::tls::{ApiPeer, ClientCert};
 use super::ApiState;
 use crate::store::tokens::{self, Role, TokenInfo, TokenRefusal};
-use super::tls::{ApiPeer, ClientCert};
 use axum::extract::{ConnectInfo, MatchedPath, Request, State};
 use axum::http::{header, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
