@@ -461,7 +461,7 @@ impl Service {
     pub fn reload_tls(&self) -> Result<usize, ServiceError> {
         // Both are built before either is installed: a bad file changes nothing.
         if let Some(api) = &self.api_tls {
-            razar_shared::tls::api_server_config_from_files(&api.files())?;
+            razar_shared::tls::api_server_config_from_files(api.files())?;
         }
         let closed = self.collector.reload_tls_files(&tls_files(&self.config))?;
         if let Some(api) = &self.api_tls {
