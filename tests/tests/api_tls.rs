@@ -5,7 +5,8 @@
 //! - an operator certificate mapped to `operator` creates a command without a token,
 //!   and the audit row names it `cert:<name>`;
 //! - a certificate mapped to `viewer` reads but gets 403 on a mutation;
-//! - a valid certificate whose name is not mapped gets 403 (never a default role);
+//! - a valid certificate whose name is not mapped gets 403 (never a default role), as
+//!   does a fleet certificate that names no operator (an agent's);
 //! - neither certificate nor token: 401; a bearer token over TLS still works;
 //! - a certificate of another CA fails the handshake;
 //! - a certificate revoked (CRL rewritten, then reloaded as SIGHUP does) is refused;
@@ -236,6 +237,13 @@ async fn operator_certificates_authenticate_on_the_https_api() {
         message.contains("certificate not mapped to a role"),
         "{message}"
     );
+
+    // A fleet certificate that names no operator (an agent's): refused too.
+    let agent = f.ca.agent("some-host").expect("agent certificate");
+    let (status, _, message) =
+        error_code(f.hosts(&f.client(Some(&agent))).await.expect("response")).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert!(message.contains("not an operator certificate"), "{message}");
 
     // Neither certificate nor token: 401.
     let anonymous = f.client(None);
