@@ -416,6 +416,43 @@ mod tests {
     }
 
     #[test]
+    fn rate_limits_are_per_caller_certificates_included() {
+        let token = Caller::token(TokenInfo {
+            id: 7,
+            name: "ci".into(),
+            role: Role::Operator,
+            created_at: chrono::Utc::now(),
+            expires_at: None,
+            revoked_at: None,
+            last_used: None,
+        });
+        let cert = Caller {
+            role: Role::Viewer,
+            identity: Identity::Certificate("alice".into()),
+        };
+        assert_eq!(
+            (token.who(), token.key()),
+            ("ci".into(), "token:7:ci".into())
+        );
+        assert_eq!(
+            (cert.who(), cert.key()),
+            ("cert:alice".into(), "cert:alice".into())
+        );
+        assert_eq!((token.token_id(), cert.token_id()), (Some(7), None));
+        let limiter = RateLimiter::new(1, 1);
+        assert!(limiter.check(&cert.key()).is_ok());
+        assert!(
+            limiter.check(&cert.key()).is_err(),
+            "the certificate's bucket is empty"
+        );
+        assert!(
+            limiter.check(&token.key()).is_ok(),
+            "the token has its own bucket"
+        );
+        assert!(limiter.check("cert:bob").is_ok(), "another certificate too");
+    }
+
+    #[test]
     fn request_ids_from_clients_are_checked() {
         assert!(acceptable_request_id("abc-123_x.y"));
         assert!(!acceptable_request_id(""));
