@@ -17,6 +17,17 @@ pub struct Cli {
     /// An API token (`razar-collector token create`).
     #[arg(long, global = true, value_name = "TOKEN")]
     pub token: Option<String>,
+    /// An operator certificate (PEM, `razar-certs issue operator`) for a collector whose
+    /// API port has `[api.tls]`; with --key. Env RAZAR_CERT, config-file key `cert`.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub cert: Option<String>,
+    /// The operator certificate's private key (PEM). Env RAZAR_KEY, config-file key `key`.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub key: Option<String>,
+    /// The CA (PEM) to trust for an https:// server's certificate. Env RAZAR_CA,
+    /// config-file key `ca`.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub ca: Option<String>,
     /// The config file (default ~/.config/razar/cli.toml).
     #[arg(long, global = true, value_name = "FILE")]
     pub config: Option<PathBuf>,

@@ -2,6 +2,7 @@
 //! the API's `{code, message}` errors as [`ClientError::Api`], and server-sent event
 //! streams (events, log follow) read line by line through [`SseParser`].
 
+use crate::settings::TlsFiles;
 use reqwest::blocking::{Client as Http, RequestBuilder, Response};
 use reqwest::Url;
 use serde_json::Value;
@@ -32,6 +33,9 @@ pub enum ClientError {
     /// The server setting does not make a URL.
     #[error("bad server URL {0:?}: {1}")]
     BadUrl(String, String),
+    /// A certificate, key or CA file cannot be read or used.
+    #[error("{path}: {message}")]
+    Tls { path: String, message: String },
 }
 
 /// One server-sent event.
@@ -92,7 +96,50 @@ pub struct Client {
 }
 
 impl Client {
+    #[cfg(test)]
     pub fn new(server: &str, token: Option<String>) -> Result<Client, ClientError> {
+        Client::with_tls(server, token, &TlsFiles::default())
+    }
+
+    /// [`Client::new`] that trusts `tls.ca` for an https:// server (instead of no CA)
+    /// and presents `tls.identity` (an operator certificate) when the server asks.
+    pub fn with_tls(
+        server: &str,
+        token: Option<String>,
+        tls: &TlsFiles,
+    ) -> Result<Client, ClientError> {
+        let read = |path: &std::path::Path| {
+            std::fs::read(path).map_err(|e| ClientError::Tls {
+                path: path.display().to_string(),
+                message: e.to_string(),
+            })
+        };
+        let ca = match &tls.ca {
+            Some(path) => Some(reqwest::Certificate::from_pem(&read(path)?).map_err(|e| {
+                ClientError::Tls {
+                    path: path.display().to_string(),
+                    message: format!("not a PEM certificate: {}", transport_message(&e)),
+                }
+            })?),
+            None => None,
+        };
+        let identity = match &tls.identity {
+            Some((cert, key)) => {
+                let mut pem = read(cert)?;
+                pem.push(b'\n');
+                pem.extend(read(key)?);
+                Some(
+                    reqwest::Identity::from_pem(&pem).map_err(|e| ClientError::Tls {
+                        path: format!("{} and {}", cert.display(), key.display()),
+                        message: format!(
+                            "not a PEM certificate and key: {}",
+                            transport_message(&e)
+                        ),
+                    })?,
+                )
+            }
+            None => None,
+        };
         let base =
             Url::parse(server).map_err(|e| ClientError::BadUrl(server.into(), e.to_string()))?;
         if base.cannot_be_a_base() {
@@ -100,12 +147,20 @@ impl Client {
         }
         let agent = concat!("razar/", env!("CARGO_PKG_VERSION"));
         let build = |timeout: Option<Duration>| {
-            Http::builder()
+            let mut builder = Http::builder()
                 .user_agent(agent)
                 .connect_timeout(Duration::from_secs(10))
                 .timeout(timeout)
+                .use_rustls_tls();
+            if let Some(ca) = &ca {
+                builder = builder.add_root_certificate(ca.clone());
+            }
+            if let Some(identity) = &identity {
+                builder = builder.identity(identity.clone());
+            }
+            builder
                 .build()
-                .map_err(|e| ClientError::BadUrl(server.into(), e.to_string()))
+                .map_err(|e| ClientError::BadUrl(server.into(), transport_message(&e)))
         };
         Ok(Client {
             http: build(Some(Duration::from_secs(60)))?,
@@ -236,8 +291,8 @@ pub fn api_error(status: u16, body: &str) -> ClientError {
         }
     });
     let hint = match status {
-        401 => "; check --token, RAZAR_TOKEN or the config file's token",
-        403 => "; this token's role does not allow it",
+        401 => "; check --token, RAZAR_TOKEN or the config file's token (or --cert/--key)",
+        403 => "; this token's (or certificate's) role does not allow it",
         _ => "",
     };
     ClientError::Api {

@@ -131,11 +131,13 @@ pub fn run(cli: &Cli, settings: &Settings) -> Result<(), Failure> {
             "server_from": settings.server_from.as_str(),
             "token": if settings.token.is_some() { "set" } else { "not set" },
             "token_from": settings.token_from.as_str(),
+            "cert": settings.tls.identity.as_ref().map(|(c, _)| c.display().to_string()),
+            "ca": settings.tls.ca.as_ref().map(|c| c.display().to_string()),
         });
         print(&output::one(&value, format));
         return Ok(());
     }
-    let client = Client::new(&settings.server, settings.token.clone())?;
+    let client = Client::with_tls(&settings.server, settings.token.clone(), &settings.tls)?;
     match &cli.command {
         Command::Config => {}
         Command::Health => {

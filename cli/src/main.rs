@@ -59,6 +59,9 @@ fn load_settings(
         server: cli.server.clone(),
         token: cli.token.clone(),
         config: cli.config.clone(),
+        cert: cli.cert.clone(),
+        key: cli.key.clone(),
+        ca: cli.ca.clone(),
     };
     let explicit = flags.config.is_some() || env("RAZAR_CONFIG").is_some_and(|c| !c.is_empty());
     let file = match settings::config_path(flags.config.as_deref(), env) {

@@ -1,5 +1,6 @@
-//! Where the CLI finds its server and token: a flag, else the environment
-//! (`RAZAR_SERVER`, `RAZAR_TOKEN`), else the config file (`--config`, `RAZAR_CONFIG`,
+//! Where the CLI finds its server and token (and an operator certificate, key and CA
+//! for a collector with `[api.tls]`): a flag, else the environment (`RAZAR_SERVER`,
+//! `RAZAR_TOKEN`, `RAZAR_CERT`, `RAZAR_KEY`, `RAZAR_CA`), else the config file (`--config`, `RAZAR_CONFIG`,
 //! or `$XDG_CONFIG_HOME/razar/cli.toml`, or `~/.config/razar/cli.toml`), else the
 //! default server (the collector's default HTTP address) and no token.
 //!
@@ -20,6 +21,12 @@ pub struct FileConfig {
     pub server: Option<String>,
     /// An API token (`razar-collector token create`).
     pub token: Option<String>,
+    /// An operator certificate (PEM, `razar-certs issue operator`), for HTTPS.
+    pub cert: Option<String>,
+    /// Its private key (PEM).
+    pub key: Option<String>,
+    /// The CA (PEM) that signed the collector's API certificate, for https:// servers.
+    pub ca: Option<String>,
 }
 
 /// What the command line said.
@@ -28,6 +35,18 @@ pub struct Flags {
     pub server: Option<String>,
     pub token: Option<String>,
     pub config: Option<PathBuf>,
+    pub cert: Option<String>,
+    pub key: Option<String>,
+    pub ca: Option<String>,
+}
+
+/// TLS files of an https:// server.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// The operator certificate and its key, presented to the server.
+    pub identity: Option<(PathBuf, PathBuf)>,
+    /// The CA to trust for the server's certificate.
+    pub ca: Option<PathBuf>,
 }
 
 /// Where a setting came from (shown by `razar config`).
@@ -57,6 +76,7 @@ pub struct Settings {
     pub server_from: Source,
     pub token: Option<String>,
     pub token_from: Source,
+    pub tls: TlsFiles,
 }
 
 /// Why the settings could not be read.
@@ -75,6 +95,11 @@ pub enum SettingsError {
     /// The server is not an http(s) URL.
     #[error("server {0:?} ({1}) is not an http:// or https:// URL")]
     BadServer(String, &'static str),
+    /// A certificate without its key, or a key without its certificate.
+    #[error(
+        "--cert and --key (RAZAR_CERT, RAZAR_KEY, `cert` and `key`) go together: {0} is not set"
+    )]
+    HalfIdentity(&'static str),
 }
 
 /// The config file's path: `--config`, `RAZAR_CONFIG`, then the XDG location.
@@ -149,11 +174,28 @@ pub fn resolve(
     if !(server.starts_with("http://") || server.starts_with("https://")) {
         return Err(SettingsError::BadServer(server, server_from.as_str()));
     }
+    let path = |flag: &Option<String>, var: &str, from_file: Option<&String>| {
+        pick(flag, var, from_file).map(|(p, _)| PathBuf::from(p))
+    };
+    let cert = path(
+        &flags.cert,
+        "RAZAR_CERT",
+        file.and_then(|f| f.cert.as_ref()),
+    );
+    let key = path(&flags.key, "RAZAR_KEY", file.and_then(|f| f.key.as_ref()));
+    let identity = match (cert, key) {
+        (Some(cert), Some(key)) => Some((cert, key)),
+        (None, None) => None,
+        (Some(_), None) => return Err(SettingsError::HalfIdentity("the key")),
+        (None, Some(_)) => return Err(SettingsError::HalfIdentity("the certificate")),
+    };
+    let ca = path(&flags.ca, "RAZAR_CA", file.and_then(|f| f.ca.as_ref()));
     Ok(Settings {
         server: server.trim_end_matches('/').to_owned(),
         server_from,
         token,
         token_from,
+        tls: TlsFiles { identity, ca },
     })
 }
 
@@ -174,6 +216,7 @@ mod tests {
         FileConfig {
             server: server.map(Into::into),
             token: token.map(Into::into),
+            ..FileConfig::default()
         }
     }
 
@@ -181,8 +224,44 @@ mod tests {
         Flags {
             server: server.map(Into::into),
             token: token.map(Into::into),
-            config: None,
+            ..Flags::default()
         }
+    }
+
+    #[test]
+    fn certificate_key_and_ca_resolve_like_the_rest() {
+        let f = FileConfig {
+            cert: Some("/file/op.pem".into()),
+            key: Some("/file/op.key".into()),
+            ca: Some("/file/ca.pem".into()),
+            ..FileConfig::default()
+        };
+        let s = resolve(
+            &Flags {
+                cert: Some("/flag/op.pem".into()),
+                ..Flags::default()
+            },
+            &env(&[("RAZAR_KEY", "/env/op.key")]),
+            Some(&f),
+        )
+        .expect("resolves");
+        assert_eq!(
+            s.tls.identity,
+            Some((PathBuf::from("/flag/op.pem"), PathBuf::from("/env/op.key")))
+        );
+        assert_eq!(s.tls.ca, Some(PathBuf::from("/file/ca.pem")));
+        let none = resolve(&Flags::default(), &env(&[]), None).expect("resolves");
+        assert_eq!(none.tls, TlsFiles::default());
+        let half = resolve(
+            &Flags {
+                cert: Some("/op.pem".into()),
+                ..Flags::default()
+            },
+            &env(&[]),
+            None,
+        )
+        .unwrap_err();
+        assert!(half.to_string().contains("the key is not set"), "{half}");
     }
 
     /// One case: flag, environment and file values, and the expected winner.

@@ -4,7 +4,9 @@
 //! line, column, key path and reason. [`CollectorConfig::load_checked`] (`check` and
 //! `run`) also reads and parses the TLS files the config names.
 
+use crate::store::tokens::Role;
 use serde::Deserialize;
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
 use std::ops::Range;
@@ -65,6 +67,38 @@ pub struct CollectorConfig {
     pub deployments: crate::deployments::DeploymentSettings,
     /// The operator API (`[api]`).
     pub api: ApiSettings,
+    /// HTTPS and operator certificates on the API port (`[api.tls]`); `None`: plain
+    /// HTTP (dev mode, tests).
+    pub api_tls: Option<ApiTlsSettings>,
+}
+
+/// `[api.tls]`: the API port serves HTTPS; a client may present an operator
+/// certificate (`razar-certs issue operator`) instead of a bearer token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiTlsSettings {
+    /// The API's certificate chain (PEM), leaf first.
+    pub cert: PathBuf,
+    /// Its private key (PEM).
+    pub key: PathBuf,
+    /// The CA that operator certificates must chain to (PEM).
+    pub client_ca: PathBuf,
+    /// CRL (DER or PEM) of `client_ca`; a revoked certificate fails the handshake.
+    pub crl: Option<PathBuf>,
+    /// Operator name (the certificate's `razar://operator/<name>`) → role. A valid
+    /// certificate whose name is not here is refused (403), never given a default role.
+    pub operators: BTreeMap<String, Role>,
+}
+
+impl ApiTlsSettings {
+    /// The files as the TLS builders take them.
+    pub fn files(&self) -> razar_shared::tls::ServerTlsFiles {
+        razar_shared::tls::ServerTlsFiles {
+            ca: self.client_ca.clone(),
+            cert: self.cert.clone(),
+            key: self.key.clone(),
+            crls: self.crl.iter().cloned().collect(),
+        }
+    }
 }
 
 /// The operator API's limits (`[api]`).
@@ -174,6 +208,19 @@ struct RawApi {
     rate_per_second: Option<Spanned<u32>>,
     burst: Option<Spanned<u32>>,
     max_body_bytes: Option<Spanned<u32>>,
+    tls: Option<Spanned<RawApiTls>>,
+}
+
+/// `[api.tls]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawApiTls {
+    cert: Option<Spanned<String>>,
+    key: Option<Spanned<String>>,
+    client_ca: Option<Spanned<String>>,
+    crl: Option<Spanned<String>>,
+    #[serde(default)]
+    operators: BTreeMap<String, Spanned<String>>,
 }
 
 /// `[engine]` (the decision loop, `engine_loop.rs`).
@@ -342,6 +389,7 @@ impl CollectorConfig {
             health: HealthLimits::default(),
             deployments: crate::deployments::DeploymentSettings::default(),
             api: ApiSettings::default(),
+            api_tls: None,
             max_clock_skew: Duration::from_secs(5 * 60),
             max_series_per_host: NonZeroU32::new(100_000).unwrap_or(NonZeroU32::MIN),
             pulses: crate::pulses::PulsesConfig::default(),
@@ -604,10 +652,106 @@ impl Validator<'_> {
                 cfg.api.max_body_bytes = usize::try_from(n.get()).unwrap_or(usize::MAX);
             }
         }
+        if let Some(t) = &raw.api.tls {
+            cfg.api_tls = v.api_tls(t, files);
+        }
         if files == Files::Check {
             v.check_tls_files(&tls_files, &cfg.tls);
         }
         cfg
+    }
+
+    /// `[api.tls]`; with `Files::Check` its files are read and the HTTPS config built.
+    fn api_tls(&mut self, raw: &Spanned<RawApiTls>, files: Files) -> Option<ApiTlsSettings> {
+        let table = raw.span();
+        let raw = raw.get_ref();
+        let mut ok = true;
+        let mut named = Vec::new();
+        let mut need = |value: &Option<Spanned<String>>, key: &'static str, kind, required| {
+            match value {
+                Some(p) if p.get_ref().is_empty() => {
+                    self.push(key, p.span(), "must not be empty");
+                    ok = false;
+                }
+                Some(p) => {
+                    named.push(TlsFile::new(key, Some(p.span()), p.get_ref(), kind));
+                    return Some(PathBuf::from(p.get_ref()));
+                }
+                None if required => {
+                    self.push(key, table.clone(), "is required in [api.tls]");
+                    ok = false;
+                }
+                None => {}
+            }
+            None
+        };
+        let cert = need(&raw.cert, "api.tls.cert", FileKind::Certificates, true);
+        let key = need(&raw.key, "api.tls.key", FileKind::PrivateKey, true);
+        let client_ca = need(
+            &raw.client_ca,
+            "api.tls.client_ca",
+            FileKind::CaCertificates,
+            true,
+        );
+        let crl = need(&raw.crl, "api.tls.crl", FileKind::Crl, false);
+        let mut operators = BTreeMap::new();
+        for (name, role) in &raw.operators {
+            let key = format!("api.tls.operators.{name}");
+            if let Err(reason) = razar_shared::tls::validate_name(name) {
+                self.push(&key, role.span(), format!("not an operator name: {reason}"));
+                ok = false;
+                continue;
+            }
+            match Role::parse(role.get_ref()) {
+                Some(r) => {
+                    operators.insert(name.clone(), r);
+                }
+                None => {
+                    self.push(
+                        &key,
+                        role.span(),
+                        format!(
+                            "unknown role {:?}: viewer, operator or admin",
+                            role.get_ref()
+                        ),
+                    );
+                    ok = false;
+                }
+            }
+        }
+        let (Some(cert), Some(key), Some(client_ca), true) = (cert, key, client_ca, ok) else {
+            return None;
+        };
+        let settings = ApiTlsSettings {
+            cert,
+            key,
+            client_ca,
+            crl,
+            operators,
+        };
+        if files == Files::Check {
+            let mut usable = true;
+            for file in &named {
+                if let Err(reason) = check_file(&file.path, file.kind) {
+                    self.c.push(file.span.clone(), file.key, reason);
+                    usable = false;
+                }
+            }
+            if usable {
+                if let Err(e) = razar_shared::tls::api_server_config_from_files(&settings.files()) {
+                    let key = match e {
+                        razar_shared::tls::TlsError::Verifier(_) => "api.tls.crl",
+                        _ => "api.tls.key",
+                    };
+                    let span = named
+                        .iter()
+                        .find(|f| f.key == key)
+                        .and_then(|f| f.span.clone());
+                    self.c.push(span, key, e.to_string());
+                }
+            }
+        }
+        Some(settings)
     }
 
     /// `[engine]` into `e`.
@@ -1002,6 +1146,24 @@ mod tests {
         assert_eq!(cfg.lost_after_missed.get(), 3);
         assert!(matches!(cfg.database, Database::Url(_)));
         assert_eq!(cfg.ingest_writers.get(), 8);
+        assert_eq!(cfg.api_tls, None);
+        // The commented-out `[api.tls]` example parses once uncommented.
+        let text = std::fs::read_to_string(&path).unwrap();
+        let mut in_api_tls = false;
+        let uncommented: Vec<String> = text
+            .lines()
+            .map(|l| {
+                in_api_tls = (in_api_tls && l.starts_with('#')) || l == "#[api.tls]";
+                match in_api_tls {
+                    true => l.trim_start_matches('#').to_owned(),
+                    false => l.to_owned(),
+                }
+            })
+            .collect();
+        let cfg = CollectorConfig::parse(&path, &uncommented.join("\n")).unwrap();
+        let api_tls = cfg.api_tls.unwrap();
+        assert_eq!(api_tls.operators.len(), 3);
+        assert_eq!(api_tls.operators.get("bob"), Some(&Role::Operator));
     }
 
     #[test]
@@ -1215,6 +1377,57 @@ mod tests {
                 (3, "api.burst", "at least 1"),
                 (4, "api.max_body_bytes", "at least 1"),
             ],
+        );
+    }
+
+    #[test]
+    fn api_tls_section_is_optional_and_checked() {
+        let parse = |text: &str| CollectorConfig::parse(Path::new("c.toml"), text);
+        assert_eq!(parse("").unwrap().api_tls, None);
+        let set = parse(
+            "[api.tls]\ncert = \"a.pem\"\nkey = \"a.key\"\nclient_ca = \"ca.pem\"\n\
+             [api.tls.operators]\nalice = \"admin\"\nbob = \"viewer\"\n",
+        )
+        .unwrap()
+        .api_tls
+        .unwrap();
+        assert_eq!(set.cert, PathBuf::from("a.pem"));
+        assert_eq!(set.client_ca, PathBuf::from("ca.pem"));
+        assert_eq!(set.crl, None);
+        assert_eq!(set.operators.get("alice"), Some(&Role::Admin));
+        assert_eq!(set.operators.get("bob"), Some(&Role::Viewer));
+        check_err(
+            "[api.tls]\ncert = \"\"\ncrl = \"c.der\"\n[api.tls.operators]\nalice = \"root\"\n",
+            &[
+                (1, "api.tls.key", "is required in [api.tls]"),
+                (1, "api.tls.client_ca", "is required in [api.tls]"),
+                (2, "api.tls.cert", "must not be empty"),
+                (5, "api.tls.operators.alice", "unknown role \"root\""),
+            ],
+        );
+    }
+
+    #[test]
+    fn api_tls_files_are_read_when_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        let text = format!(
+            "[tls]\nca = \"{d}/ca.pem\"\ncert = \"{d}/c.pem\"\nkey = \"{d}/c.key\"\n\
+             [api.tls]\ncert = \"{d}/missing.pem\"\nkey = \"{d}/c.key\"\nclient_ca = \"{d}/ca.pem\"\n",
+            d = dir.path().display()
+        );
+        std::fs::write(&path, text).unwrap();
+        let err = CollectorConfig::load_checked(&path).unwrap_err();
+        let api: Vec<_> = err
+            .0
+            .iter()
+            .filter(|e| e.key.starts_with("api.tls"))
+            .collect();
+        assert!(
+            api.iter().any(|e| e.key == "api.tls.cert"
+                && e.line == 6
+                && e.reason.contains("missing.pem")),
+            "{err}"
         );
     }
 

@@ -67,6 +67,8 @@ pub struct Service {
     store: Store,
     collector: Collector,
     http_addr: SocketAddr,
+    /// `[api.tls]`: the API port's HTTPS config (reloaded with the QUIC one).
+    api_tls: Option<crate::api::tls::ApiTlsConfig>,
     stop: watch::Sender<bool>,
     deployments: Deployments,
     tasks: Vec<JoinHandle<()>>,
@@ -117,6 +119,12 @@ impl Service {
             .map(|p| razar_shared::tls::load_crl_file(p))
             .collect::<Result<Vec<_>, _>>()?;
 
+        let api_tls = config
+            .api_tls
+            .as_ref()
+            .map(|t| crate::api::tls::ApiTlsConfig::load(t.files()))
+            .transpose()?;
+
         let registry = prometheus::Registry::new();
         let listener = tokio::net::TcpListener::bind(config.http_listen)
             .await
@@ -146,18 +154,42 @@ impl Service {
             Arc::new(EngineQuarantines::new(ready)),
             FleetMetricsOptions::default(),
         ));
+        if let Some(t) = &config.api_tls {
+            api_state.cert_roles = Arc::new(t.operators.clone());
+        }
         let app = api::router(api_state.clone());
         let mut http_stop = stop_rx.clone();
-        let http = tokio::spawn(async move {
-            let served = axum::serve(listener, app)
-                .with_graceful_shutdown(async move {
-                    let _ = http_stop.wait_for(|s| *s).await;
+        let stopped = async move {
+            let _ = http_stop.wait_for(|s| *s).await;
+        };
+        let http = match &api_tls {
+            None => tokio::spawn(async move {
+                let served = axum::serve(listener, app)
+                    .with_graceful_shutdown(stopped)
+                    .await;
+                if let Err(error) = served {
+                    tracing::error!(%error, "HTTP API stopped");
+                }
+            }),
+            Some(tls) => {
+                use crate::api::tls::{handshake_failures, ApiPeer, ApiTlsListener};
+                let listener =
+                    ApiTlsListener::new(listener, tls.clone(), handshake_failures(&registry)?)
+                        .map_err(|source| ServiceError::Http {
+                            addr: config.http_listen,
+                            source,
+                        })?;
+                let app = app.into_make_service_with_connect_info::<ApiPeer>();
+                tokio::spawn(async move {
+                    let served = axum::serve(listener, app)
+                        .with_graceful_shutdown(stopped)
+                        .await;
+                    if let Err(error) = served {
+                        tracing::error!(%error, "HTTPS API stopped");
+                    }
                 })
-                .await;
-            if let Err(error) = served {
-                tracing::error!(%error, "HTTP API stopped");
             }
-        });
+        };
         // The API answers from here on: stop it if the rest fails.
         let started = Self::start_serving(
             config,
@@ -197,6 +229,7 @@ impl Service {
                     store,
                     collector,
                     http_addr,
+                    api_tls,
                     stop,
                     deployments,
                     tasks: std::iter::once(http)
@@ -434,7 +467,25 @@ impl Service {
     /// Re-reads the certificate, key and CRL; new connections use them, open connections
     /// whose certificate is now revoked are closed. Returns how many were closed.
     pub fn reload_tls(&self) -> Result<usize, ServiceError> {
-        Ok(self.collector.reload_tls_files(&tls_files(&self.config))?)
+        // Both are built before either is installed: a bad file changes nothing.
+        if let Some(api) = &self.api_tls {
+            razar_shared::tls::api_server_config_from_files(api.files())?;
+        }
+        let closed = self.collector.reload_tls_files(&tls_files(&self.config))?;
+        if let Some(api) = &self.api_tls {
+            api.reload()?;
+        }
+        Ok(closed)
+    }
+
+    /// The API's base URL: `https://ADDR` with `[api.tls]`, `http://ADDR` without.
+    pub fn api_url(&self) -> String {
+        let scheme = if self.api_tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://{}", self.http_addr)
     }
 
     /// Stops serving, closes connections, and stops the embedded PostgreSQL.

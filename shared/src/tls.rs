@@ -210,6 +210,43 @@ fn server_config_from_files_inner(
     build_server_config(roots, chain, key, crls, &display(&files.cert), refusals)
 }
 
+/// The operator API's HTTPS config (`[api.tls]`): presents `files.cert`/`files.key`;
+/// a client certificate is optional (bearer-token clients connect without one), but one
+/// that is presented must chain to `files.ca` (the operators' CA), carry the clientAuth
+/// usage and not be revoked by `files.crls`. TLS 1.2 and 1.3 (browsers, curl), ALPN
+/// `http/1.1`, no resumption (a resumed session would skip the revocation check).
+/// Every error names the file at fault.
+pub fn api_server_config_from_files(files: &ServerTlsFiles) -> Result<ServerConfig, TlsError> {
+    let roots = root_store(&read_file(&files.ca)?, &display(&files.ca))?;
+    let chain = certificates(&read_file(&files.cert)?, &display(&files.cert))?;
+    let key = private_key(&read_file(&files.key)?, &display(&files.key))?;
+    let crls = files
+        .crls
+        .iter()
+        .map(|path| load_crl_file(path))
+        .collect::<Result<Vec<_>, _>>()?;
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+        .with_crls(crls)
+        .allow_unauthenticated()
+        .build()?;
+    let mut config = ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|source| TlsError::Rustls {
+            what: "TLS protocol versions".into(),
+            source,
+        })?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)
+        .map_err(|source| TlsError::Rustls {
+            what: display(&files.cert),
+            source,
+        })?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
+    Ok(config)
+}
+
 /// [`client_config`] from files; every error names the file at fault.
 pub fn client_config_from_files(files: &ClientTlsFiles) -> Result<ClientConfig, TlsError> {
     let roots = root_store(&read_file(&files.ca)?, &display(&files.ca))?;

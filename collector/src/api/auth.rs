@@ -7,9 +7,10 @@
 //! A route the document does not describe is refused (fail closed).
 
 use super::error::ApiError;
+use super::tls::{ApiPeer, ClientCert};
 use super::ApiState;
 use crate::store::tokens::{self, Role, TokenInfo, TokenRefusal};
-use axum::extract::{MatchedPath, Request, State};
+use axum::extract::{ConnectInfo, MatchedPath, Request, State};
 use axum::http::{header, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -38,7 +39,54 @@ pub struct RequestId(pub String);
 /// The authenticated caller, in the request's extensions.
 #[derive(Debug, Clone)]
 pub struct Caller {
-    pub token: TokenInfo,
+    /// What it may do.
+    pub role: Role,
+    /// How it proved who it is.
+    pub identity: Identity,
+}
+
+/// How a caller authenticated.
+#[derive(Debug, Clone)]
+pub enum Identity {
+    /// A bearer token.
+    Token(TokenInfo),
+    /// An operator certificate on the HTTPS port (`[api.tls]`), by operator name.
+    Certificate(String),
+}
+
+impl Caller {
+    /// A token's caller.
+    pub fn token(token: TokenInfo) -> Caller {
+        Caller {
+            role: token.role,
+            identity: Identity::Token(token),
+        }
+    }
+
+    /// The token's id, for a token caller.
+    pub fn token_id(&self) -> Option<i64> {
+        match &self.identity {
+            Identity::Token(t) => Some(t.id),
+            Identity::Certificate(_) => None,
+        }
+    }
+
+    /// Who, as audit rows name it: the token's name, or `cert:<operator>`.
+    pub fn who(&self) -> String {
+        match &self.identity {
+            Identity::Token(t) => t.name.clone(),
+            Identity::Certificate(name) => format!("cert:{name}"),
+        }
+    }
+
+    /// A unique key of the caller (`token:<id>:<name>` or `cert:<operator>`): rate
+    /// limits, idempotency keys and log follows are per caller.
+    pub fn key(&self) -> String {
+        match &self.identity {
+            Identity::Token(t) => format!("token:{}:{}", t.id, t.name),
+            Identity::Certificate(name) => format!("cert:{name}"),
+        }
+    }
 }
 
 /// What a route requires.
@@ -104,12 +152,13 @@ impl RouteTable {
     }
 }
 
-/// Token buckets per token id: `rate` requests a second, bursts of `burst`.
+/// Token buckets per caller ([`Caller::key`]): `rate` requests a second, bursts of
+/// `burst`.
 #[derive(Debug)]
 pub struct RateLimiter {
     rate: f64,
     burst: f64,
-    buckets: Mutex<HashMap<i64, Bucket>>,
+    buckets: Mutex<HashMap<String, Bucket>>,
 }
 
 /// One token's bucket.
@@ -142,8 +191,8 @@ impl RateLimiter {
         }
     }
 
-    /// Takes a request of `token` now.
-    pub fn check(&self, token: i64) -> Result<(), Duration> {
+    /// Takes a request of the caller `key` now.
+    pub fn check(&self, key: &str) -> Result<(), Duration> {
         let now = Instant::now();
         let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
         // Full buckets carry no information: forget them now and then.
@@ -153,10 +202,18 @@ impl RateLimiter {
                 b.tokens + now.saturating_duration_since(b.at).as_secs_f64() * rate < burst
             });
         }
-        let bucket = buckets.entry(token).or_insert(Bucket {
-            tokens: self.burst,
-            at: now,
-        });
+        if !buckets.contains_key(key) {
+            buckets.insert(
+                key.to_owned(),
+                Bucket {
+                    tokens: self.burst,
+                    at: now,
+                },
+            );
+        }
+        let Some(bucket) = buckets.get_mut(key) else {
+            return Ok(());
+        };
         take(bucket, now, self.rate, self.burst)
     }
 }
@@ -197,8 +254,10 @@ pub async fn request_id(mut req: Request, next: Next) -> Response {
 }
 
 /// Enforces the route's access rule: a bearer token, usable (not revoked, not expired),
-/// with the role, within its rate limit. Puts the [`Caller`] in the request.
-pub async fn authorize(State(state): State<ApiState>, mut req: Request, next: Next) -> Response {
+/// or else (on the HTTPS port) an operator certificate mapped to a role in
+/// `[api.tls] operators`; with the role, within its rate limit. Puts the [`Caller`] in
+/// the request.
+pub async fn authorize(State(state): State<ApiState>, req: Request, next: Next) -> Response {
     let path = req
         .extensions()
         .get::<MatchedPath>()
@@ -228,7 +287,36 @@ pub async fn authorize(State(state): State<ApiState>, mut req: Request, next: Ne
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
     let Some(presented) = presented else {
-        return unauthorized(&state, "missing bearer token");
+        let peer = req
+            .extensions()
+            .get::<ConnectInfo<ApiPeer>>()
+            .map(|c| c.0.cert.clone());
+        let caller = match peer {
+            None | Some(ClientCert::None) => {
+                return unauthorized(&state, "missing bearer token");
+            }
+            Some(ClientCert::NotOperator(reason)) => {
+                return refuse(
+                    &state,
+                    "cert_not_operator",
+                    format!("certificate is not an operator certificate: {reason}"),
+                );
+            }
+            Some(ClientCert::Operator(name)) => match state.cert_roles.get(&name) {
+                Some(role) => Caller {
+                    role: *role,
+                    identity: Identity::Certificate(name),
+                },
+                None => {
+                    return refuse(
+                        &state,
+                        "cert_unmapped",
+                        format!("certificate not mapped to a role (operator {name:?})"),
+                    );
+                }
+            },
+        };
+        return admit(&state, caller, needed, req, next).await;
     };
     let token = match tokens::verify(&ready.pool, presented).await {
         Ok(Ok(token)) => token,
@@ -248,31 +336,51 @@ pub async fn authorize(State(state): State<ApiState>, mut req: Request, next: Ne
         }
         Err(e) => return ApiError::from(e).into_response(),
     };
-    if let Err(wait) = state.limiter.check(token.id) {
+    admit(&state, Caller::token(token), needed, req, next).await
+}
+
+/// An authenticated caller: within its rate limit and with the role `needed`, the
+/// request goes on with the [`Caller`] in its extensions.
+async fn admit(
+    state: &ApiState,
+    caller: Caller,
+    needed: Role,
+    mut req: Request,
+    next: Next,
+) -> Response {
+    if let Err(wait) = state.limiter.check(&caller.key()) {
         state.metrics.rate_limited.inc();
+        let who = match &caller.identity {
+            Identity::Token(t) => format!("token {}", t.id),
+            Identity::Certificate(name) => format!("certificate {name:?}"),
+        };
         let mut e = ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
             "rate_limited",
-            format!("token {} is over its rate limit", token.id),
+            format!("{who} is over its rate limit"),
         );
         e.retry_after = Some(wait.as_secs().max(1));
         return e.into_response();
     }
-    if token.role < needed {
-        state
-            .metrics
-            .auth_refused
-            .with_label_values(&["role"])
-            .inc();
-        return ApiError::new(
-            StatusCode::FORBIDDEN,
-            "forbidden",
-            format!("role {} may not do this (needs {needed})", token.role),
-        )
-        .into_response();
+    if caller.role < needed {
+        return refuse(
+            state,
+            "role",
+            format!("role {} may not do this (needs {needed})", caller.role),
+        );
     }
-    req.extensions_mut().insert(Caller { token });
+    req.extensions_mut().insert(caller);
     next.run(req).await
+}
+
+/// 403, counted under `reason`.
+fn refuse(state: &ApiState, reason: &str, message: String) -> Response {
+    state
+        .metrics
+        .auth_refused
+        .with_label_values(&[reason])
+        .inc();
+    ApiError::new(StatusCode::FORBIDDEN, "forbidden", message).into_response()
 }
 
 fn unauthorized(_state: &ApiState, message: &str) -> Response {
@@ -305,6 +413,43 @@ mod tests {
         assert!(take(&mut b, later, 1.0, 2.0).is_ok());
         assert!(take(&mut b, later, 1.0, 2.0).is_ok());
         assert!(take(&mut b, later, 1.0, 2.0).is_err());
+    }
+
+    #[test]
+    fn rate_limits_are_per_caller_certificates_included() {
+        let token = Caller::token(TokenInfo {
+            id: 7,
+            name: "ci".into(),
+            role: Role::Operator,
+            created_at: chrono::Utc::now(),
+            expires_at: None,
+            revoked_at: None,
+            last_used: None,
+        });
+        let cert = Caller {
+            role: Role::Viewer,
+            identity: Identity::Certificate("alice".into()),
+        };
+        assert_eq!(
+            (token.who(), token.key()),
+            ("ci".into(), "token:7:ci".into())
+        );
+        assert_eq!(
+            (cert.who(), cert.key()),
+            ("cert:alice".into(), "cert:alice".into())
+        );
+        assert_eq!((token.token_id(), cert.token_id()), (Some(7), None));
+        let limiter = RateLimiter::new(1, 1);
+        assert!(limiter.check(&cert.key()).is_ok());
+        assert!(
+            limiter.check(&cert.key()).is_err(),
+            "the certificate's bucket is empty"
+        );
+        assert!(
+            limiter.check(&token.key()).is_ok(),
+            "the token has its own bucket"
+        );
+        assert!(limiter.check("cert:bob").is_ok(), "another certificate too");
     }
 
     #[test]

@@ -13,6 +13,7 @@
 pub mod auth;
 pub mod error;
 mod routes;
+pub mod tls;
 pub mod types;
 
 use crate::config::{ApiSettings, HealthLimits};
@@ -68,6 +69,8 @@ pub struct ApiState {
     pub fleet: Option<crate::fleet_metrics::FleetMetrics>,
     /// `GET /api/v1/overview`'s last answer and when it was computed.
     pub overview_cache: Arc<routes::overview::OverviewCache>,
+    /// `[api.tls] operators`: operator certificate name → role (empty without TLS).
+    pub cert_roles: Arc<std::collections::BTreeMap<String, crate::store::tokens::Role>>,
 }
 
 /// The running collector's parts the API reads and drives.
@@ -90,7 +93,8 @@ pub struct ApiMetrics {
     /// `razar_collector_api_rate_limited_total`: requests answered 429.
     pub rate_limited: IntCounter,
     /// `razar_collector_api_auth_refused_total{reason}`: `malformed`, `unknown`,
-    /// `revoked`, `expired` tokens, `role` too low.
+    /// `revoked`, `expired` tokens, `role` too low; on the HTTPS port, `cert_unmapped`
+    /// (an operator certificate not in `[api.tls] operators`) and `cert_not_operator`.
     pub auth_refused: IntCounterVec,
 }
 
@@ -142,6 +146,7 @@ impl ApiState {
             openapi: Arc::new(json),
             fleet: None,
             overview_cache: Arc::default(),
+            cert_roles: Arc::default(),
         })
     }
 
@@ -309,9 +314,9 @@ pub(crate) fn audit_entry(
     arguments: serde_json::Value,
 ) -> crate::store::audit::AuditEntry {
     crate::store::audit::AuditEntry {
-        token_id: Some(caller.token.id),
-        who: caller.token.name.clone(),
-        role: caller.token.role.as_str().to_owned(),
+        token_id: caller.token_id(),
+        who: caller.who(),
+        role: caller.role.as_str().to_owned(),
         method: method.to_owned(),
         route: route.to_owned(),
         arguments,

@@ -47,9 +47,10 @@ pub fn wire_action(action: &Action) -> CommandAction {
     }
 }
 
-/// Who a token is as a command's caller (idempotency keys are unique per caller).
+/// Who the caller is as a command's caller (idempotency keys are unique per caller):
+/// `token:<id>:<name>` or `cert:<operator>`.
 pub fn caller_name(caller: &Caller) -> String {
-    format!("token:{}:{}", caller.token.id, caller.token.name)
+    caller.key()
 }
 
 pub(crate) fn view(record: &CommandRecord) -> CommandView {

@@ -186,7 +186,7 @@ pub async fn create_deployment(
     ApiJson(body): ApiJson<CreateDeployment>,
 ) -> Result<(StatusCode, Json<Deployment>), ApiError> {
     let deployments = ready_deployments(&state)?;
-    let new = new_deployment(&body, &caller.token.name)?;
+    let new = new_deployment(&body, &caller.who())?;
     let audit = audit_entry(
         &caller,
         &request_id,
@@ -264,7 +264,7 @@ async fn operate(
     let reason = body
         .reason
         .clone()
-        .unwrap_or_else(|| format!("by {}", caller.token.name));
+        .unwrap_or_else(|| format!("by {}", caller.who()));
     let operation = match verb {
         "pause" => Operation::Pause(reason),
         "resume" => Operation::Resume,

@@ -59,7 +59,7 @@ pub fn view(e: &EscalationRecord) -> Escalation {
 
 /// Who an operator is in the engine's records (the token's name).
 fn who(caller: &Caller) -> String {
-    caller.token.name.clone()
+    caller.who()
 }
 
 /// Escalations, newest first, filtered; page with `before`.

@@ -51,7 +51,7 @@ pub async fn override_gpu_health(
             &host,
             &gpu,
             body.healthy,
-            &caller.token.name,
+            &caller.who(),
             &body.note,
             Some(&audit),
         )
