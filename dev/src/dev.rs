@@ -139,7 +139,11 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
             razar_collector::embedded_pg::SOCKET_PORT
         );
     }
-    say!("The razar CLI (`cargo build -p razar-cli`, then target/debug/razar):");
+    let cli_dir = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(|d| d.display().to_string()))
+        .unwrap_or_else(|| ".".to_owned());
+    say!("The razar CLI (built next to this program: put {cli_dir} on PATH):");
     say!("  export RAZAR_SERVER=http://{http} RAZAR_TOKEN={token}");
     for line in [
         "razar hosts",
