@@ -687,15 +687,22 @@ async fn kernel_log_lines_are_reported_once_across_restarts() {
     );
     let xids = |text: &str| series(text, "razar_events_total", &[("kind", "xid")]).unwrap_or(0.0);
 
-    // Run 1: the log appears after the start holding two lines from an hour ago, then a
-    // new line is written.
+    // Run 1: the log appears after the start holding two lines from before it (an
+    // hour ago, or half the machine's uptime on a machine up for less than two hours:
+    // kernel time cannot go back past the boot), then a new line is written.
     let daemon = start_daemon(&dir, &body).await;
     let agent = daemon.agent().clone();
     let addr = agent.local_addr().expect("local endpoint");
     let mut rx = agent.subscribe();
-    let hour_ago = uptime_us().saturating_sub(3_600_000_000);
-    append_kmsg_xid(&kernel_log, 1, hour_ago);
-    append_kmsg_xid(&kernel_log, 2, hour_ago + 1_000);
+    let back_us = (uptime_us() / 2).min(3_600_000_000);
+    assert!(
+        back_us >= 10_000_000,
+        "the machine has been up for less than 20 s: {back_us} us"
+    );
+    let back_ms = i64::try_from(back_us / 1_000).expect("fits");
+    let before = uptime_us() - back_us;
+    append_kmsg_xid(&kernel_log, 1, before);
+    append_kmsg_xid(&kernel_log, 2, before + 1_000);
     wait_metrics(addr, "two historical XIDs", |t| {
         (xids(t) == 2.0).then_some(())
     })
@@ -718,8 +725,8 @@ async fn kernel_log_lines_are_reported_once_across_restarts() {
     for (_, ts) in &seen[..2] {
         let age = now - ts;
         assert!(
-            (3_590_000..3_700_000).contains(&age),
-            "a historical XID has its own time (an hour ago), not the agent's: {age} ms"
+            (back_ms - 10_000..back_ms + 100_000).contains(&age),
+            "a historical XID has its own time ({back_ms} ms ago), not the agent's: {age} ms"
         );
     }
     assert!((now - seen[2].1).abs() < 60_000);

@@ -351,8 +351,13 @@ async fn scalar(pool: &PgPool, sql: &str) -> i64 {
 }
 
 /// Agent events stored for the host (not the collector's own host_lost/host_back).
-const AGENT_EVENTS: &str =
-    "SELECT count(*) FROM events WHERE host_id = $1 AND kind NOT IN ('host_lost', 'host_back')";
+/// The host's events that came from its agent: not those the collector writes itself
+/// (host state, store refusals, silence, and the decision engine's: a storm's XIDs
+/// quarantine the GPU and its reset result becomes a `gpu_reset_result` event).
+const AGENT_EVENTS: &str = "SELECT count(*) FROM events WHERE host_id = $1 AND kind NOT IN (
+        'host_lost', 'host_back', 'values_refused', 'batch_rejected',
+        'heartbeats_without_samples', 'samples_resumed', 'gpu_reset_result',
+        'escalation_ack', 'escalation_resolve', 'gpu_override')";
 
 /// What the final check found, for the test's summary line.
 #[derive(Debug)]
@@ -1566,6 +1571,12 @@ xid = [{ at = 12, xid = 13 }]
             .ok()
             .and_then(|p| p.trim().parse::<i64>().ok())
     };
+    // b's pid while it runs on GPU 1, read before the XID (at 12 s): the XID is an
+    // application fault, which the decision engine answers by restarting b (a new pid).
+    let b_pid = wait_for("b wrote its pid", Duration::from_secs(60), || async move {
+        pid_of("b")
+    })
+    .await;
     let pool = &f.pool;
     let event_id: i64 = wait_for("the XID stored", Duration::from_secs(60), || async move {
         sqlx::query_scalar("SELECT event_id FROM events WHERE host_id = $1 AND kind = 'xid'")
@@ -1575,7 +1586,6 @@ xid = [{ at = 12, xid = 13 }]
             .expect("query")
     })
     .await;
-    let b_pid = pid_of("b").expect("b wrote its pid");
     assert!(pid_of("a").is_some(), "a wrote its pid");
 
     let (uuid, index, pci, xid, count, first_is_ts): FaultColumns = sqlx::query_as(

@@ -461,6 +461,26 @@ async fn fleet() -> Fixture {
     f.start_agent();
     f.wait_for_data().await;
     f.seed_engine_rows().await;
+    // The overview is computed at most once a second and may be served a few seconds
+    // stale while it is computed again (its `as_of` says when): wait until it holds
+    // the rows just written.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let overview = f.get("/overview").await;
+        if overview.as_ref().is_some_and(|o| {
+            o["escalations_open_count"] == 1
+                && o["deployments_active"]
+                    .as_array()
+                    .is_some_and(|d| !d.is_empty())
+        }) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the overview never showed the seeded rows: {overview:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     f
 }
 
