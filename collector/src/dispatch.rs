@@ -351,88 +351,75 @@ impl Ledger {
             });
         }
         let host = &request.host;
-        let known: bool =
-            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM hosts WHERE host_id = $1)")
-                .bind(host)
-                .fetch_one(&self.pool)
-                .await?;
-        if !known {
+        let target = Target::of(&request.action);
+        let needed = request.action.min_version();
+        // A GPU named by something that is neither an index nor a UUID is unknown, but
+        // only after the host (and component) are known, as below.
+        let gpu_ref = target.gpu.map(|gpu| (gpu, GpuRef::parse(gpu)));
+        let (gpu_by_index, gpu_by_uuid): (Option<i32>, Option<&str>) = match &gpu_ref {
+            Some((_, Some(GpuRef::Index(index)))) => (i32::try_from(*index).ok(), None),
+            Some((_, Some(GpuRef::Uuid(uuid)))) => (None, Some(uuid.as_str())),
+            _ => (None, None),
+        };
+        // Every check in one round trip: the host, its component, its agent's
+        // protocol, its GPU and the command a `resolve` names.
+        let row = sqlx::query(
+            "SELECT EXISTS (SELECT 1 FROM hosts WHERE host_id = $1) AS host,
+                    ($2::text IS NULL
+                     OR EXISTS (SELECT 1 FROM components WHERE host_id = $1 AND name = $2))
+                        AS component,
+                    CASE WHEN $3 THEN
+                        (SELECT protocol_version FROM agent_sessions WHERE host_id = $1
+                         ORDER BY connected_at DESC, session_id DESC LIMIT 1)
+                    END AS protocol,
+                    (SELECT gpu_index FROM gpus
+                     WHERE host_id = $1
+                       AND (gpu_index = $4::int OR lower(uuid) = lower($5::text))
+                     ORDER BY gpu_index LIMIT 1) AS gpu,
+                    ($6::bytea IS NULL
+                     OR EXISTS (SELECT 1 FROM commands WHERE host_id = $1 AND command_id = $6))
+                        AS command",
+        )
+        .bind(host)
+        .bind(target.component)
+        .bind(needed > razar_shared::protocol::PROTOCOL_MIN)
+        .bind(gpu_by_index)
+        .bind(gpu_by_uuid)
+        .bind(target.command.map(|c| c.to_vec()))
+        .fetch_one(&self.pool)
+        .await?;
+        if !row.try_get::<bool, _>("host")? {
             return Err(DispatchError::UnknownHost { host: host.clone() });
         }
-        let target = Target::of(&request.action);
         if let Some(component) = target.component {
-            let found: bool = sqlx::query_scalar(
-                "SELECT EXISTS (SELECT 1 FROM components WHERE host_id = $1 AND name = $2)",
-            )
-            .bind(host)
-            .bind(component)
-            .fetch_one(&self.pool)
-            .await?;
-            if !found {
+            if !row.try_get::<bool, _>("component")? {
                 return Err(DispatchError::UnknownComponent {
                     host: host.clone(),
                     component: component.to_owned(),
                 });
             }
         }
-        let needed = request.action.min_version();
-        if needed > razar_shared::protocol::PROTOCOL_MIN {
-            let last: Option<i32> = sqlx::query_scalar(
-                "SELECT protocol_version FROM agent_sessions WHERE host_id = $1
-                 ORDER BY connected_at DESC, session_id DESC LIMIT 1",
-            )
-            .bind(host)
-            .fetch_optional(&self.pool)
-            .await?;
-            if let Some(version) = last.and_then(|v| u16::try_from(v).ok()) {
-                if version < needed {
-                    return Err(DispatchError::AgentTooOld {
-                        host: host.clone(),
-                        kind: kind(&request.action),
-                        version,
-                        needed,
-                    });
-                }
+        let last: Option<i32> = row.try_get("protocol")?;
+        if let Some(version) = last.and_then(|v| u16::try_from(v).ok()) {
+            if version < needed {
+                return Err(DispatchError::AgentTooOld {
+                    host: host.clone(),
+                    kind: kind(&request.action),
+                    version,
+                    needed,
+                });
             }
         }
         let mut gpu_index: Option<i32> = None;
-        if let Some(gpu) = target.gpu {
-            let unknown = || DispatchError::UnknownGpu {
+        if let Some((gpu, _)) = gpu_ref {
+            let found: Option<i32> = row.try_get("gpu")?;
+            gpu_index = Some(found.ok_or_else(|| DispatchError::UnknownGpu {
                 host: host.clone(),
                 gpu: gpu.to_owned(),
-            };
-            let found: Option<i32> =
-                match GpuRef::parse(gpu).ok_or_else(unknown)? {
-                    GpuRef::Index(index) => {
-                        let index = i32::try_from(index).map_err(|_| unknown())?;
-                        sqlx::query_scalar(
-                            "SELECT gpu_index FROM gpus WHERE host_id = $1 AND gpu_index = $2",
-                        )
-                        .bind(host)
-                        .bind(index)
-                        .fetch_optional(&self.pool)
-                        .await?
-                    }
-                    GpuRef::Uuid(uuid) => sqlx::query_scalar(
-                        "SELECT gpu_index FROM gpus WHERE host_id = $1 AND lower(uuid) = lower($2)
-                         ORDER BY gpu_index LIMIT 1",
-                    )
-                    .bind(host)
-                    .bind(uuid)
-                    .fetch_optional(&self.pool)
-                    .await?,
-                };
-            gpu_index = Some(found.ok_or_else(unknown)?);
+            })?);
         }
         if let Some(command) = target.command {
-            let found: bool = sqlx::query_scalar(
-                "SELECT EXISTS (SELECT 1 FROM commands WHERE host_id = $1 AND command_id = $2)",
-            )
-            .bind(host)
-            .bind(&command[..])
-            .fetch_one(&self.pool)
-            .await?;
-            if !found {
+            if !row.try_get::<bool, _>("command")? {
                 return Err(DispatchError::UnknownCommand {
                     host: host.clone(),
                     command: hex_id(&command),
@@ -440,32 +427,32 @@ impl Ledger {
             }
         }
         let id: CommandId = rand::random();
-        let mut tx = self.pool.begin().await?;
-        let inserted = sqlx::query(&format!(
+        let insert = format!(
             "INSERT INTO commands (command_id, host_id, kind, component, gpu, action, state, \
                  caller, idempotency_key, request_id, created_at, deadline)
              VALUES ($1, $2, $3, $4, $5, $6, 'queued', $7, $8, $9, $10, $11)
              ON CONFLICT (caller, idempotency_key) DO NOTHING
              RETURNING {COLUMNS}"
-        ))
-        .bind(&id[..])
-        .bind(host)
-        .bind(kind(&request.action))
-        .bind(target.component)
-        .bind(gpu_index)
-        .bind(Json(&request.action))
-        .bind(&request.caller)
-        .bind(&request.idempotency_key)
-        .bind(&request.request_id)
-        .bind(now)
-        .bind(request.deadline)
-        .fetch_optional(&mut *tx)
-        .await?;
-        match inserted {
-            Some(row) => {
-                let record = record(&row)?;
-                // The caller's audit row commits with the command, or neither does.
-                if let Some(audit) = audit {
+        );
+        let query = sqlx::query(&insert)
+            .bind(&id[..])
+            .bind(host)
+            .bind(kind(&request.action))
+            .bind(target.component)
+            .bind(gpu_index)
+            .bind(Json(&request.action))
+            .bind(&request.caller)
+            .bind(&request.idempotency_key)
+            .bind(&request.request_id)
+            .bind(now)
+            .bind(request.deadline);
+        let inserted = match audit {
+            // The caller's audit row commits with the command, or neither does.
+            Some(audit) => {
+                let mut tx = self.pool.begin().await?;
+                let inserted = query.fetch_optional(&mut *tx).await?;
+                if let Some(row) = &inserted {
+                    let record = record(row)?;
                     audit
                         .write(
                             &mut tx,
@@ -475,8 +462,13 @@ impl Ledger {
                         .await?;
                 }
                 tx.commit().await?;
-                Ok((record, true))
+                inserted
             }
+            // One statement: its own transaction, one round trip.
+            None => query.fetch_optional(&self.pool).await?,
+        };
+        match inserted {
+            Some(row) => Ok((record(&row)?, true)),
             // Another submission with the same key won the race.
             None => {
                 let key = request.idempotency_key.as_deref().unwrap_or_default();
@@ -545,6 +537,32 @@ impl Ledger {
             .with_label_values(&[via.label()])
             .inc_by(u64::try_from(ids.len()).unwrap_or(u64::MAX));
         Ok(())
+    }
+
+    /// [`Ledger::mark_sent`] for one command, returning it as stored afterwards (one
+    /// round trip).
+    pub(crate) async fn mark_sent_one(
+        &self,
+        id: &CommandId,
+        via: Via,
+        now: DateTime<Utc>,
+    ) -> Result<Option<CommandRecord>, DispatchError> {
+        let row = sqlx::query(&format!(
+            "UPDATE commands
+             SET state = CASE WHEN state IN ('queued', 'sent') THEN 'sent' ELSE state END,
+                 sent_at = $2, attempts = attempts + 1
+             WHERE command_id = $1
+             RETURNING {COLUMNS}"
+        ))
+        .bind(&id[..])
+        .bind(now)
+        .fetch_optional(&self.pool)
+        .await?;
+        self.metrics
+            .deliveries
+            .with_label_values(&[via.label()])
+            .inc();
+        row.as_ref().map(record).transpose()
     }
 
     /// Expires what is past its deadline (`host`'s only, or every host's), counting it.
@@ -756,10 +774,12 @@ impl Dispatch {
             Delivery::Handed => {
                 // Handed over: a failure to record it only leaves the command `queued`
                 // (delivered again on reconnect), never unsent.
-                let marked = ledger.mark_sent(&[record.id], Via::Submit, handed_at).await;
+                let marked = ledger
+                    .mark_sent_one(&record.id, Via::Submit, handed_at)
+                    .await;
                 match marked {
-                    Ok(()) => {
-                        if let Ok(Some(stored)) = ledger.get(&record.id).await {
+                    Ok(stored) => {
+                        if let Some(stored) = stored {
                             record = stored;
                         }
                     }

@@ -1077,18 +1077,20 @@ impl EngineLoop {
     /// Hosts, GPUs and components from the store into the view; a component whose
     /// revision changed becomes a `RevisionStarted` input.
     async fn sync_inventory(&self, view: &mut FleetView) -> Result<Vec<Input>, EngineError> {
-        let hosts: Vec<(String, String, Option<DateTime<Utc>>)> =
-            sqlx::query_as("SELECT host_id, state, lost_since FROM hosts")
+        let hosts: Vec<(String, String, Option<DateTime<Utc>>, String)> =
+            sqlx::query_as("SELECT host_id, state, lost_since, profile FROM hosts")
                 .fetch_all(&self.pool)
                 .await?;
-        for (host, state, since) in hosts {
-            if !view.hosts.contains_key(&host) {
-                let h = view.add_host(&host);
-                if state == "lost" {
-                    h.state = HostState::Lost {
-                        since: since.map(|s| s.timestamp_millis()).unwrap_or_default(),
-                    };
-                }
+        for (host, state, since, profile) in hosts {
+            let new = !view.hosts.contains_key(&host);
+            let h = view.add_host(&host);
+            if h.profile != profile {
+                h.profile = profile;
+            }
+            if new && state == "lost" {
+                h.state = HostState::Lost {
+                    since: since.map(|s| s.timestamp_millis()).unwrap_or_default(),
+                };
             }
         }
         let gpus: Vec<(String, i32, String, String)> =

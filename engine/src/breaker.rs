@@ -1,5 +1,6 @@
 //! The circuit breaker: automatic, disruptive actions are counted per scope (the fleet,
-//! a GPU model, a component revision) over a sliding window; a scope that touches more
+//! a GPU model, a component revision, a host label: the host's profile) over a sliding
+//! window; a scope that touches more
 //! hosts or GPUs than allowed opens, holds every further disruptive action in it and
 //! raises one escalation listing them. After a cool-down it is half-open: one held
 //! action that no other open scope holds back goes through (the trial); at the next
@@ -25,7 +26,16 @@ use crate::model::{FleetView, GpuHealth, HostState, Rung};
 pub enum Scope {
     Fleet,
     GpuModel(String),
-    Revision { component: String, revision: String },
+    Revision {
+        component: String,
+        revision: String,
+    },
+    /// Hosts carrying a label: `key` is `profile` (the role label every agent reports,
+    /// the host label Razar has), `value` its value.
+    Label {
+        key: String,
+        value: String,
+    },
 }
 
 impl Scope {
@@ -37,6 +47,7 @@ impl Scope {
                 component,
                 revision,
             } => format!("revision:{component}@{revision}"),
+            Scope::Label { key, value } => format!("label:{key}={value}"),
         }
     }
 }
@@ -123,6 +134,9 @@ fn reach(view: &FleetView, action: &Action) -> (Vec<String>, Vec<Scope>) {
         _ => Vec::new(),
     };
     let mut scopes = BTreeSet::from([Scope::Fleet]);
+    if let Some(label) = profile_scope(host) {
+        scopes.insert(label);
+    }
     for g in &gpus {
         if let Some(gpu) = host.gpus.get(g) {
             scopes.insert(Scope::GpuModel(gpu.model.clone()));
@@ -155,6 +169,14 @@ fn reach(view: &FleetView, action: &Action) -> (Vec<String>, Vec<Scope>) {
     (gpus, scopes.into_iter().collect())
 }
 
+/// The label scope of a host: its profile, when it has one.
+fn profile_scope(host: &crate::model::Host) -> Option<Scope> {
+    (!host.profile.is_empty()).then(|| Scope::Label {
+        key: "profile".to_owned(),
+        value: host.profile.clone(),
+    })
+}
+
 /// Hosts and GPUs in a scope.
 fn population(view: &FleetView, scope: &Scope) -> (usize, usize) {
     let mut hosts = 0;
@@ -171,9 +193,17 @@ fn population(view: &FleetView, scope: &Scope) -> (usize, usize) {
                 .get(component)
                 .filter(|c| &c.revision == revision)
                 .map_or(0, |c| c.gpus.len().max(1)),
+            Scope::Label { key, value } => {
+                if key == "profile" && &host.profile == value {
+                    host.gpus.len()
+                } else {
+                    0
+                }
+            }
         };
         let member = match scope {
             Scope::Fleet => true,
+            Scope::Label { key, value } => key == "profile" && &host.profile == value,
             _ => n > 0,
         };
         if member {

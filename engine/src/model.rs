@@ -96,6 +96,10 @@ pub struct Component {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Host {
     pub state: HostState,
+    /// The host's profile: the role label its agent reports (`inference`, `training`
+    /// …); the breaker limits automation per profile too. Empty when not known.
+    #[serde(default)]
+    pub profile: String,
     /// By GPU UUID.
     pub gpus: BTreeMap<String, Gpu>,
     /// By component name.
@@ -106,6 +110,7 @@ impl Host {
     pub fn new() -> Self {
         Host {
             state: HostState::Online,
+            profile: String::new(),
             gpus: BTreeMap::new(),
             components: BTreeMap::new(),
         }

@@ -1469,6 +1469,71 @@ fn the_breaker_opens_per_revision_scope() {
 }
 
 #[test]
+fn the_breaker_opens_per_host_label_scope() {
+    // Share limits: 50 % of a scope with at least 2 hosts. h1 and h2 carry the label
+    // profile=train, h3..h6 profile=serve: the second train host touched opens that
+    // scope only; the fleet, the model and the revisions stay under their limits.
+    let mut c = breaker_config(100);
+    c.breaker.max_share_percent = 50;
+    c.breaker.share_min_population = 2;
+    c.breaker.max_gpus = 100;
+    let mut v = fleet(c);
+    for h in ["h4", "h5", "h6"] {
+        add_host(&mut v, h, "H100");
+    }
+    for (h, profile) in [
+        ("h1", "train"),
+        ("h2", "train"),
+        ("h3", "serve"),
+        ("h4", "serve"),
+        ("h5", "serve"),
+        ("h6", "serve"),
+    ] {
+        v.hosts.get_mut(h).expect("host").profile = profile.into();
+    }
+    let v = check(
+        v,
+        vec![
+            (
+                0,
+                xid("h1", "h1-g0", 95, &[], 1),
+                hardware_reset("h1", "h1-g0", &["llm"]),
+            ),
+            (
+                1,
+                xid("h2", "h2-g0", 95, &[], 2),
+                vec![
+                    gpu_fault("h2", "h2-g0", Severity::Warning),
+                    esc(
+                        None,
+                        "label:profile=train",
+                        EscalationKind::BreakerOpen,
+                        Severity::Critical,
+                    ),
+                ],
+            ),
+            // A host of another profile is not held.
+            (
+                2,
+                xid("h3", "h3-g0", 95, &[], 3),
+                hardware_reset("h3", "h3-g0", &["llm"]),
+            ),
+        ],
+    );
+    assert_eq!(
+        v.breaker.scopes.keys().collect::<Vec<_>>(),
+        vec![&Scope::Label {
+            key: "profile".into(),
+            value: "train".into()
+        }]
+    );
+    assert_eq!(
+        v.breaker.scopes.values().next().map(|b| b.held.len()),
+        Some(3)
+    );
+}
+
+#[test]
 fn a_half_open_trial_waits_for_every_open_scope_of_its_action() {
     let cooldown = config().breaker.cooldown_ms;
     let mut c = breaker_config(100);
