@@ -45,7 +45,7 @@ use razar_shared::protocol::{Command, CommandAction, CommandId, CommandOutcome, 
 use sqlx::postgres::{PgPool, PgRow};
 use sqlx::types::Json;
 use sqlx::Row;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 /// Longest message stored with a result (bytes, cut at a character boundary).
@@ -314,6 +314,90 @@ const COLUMNS: &str = "command_id, host_id, kind, component, gpu, action, state,
      idempotency_key, request_id, created_at, sent_at, finished_at, deadline, message, \
      attempts, duplicate";
 
+/// A command's checks, one row: the host is known (`host`), so is its component
+/// (`component`), its agent's protocol (`protocol`, only when `{need}`: the action needs
+/// more than the oldest), the GPU's index (`gpu`, by index or UUID), and the command a
+/// `resolve` names (`command`). The placeholders become parameters: [`CHECKS_SQL`] on
+/// its own, [`INSERT_SQL`] as its subquery.
+const CHECKS_TEMPLATE: &str = "SELECT EXISTS (SELECT 1 FROM hosts WHERE host_id = {host}) AS host,
+        ({component}::text IS NULL
+         OR EXISTS (SELECT 1 FROM components WHERE host_id = {host} AND name = {component}))
+            AS component,
+        CASE WHEN {need} THEN
+            (SELECT protocol_version FROM agent_sessions WHERE host_id = {host}
+             ORDER BY connected_at DESC, session_id DESC LIMIT 1)
+        END AS protocol,
+        (SELECT gpu_index FROM gpus
+         WHERE host_id = {host}
+           AND (gpu_index = {gpu_index}::int OR lower(uuid) = lower({gpu_uuid}::text))
+         ORDER BY gpu_index LIMIT 1) AS gpu,
+        ({command}::bytea IS NULL
+         OR EXISTS (SELECT 1 FROM commands WHERE host_id = {host} AND command_id = {command}))
+            AS command";
+
+/// [`CHECKS_TEMPLATE`] with these parameters.
+fn checks_sql(params: [&str; 6]) -> String {
+    let [host, component, need, index, uuid, command] = params;
+    CHECKS_TEMPLATE
+        .replace("{host}", host)
+        .replace("{component}", component)
+        .replace("{need}", need)
+        .replace("{gpu_index}", index)
+        .replace("{gpu_uuid}", uuid)
+        .replace("{command}", command)
+}
+
+/// The checks alone: `$1` host, `$2` component, `$3` whether the protocol matters, `$4`
+/// GPU index, `$5` GPU UUID, `$6` the named command's id.
+static CHECKS_SQL: LazyLock<String> =
+    LazyLock::new(|| checks_sql(["$1", "$2", "$3", "$4", "$5", "$6"]));
+
+/// The insert of a command where every check holds, the GPU index resolved: `$1` id,
+/// `$2` host, `$3` kind, `$4` component, `$5` action, `$6` caller, `$7` idempotency key,
+/// `$8` request id, `$9` created, `$10` deadline, `$11` whether the protocol matters,
+/// `$12` the protocol needed, `$13` GPU index, `$14` GPU UUID, `$15` whether a GPU is
+/// named, `$16` the named command's id.
+static INSERT_SQL: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "INSERT INTO commands (command_id, host_id, kind, component, gpu, action, state, \
+             caller, idempotency_key, request_id, created_at, deadline)
+         SELECT $1, $2, $3, $4, c.gpu, $5, 'queued', $6, $7, $8, $9, $10
+         FROM ({}) c
+         WHERE c.host AND c.component AND (c.protocol IS NULL OR c.protocol >= $12)
+           AND (NOT $15 OR c.gpu IS NOT NULL) AND c.command
+         ON CONFLICT (caller, idempotency_key) DO NOTHING
+         RETURNING {COLUMNS}",
+        checks_sql(["$2", "$4", "$11", "$13", "$14", "$16"])
+    )
+});
+
+/// The values a command's checks are made of.
+struct Checks<'a> {
+    /// The protocol version the action needs.
+    needed: u16,
+    need_version: bool,
+    gpu_by_index: Option<i32>,
+    gpu_by_uuid: Option<&'a str>,
+}
+
+impl<'a> Checks<'a> {
+    fn of(request: &CommandRequest, target: &Target<'a>) -> Checks<'a> {
+        let needed = request.action.min_version();
+        // A GPU named by something that is neither an index nor a UUID matches none.
+        let (gpu_by_index, gpu_by_uuid) = match target.gpu.and_then(GpuRef::parse) {
+            Some(GpuRef::Index(index)) => (i32::try_from(index).ok(), None),
+            Some(GpuRef::Uuid(_)) => (None, target.gpu.map(str::trim)),
+            None => (None, None),
+        };
+        Checks {
+            needed,
+            need_version: needed > razar_shared::protocol::PROTOCOL_MIN,
+            gpu_by_index,
+            gpu_by_uuid,
+        }
+    }
+}
+
 impl Ledger {
     pub(crate) fn new(pool: PgPool, metrics: DispatchMetrics, result_grace: Duration) -> Ledger {
         Ledger {
@@ -352,100 +436,30 @@ impl Ledger {
         }
         let host = &request.host;
         let target = Target::of(&request.action);
-        let needed = request.action.min_version();
-        // A GPU named by something that is neither an index nor a UUID is unknown, but
-        // only after the host (and component) are known, as below.
-        let gpu_ref = target.gpu.map(|gpu| (gpu, GpuRef::parse(gpu)));
-        let (gpu_by_index, gpu_by_uuid): (Option<i32>, Option<&str>) = match &gpu_ref {
-            Some((_, Some(GpuRef::Index(index)))) => (i32::try_from(*index).ok(), None),
-            Some((_, Some(GpuRef::Uuid(uuid)))) => (None, Some(uuid.as_str())),
-            _ => (None, None),
-        };
-        // Every check in one round trip: the host, its component, its agent's
-        // protocol, its GPU and the command a `resolve` names.
-        let row = sqlx::query(
-            "SELECT EXISTS (SELECT 1 FROM hosts WHERE host_id = $1) AS host,
-                    ($2::text IS NULL
-                     OR EXISTS (SELECT 1 FROM components WHERE host_id = $1 AND name = $2))
-                        AS component,
-                    CASE WHEN $3 THEN
-                        (SELECT protocol_version FROM agent_sessions WHERE host_id = $1
-                         ORDER BY connected_at DESC, session_id DESC LIMIT 1)
-                    END AS protocol,
-                    (SELECT gpu_index FROM gpus
-                     WHERE host_id = $1
-                       AND (gpu_index = $4::int OR lower(uuid) = lower($5::text))
-                     ORDER BY gpu_index LIMIT 1) AS gpu,
-                    ($6::bytea IS NULL
-                     OR EXISTS (SELECT 1 FROM commands WHERE host_id = $1 AND command_id = $6))
-                        AS command",
-        )
-        .bind(host)
-        .bind(target.component)
-        .bind(needed > razar_shared::protocol::PROTOCOL_MIN)
-        .bind(gpu_by_index)
-        .bind(gpu_by_uuid)
-        .bind(target.command.map(|c| c.to_vec()))
-        .fetch_one(&self.pool)
-        .await?;
-        if !row.try_get::<bool, _>("host")? {
-            return Err(DispatchError::UnknownHost { host: host.clone() });
-        }
-        if let Some(component) = target.component {
-            if !row.try_get::<bool, _>("component")? {
-                return Err(DispatchError::UnknownComponent {
-                    host: host.clone(),
-                    component: component.to_owned(),
-                });
-            }
-        }
-        let last: Option<i32> = row.try_get("protocol")?;
-        if let Some(version) = last.and_then(|v| u16::try_from(v).ok()) {
-            if version < needed {
-                return Err(DispatchError::AgentTooOld {
-                    host: host.clone(),
-                    kind: kind(&request.action),
-                    version,
-                    needed,
-                });
-            }
-        }
-        let mut gpu_index: Option<i32> = None;
-        if let Some((gpu, _)) = gpu_ref {
-            let found: Option<i32> = row.try_get("gpu")?;
-            gpu_index = Some(found.ok_or_else(|| DispatchError::UnknownGpu {
-                host: host.clone(),
-                gpu: gpu.to_owned(),
-            })?);
-        }
-        if let Some(command) = target.command {
-            if !row.try_get::<bool, _>("command")? {
-                return Err(DispatchError::UnknownCommand {
-                    host: host.clone(),
-                    command: hex_id(&command),
-                });
-            }
-        }
+        let checks = Checks::of(request, &target);
+        // The common path is one statement, its own transaction: the command is
+        // inserted only where every check holds (the host, its component, its agent's
+        // protocol, its GPU, the command a `resolve` names), the GPU index resolved in
+        // the same statement. Nothing inserted: `diagnose` says which check failed, or
+        // another submission with the same key won the race.
         let id: CommandId = rand::random();
-        let insert = format!(
-            "INSERT INTO commands (command_id, host_id, kind, component, gpu, action, state, \
-                 caller, idempotency_key, request_id, created_at, deadline)
-             VALUES ($1, $2, $3, $4, $5, $6, 'queued', $7, $8, $9, $10, $11)
-             ON CONFLICT (caller, idempotency_key) DO NOTHING
-             RETURNING {COLUMNS}"
-        );
-        let query = sqlx::query(&insert)
+        let query = sqlx::query(&INSERT_SQL)
             .bind(&id[..])
             .bind(host)
             .bind(kind(&request.action))
             .bind(target.component)
-            .bind(gpu_index)
             .bind(Json(&request.action))
             .bind(&request.caller)
             .bind(&request.idempotency_key)
             .bind(&request.request_id)
             .bind(now)
-            .bind(request.deadline);
+            .bind(request.deadline)
+            .bind(checks.need_version)
+            .bind(i32::from(checks.needed))
+            .bind(checks.gpu_by_index)
+            .bind(checks.gpu_by_uuid)
+            .bind(target.gpu.is_some())
+            .bind(target.command.map(|c| c.to_vec()));
         let inserted = match audit {
             // The caller's audit row commits with the command, or neither does.
             Some(audit) => {
@@ -464,23 +478,80 @@ impl Ledger {
                 tx.commit().await?;
                 inserted
             }
-            // One statement: its own transaction, one round trip.
             None => query.fetch_optional(&self.pool).await?,
         };
-        match inserted {
-            Some(row) => Ok((record(&row)?, true)),
-            // Another submission with the same key won the race.
-            None => {
-                let key = request.idempotency_key.as_deref().unwrap_or_default();
-                match self.by_key(&request.caller, key).await? {
-                    Some(existing) => same_command(existing, request).map(|r| (r, false)),
-                    None => Err(DispatchError::Corrupt {
-                        id: hex_id(&id),
-                        reason: "insert conflicted with a command that is not there".into(),
-                    }),
-                }
+        if let Some(row) = inserted {
+            return Ok((record(&row)?, true));
+        }
+        self.diagnose(request, &target, &checks).await?;
+        // Every check holds: another submission with the same key won the race.
+        let key = request.idempotency_key.as_deref().unwrap_or_default();
+        match self.by_key(&request.caller, key).await? {
+            Some(existing) => same_command(existing, request).map(|r| (r, false)),
+            None => Err(DispatchError::Corrupt {
+                id: hex_id(&id),
+                reason: "insert conflicted with a command that is not there".into(),
+            }),
+        }
+    }
+
+    /// Why a command was not inserted: the first check that fails, as the error the
+    /// caller gets (`Ok` when every check holds).
+    async fn diagnose(
+        &self,
+        request: &CommandRequest,
+        target: &Target<'_>,
+        checks: &Checks<'_>,
+    ) -> Result<(), DispatchError> {
+        let host = &request.host;
+        let row = sqlx::query(&CHECKS_SQL)
+            .bind(host)
+            .bind(target.component)
+            .bind(checks.need_version)
+            .bind(checks.gpu_by_index)
+            .bind(checks.gpu_by_uuid)
+            .bind(target.command.map(|c| c.to_vec()))
+            .fetch_one(&self.pool)
+            .await?;
+        if !row.try_get::<bool, _>("host")? {
+            return Err(DispatchError::UnknownHost { host: host.clone() });
+        }
+        if let Some(component) = target.component {
+            if !row.try_get::<bool, _>("component")? {
+                return Err(DispatchError::UnknownComponent {
+                    host: host.clone(),
+                    component: component.to_owned(),
+                });
             }
         }
+        let last: Option<i32> = row.try_get("protocol")?;
+        if let Some(version) = last.and_then(|v| u16::try_from(v).ok()) {
+            if version < checks.needed {
+                return Err(DispatchError::AgentTooOld {
+                    host: host.clone(),
+                    kind: kind(&request.action),
+                    version,
+                    needed: checks.needed,
+                });
+            }
+        }
+        if let Some(gpu) = target.gpu {
+            if row.try_get::<Option<i32>, _>("gpu")?.is_none() {
+                return Err(DispatchError::UnknownGpu {
+                    host: host.clone(),
+                    gpu: gpu.to_owned(),
+                });
+            }
+        }
+        if let Some(command) = target.command {
+            if !row.try_get::<bool, _>("command")? {
+                return Err(DispatchError::UnknownCommand {
+                    host: host.clone(),
+                    command: hex_id(&command),
+                });
+            }
+        }
+        Ok(())
     }
 
     async fn by_key(

@@ -238,8 +238,12 @@ async fn main() -> anyhow::Result<()> {
         "SELECT window_start, data FROM rollups_1m
          WHERE series_id = $1 AND window_start >= $2 AND window_start < $3"
     };
+    // The route reads the rollups and then the raw rows not yet compacted (the samples'
+    // only index is the BRIN on `ts`: the raw part scans every series' rows of the range).
+    let tail_sql = "SELECT ts, value FROM samples WHERE series_id = $1 AND ts >= $2 AND ts < $3 ORDER BY ts";
     let mut api = Vec::with_capacity(iterations);
     let mut bare = Vec::with_capacity(iterations);
+    let mut both = Vec::with_capacity(iterations);
     for _ in 0..iterations {
         let t = Instant::now();
         http.get(&history_url)
@@ -258,9 +262,24 @@ async fn main() -> anyhow::Result<()> {
             .fetch_all(&pool)
             .await?;
         bare.push(t.elapsed());
+        if source != "raw" {
+            sqlx::query(tail_sql)
+                .bind(history_series)
+                .bind(from)
+                .bind(now)
+                .fetch_all(&pool)
+                .await?;
+            both.push(t.elapsed());
+        }
     }
     println!("GET /api/v1/history 24 h     {}", summary(&mut api));
     println!("  bare SQL ({source:<9})       {}", summary(&mut bare));
+    if !both.is_empty() {
+        println!(
+            "  bare SQL (rollup_1m + raw tail, the route's two queries) {}",
+            summary(&mut both)
+        );
+    }
 
     // The fleet page in headless Chromium.
     let chromium = std::env::var_os("RAZAR_CHROMIUM")
