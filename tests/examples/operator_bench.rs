@@ -240,7 +240,8 @@ async fn main() -> anyhow::Result<()> {
     };
     // The route reads the rollups and then the raw rows not yet compacted (the samples'
     // only index is the BRIN on `ts`: the raw part scans every series' rows of the range).
-    let tail_sql = "SELECT ts, value FROM samples WHERE series_id = $1 AND ts >= $2 AND ts < $3 ORDER BY ts";
+    let tail_sql =
+        "SELECT ts, value FROM samples WHERE series_id = $1 AND ts >= $2 AND ts < $3 ORDER BY ts";
     let mut api = Vec::with_capacity(iterations);
     let mut bare = Vec::with_capacity(iterations);
     let mut both = Vec::with_capacity(iterations);
