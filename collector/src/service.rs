@@ -22,9 +22,6 @@ use tokio::task::JoinHandle;
 
 /// How often the maintenance loop runs.
 const MAINTENANCE_EVERY: Duration = Duration::from_secs(60);
-/// How often the raw samples' new BRIN ranges are summarized: the span a read by series
-/// still scans whole.
-const SUMMARIZE_EVERY: Duration = Duration::from_secs(5);
 
 /// Why the collector could not start.
 #[derive(Debug, thiserror::Error)]
@@ -302,15 +299,6 @@ impl Service {
                 move |beat| maintain(store.clone(), config.clone(), stop.clone(), beat),
             )
         };
-        let summarize_task = {
-            let (store, stop) = (store.clone(), stop.clone());
-            collector.tasks().spawn(
-                "summarize",
-                Some(SUMMARIZE_EVERY * 12),
-                Some(stop.clone()),
-                move |beat| summarize(store.clone(), stop.clone(), beat),
-            )
-        };
         let deployments = Deployments::new(
             store.pool().clone(),
             collector.dispatch(),
@@ -366,7 +354,7 @@ impl Service {
         }
         let engine_metrics = EngineMetrics::new(registry)?;
         let notify_metrics = NotifyMetrics::new(registry)?;
-        let mut background = vec![maintenance, summarize_task];
+        let mut background = vec![maintenance];
         if config.engine.enabled {
             // Scheduled pulses never fire while the engine's breaker holds automation.
             let automation_paused = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -567,26 +555,6 @@ async fn maintain(
             _ = stop.wait_for(|s| *s) => return Ok(()),
         }
         maintain_once(&store, &config, chrono::Utc::now()).await?;
-        beat.ok();
-    }
-}
-
-/// Every [`SUMMARIZE_EVERY`]: [`Store::summarize_new_ranges`]. A failure ends the task
-/// (its supervisor counts it and restarts it); `beat` marks each good run.
-async fn summarize(
-    store: Store,
-    mut stop: watch::Receiver<bool>,
-    beat: Beat,
-) -> Result<(), StoreError> {
-    let mut tick = tokio::time::interval(SUMMARIZE_EVERY);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = stop.wait_for(|s| *s) => return Ok(()),
-        }
-        let ranges = store.summarize_new_ranges().await?;
-        tracing::trace!(ranges, "BRIN ranges summarized");
         beat.ok();
     }
 }

@@ -66,9 +66,6 @@ async fn main() -> anyhow::Result<()> {
     };
     c.database = Database::Url(pg.url());
     c.pool_size = NonZeroU32::new(8).context("nonzero")?;
-    // The bench's one token asks as fast as answers come: no rate limit in the way.
-    c.api.rate_per_second = 1_000_000;
-    c.api.burst = 1_000_000;
     // This run compacts the day itself (below), not the maintenance task meanwhile.
     c.compact_after = Duration::from_secs(30 * 86_400);
     let service = Service::start(c).await?;
@@ -165,7 +162,7 @@ async fn main() -> anyhow::Result<()> {
     );
 
     // The overview, with the last 15 s of every GPU series in the window.
-    fill_window(&store, &pool, history_series).await?;
+    fill_window(&pool, history_series).await?;
     let overview_url = format!("{server}/api/v1/overview");
     let body: serde_json::Value = http
         .get(&overview_url)
@@ -188,7 +185,7 @@ async fn main() -> anyhow::Result<()> {
     let mut bare = Vec::with_capacity(iterations);
     for i in 0..iterations {
         if i % 50 == 0 {
-            fill_window(&store, &pool, history_series).await?;
+            fill_window(&pool, history_series).await?;
         }
         let t = Instant::now();
         http.get(&overview_url)
@@ -290,7 +287,7 @@ async fn main() -> anyhow::Result<()> {
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("/usr/bin/chromium"));
     if chromium.is_file() {
-        fill_window(&store, &pool, history_series).await?;
+        fill_window(&pool, history_series).await?;
         let page = format!("{server}/?nolive#token={token}");
         let runs = 5;
         let mut empty = Vec::new();
@@ -330,14 +327,9 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Writes the last 15 s of 1 s samples of every GPU series but the history one (whose
-/// day already reaches there), as 1,000 live hosts would have them, then summarizes the new BRIN ranges as the collector's `summarize` task
-/// does every 5 s.
-async fn fill_window(
-    store: &razar_collector::store::Store,
-    pool: &sqlx::PgPool,
-    history_series: i64,
-) -> anyhow::Result<()> {
+/// The last 15 s of 1 s samples of every GPU series but the history one (whose day
+/// already reaches there).
+async fn fill_window(pool: &sqlx::PgPool, history_series: i64) -> anyhow::Result<()> {
     sqlx::query(
         "INSERT INTO samples (series_id, ts, value)
          SELECT s.series_id, ts,
@@ -351,7 +343,6 @@ async fn fill_window(
     .execute(pool)
     .await?;
     sqlx::query("ANALYZE samples").execute(pool).await?;
-    store.summarize_new_ranges().await?;
     Ok(())
 }
 

@@ -41,24 +41,6 @@ impl Store {
         Ok(())
     }
 
-    /// Summarizes the block ranges filled since the last call in every BRIN index of the
-    /// raw samples' partitions (`ts` and `series_id`), so reads by series or time skip
-    /// the pages of other series and times right away rather than once autovacuum gets
-    /// to them. Returns how many ranges it summarized. Cheap: only new ranges are read.
-    pub async fn summarize_new_ranges(&self) -> Result<i64, StoreError> {
-        let summarized: Option<i64> = sqlx::query_scalar(
-            "SELECT sum(brin_summarize_new_values(i.indexrelid::regclass))::bigint
-             FROM pg_inherits inh
-             JOIN pg_index i ON i.indrelid = inh.inhrelid
-             JOIN pg_class ic ON ic.oid = i.indexrelid
-             JOIN pg_am am ON am.oid = ic.relam
-             WHERE inh.inhparent = 'samples'::regclass AND am.amname = 'brin'",
-        )
-        .fetch_one(&self.pool)
-        .await?;
-        Ok(summarized.unwrap_or(0))
-    }
-
     /// Drops every daily partition (raw samples, chunks, rollups) whose whole day is older
     /// than `days` days before `now`, and deletes older events. Returns the dropped tables.
     pub async fn apply_retention(
