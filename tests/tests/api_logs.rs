@@ -124,8 +124,22 @@ async fn a_followed_log_streams_agent_lines_and_ends_on_the_agent_when_the_clien
         .await
         .expect("token");
     let http = reqwest::Client::new();
-    // Some history to tail first.
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Some history to tail first: three lines written.
+    wait_for("three lines of history", || async {
+        let text = http
+            .get(format!(
+                "{base}/api/v1/hosts/{HOST}/components/talker/logs?lines=3"
+            ))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        (text.matches("line-").count() >= 3).then_some(())
+    })
+    .await;
     let mut response = http
         .get(format!(
             "{base}/api/v1/hosts/{HOST}/components/talker/logs?follow=true&lines=3"

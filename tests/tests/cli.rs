@@ -226,16 +226,23 @@ async fn the_cli_reads_and_steers_a_live_fleet() {
     .await;
     assert!(events.to_string().contains(HOST), "{events}");
     assert!(cli.ok(&["events", "--limit", "5"]).await.contains("KIND"));
+    // Restarts make events; the first may come before the stream is open, so restart
+    // (every 2 s, at most 30 times) until the follow has shown two.
     let restarter = async {
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        cli.ok(&["restart", &format!("{HOST}/talker")]).await;
+        for _ in 0..30 {
+            cli.ok(&["restart", &format!("{HOST}/talker")]).await;
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
     };
     let follow = cli.stream_until(
         &["events", "-f", "-o", "json", "--host", HOST],
         "two events",
         |s| s.lines().filter(|l| l.starts_with('{')).count() >= 2,
     );
-    let (seen, ()) = tokio::join!(follow, restarter);
+    let seen = tokio::select! {
+        seen = follow => seen,
+        () = restarter => panic!("events -f showed no two events over 30 restarts"),
+    };
     for line in seen.lines().filter(|l| !l.is_empty()) {
         let v: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
         assert!(v.to_string().contains(HOST), "{v}");
@@ -250,10 +257,14 @@ async fn the_cli_reads_and_steers_a_live_fleet() {
             .then_some(())
     })
     .await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let tail = cli
-        .ok(&["logs", &format!("{HOST}/talker"), "--tail", "3"])
-        .await;
+    // The restarted talker writes a line every 0.2 s: wait until it has written three.
+    let tail = wait_for("three lines of the restarted talker", || async {
+        let tail = cli
+            .ok(&["logs", &format!("{HOST}/talker"), "--tail", "3"])
+            .await;
+        (tail.lines().count() == 3).then_some(tail)
+    })
+    .await;
     let lines: Vec<&str> = tail.lines().collect();
     assert_eq!(lines.len(), 3, "{tail}");
     assert!(lines.iter().all(|l| l.starts_with("line-")), "{tail}");
