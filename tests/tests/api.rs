@@ -19,37 +19,20 @@ use razar_collector::config::{CollectorConfig, Database, TlsPaths};
 use razar_collector::service::Service;
 use razar_collector::store::tokens::{self, Role};
 use razar_tests::ca::TestCa;
+use razar_tests::live::{wait_for, PATIENCE};
 use razar_tests::pg::TestPg;
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 use sqlx::PgPool;
-use std::future::Future;
 use std::num::NonZeroU32;
 use std::time::{Duration, Instant};
 
 const HOST: &str = "api-host";
 const COMPONENT: &str = "web";
-/// Every wait for a condition gives up after this (a loaded 2-core machine).
-const PATIENCE: Duration = Duration::from_secs(60);
 
 fn free_udp_port() -> u16 {
     let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind a probe socket");
     socket.local_addr().expect("probe address").port()
-}
-
-async fn wait_for<T, F, Fut>(what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 struct Fixture {

@@ -24,37 +24,19 @@ use razar_collector::store::Store;
 use razar_shared::domain::{Severity, XidClass};
 use razar_shared::protocol::{Batch, Event, EventKind, GpuInfo, Subject};
 use razar_tests::ca::TestCa;
+use razar_tests::live::wait_for;
 use razar_tests::pg::TestPg;
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 use sqlx::PgPool;
-use std::future::Future;
 use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
-
-/// Every wait for a condition gives up after this (a loaded 2-core machine).
-const PATIENCE: Duration = Duration::from_secs(60);
+use std::time::Duration;
 
 fn free_udp_port() -> u16 {
     let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind a probe socket");
     socket.local_addr().expect("probe address").port()
-}
-
-async fn wait_for<T, F, Fut>(what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 /// A binary built by this workspace, next to the test executable.

@@ -28,35 +28,18 @@ use razar_collector::dispatch::{CommandRecord, CommandRequest, CommandState, Dis
 use razar_collector::service::Service;
 use razar_shared::protocol::{CommandAction, CommandId};
 use razar_tests::ca::{TestCa, COLLECTOR_NAMES};
+use razar_tests::live::{wait_for, PATIENCE};
 use razar_tests::pg::TestPg;
 use sqlx::PgPool;
-use std::future::Future;
 use std::num::NonZeroU32;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 const HOST: &str = "dispatch-host";
-/// Every wait for a condition gives up after this (a loaded 2-core machine).
-const PATIENCE: Duration = Duration::from_secs(60);
 
 fn free_udp_port() -> u16 {
     let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind a probe socket");
     socket.local_addr().expect("probe address").port()
-}
-
-async fn wait_for<T, F, Fut>(what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 struct Fixture {

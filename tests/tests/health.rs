@@ -18,18 +18,16 @@ use razar_collector::config::{CollectorConfig, Database, TlsPaths};
 use razar_collector::service::Service;
 use razar_shared::protocol::SeriesPoints;
 use razar_tests::ca::TestCa;
+use razar_tests::live::{wait_for, PATIENCE};
 use razar_tests::pg::TestPg;
 use serde_json::Value;
 use sqlx::PgPool;
-use std::future::Future;
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const HOST: &str = "health-host";
-/// Every wait for a condition gives up after this (a loaded 2-core machine).
-const PATIENCE: Duration = Duration::from_secs(60);
 
 fn free_udp_port() -> u16 {
     let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind a probe socket");
@@ -45,21 +43,6 @@ fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-}
-
-async fn wait_for<T, F, Fut>(what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 struct Fixture {
