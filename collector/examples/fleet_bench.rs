@@ -146,6 +146,11 @@ struct Opts {
     /// PostgreSQL `shared_buffers` (the embedded product default is 128MB).
     #[arg(long, default_value = "128MB")]
     shared_buffers: String,
+    /// During the peak phase, read one series' history through the API once a second
+    /// (a watched dashboard): the collector then keeps the raw samples' BRIN indexes
+    /// summarized, which it does not do without readers.
+    #[arg(long)]
+    history_reader: bool,
 }
 
 /// The effective settings after `--quick` and the defaults.
@@ -175,6 +180,7 @@ struct Plan {
     ingest_writers: Option<u32>,
     ingest_copy_slots: Option<u32>,
     shared_buffers: String,
+    history_reader: bool,
 }
 
 impl Plan {
@@ -189,6 +195,7 @@ impl Plan {
                 .unwrap_or(if q { 1_000_000 } else { 10_000_000 }),
             anchor_rows: o.anchor_rows.unwrap_or(if q { 300_000 } else { 2_000_000 }),
             sustained_anchor: !o.no_sustained_anchor,
+            history_reader: o.history_reader,
             anchor_batch: o.anchor_batch.max(1),
             peak_agents: o.peak_agents.unwrap_or(if q { 20 } else { 100 }).max(1),
             peak_secs: o.peak_secs.unwrap_or(if q { 10 } else { 30 }).max(1),
@@ -1935,6 +1942,39 @@ async fn peak_phases(env: &mut Env, summary: &mut Summary) -> anyhow::Result<()>
         fleet.stats.connected.load(Ordering::Relaxed),
         ramp.as_secs_f64()
     );
+    let reader = if plan.history_reader {
+        let (_, token) = razar_collector::store::tokens::create(
+            store.pool(),
+            "history-reader",
+            razar_collector::store::tokens::Role::Viewer,
+            None,
+            None,
+        )
+        .await?;
+        let def = &defs[0];
+        let labels: serde_json::Map<String, serde_json::Value> = def
+            .labels
+            .iter()
+            .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+            .collect();
+        let from =
+            chrono::DateTime::from_timestamp_millis(peak_base - 3_600_000).context("from")?;
+        let url = reqwest::Url::parse_with_params(
+            &format!("http://{}/api/v1/history", collector.http),
+            &[
+                ("metric", def.metric.clone()),
+                ("host", host_name(first_host)),
+                ("labels", serde_json::Value::Object(labels).to_string()),
+                ("from", from.to_rfc3339()),
+                ("to", (from + chrono::Duration::hours(24)).to_rfc3339()),
+                ("points", "1000".to_owned()),
+            ],
+        )?;
+        println!("  a history reader asks for one series' 24 h once a second");
+        Some(HistoryReader::start(env.http.clone(), url, token))
+    } else {
+        None
+    };
     tokio::time::sleep(Duration::from_secs(plan.warmup_secs)).await;
     let h0 = collector.health(&env.http).await?;
     let acked0 = fleet.stats.acked_samples.load(Ordering::Relaxed);
@@ -1969,6 +2009,14 @@ async fn peak_phases(env: &mut Env, summary: &mut Summary) -> anyhow::Result<()>
     );
     print_usage(&usage);
     print_errors(&fleet.stats);
+    if let Some(reader) = reader {
+        let (took, failed) = reader.stop().await;
+        let p = percentiles(took);
+        println!(
+            "  history reads during the peak: p50 {:.1} ms, p99 {:.1} ms, {failed} failed",
+            p.p50, p.p99
+        );
+    }
     fleet.stop().await;
     collector.stop().await;
     summary.peak = Some(PeakResult {
@@ -2004,6 +2052,45 @@ async fn peak_phases(env: &mut Env, summary: &mut Summary) -> anyhow::Result<()>
         );
     }
     Ok(())
+}
+
+/// Reads one series' history once a second until stopped; keeps each read's time (µs).
+struct HistoryReader {
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<(Vec<u32>, u64)>,
+}
+
+impl HistoryReader {
+    fn start(http: reqwest::Client, url: reqwest::Url, token: String) -> HistoryReader {
+        let (stop, mut stopped) = watch::channel(false);
+        let task = tokio::spawn(async move {
+            let (mut took, mut failed) = (Vec::new(), 0);
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = stopped.wait_for(|s| *s) => break,
+                }
+                let t = Instant::now();
+                let ok = match http.get(url.clone()).bearer_auth(&token).send().await {
+                    Ok(r) => r.error_for_status().is_ok(),
+                    Err(_) => false,
+                };
+                if ok {
+                    took.push(u32::try_from(t.elapsed().as_micros()).unwrap_or(u32::MAX));
+                } else {
+                    failed += 1;
+                }
+            }
+            (took, failed)
+        });
+        HistoryReader { stop, task }
+    }
+
+    async fn stop(self) -> (Vec<u32>, u64) {
+        let _ = self.stop.send(true);
+        self.task.await.unwrap_or_default()
+    }
 }
 
 /// Raw COPY with 4 writers (the best short anchor's shape) for the peak's measured

@@ -22,6 +22,9 @@ use tokio::task::JoinHandle;
 
 /// How often the maintenance loop runs.
 const MAINTENANCE_EVERY: Duration = Duration::from_secs(60);
+/// How often the raw samples' new BRIN ranges are summarized while history is read: the
+/// span a read by series still scans whole.
+const SUMMARIZE_EVERY: Duration = Duration::from_secs(2);
 
 /// Why the collector could not start.
 #[derive(Debug, thiserror::Error)]
@@ -299,6 +302,16 @@ impl Service {
                 move |beat| maintain(store.clone(), config.clone(), stop.clone(), beat),
             )
         };
+        let summarize_task = {
+            let (store, stop) = (store.clone(), stop.clone());
+            collector.tasks().spawn(
+                "summarize",
+                // A first pass after a long quiet spell catches up on every new range.
+                Some(Duration::from_secs(120)),
+                Some(stop.clone()),
+                move |beat| summarize(store.clone(), stop.clone(), beat),
+            )
+        };
         let deployments = Deployments::new(
             store.pool().clone(),
             collector.dispatch(),
@@ -354,7 +367,7 @@ impl Service {
         }
         let engine_metrics = EngineMetrics::new(registry)?;
         let notify_metrics = NotifyMetrics::new(registry)?;
-        let mut background = vec![maintenance];
+        let mut background = vec![maintenance, summarize_task];
         if config.engine.enabled {
             // Scheduled pulses never fire while the engine's breaker holds automation.
             let automation_paused = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -555,6 +568,37 @@ async fn maintain(
             _ = stop.wait_for(|s| *s) => return Ok(()),
         }
         maintain_once(&store, &config, chrono::Utc::now()).await?;
+        beat.ok();
+    }
+}
+
+/// While raw samples are read by series (within [`TailReads::KEEP_CURRENT_FOR`] of a
+/// read), every [`SUMMARIZE_EVERY`] and at once on the first read after a quiet spell:
+/// [`Store::summarize_new_ranges`]. With no reader it only beats: summarizing re-reads
+/// every new row, which ingest alone does not need. A failure ends the task (its
+/// supervisor counts it and restarts it); `beat` marks each good pass.
+///
+/// [`TailReads::KEEP_CURRENT_FOR`]: crate::store::TailReads::KEEP_CURRENT_FOR
+async fn summarize(
+    store: Store,
+    mut stop: watch::Receiver<bool>,
+    beat: Beat,
+) -> Result<(), StoreError> {
+    let mut tick = tokio::time::interval(SUMMARIZE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = store.tail_reads().woken() => {}
+            _ = stop.wait_for(|s| *s) => return Ok(()),
+        }
+        if store
+            .tail_reads()
+            .active(chrono::Utc::now().timestamp_millis())
+        {
+            let ranges = store.summarize_new_ranges().await?;
+            tracing::trace!(ranges, "BRIN ranges summarized");
+        }
         beat.ok();
     }
 }

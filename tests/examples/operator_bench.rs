@@ -9,13 +9,18 @@
 //!   its main query (hosts with their counts and their GPUs' recent values) run on the
 //!   same pool every iteration, uncached;
 //! - `GET /api/v1/history` over 24 h down to 1,000 points p50/p99, next to the bare SQL
-//!   it wraps (the rollup rows, or the raw rows when the answer came from them);
+//!   it wraps (the rollup rows, or the raw rows when the answer came from them), while
+//!   the fleet's samples keep arriving (half a million rows every 50 reads); the first
+//!   read, which finds the raw samples' indexes unsummarized and wakes the collector's
+//!   summarizer, is reported on its own with how long the summarizer's first pass took;
 //! - the dashboard's fleet page with the 1,000 hosts in headless Chromium: wall time of
 //!   `--dump-dom` until the page is rendered (the app's `data-ready` marker checked),
 //!   minus the same run on an empty page (Chromium's own start).
 //!
 //! Every host's GPUs have the last 15 s of four GPU metrics (the overview's window), so
 //! the latest-value scan reads what a live fleet of this size would have in it.
+//!
+//! With `RAZAR_BENCH_EXPLAIN` set, the overview's plan is printed first.
 //!
 //! Run: `cargo build --release -p razar-tests --example operator_bench && cargo run
 //! --release -p razar-tests --example operator_bench -- [HOSTS] [ITERATIONS]` (defaults
@@ -156,6 +161,11 @@ async fn main() -> anyhow::Result<()> {
     .execute(&pool)
     .await?;
     let report = store.compact(now - chrono::Duration::minutes(15)).await?;
+    // Planner statistics as a live collector has them: it analyzes `series` as agents
+    // register theirs, and autovacuum the rest.
+    sqlx::query("ANALYZE hosts, components, gpus, gpu_health, series")
+        .execute(&pool)
+        .await?;
     println!(
         "fleet: {hosts} hosts, {} GPUs, {} series, 24 h of 1 s samples for one series \
          ({report:?}); built in {:.1} s",
@@ -166,6 +176,17 @@ async fn main() -> anyhow::Result<()> {
 
     // The overview, with the last 15 s of every GPU series in the window.
     fill_window(&pool, history_series).await?;
+    if std::env::var_os("RAZAR_BENCH_EXPLAIN").is_some() {
+        let since = chrono::Utc::now() - routes_sql::OVERVIEW_WINDOW;
+        let plan: Vec<String> =
+            sqlx::query_scalar(&format!("EXPLAIN {}", routes_sql::OVERVIEW_HOSTS_SQL))
+                .bind(since)
+                .bind(GPU_METRICS[0])
+                .bind(GPU_METRICS[1])
+                .fetch_all(&pool)
+                .await?;
+        println!("{}", plan.join("\n"));
+    }
     let overview_url = format!("{server}/api/v1/overview");
     let body: serde_json::Value = http
         .get(&overview_url)
@@ -221,6 +242,7 @@ async fn main() -> anyhow::Result<()> {
         from.format("%Y-%m-%dT%H:%M:%SZ"),
         now.format("%Y-%m-%dT%H:%M:%SZ")
     );
+    let t = Instant::now();
     let body: serde_json::Value = http
         .get(&history_url)
         .bearer_auth(&token)
@@ -229,6 +251,7 @@ async fn main() -> anyhow::Result<()> {
         .error_for_status()?
         .json()
         .await?;
+    let cold = t.elapsed();
     let source = body["source"].as_str().unwrap_or("?").to_owned();
     println!(
         "history: source {source}, step {} ms, {} points",
@@ -241,14 +264,46 @@ async fn main() -> anyhow::Result<()> {
         "SELECT window_start, data FROM rollups_1m
          WHERE series_id = $1 AND window_start >= $2 AND window_start < $3"
     };
-    // The route reads the rollups and then the raw rows not yet compacted (the samples'
-    // only index is the BRIN on `ts`: the raw part scans every series' rows of the range).
+    // The route reads the rollups and then the raw rows not yet compacted (found through
+    // the BRIN indexes on `ts` and `series_id`).
     let tail_sql =
         "SELECT ts, value FROM samples WHERE series_id = $1 AND ts >= $2 AND ts < $3 ORDER BY ts";
+    // The raw samples' BRIN indexes are summarized only while history is read: the
+    // read above was the first, so it scanned every unsummarized range of the tail and
+    // woke the collector's summarizer. Wait for its first pass.
+    let summarized = || async {
+        let text = http
+            .get(format!("{server}/metrics"))
+            .send()
+            .await?
+            .text()
+            .await?;
+        anyhow::Ok(
+            text.lines()
+                .find_map(|l| l.strip_prefix("razar_collector_brin_ranges_summarized_total "))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+                .unwrap_or(0.0),
+        )
+    };
+    let t = Instant::now();
+    while summarized().await? == 0.0 {
+        anyhow::ensure!(t.elapsed() < Duration::from_secs(60), "nothing summarized");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    println!(
+        "first history read (a cold tail) {:.1} ms; the summarizer's first pass done {:.0} ms later",
+        cold.as_secs_f64() * 1e3,
+        t.elapsed().as_secs_f64() * 1e3
+    );
     let mut api = Vec::with_capacity(iterations);
     let mut bare = Vec::with_capacity(iterations);
     let mut both = Vec::with_capacity(iterations);
-    for _ in 0..iterations {
+    for i in 0..iterations {
+        // Ingest goes on while the history is read: every 50 reads, the fleet's next
+        // 16 s of samples (half a million rows) arrive, unsummarized.
+        if i % 50 == 25 {
+            fill_window(&pool, history_series).await?;
+        }
         let t = Instant::now();
         http.get(&history_url)
             .bearer_auth(&token)
@@ -331,7 +386,8 @@ async fn main() -> anyhow::Result<()> {
 }
 
 /// The last 15 s of 1 s samples of every GPU series but the history one (whose day
-/// already reaches there).
+/// already reaches there), in the order agents' batches write them (a host's series for
+/// a span of time, host after host).
 async fn fill_window(pool: &sqlx::PgPool, history_series: i64) -> anyhow::Result<()> {
     sqlx::query(
         "INSERT INTO samples (series_id, ts, value)
@@ -340,7 +396,8 @@ async fn fill_window(pool: &sqlx::PgPool, history_series: i64) -> anyhow::Result
                               WHEN 'razar_gpu_memory_used_bytes' THEN 4e10
                               ELSE 50 END
          FROM series s CROSS JOIN generate_series(now() - interval '15 seconds', now(), interval '1 second') ts
-         WHERE s.series_id <> $1",
+         WHERE s.series_id <> $1
+         ORDER BY s.host_id, ts, s.series_id",
     )
     .bind(history_series)
     .execute(pool)

@@ -694,6 +694,95 @@ async fn a_day_of_one_second_samples_comes_back_as_at_most_1000_points_from_roll
     f.stop().await;
 }
 
+/// The raw samples' BRIN indexes (on `ts` and `series_id`) are summarized only while
+/// history is read: before any read the collector leaves them to vacuum; the first read
+/// wakes the summarizer at once, and rows written while reads go on are summarized on
+/// its next pass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_raw_samples_index_is_kept_current_while_history_is_read() {
+    let f = Fixture::new(|_| {}).await;
+    f.seed_host().await;
+    let t = f.tokens().await;
+    let now = Utc::now();
+    for day in [now - ChronoDuration::minutes(20), now] {
+        sqlx::query("SELECT razar_ensure_day(($1::timestamptz AT TIME ZONE 'UTC')::date)")
+            .bind(day)
+            .execute(&f.pool)
+            .await
+            .expect("partition");
+    }
+    sqlx::query(
+        "INSERT INTO series (host_id, metric, labels)
+         SELECT $1, 'gpu_utilization', jsonb_build_object('gpu', g::text) FROM generate_series(0, 29) g",
+    )
+    .bind(HOST)
+    .execute(&f.pool)
+    .await
+    .expect("series");
+    let write = |from: DateTime<Utc>| {
+        let pool = f.pool.clone();
+        async move {
+            sqlx::query(
+                "INSERT INTO samples (series_id, ts, value)
+                 SELECT s.series_id, ts, 0.5
+                 FROM generate_series($1::timestamptz, $1::timestamptz + interval '599 seconds', interval '1 second') ts
+                 CROSS JOIN series s WHERE s.metric = 'gpu_utilization'
+                 ORDER BY ts, s.series_id",
+            )
+            .bind(from)
+            .execute(&pool)
+            .await
+            .expect("samples")
+        }
+    };
+    let from = DateTime::from_timestamp(now.timestamp() - 1_200, 0).expect("from");
+    write(from).await;
+    let summarized = "razar_collector_brin_ranges_summarized_total";
+    assert_eq!(
+        f.metric(summarized).await,
+        Some(0.0),
+        "summarized with no reader"
+    );
+
+    let url = format!(
+        "/api/v1/history?metric=gpu_utilization&host={HOST}&labels=%7B%22gpu%22%3A%227%22%7D&from={}&to={}&step=10s",
+        from.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        (from + ChronoDuration::minutes(20)).to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+    );
+    let h: Value = f
+        .request(Method::GET, &url, Some(&t.viewer))
+        .send()
+        .await
+        .expect("response")
+        .json()
+        .await
+        .expect("history");
+    assert_eq!(h["source"], "raw");
+    let counted: i64 = h["series"][0]["points"]
+        .as_array()
+        .expect("points")
+        .iter()
+        .filter_map(|p| p["count"].as_i64())
+        .sum();
+    assert_eq!(counted, 600, "every sample of gpu 7 once");
+    let first = wait_for("the first read to start a summary", || async {
+        f.metric(summarized).await.filter(|n| *n > 0.0)
+    })
+    .await;
+
+    // Rows written while reads go on are summarized on a later pass.
+    write(from + ChronoDuration::minutes(10)).await;
+    f.request(Method::GET, &url, Some(&t.viewer))
+        .send()
+        .await
+        .expect("response");
+    wait_for("the new rows to be summarized", || async {
+        f.metric(summarized).await.filter(|n| *n > first)
+    })
+    .await;
+    f.stop().await;
+}
+
 /// Reads SSE `id:` lines from a response until `n` ids were seen or the deadline.
 async fn read_ids(response: &mut reqwest::Response, n: usize, buf: &mut String) -> Vec<i64> {
     let mut ids = Vec::new();

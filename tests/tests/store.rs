@@ -801,3 +801,85 @@ async fn missing_postgres_binaries_are_a_clear_error() {
     );
     assert!(!text.contains('\n'));
 }
+
+/// Every raw-samples partition (made after the migrations) has a BRIN on
+/// `series_id` beside the one on `ts`; `summarize_new_ranges` summarizes what was
+/// written since its last call (the collector runs it every few seconds), and reads by
+/// series still return every point.
+#[tokio::test]
+async fn raw_samples_have_a_series_brin_and_new_ranges_are_summarized() {
+    let pg = TestPg::start().await.expect("pg");
+    let (store, defs, map) = setup(&pg, 32).await;
+    let start = aligned_start(0) - 600_000;
+    let all = batches(&defs, 1, 60, start, 5);
+    store.ingest(HOST, &all, &map).await.expect("ingest");
+    store
+        .ensure_partitions(Utc::now())
+        .await
+        .expect("partitions");
+    let partitions = count(
+        &store,
+        "SELECT count(*) FROM pg_inherits WHERE inhparent = 'samples'::regclass",
+    )
+    .await;
+    assert!(
+        partitions >= 2,
+        "{partitions} partitions: today's and tomorrow's"
+    );
+    let without = count(
+        &store,
+        "SELECT count(*) FROM pg_inherits inh
+         WHERE inh.inhparent = 'samples'::regclass
+           AND NOT EXISTS (
+               SELECT 1 FROM pg_index i
+               JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
+               JOIN pg_class ic ON ic.oid = i.indexrelid
+               JOIN pg_am am ON am.oid = ic.relam
+               WHERE i.indrelid = inh.inhrelid AND a.attname = 'series_id'
+                 AND am.amname = 'brin')",
+    )
+    .await;
+    assert_eq!(without, 0, "a samples partition without the series BRIN");
+
+    let summarized = store.summarize_new_ranges().await.expect("summarize");
+    assert!(summarized > 0, "nothing summarized after 9,600 rows");
+    assert_eq!(
+        store.summarize_new_ranges().await.expect("summarize again"),
+        0,
+        "a second call finds nothing new"
+    );
+    let expected = expected_points(&all, &map);
+    assert_exactly_once(&store, &expected, start, start + 301_000).await;
+}
+
+/// New series refresh the planner's statistics of `series` (at most every 10 s), so a
+/// query joining the raw samples to the dictionary does not plan for an empty one: with
+/// 16,000 series counted as one, the overview probed the samples once per series and
+/// took over a minute.
+#[tokio::test]
+async fn new_series_refresh_the_planners_count_of_series() {
+    let pg = TestPg::start().await.expect("pg");
+    let store = pg.store().await.expect("store");
+    let reltuples = || async {
+        sqlx::query_scalar::<_, f32>(
+            "SELECT reltuples FROM pg_class WHERE oid = 'series'::regclass",
+        )
+        .fetch_one(store.pool())
+        .await
+        .expect("reltuples")
+    };
+    assert!(
+        reltuples().await < 1.0,
+        "a fresh dictionary is counted empty"
+    );
+    store
+        .record_hello(&hello(HOST), Utc::now())
+        .await
+        .expect("hello");
+    store
+        .register_series(HOST, &series_defs(300))
+        .await
+        .expect("series");
+    let counted = reltuples().await;
+    assert!(counted >= 300.0, "the planner counts {counted} series");
+}

@@ -102,6 +102,9 @@ pub struct StoreMetrics {
     pub texts_cleaned: IntCounter,
     /// `razar_collector_batches_rejected_total`: batches set aside in `rejected_batches`.
     pub batches_rejected: IntCounter,
+    /// `razar_collector_brin_ranges_summarized_total`: BRIN block ranges of the raw
+    /// samples summarized on demand (see [`Store::summarize_new_ranges`]).
+    pub ranges_summarized: IntCounter,
 }
 
 impl StoreMetrics {
@@ -121,6 +124,10 @@ impl StoreMetrics {
             batches_rejected: IntCounter::new(
                 "razar_collector_batches_rejected_total",
                 "Batches the database refused alone with a data error: set aside in rejected_batches and acknowledged.",
+            )?,
+            ranges_summarized: IntCounter::new(
+                "razar_collector_brin_ranges_summarized_total",
+                "BRIN block ranges of the raw samples summarized while history is read (the series index's new pages).",
             )?,
         };
         // Every reason exported from the start, at zero.
@@ -157,6 +164,57 @@ pub struct Store {
     /// What the store refuses of agents' values.
     rules: IngestRules,
     metrics: StoreMetrics,
+    /// When a read by series last touched the raw samples (see [`TailReads`]).
+    tail_reads: std::sync::Arc<TailReads>,
+    /// When `series` was last analyzed after new series (see
+    /// [`Store::analyze_series_soon`]).
+    series_analyzed: std::sync::Arc<Mutex<Option<std::time::Instant>>>,
+}
+
+/// When raw samples were last read by series, so the collector summarizes the raw
+/// samples' BRIN indexes only while someone reads history: summarizing re-reads every
+/// new row, a cost worth paying only for readers.
+#[derive(Debug, Default)]
+pub struct TailReads {
+    /// Milliseconds since the Unix epoch of the last read; 0 for never.
+    last_ms: std::sync::atomic::AtomicI64,
+    /// Woken by the first read after a quiet spell.
+    woken: tokio::sync::Notify,
+}
+
+impl TailReads {
+    /// How long after a read the summarizer keeps the indexes current.
+    pub const KEEP_CURRENT_FOR: std::time::Duration = std::time::Duration::from_secs(600);
+
+    /// Records a read at `now_ms`; wakes the summarizer when none came within
+    /// [`TailReads::KEEP_CURRENT_FOR`].
+    pub fn note(&self, now_ms: i64) {
+        let before = self
+            .last_ms
+            .swap(now_ms, std::sync::atomic::Ordering::Relaxed);
+        if !Self::recent(before, now_ms) {
+            self.woken.notify_one();
+        }
+    }
+
+    /// Whether a read came within [`TailReads::KEEP_CURRENT_FOR`] of `now_ms`.
+    pub fn active(&self, now_ms: i64) -> bool {
+        Self::recent(
+            self.last_ms.load(std::sync::atomic::Ordering::Relaxed),
+            now_ms,
+        )
+    }
+
+    fn recent(last_ms: i64, now_ms: i64) -> bool {
+        let window = i64::try_from(Self::KEEP_CURRENT_FOR.as_millis()).unwrap_or(i64::MAX);
+        last_ms > 0 && now_ms.saturating_sub(last_ms) < window
+    }
+
+    /// Resolves at the first read after a quiet spell (or at once if one came since the
+    /// last wait).
+    pub async fn woken(&self) {
+        self.woken.notified().await;
+    }
 }
 
 /// Where a lost/back transition was recorded: `true` when the state changed.
@@ -186,6 +244,8 @@ impl Store {
             days: Default::default(),
             rules: IngestRules::default(),
             metrics: StoreMetrics::new().map_err(StoreError::Metrics)?,
+            tail_reads: Default::default(),
+            series_analyzed: Default::default(),
         })
     }
 
@@ -211,6 +271,7 @@ impl Store {
         registry.register(Box::new(self.metrics.values_refused.clone()))?;
         registry.register(Box::new(self.metrics.texts_cleaned.clone()))?;
         registry.register(Box::new(self.metrics.batches_rejected.clone()))?;
+        registry.register(Box::new(self.metrics.ranges_summarized.clone()))?;
         Ok(())
     }
 
@@ -219,6 +280,11 @@ impl Store {
     pub async fn migrate(&self) -> Result<(), StoreError> {
         sqlx::migrate!("./migrations").run(&self.pool).await?;
         Ok(())
+    }
+
+    /// When raw samples were last read by series.
+    pub fn tail_reads(&self) -> &TailReads {
+        &self.tail_reads
     }
 
     /// The pool, for queries the store does not wrap (health checks, tests).
@@ -571,6 +637,7 @@ impl Store {
             agent_ids.push((def.id, Some(slot)));
         }
         let mut by_slot = vec![REFUSED_SERIES; keys.len()];
+        let mut added = 0usize;
         let mut tx = self.pool.begin().await?;
         if !keys.is_empty() {
             let metrics: Vec<&str> = keys.iter().map(|k| k.0.as_str()).collect();
@@ -604,9 +671,9 @@ impl Store {
                      ON CONFLICT (host_id, metric, labels) DO UPDATE SET metric = EXCLUDED.metric
                      RETURNING series_id, metric, labels
                  )
-                 SELECT slot, series_id FROM known
+                 SELECT slot, series_id, false FROM known
                  UNION ALL
-                 SELECT fresh.slot, upserted.series_id FROM fresh JOIN upserted USING (metric, labels)",
+                 SELECT fresh.slot, upserted.series_id, true FROM fresh JOIN upserted USING (metric, labels)",
             )
             .bind(host)
             .bind(&metrics)
@@ -618,6 +685,9 @@ impl Store {
             for row in rows {
                 let slot: i32 = row.try_get(0)?;
                 let id: i64 = row.try_get(1)?;
+                if row.try_get::<bool, _>(2)? {
+                    added += 1;
+                }
                 if let Some(entry) = usize::try_from(slot).ok().and_then(|s| by_slot.get_mut(s)) {
                     *entry = id;
                 }
@@ -628,6 +698,9 @@ impl Store {
         insert_refusal_event(&mut tx, host, Utc::now(), &refusals, "series definitions").await?;
         tx.commit().await?;
         self.metrics.count(&refusals);
+        if added > 0 {
+            self.analyze_series_soon().await;
+        }
         Ok(agent_ids
             .into_iter()
             .map(|(agent_id, slot)| {
@@ -637,6 +710,34 @@ impl Store {
             .collect())
     }
 }
+
+impl Store {
+    /// Refreshes the planner's statistics of `series` after new series were added, at
+    /// most once per [`ANALYZE_SERIES_EVERY`]. Queries that join the raw samples to the
+    /// series dictionary (the overview, the fleet metrics) must see how many series
+    /// there are: with a fleet's worth of series still counted as none, the planner
+    /// probes the samples once per series instead of scanning the window once, and a
+    /// 5 ms query takes a minute until autovacuum's next visit. A failure is logged,
+    /// not returned: the series themselves are stored.
+    async fn analyze_series_soon(&self) {
+        {
+            let mut last = match self.series_analyzed.lock() {
+                Ok(last) => last,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+            if last.is_some_and(|at| at.elapsed() < ANALYZE_SERIES_EVERY) {
+                return;
+            }
+            *last = Some(std::time::Instant::now());
+        }
+        if let Err(error) = sqlx::query("ANALYZE series").execute(&self.pool).await {
+            tracing::warn!(%error, "ANALYZE series after new series");
+        }
+    }
+}
+
+/// Least time between two [`Store::analyze_series_soon`] runs.
+const ANALYZE_SERIES_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Records what the store refused of a host's values as one `values_refused` event on
 /// the host (nothing when nothing was refused; cleaned text alone is only counted).
@@ -787,4 +888,30 @@ pub(crate) fn from_millis(ms: UnixMillis) -> Option<DateTime<Utc>> {
 /// The day number (days since the Unix epoch) holding `ms`.
 pub(crate) fn day_of(ms: UnixMillis) -> i64 {
     ms.div_euclid(86_400_000)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::TailReads;
+
+    #[test]
+    fn tail_reads_keep_the_summarizer_on_for_a_while_and_wake_it_once_per_quiet_spell() {
+        let reads = TailReads::default();
+        let window = i64::try_from(TailReads::KEEP_CURRENT_FOR.as_millis()).unwrap();
+        let t0 = 1_800_000_000_000;
+        assert!(!reads.active(t0), "never read: nothing to keep current");
+        reads.note(t0);
+        assert!(reads.active(t0));
+        assert!(reads.active(t0 + window - 1));
+        assert!(!reads.active(t0 + window), "quiet for the whole window");
+        // The first read woke it (a permit is stored); a read within the window does not.
+        let waker = futures::FutureExt::now_or_never(reads.woken());
+        assert!(waker.is_some(), "the first read wakes the summarizer");
+        reads.note(t0 + 1_000);
+        assert!(futures::FutureExt::now_or_never(reads.woken()).is_none());
+        // After a quiet spell, the next read wakes it again.
+        reads.note(t0 + 1_000 + window);
+        assert!(futures::FutureExt::now_or_never(reads.woken()).is_some());
+        assert!(reads.active(t0 + 1_000 + window));
+    }
 }

@@ -41,6 +41,51 @@ impl Store {
         Ok(())
     }
 
+    /// Summarizes the block ranges filled since the last call in every BRIN index of the
+    /// raw samples' partitions (`ts` and `series_id`), so reads by series or time skip
+    /// the pages of other series and times right away rather than once vacuum gets to
+    /// them. Returns how many ranges it summarized. Only new ranges are read, but each of
+    /// their rows once: the collector calls this while history is being read (see
+    /// [`super::TailReads`]). A partition dropped or truncated meanwhile is skipped.
+    pub async fn summarize_new_ranges(&self) -> Result<i64, StoreError> {
+        let indexes: Vec<sqlx::postgres::types::Oid> = sqlx::query_scalar(
+            "SELECT i.indexrelid
+             FROM pg_inherits inh
+             JOIN pg_index i ON i.indrelid = inh.inhrelid
+             JOIN pg_class ic ON ic.oid = i.indexrelid
+             JOIN pg_am am ON am.oid = ic.relam
+             WHERE inh.inhparent = 'samples'::regclass AND am.amname = 'brin'
+             ORDER BY inh.inhrelid DESC",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let mut summarized = 0;
+        for index in indexes {
+            let done: Result<i32, sqlx::Error> =
+                sqlx::query_scalar("SELECT brin_summarize_new_values($1::oid::regclass)")
+                    .bind(index)
+                    .fetch_one(&self.pool)
+                    .await;
+            match done {
+                Ok(n) => summarized += i64::from(n),
+                Err(error) => {
+                    let exists: bool =
+                        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_class WHERE oid = $1)")
+                            .bind(index)
+                            .fetch_one(&self.pool)
+                            .await?;
+                    if exists {
+                        return Err(error.into());
+                    }
+                }
+            }
+        }
+        self.metrics
+            .ranges_summarized
+            .inc_by(u64::try_from(summarized).unwrap_or(0));
+        Ok(summarized)
+    }
+
     /// Drops every daily partition (raw samples, chunks, rollups) whose whole day is older
     /// than `days` days before `now`, and deletes older events. Returns the dropped tables.
     pub async fn apply_retention(

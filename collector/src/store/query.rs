@@ -49,6 +49,7 @@ impl Store {
         let Some(first_window_ts) = DateTime::from_timestamp_millis(first_window) else {
             return Ok(Vec::new());
         };
+        self.tail_reads.note(Utc::now().timestamp_millis());
         let mut tx = self
             .pool
             .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
@@ -151,6 +152,7 @@ impl Store {
         ) else {
             return Ok(Vec::new());
         };
+        self.tail_reads.note(Utc::now().timestamp_millis());
         let mut tx = self
             .pool
             .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
