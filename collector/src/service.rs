@@ -24,7 +24,7 @@ use tokio::task::JoinHandle;
 const MAINTENANCE_EVERY: Duration = Duration::from_secs(60);
 /// How often the raw samples' new BRIN ranges are summarized while history is read: the
 /// span a read by series still scans whole.
-const SUMMARIZE_EVERY: Duration = Duration::from_secs(2);
+const SUMMARIZE_EVERY: Duration = Duration::from_millis(250);
 
 /// Why the collector could not start.
 #[derive(Debug, thiserror::Error)]

@@ -295,49 +295,75 @@ async fn main() -> anyhow::Result<()> {
         cold.as_secs_f64() * 1e3,
         t.elapsed().as_secs_f64() * 1e3
     );
-    let mut api = Vec::with_capacity(iterations);
-    let mut bare = Vec::with_capacity(iterations);
-    let mut both = Vec::with_capacity(iterations);
-    for i in 0..iterations {
-        // Ingest goes on while the history is read: every 50 reads, the fleet's next
-        // 16 s of samples (half a million rows) arrive, unsummarized.
-        if i % 50 == 25 {
-            fill_window(&pool, history_series).await?;
-        }
-        let t = Instant::now();
-        http.get(&history_url)
-            .bearer_auth(&token)
-            .send()
-            .await?
-            .error_for_status()?
-            .bytes()
-            .await?;
-        api.push(t.elapsed());
-        let t = Instant::now();
-        sqlx::query(bare_sql)
-            .bind(history_series)
-            .bind(from)
-            .bind(now)
-            .fetch_all(&pool)
-            .await?;
-        bare.push(t.elapsed());
-        if source != "raw" {
-            sqlx::query(tail_sql)
+    // Ingest goes on while the history is read, two ways: the live fleet's rate (each
+    // second, one second of every series: 32,000 rows), and bursts (every 50 reads, 16 s
+    // of the fleet's samples at once, half a million rows, as after a mass reconnect).
+    for burst in [false, true] {
+        let live = (!burst).then(|| {
+            let pool = pool.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(1));
+                loop {
+                    tick.tick().await;
+                    fill(&pool, history_series, Duration::ZERO).await?;
+                }
+                #[allow(unreachable_code)]
+                anyhow::Ok(())
+            })
+        });
+        let mut api = Vec::with_capacity(iterations);
+        let mut bare = Vec::with_capacity(iterations);
+        let mut both = Vec::with_capacity(iterations);
+        for i in 0..iterations {
+            if burst && i % 50 == 25 {
+                fill_window(&pool, history_series).await?;
+            }
+            let t = Instant::now();
+            http.get(&history_url)
+                .bearer_auth(&token)
+                .send()
+                .await?
+                .error_for_status()?
+                .bytes()
+                .await?;
+            api.push(t.elapsed());
+            let t = Instant::now();
+            sqlx::query(bare_sql)
                 .bind(history_series)
                 .bind(from)
                 .bind(now)
                 .fetch_all(&pool)
                 .await?;
-            both.push(t.elapsed());
+            bare.push(t.elapsed());
+            if source != "raw" {
+                sqlx::query(tail_sql)
+                    .bind(history_series)
+                    .bind(from)
+                    .bind(now)
+                    .fetch_all(&pool)
+                    .await?;
+                both.push(t.elapsed());
+            }
         }
-    }
-    println!("GET /api/v1/history 24 h     {}", summary(&mut api));
-    println!("  bare SQL ({source:<9})       {}", summary(&mut bare));
-    if !both.is_empty() {
+        if let Some(live) = live {
+            live.abort();
+        }
         println!(
-            "  bare SQL (rollup_1m + raw tail, the route's two queries) {}",
-            summary(&mut both)
+            "ingest meanwhile: {}",
+            if burst {
+                "bursts of 16 s of the fleet's samples (512,000 rows) every 50 reads"
+            } else {
+                "the fleet's live rate (32,000 rows each second)"
+            }
         );
+        println!("GET /api/v1/history 24 h     {}", summary(&mut api));
+        println!("  bare SQL ({source:<9})       {}", summary(&mut bare));
+        if !both.is_empty() {
+            println!(
+                "  bare SQL (rollup_1m + raw tail, the route's two queries) {}",
+                summary(&mut both)
+            );
+        }
     }
 
     // The fleet page in headless Chromium.
@@ -386,22 +412,32 @@ async fn main() -> anyhow::Result<()> {
 }
 
 /// The last 15 s of 1 s samples of every GPU series but the history one (whose day
-/// already reaches there), in the order agents' batches write them (a host's series for
-/// a span of time, host after host).
+/// already reaches there), in the order 1 s agent batches arrive: each second, every
+/// host's series together, hosts in a different order each second.
 async fn fill_window(pool: &sqlx::PgPool, history_series: i64) -> anyhow::Result<()> {
+    fill(pool, history_series, Duration::from_secs(15)).await
+}
+
+/// The last `span` (and this second) of 1 s samples of every GPU series but the
+/// history one, in the order 1 s agent batches arrive.
+async fn fill(pool: &sqlx::PgPool, history_series: i64, span: Duration) -> anyhow::Result<()> {
     sqlx::query(
         "INSERT INTO samples (series_id, ts, value)
          SELECT s.series_id, ts,
                 CASE s.metric WHEN 'razar_gpu_utilization_ratio' THEN random()
                               WHEN 'razar_gpu_memory_used_bytes' THEN 4e10
                               ELSE 50 END
-         FROM series s CROSS JOIN generate_series(now() - interval '15 seconds', now(), interval '1 second') ts
+         FROM series s CROSS JOIN generate_series(now() - $2 * interval '1 second', now(), interval '1 second') ts
          WHERE s.series_id <> $1
-         ORDER BY s.host_id, ts, s.series_id",
+         ORDER BY ts, hashtext(s.host_id || ts::text), s.series_id",
     )
     .bind(history_series)
+    .bind(span.as_secs_f64())
     .execute(pool)
     .await?;
+    if span.is_zero() {
+        return Ok(());
+    }
     sqlx::query("ANALYZE samples").execute(pool).await?;
     Ok(())
 }

@@ -41,10 +41,11 @@ impl Store {
         Ok(())
     }
 
-    /// Summarizes the block ranges filled since the last call in every BRIN index of the
-    /// raw samples' partitions (`ts` and `series_id`), so reads by series or time skip
-    /// the pages of other series and times right away rather than once vacuum gets to
-    /// them. Returns how many ranges it summarized. Only new ranges are read, but each of
+    /// Summarizes the block ranges filled since the last call in the raw samples'
+    /// `series_id` BRIN (every partition's), so reads by series skip the pages of other
+    /// series right away rather than once vacuum gets to them (a range not summarized
+    /// matches every query; the `ts` BRIN is left to autosummarize and vacuum, as
+    /// compaction needs it no sooner). Returns how many ranges it summarized. Only new ranges are read, but each of
     /// their rows once: the collector calls this while history is being read (see
     /// [`super::TailReads`]). A partition dropped or truncated meanwhile is skipped.
     pub async fn summarize_new_ranges(&self) -> Result<i64, StoreError> {
@@ -54,7 +55,9 @@ impl Store {
              JOIN pg_index i ON i.indrelid = inh.inhrelid
              JOIN pg_class ic ON ic.oid = i.indexrelid
              JOIN pg_am am ON am.oid = ic.relam
+             JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
              WHERE inh.inhparent = 'samples'::regclass AND am.amname = 'brin'
+               AND a.attname = 'series_id'
              ORDER BY inh.inhrelid DESC",
         )
         .fetch_all(&self.pool)
