@@ -388,3 +388,76 @@ async fn razar_cli_lists_hosts_with_an_operator_certificate() {
     );
     f.shutdown().await;
 }
+
+/// A client that opens the HTTPS port and never sends its TLS hello (a slowloris) does
+/// not keep others out while it waits, and the collector closes it after
+/// `HANDSHAKE_TIMEOUT` and counts it as a `timeout`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_finishes_its_handshake_is_cut_off_and_counted() {
+    use razar_collector::api::tls::HANDSHAKE_TIMEOUT;
+    use tokio::io::AsyncReadExt as _;
+    let f = Fixture::new(&[]).await;
+    let port = f.service.as_ref().expect("service").http_addr().port();
+    let started = std::time::Instant::now();
+    let mut silent = Vec::new();
+    for _ in 0..8 {
+        silent.push(
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .expect("connect"),
+        );
+    }
+    // Meanwhile, a client with a token gets in.
+    let (_, token) = tokens::create(&f.pool, "viewer-token", Role::Viewer, None, None)
+        .await
+        .expect("token");
+    let response = f
+        .client(None)
+        .get(format!("{}/api/v1/hosts", f.base))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .expect("hosts");
+    assert_eq!(response.status(), StatusCode::OK);
+    assert!(
+        started.elapsed() < HANDSHAKE_TIMEOUT,
+        "the token client waited for the silent ones"
+    );
+    // Each silent connection is closed by the collector, not before the timeout.
+    for mut socket in silent {
+        let mut buf = [0u8; 64];
+        let read = tokio::time::timeout(
+            HANDSHAKE_TIMEOUT + razar_tests::live::PATIENCE,
+            socket.read(&mut buf),
+        )
+        .await
+        .expect("the collector never closed a silent connection");
+        assert!(
+            matches!(read, Ok(0) | Err(_)),
+            "a silent connection got bytes: {read:?}"
+        );
+    }
+    assert!(
+        started.elapsed() >= HANDSHAKE_TIMEOUT - Duration::from_millis(500),
+        "closed after {:?}, before the handshake timeout",
+        started.elapsed()
+    );
+    let text = f
+        .client(None)
+        .get(format!("{}/metrics", f.base))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics text");
+    let timeouts: f64 = text
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("razar_collector_api_tls_handshakes_failed_total{reason=\"timeout\"} ")
+        })
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0);
+    assert_eq!(timeouts, 8.0, "{text}");
+    f.shutdown().await;
+}
