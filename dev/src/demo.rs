@@ -44,13 +44,19 @@ pub async fn run(kind: DemoKind) -> anyhow::Result<()> {
             axum::serve(listener, app).await?;
             Ok(())
         }
-        DemoKind::Worker { upstream } => loop {
-            match tokio::net::TcpStream::connect(upstream).await {
-                Ok(_) => println!("worker: upstream {upstream} reachable"),
-                Err(e) => eprintln!("worker: upstream {upstream} unreachable: {e}"),
+        DemoKind::Worker { upstream } => {
+            let started = std::time::Instant::now();
+            loop {
+                match tokio::net::TcpStream::connect(upstream).await {
+                    Ok(_) => println!("worker: upstream {upstream} reachable"),
+                    Err(e) => eprintln!("worker: upstream {upstream} unreachable: {e}"),
+                }
+                // Some work each second, so the dashboard's component CPU chart has a
+                // curve to draw: 2-12 % of a core, on a 5-minute wave.
+                work(Duration::from_millis(busy_ms(started.elapsed())));
+                tokio::time::sleep(Duration::from_secs(1)).await;
             }
-            tokio::time::sleep(Duration::from_secs(1)).await;
-        },
+        }
         DemoKind::Flaky {
             min_seconds,
             max_seconds,
@@ -67,5 +73,38 @@ pub async fn run(kind: DemoKind) -> anyhow::Result<()> {
             eprintln!("flaky: simulated crash");
             std::process::exit(1);
         }
+    }
+}
+
+/// Milliseconds of work in the second that starts `elapsed` into the worker's life:
+/// 20 to 120, following a 5-minute sine wave (pure).
+fn busy_ms(elapsed: Duration) -> u64 {
+    let phase = elapsed.as_secs_f64() / 300.0 * std::f64::consts::TAU;
+    (70.0 + 50.0 * phase.sin()).round().clamp(20.0, 120.0) as u64
+}
+
+/// Keeps the CPU busy for `d` (hashing, so it is not optimised away).
+fn work(d: Duration) {
+    let until = std::time::Instant::now() + d;
+    let mut x = 0x9e37_79b9_7f4a_7c15_u64;
+    while std::time::Instant::now() < until {
+        for _ in 0..1_000 {
+            x = std::hint::black_box(x.rotate_left(5) ^ x.wrapping_mul(0x100_0000_01b3));
+        }
+    }
+    std::hint::black_box(x);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_workers_load_waves_between_2_and_12_percent() {
+        let at = |s: u64| busy_ms(Duration::from_secs(s));
+        assert_eq!(at(0), 70);
+        assert_eq!(at(75), 120, "a quarter wave: the top");
+        assert_eq!(at(225), 20, "three quarters: the bottom");
+        assert!((0..600).map(at).all(|ms| (20..=120).contains(&ms)));
     }
 }
