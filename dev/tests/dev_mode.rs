@@ -1,8 +1,8 @@
 //! `razar-dev` (what `razar-collector dev` runs) end to end: the real binary as a
 //! subprocess with the embedded PostgreSQL, an in-process agent, demo components and
-//! fake GPUs. Health must report the agent connected and samples stored; SIGINT and
-//! SIGHUP (a closed terminal) must each leave nothing running; the second run reuses
-//! the data dir. Each run prints the dashboard URL, an operator token that the API
+//! fake GPUs. Health must report the agent connected and samples stored; SIGINT,
+//! SIGHUP (a closed terminal) and SIGTERM must each leave nothing running; later runs
+//! reuse the data dir. Each run prints the dashboard URL, an operator token that the API
 //! accepts (the same on the second run, kept in a 0600 file of the data dir) and
 //! ready-to-paste `razar` CLI lines.
 
@@ -224,12 +224,15 @@ fn stop(child: &mut std::process::Child, signal: nix::sys::signal::Signal) {
 }
 
 #[test]
-fn dev_mode_runs_everything_and_stops_cleanly_twice() {
+fn dev_mode_runs_everything_and_stops_cleanly_on_int_hup_and_term() {
     let dir = tempfile::tempdir().expect("tempdir");
     let data_dir = dir.path().join("razar-data");
     use nix::sys::signal::Signal;
     let mut first_token: Option<String> = None;
-    for (round, signal) in [Signal::SIGINT, Signal::SIGHUP].into_iter().enumerate() {
+    for (round, signal) in [Signal::SIGINT, Signal::SIGHUP, Signal::SIGTERM]
+        .into_iter()
+        .enumerate()
+    {
         let (child, banner) = run_dev(&data_dir);
         let mut child = Guard(child);
         let (url, agent_url) = (banner.collector.clone(), banner.agent.clone());
@@ -364,7 +367,7 @@ fn dev_mode_runs_everything_and_stops_cleanly_twice() {
             || children.iter().all(|p| !alive(*p)) && pids_with_cmdline(&pg_dir).is_empty(),
         );
     }
-    // The second round reused the data dir: one CA, one cluster.
+    // Later rounds reused the data dir: one CA, one cluster.
     assert!(data_dir.join("ca").join("ca.pem").exists());
     assert!(data_dir
         .join("postgres")
