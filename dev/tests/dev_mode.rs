@@ -2,7 +2,8 @@
 //! subprocess with the embedded PostgreSQL, an in-process agent, demo components and
 //! fake GPUs. Health must report the agent connected and samples stored; SIGINT,
 //! SIGHUP (a closed terminal) and SIGTERM must each leave nothing running; later runs
-//! reuse the data dir. Each run prints the dashboard URL, an operator token that the API
+//! reuse the data dir. The first run shows, with nobody doing anything, the scenario's
+//! GPU quarantine, its escalations and decisions with evidence. Each run prints the dashboard URL, an operator token that the API
 //! accepts (the same on the second run, kept in a 0600 file of the data dir) and
 //! ready-to-paste `razar` CLI lines.
 
@@ -355,6 +356,50 @@ fn dev_mode_runs_everything_and_stops_cleanly_on_int_hup_and_term() {
                 demo(&children) >= 3
             },
         );
+        if round == 0 {
+            // Without anyone doing anything, the scenario's XID 79 on GPU 1 (at 45 s)
+            // and the crash-looping component (given up after 5 quick failures) show a
+            // quarantine, escalations and decisions with their evidence. About 100 s on
+            // a quiet machine; the patience allows for a loaded one.
+            let get = |path: &str| http_get_with_token(&format!("{base}{path}"), &token);
+            wait_until(
+                "the scenario's quarantine, escalations and decisions",
+                Duration::from_secs(240),
+                || {
+                    let (Some(decisions), Some(escalations), Some(gpus)) = (
+                        get("/api/v1/decisions"),
+                        get("/api/v1/escalations"),
+                        get("/api/v1/hosts/dev-host/gpus"),
+                    ) else {
+                        return false;
+                    };
+                    let decided = |rule: &str| {
+                        decisions["decisions"].as_array().is_some_and(|l| {
+                            l.iter().any(|d| {
+                                d["rule"].as_str().is_some_and(|r| r.starts_with(rule))
+                                    && d["evidence"]["events"]
+                                        .as_array()
+                                        .is_some_and(|e| !e.is_empty())
+                            })
+                        })
+                    };
+                    let open = |kind: &str| {
+                        escalations["escalations"]
+                            .as_array()
+                            .is_some_and(|l| l.iter().any(|e| e["kind"] == kind))
+                    };
+                    let quarantined = gpus.as_array().is_some_and(|l| {
+                        l.iter()
+                            .any(|g| g["index"] == 1 && g["health_state"] == "quarantined")
+                    });
+                    decided("xid.")
+                        && decided("component.failed")
+                        && open("GpuFault")
+                        && open("ComponentQuarantined")
+                        && quarantined
+                },
+            );
+        }
         let pg_dir = data_dir.join("postgres").display().to_string();
         assert!(
             !pids_with_cmdline(&pg_dir).is_empty(),
