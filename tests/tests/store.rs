@@ -883,3 +883,40 @@ async fn new_series_refresh_the_planners_count_of_series() {
     let counted = reltuples().await;
     assert!(counted >= 300.0, "the planner counts {counted} series");
 }
+
+/// A partition a vacuum holds (SHARE UPDATE EXCLUSIVE) is skipped by the summarizing
+/// pass instead of waited for: the pass ends at once, and never waits long enough for
+/// PostgreSQL to cancel an autovacuum on its behalf. Once the lock is gone, the next
+/// pass summarizes what was skipped.
+#[tokio::test]
+async fn summarizing_skips_a_partition_a_vacuum_holds() {
+    let pg = TestPg::start().await.expect("pg");
+    let (store, defs, map) = setup(&pg, 32).await;
+    let start = aligned_start(0) - 600_000;
+    store
+        .ingest(HOST, &batches(&defs, 1, 60, start, 5), &map)
+        .await
+        .expect("ingest");
+    let partition: String = sqlx::query_scalar(
+        "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+         WHERE i.inhparent = 'samples'::regclass AND pg_relation_size(c.oid) > 0",
+    )
+    .fetch_one(store.pool())
+    .await
+    .expect("the partition written");
+    let mut vacuum = store.pool().begin().await.expect("begin");
+    sqlx::query(&format!(
+        "LOCK TABLE {partition} IN SHARE UPDATE EXCLUSIVE MODE"
+    ))
+    .execute(&mut *vacuum)
+    .await
+    .expect("lock as a vacuum does");
+    let skipped = tokio::time::timeout(Duration::from_secs(5), store.summarize_new_ranges())
+        .await
+        .expect("the pass waited for the lock")
+        .expect("summarize");
+    assert_eq!(skipped, 0, "the held partition was summarized");
+    vacuum.rollback().await.expect("unlock");
+    let summarized = store.summarize_new_ranges().await.expect("summarize");
+    assert!(summarized > 0, "nothing summarized once the lock was gone");
+}

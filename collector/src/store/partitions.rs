@@ -9,6 +9,10 @@ use super::{day_of, Store, StoreError};
 const SAMPLE_TABLES: [&str; 3] = ["samples", "sample_chunks", "rollups_1m"];
 const DAY_MS: i64 = 86_400_000;
 
+/// Longest a summarizing pass waits for a partition's lock (held by a vacuum): under
+/// PostgreSQL's `deadlock_timeout` (1 s), after which a waiter cancels an autovacuum.
+const SUMMARIZE_LOCK_WAIT: std::time::Duration = std::time::Duration::from_millis(100);
+
 impl Store {
     /// Creates today's and tomorrow's partitions (call at start and daily).
     pub async fn ensure_partitions(&self, now: DateTime<Utc>) -> Result<(), StoreError> {
@@ -64,13 +68,12 @@ impl Store {
         .await?;
         let mut summarized = 0;
         for index in indexes {
-            let done: Result<i32, sqlx::Error> =
-                sqlx::query_scalar("SELECT brin_summarize_new_values($1::oid::regclass)")
-                    .bind(index)
-                    .fetch_one(&self.pool)
-                    .await;
-            match done {
+            match self.summarize_one(index).await {
                 Ok(n) => summarized += i64::from(n),
+                // A vacuum holds the partition (it summarizes the ranges itself): skip
+                // it this pass rather than wait, and never long enough for PostgreSQL to
+                // cancel an autovacuum for our sake.
+                Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("55P03") => {}
                 Err(error) => {
                     let exists: bool =
                         sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_class WHERE oid = $1)")
@@ -87,6 +90,24 @@ impl Store {
             .ranges_summarized
             .inc_by(u64::try_from(summarized).unwrap_or(0));
         Ok(summarized)
+    }
+
+    /// `brin_summarize_new_values` on one index, waiting at most [`SUMMARIZE_LOCK_WAIT`]
+    /// for its table's lock (SQLSTATE 55P03 when a vacuum holds it).
+    async fn summarize_one(&self, index: sqlx::postgres::types::Oid) -> Result<i32, sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(&format!(
+            "SET LOCAL lock_timeout = {}",
+            SUMMARIZE_LOCK_WAIT.as_millis()
+        ))
+        .execute(&mut *tx)
+        .await?;
+        let n = sqlx::query_scalar("SELECT brin_summarize_new_values($1::oid::regclass)")
+            .bind(index)
+            .fetch_one(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(n)
     }
 
     /// Drops every daily partition (raw samples, chunks, rollups) whose whole day is older
