@@ -136,7 +136,9 @@ async fn main() -> anyhow::Result<()> {
                     WHEN 'razar_gpu_utilization_ratio' THEN jsonb_build_object('gpu', g.gpu_index::text, 'engine', 'gpu')
                     WHEN 'razar_gpu_temperature_celsius' THEN jsonb_build_object('gpu', g.gpu_index::text, 'sensor', 'gpu')
                     ELSE jsonb_build_object('gpu', g.gpu_index::text) END
-         FROM gpus g CROSS JOIN unnest($1::text[]) m(metric)",
+         FROM gpus g CROSS JOIN unnest($1::text[]) WITH ORDINALITY m(metric, n)
+         -- A host's series get consecutive ids, as its agent registers them together.
+         ORDER BY g.host_id, g.gpu_index, m.n",
     )
     .bind(&GPU_METRICS[..])
     .execute(&pool)
@@ -365,6 +367,43 @@ async fn main() -> anyhow::Result<()> {
             );
         }
     }
+
+    // One host's GPUs with their latest values (the dashboard's host page), while the
+    // fleet's samples arrive at its live rate.
+    let live = {
+        let pool = pool.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                fill(&pool, history_series, Duration::ZERO).await?;
+            }
+            #[allow(unreachable_code)]
+            anyhow::Ok(())
+        })
+    };
+    let gpus_url = format!("{server}/api/v1/hosts/host-0001/gpus");
+    let mut took = Vec::with_capacity(iterations);
+    for _ in 0..iterations {
+        let t = Instant::now();
+        let gpus: serde_json::Value = http
+            .get(&gpus_url)
+            .bearer_auth(&token)
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        took.push(t.elapsed());
+        anyhow::ensure!(
+            gpus.as_array().is_some_and(|g| g.len() == 8
+                && g.iter()
+                    .all(|g| g["values"].as_array().is_some_and(|v| v.len() == 4))),
+            "host-0001 shows 8 GPUs with 4 latest values each: {gpus}"
+        );
+    }
+    live.abort();
+    println!("GET /api/v1/hosts/H/gpus     {}", summary(&mut took));
 
     // The fleet page in headless Chromium.
     let chromium = std::env::var_os("RAZAR_CHROMIUM")

@@ -460,6 +460,25 @@ async fn fleet() -> Fixture {
     let mut f = Fixture::start().await;
     f.start_agent();
     f.wait_for_data().await;
+    // What the host page's GPU cards show: each GPU's latest values, utilisation within
+    // its scenario's range (GPU 0: 55-85 %, GPU 1: 20-40 %).
+    let gpus = f
+        .get(&format!("/hosts/{HOST}/gpus"))
+        .await
+        .expect("the host's GPUs");
+    for (gpu, (lo, hi)) in [(0, (0.55, 0.85)), (1, (0.20, 0.40))] {
+        let util = gpus[gpu]["values"]
+            .as_array()
+            .and_then(|v| {
+                v.iter()
+                    .find(|v| v["metric"] == "razar_gpu_utilization_ratio")
+            })
+            .and_then(|v| v["value"].as_f64());
+        assert!(
+            util.is_some_and(|u| (lo..=hi).contains(&u)),
+            "GPU {gpu} utilisation {util:?} outside {lo}-{hi}: {gpus}"
+        );
+    }
     f.seed_engine_rows().await;
     // The overview is computed at most once a second and may be served a few seconds
     // stale while it is computed again (its `as_of` says when): wait until it holds

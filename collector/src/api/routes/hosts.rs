@@ -142,21 +142,10 @@ pub async fn list_gpus(
     .bind(&host)
     .fetch_all(pool)
     .await?;
-    let latest = sqlx::query(
-        "SELECT s.metric, s.labels->>'gpu', l.ts, l.value
-         FROM series s CROSS JOIN LATERAL (
-             SELECT ts, value FROM samples
-             WHERE series_id = s.series_id AND ts > now() - interval '10 minutes'
-             ORDER BY ts DESC LIMIT 1) l
-         WHERE s.host_id = $1 AND s.labels ? 'gpu'
-         -- Per metric, the `gpu` engine's utilisation and the `gpu` sensor's
-         -- temperature first: a client taking a metric's first value gets those.
-         ORDER BY s.metric, coalesce(s.labels->>'engine', s.labels->>'sensor', 'gpu') <> 'gpu',
-                  s.series_id",
-    )
-    .bind(&host)
-    .fetch_all(pool)
-    .await?;
+    let latest = sqlx::query(HOST_GPU_VALUES_SQL)
+        .bind(&host)
+        .fetch_all(pool)
+        .await?;
     // The decision engine's view of each GPU (ops, session 7).
     let mut health: HashMap<String, crate::engine_loop::GpuHealthRecord> =
         crate::engine_loop::EngineHandle::new(pool.clone())
@@ -201,3 +190,24 @@ pub async fn list_gpus(
         .collect::<Result<_, sqlx::Error>>()?;
     Ok(Json(gpus))
 }
+
+/// The newest value of each GPU series of host `$1` within the last 10 minutes, in ONE
+/// pass over the raw samples: the host's series ids are consecutive (its agent registers
+/// them together), so one range condition finds its pages through the `series_id` BRIN,
+/// where a probe per series would read the whole index each time. Per metric, the `gpu`
+/// engine's utilisation and the `gpu` sensor's temperature come first: a client taking a
+/// metric's first value gets those.
+pub const HOST_GPU_VALUES_SQL: &str = "
+WITH gs AS MATERIALIZED (
+    SELECT series_id, metric, labels FROM series WHERE host_id = $1 AND labels ? 'gpu'
+), latest AS (
+    SELECT DISTINCT ON (s.series_id) s.series_id, s.ts, s.value
+    FROM samples s
+    WHERE s.ts > now() - interval '10 minutes'
+      AND s.series_id BETWEEN (SELECT min(series_id) FROM gs) AND (SELECT max(series_id) FROM gs)
+    ORDER BY s.series_id, s.ts DESC
+)
+SELECT gs.metric, gs.labels->>'gpu', l.ts, l.value
+FROM gs JOIN latest l USING (series_id)
+ORDER BY gs.metric, coalesce(gs.labels->>'engine', gs.labels->>'sensor', 'gpu') <> 'gpu',
+         gs.series_id";
