@@ -142,10 +142,35 @@ pub async fn list_gpus(
     .bind(&host)
     .fetch_all(pool)
     .await?;
-    let latest = sqlx::query(HOST_GPU_VALUES_SQL)
-        .bind(&host)
-        .fetch_all(pool)
-        .await?;
+    // The host's GPU series, in the order a client reads them: per metric, the `gpu`
+    // engine's utilisation and the `gpu` sensor's temperature first.
+    let series: Vec<(i64, String, Option<String>)> = sqlx::query_as(
+        "SELECT series_id, metric, labels->>'gpu' FROM series
+         WHERE host_id = $1 AND labels ? 'gpu'
+         ORDER BY metric, coalesce(labels->>'engine', labels->>'sensor', 'gpu') <> 'gpu', series_id",
+    )
+    .bind(&host)
+    .fetch_all(pool)
+    .await?;
+    let newest: HashMap<i64, (chrono::DateTime<chrono::Utc>, f64)> = match (
+        series.iter().map(|s| s.0).min(),
+        series.iter().map(|s| s.0).max(),
+    ) {
+        (Some(lo), Some(hi)) => {
+            sqlx::query_as::<_, (i64, chrono::DateTime<chrono::Utc>, f64)>(HOST_GPU_VALUES_SQL)
+                .bind(lo)
+                .bind(hi)
+                // Planned with these bounds every time (an unnamed statement), so the
+                // planner sees how narrow the range is and takes the series BRIN.
+                .persistent(false)
+                .fetch_all(pool)
+                .await?
+                .into_iter()
+                .map(|(id, ts, value)| (id, (ts, value)))
+                .collect()
+        }
+        _ => HashMap::new(),
+    };
     // The decision engine's view of each GPU (ops, session 7).
     let mut health: HashMap<String, crate::engine_loop::GpuHealthRecord> =
         crate::engine_loop::EngineHandle::new(pool.clone())
@@ -155,14 +180,12 @@ pub async fn list_gpus(
             .map(|r| (r.gpu_uuid.clone(), r))
             .collect();
     let mut values: HashMap<String, Vec<GpuValue>> = HashMap::new();
-    for r in &latest {
-        let gpu: Option<String> = r.try_get(1)?;
-        if let Some(gpu) = gpu {
-            values.entry(gpu).or_default().push(GpuValue {
-                metric: r.try_get(0)?,
-                ts: r.try_get(2)?,
-                value: r.try_get(3)?,
-            });
+    for (id, metric, gpu) in series {
+        if let (Some(gpu), Some(&(ts, value))) = (gpu, newest.get(&id)) {
+            values
+                .entry(gpu)
+                .or_default()
+                .push(GpuValue { metric, ts, value });
         }
     }
     let gpus = rows
@@ -191,23 +214,11 @@ pub async fn list_gpus(
     Ok(Json(gpus))
 }
 
-/// The newest value of each GPU series of host `$1` within the last 10 minutes, in ONE
-/// pass over the raw samples: the host's series ids are consecutive (its agent registers
-/// them together), so one range condition finds its pages through the `series_id` BRIN,
-/// where a probe per series would read the whole index each time. Per metric, the `gpu`
-/// engine's utilisation and the `gpu` sensor's temperature come first: a client taking a
-/// metric's first value gets those.
+/// The newest value of each series with an id in `[$1, $2]` within the last 10 minutes,
+/// in ONE pass over the raw samples: a host's series ids are consecutive (its agent
+/// registers them together), so one range condition finds its pages through the
+/// `series_id` BRIN, where a probe per series would read the whole index each time.
 pub const HOST_GPU_VALUES_SQL: &str = "
-WITH gs AS MATERIALIZED (
-    SELECT series_id, metric, labels FROM series WHERE host_id = $1 AND labels ? 'gpu'
-), latest AS (
-    SELECT DISTINCT ON (s.series_id) s.series_id, s.ts, s.value
-    FROM samples s
-    WHERE s.ts > now() - interval '10 minutes'
-      AND s.series_id BETWEEN (SELECT min(series_id) FROM gs) AND (SELECT max(series_id) FROM gs)
-    ORDER BY s.series_id, s.ts DESC
-)
-SELECT gs.metric, gs.labels->>'gpu', l.ts, l.value
-FROM gs JOIN latest l USING (series_id)
-ORDER BY gs.metric, coalesce(gs.labels->>'engine', gs.labels->>'sensor', 'gpu') <> 'gpu',
-         gs.series_id";
+SELECT DISTINCT ON (series_id) series_id, ts, value FROM samples
+WHERE ts > now() - interval '10 minutes' AND series_id BETWEEN $1 AND $2
+ORDER BY series_id, ts DESC";
