@@ -313,6 +313,7 @@ async fn main() -> anyhow::Result<()> {
                 anyhow::Ok(())
             })
         });
+        let vacuums_before = autovacuums(&pool).await?;
         let mut api = Vec::with_capacity(iterations);
         let mut bare = Vec::with_capacity(iterations);
         let mut both = Vec::with_capacity(iterations);
@@ -350,13 +351,16 @@ async fn main() -> anyhow::Result<()> {
         if let Some(live) = live {
             live.abort();
         }
+        let (vacuums, analyzes) = autovacuums(&pool).await?;
         println!(
-            "ingest meanwhile: {}",
+            "ingest meanwhile: {}; autovacuum on samples meanwhile: {} vacuum(s), {} analyze(s)",
             if burst {
                 "bursts of 16 s of the fleet's samples (512,000 rows) every 50 reads"
             } else {
                 "the fleet's live rate (32,000 rows each second)"
-            }
+            },
+            vacuums - vacuums_before.0,
+            analyzes - vacuums_before.1
         );
         println!("GET /api/v1/history 24 h     {}", summary(&mut api));
         println!("  bare SQL ({source:<9})       {}", summary(&mut bare));
@@ -479,6 +483,16 @@ async fn fill(pool: &sqlx::PgPool, history_series: i64, span: Duration) -> anyho
     }
     sqlx::query("ANALYZE samples").execute(pool).await?;
     Ok(())
+}
+
+/// Autovacuum and autoanalyze runs so far on the raw samples' partitions.
+async fn autovacuums(pool: &sqlx::PgPool) -> anyhow::Result<(i64, i64)> {
+    Ok(sqlx::query_as(
+        "SELECT coalesce(sum(autovacuum_count), 0)::bigint, coalesce(sum(autoanalyze_count), 0)::bigint
+         FROM pg_stat_user_tables WHERE relname LIKE 'samples_p%'",
+    )
+    .fetch_one(pool)
+    .await?)
 }
 
 /// Wall time of `chromium --dump-dom URL` and the DOM it printed.
