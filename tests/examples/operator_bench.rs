@@ -301,18 +301,7 @@ async fn main() -> anyhow::Result<()> {
     // second, one second of every series: 32,000 rows), and bursts (every 50 reads, 16 s
     // of the fleet's samples at once, half a million rows, as after a mass reconnect).
     for burst in [false, true] {
-        let live = (!burst).then(|| {
-            let pool = pool.clone();
-            tokio::spawn(async move {
-                let mut tick = tokio::time::interval(Duration::from_secs(1));
-                loop {
-                    tick.tick().await;
-                    fill(&pool, history_series, Duration::ZERO).await?;
-                }
-                #[allow(unreachable_code)]
-                anyhow::Ok(())
-            })
-        });
+        let live = (!burst).then(|| live_ingest(&pool, history_series));
         let vacuums_before = autovacuums(&pool).await?;
         let mut api = Vec::with_capacity(iterations);
         let mut bare = Vec::with_capacity(iterations);
@@ -374,18 +363,7 @@ async fn main() -> anyhow::Result<()> {
 
     // One host's GPUs with their latest values (the dashboard's host page), while the
     // fleet's samples arrive at its live rate.
-    let live = {
-        let pool = pool.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(1));
-            loop {
-                tick.tick().await;
-                fill(&pool, history_series, Duration::ZERO).await?;
-            }
-            #[allow(unreachable_code)]
-            anyhow::Ok(())
-        })
-    };
+    let live = live_ingest(&pool, history_series);
     let gpus_url = format!("{server}/api/v1/hosts/host-0001/gpus");
     let mut took = Vec::with_capacity(iterations);
     for _ in 0..iterations {
@@ -483,6 +461,21 @@ async fn fill(pool: &sqlx::PgPool, history_series: i64, span: Duration) -> anyho
     }
     sqlx::query("ANALYZE samples").execute(pool).await?;
     Ok(())
+}
+
+/// The fleet's live ingest until aborted: each second, one second of every GPU series.
+fn live_ingest(
+    pool: &sqlx::PgPool,
+    history_series: i64,
+) -> tokio::task::JoinHandle<anyhow::Result<()>> {
+    let pool = pool.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            fill(&pool, history_series, Duration::ZERO).await?;
+        }
+    })
 }
 
 /// Autovacuum and autoanalyze runs so far on the raw samples' partitions.
