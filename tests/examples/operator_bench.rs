@@ -213,15 +213,7 @@ async fn main() -> anyhow::Result<()> {
         if i % 50 == 0 {
             fill_window(&pool, history_series).await?;
         }
-        let t = Instant::now();
-        http.get(&overview_url)
-            .bearer_auth(&token)
-            .send()
-            .await?
-            .error_for_status()?
-            .bytes()
-            .await?;
-        api.push(t.elapsed());
+        api.push(timed_get(&http, &overview_url, &token).await?);
         let since = chrono::Utc::now() - routes_sql::OVERVIEW_WINDOW;
         let t = Instant::now();
         let rows = sqlx::query(routes_sql::OVERVIEW_HOSTS_SQL)
@@ -310,15 +302,7 @@ async fn main() -> anyhow::Result<()> {
             if burst && i % 50 == 25 {
                 fill_window(&pool, history_series).await?;
             }
-            let t = Instant::now();
-            http.get(&history_url)
-                .bearer_auth(&token)
-                .send()
-                .await?
-                .error_for_status()?
-                .bytes()
-                .await?;
-            api.push(t.elapsed());
+            api.push(timed_get(&http, &history_url, &token).await?);
             let t = Instant::now();
             sqlx::query(bare_sql)
                 .bind(history_series)
@@ -461,6 +445,19 @@ async fn fill(pool: &sqlx::PgPool, history_series: i64, span: Duration) -> anyho
     }
     sqlx::query("ANALYZE samples").execute(pool).await?;
     Ok(())
+}
+
+/// How long a GET of `url` with `token` takes, its body read; an error status fails.
+async fn timed_get(http: &reqwest::Client, url: &str, token: &str) -> anyhow::Result<Duration> {
+    let t = Instant::now();
+    http.get(url)
+        .bearer_auth(token)
+        .send()
+        .await?
+        .error_for_status()?
+        .bytes()
+        .await?;
+    Ok(t.elapsed())
 }
 
 /// The fleet's live ingest until aborted: each second, one second of every GPU series.

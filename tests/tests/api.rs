@@ -161,6 +161,17 @@ impl Fixture {
         r
     }
 
+    /// GET `path` with `token`: the answer must be 200; its JSON body.
+    async fn get_json(&self, path: &str, token: &str) -> Value {
+        let response = self
+            .request(Method::GET, path, Some(token))
+            .send()
+            .await
+            .expect("response");
+        assert_eq!(response.status(), StatusCode::OK, "GET {path}");
+        response.json().await.expect("JSON body")
+    }
+
     async fn count(&self, sql: &str) -> i64 {
         sqlx::query_scalar(sql)
             .fetch_one(&self.pool)
@@ -645,13 +656,7 @@ async fn a_day_of_one_second_samples_comes_back_as_at_most_1000_points_from_roll
         start.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
         end.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
     );
-    let response = f
-        .request(Method::GET, &url, Some(&t.viewer))
-        .send()
-        .await
-        .expect("response");
-    assert_eq!(response.status(), StatusCode::OK);
-    let h: Value = response.json().await.expect("history");
+    let h = f.get_json(&url, &t.viewer).await;
     assert_eq!(h["source"], "rollup_1m");
     assert_eq!(h["step_ms"], 120_000);
     let points = h["series"][0]["points"].as_array().expect("points");
@@ -674,14 +679,7 @@ async fn a_day_of_one_second_samples_comes_back_as_at_most_1000_points_from_roll
         from.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
         end.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
     );
-    let h: Value = f
-        .request(Method::GET, &url, Some(&t.viewer))
-        .send()
-        .await
-        .expect("response")
-        .json()
-        .await
-        .expect("history");
+    let h = f.get_json(&url, &t.viewer).await;
     assert_eq!(h["source"], "raw");
     let points = h["series"][0]["points"].as_array().expect("points");
     assert_eq!(points.len(), 60);
@@ -749,14 +747,7 @@ async fn the_raw_samples_index_is_kept_current_while_history_is_read() {
         from.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
         (from + ChronoDuration::minutes(20)).to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
     );
-    let h: Value = f
-        .request(Method::GET, &url, Some(&t.viewer))
-        .send()
-        .await
-        .expect("response")
-        .json()
-        .await
-        .expect("history");
+    let h = f.get_json(&url, &t.viewer).await;
     assert_eq!(h["source"], "raw");
     let counted: i64 = h["series"][0]["points"]
         .as_array()

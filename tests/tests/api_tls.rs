@@ -159,6 +159,18 @@ impl Fixture {
             .expect("audit query")
     }
 
+    /// The `/metrics` page, fetched over HTTPS with `cert` if given.
+    async fn metrics(&self, cert: Option<&Issued>) -> String {
+        self.client(cert)
+            .get(format!("{}/metrics", self.base))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("metrics text")
+    }
+
     async fn shutdown(mut self) {
         if let Some(service) = self.service.take() {
             service.shutdown().await;
@@ -303,15 +315,7 @@ async fn operator_certificates_authenticate_on_the_https_api() {
     );
 
     // The failed handshakes and the refusals are counted.
-    let metrics = f
-        .client(Some(&alice))
-        .get(format!("{}/metrics", f.base))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("metrics text");
+    let metrics = f.metrics(Some(&alice)).await;
     let value = |line_start: &str| {
         metrics
             .lines()
@@ -442,15 +446,7 @@ async fn a_client_that_never_finishes_its_handshake_is_cut_off_and_counted() {
         "closed after {:?}, before the handshake timeout",
         started.elapsed()
     );
-    let text = f
-        .client(None)
-        .get(format!("{}/metrics", f.base))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("metrics text");
+    let text = f.metrics(None).await;
     let timeouts: f64 = text
         .lines()
         .find_map(|l| {
